@@ -1,0 +1,3 @@
+"""nemo_lite: a small, fast transformer training framework."""
+
+__version__ = "0.1.0"

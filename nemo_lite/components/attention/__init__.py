@@ -1,0 +1,36 @@
+"""Attention backends behind one registry, and the mask rules they share.
+
+Importing this package registers the built-in backends: eager, sdpa, flex (and varlen when present).
+"""
+
+from nemo_lite.components.attention import eager, flex_attention, sdpa  # noqa: F401  (registers)
+from nemo_lite.components.attention.base import AttentionBackend, attention_math
+from nemo_lite.components.attention.masks import (
+    FLEX_ATTN_MASK_T,
+    MASK_TYPES,
+    AttentionMask,
+    dense_mask,
+    document_ids,
+)
+from nemo_lite.components.attention.registry import (
+    UnknownAttentionBackendError,
+    get_attention_backend,
+    list_attention_backends,
+    register_attention_backend,
+    unregister_attention_backend,
+)
+
+__all__ = [
+    "FLEX_ATTN_MASK_T",
+    "MASK_TYPES",
+    "AttentionBackend",
+    "AttentionMask",
+    "UnknownAttentionBackendError",
+    "attention_math",
+    "dense_mask",
+    "document_ids",
+    "get_attention_backend",
+    "list_attention_backends",
+    "register_attention_backend",
+    "unregister_attention_backend",
+]
