@@ -130,9 +130,7 @@ class AttentionBackend(nn.Module):
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool, sinks: torch.Tensor | None):
     """Shape checks shared by the backends; returns the number of query heads per KV head."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     h_q, h_kv = q.shape[1], k.shape[1]
     if v.shape[1] != h_kv:
         raise ValueError(f"k and v must have the same number of heads, got {h_kv} and {v.shape[1]}")

@@ -158,9 +158,7 @@ class FlexAttention(AttentionBackend):
             attention_mask = FlexAttention._step_masks.get((self.attn_mask_type, self.fixed_block_size))
         block_mask = self._mask_for(attention_mask, q, sliding_window)
 
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, sink_weights)
-        )
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_weights))
         if q.device.type == "cpu" and needs_grad:
             warn_once(
                 "flex-cpu-backward",
@@ -171,6 +169,9 @@ class FlexAttention(AttentionBackend):
             return attention_math(q, k, v, allowed, scale=scale, sink_weights=sink_weights, enable_gqa=enable_gqa)
 
         kernel = flex_attention
+        if q.device.type == "cpu":  # torch refuses inputs that require grad even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+            sink_weights = None if sink_weights is None else sink_weights.detach()
         if q.device.type == "cuda":
             if FlexAttention._compiled_flex is None:
                 FlexAttention._compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -207,7 +208,14 @@ def _block_causal_from_doc_ids(doc_ids_BS: torch.Tensor) -> _mask_mod_signature:
 
 def _flex_with_lse(kernel, q, k, v, block_mask, scale, enable_gqa) -> tuple[torch.Tensor, Any]:
     if AuxRequest is not None:
-        out, aux = kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          return_aux=AuxRequest(lse=True))
+        out, aux = kernel(
+            q,
+            k,
+            v,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            return_aux=AuxRequest(lse=True),
+        )
         return out, aux.lse
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)

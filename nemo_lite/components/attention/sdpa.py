@@ -65,7 +65,13 @@ def _sdpa_with_sinks(q, k, v, allowed, scale, sink_weights, groups):
     q_aug = torch.cat([q, ones], dim=-1)
     k_aug = torch.cat([k, torch.zeros_like(k[..., :1])], dim=-1)
     sink_key = torch.zeros(batch, heads, 1, head_dim + 1, dtype=k.dtype, device=k.device)
-    sink_key = torch.cat([sink_key[..., :-1], (sink_weights / scale).to(k.dtype).view(1, heads, 1, 1).expand(batch, -1, -1, -1)], -1)
+    sink_key = torch.cat(
+        [
+            sink_key[..., :-1],
+            (sink_weights / scale).to(k.dtype).view(1, heads, 1, 1).expand(batch, -1, -1, -1),
+        ],
+        -1,
+    )
     k_aug = torch.cat([sink_key, k_aug], dim=-2)
     v_aug = torch.cat([torch.zeros_like(v[:, :, :1]), v], dim=-2)
     if allowed is None:

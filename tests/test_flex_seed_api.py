@@ -1,0 +1,114 @@
+"""The flex backend keeps the seed's public API, name for name, and fixes what the seed got wrong."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from attention_reference import reference_allowed, reference_attention
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+from nemo_lite.components.attention import base
+from nemo_lite.components.attention.flex_attention import FLEX_ATTN_MASK_T, FlexAttention
+
+EOS = 0
+
+
+def ids_with_docs():
+    return torch.tensor([[3, 3, 0, 4, 4, 4, 0, 5, 5, 5, 5, 5], [6, 6, 6, 6, 6, 0, 0, 7, 7, 7, 7, 0]])
+
+
+def dense(mask_mod, batch=2, seq_len=12):
+    return create_mask(mask_mod, batch, 1, seq_len, seq_len, device="cpu")[:, 0]
+
+
+def test_static_mask_mods_follow_the_rules():
+    ids = ids_with_docs()
+    assert torch.equal(dense(FlexAttention._get_causal_mask_mod(), 1), reference_allowed(ids[:1], None, "causal"))
+    block = FlexAttention._get_block_causal_mask_mod(ids, EOS)
+    assert torch.equal(dense(block), reference_allowed(ids, EOS, "block_causal"))
+    window = FlexAttention._get_sliding_window_mask_mod(3)
+    assert torch.equal(dense(window, 1), reference_allowed(ids[:1], None, "causal", sliding_window=3))
+    fixed = FlexAttention._fixed_block_mask_mod(block, 5)
+    assert torch.equal(dense(fixed), reference_allowed(ids, EOS, "block_causal", fixed_block_size=5))
+
+
+def test_mask_key_type_is_exported():
+    assert FLEX_ATTN_MASK_T is not None
+    attn = FlexAttention(attn_mask_type="block_causal", fixed_block_size=None)
+    assert ("block_causal", None) in FlexAttention.used_attn_mask_types
+    assert attn.attn_mask_type == "block_causal" and attn.fixed_block_size is None
+
+
+def test_init_attention_mask_is_shared_and_replaced_each_step():
+    layers = [FlexAttention(attn_mask_type="block_causal") for _ in range(3)]
+    ids = ids_with_docs()
+    masks = FlexAttention.init_attention_mask(ids, EOS)
+    assert ("block_causal", None) in masks
+    assert isinstance(masks[("block_causal", None)], BlockMask)
+    q = torch.randn(2, 2, 12, 8)
+    with torch.no_grad():
+        outs = [layer(q, q, q) for layer in layers]  # no mask argument: the class-level step mask
+    ref = reference_attention(q, q, q, reference_allowed(ids, EOS, "block_causal"))
+    for out in outs:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+    first = FlexAttention.block_masks
+    FlexAttention.init_attention_mask(ids.flip(1), EOS)
+    assert FlexAttention.block_masks is not first  # replaced, not accumulated
+    assert set(FlexAttention.block_masks) == set(first)
+    with torch.no_grad():
+        out = layers[0](q, q, q)
+    ref = reference_attention(q, q, q, reference_allowed(ids.flip(1), EOS, "block_causal"))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_in_forward_composes_with_block_causal():
+    layer = FlexAttention(attn_mask_type="block_causal", fixed_block_size=4)
+    ids = ids_with_docs()
+    FlexAttention.init_attention_mask(ids, EOS)  # built without the window: forward adds it once
+    q = torch.randn(2, 2, 12, 8)
+    with torch.no_grad():
+        out = layer(q, q, q, sliding_window=2)
+    ref = reference_attention(q, q, q, reference_allowed(ids, EOS, "block_causal", 4, 2))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (2, 1, 4) in FlexAttention._step_masks[("block_causal", 4)].masks
+
+
+def test_sinks_honour_scale():
+    layer = FlexAttention()
+    q, k, v = torch.randn(3, 1, 4, 10, 8).unbind(0)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    with torch.no_grad():
+        out = layer(q, k, v, scale=0.05, sink_weights=sinks)
+    ref = reference_attention(
+        q, k, v, reference_allowed(torch.ones(1, 10), None, "causal"), scale=0.05, sink_weights=sinks
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_training_warns_once_and_uses_the_mask_function(monkeypatch):
+    monkeypatch.setattr(base, "_warned", set())
+    layer = FlexAttention(attn_mask_type="block_causal")
+    ids = ids_with_docs()
+    mask = layer.build_mask(ids, EOS)
+    q = torch.randn(2, 2, 12, 8, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            layer(q, q, q, attention_mask=mask).sum().backward()
+    assert sum("no backward on CPU" in str(w.message) for w in caught) == 1
+    assert ("dense", ("block_causal", None)) in mask.masks  # built once for the step, then reused
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_once_per_process():
+    layer = FlexAttention(attn_mask_type="block_causal")
+    ids = ids_with_docs().repeat(1, 32).cuda()  # 384 tokens
+    q = torch.randn(2, 4, 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(q, q, q, attention_mask=layer.build_mask(ids, EOS)).sum().backward()
+    compiled = FlexAttention._compiled_flex, FlexAttention._compiled_create_block_mask
+    assert all(c is not None for c in compiled)
+    layer(q, q, q, attention_mask=layer.build_mask(ids.flip(1), EOS)).sum().backward()
+    assert (FlexAttention._compiled_flex, FlexAttention._compiled_create_block_mask) == compiled
