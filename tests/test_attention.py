@@ -96,6 +96,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_backend_matches_float64_reference(backend_name, case):
+    if CASES[case][4] and not get_attention_backend(backend_name).supports_sinks:
+        with pytest.raises(NotImplementedError, match="backends that do: eager, flex, sdpa"):
+            run_case(backend_name, case)
+        return
     inputs, out, ref = run_case(backend_name, case)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-5
@@ -111,6 +115,8 @@ def test_backend_matches_float64_reference(backend_name, case):
 def test_inference_path_matches_reference(backend_name):
     """Under no_grad flex runs torch's own kernel on CPU (no dense fallback): same function."""
     for case in ("block_causal", "window_blocks_docs", "gqa_sinks_window"):
+        if CASES[case][4] and not get_attention_backend(backend_name).supports_sinks:
+            continue
         with torch.no_grad():
             _, out, ref = run_case(backend_name, case)
         assert rel_err(out, ref) <= 1e-5, case
@@ -121,8 +127,8 @@ def test_no_gradient_leaks_between_documents(backend_name):
     ids = packed_rows()
     batch, seq_len = ids.shape
     q, k, v = qkv(batch, seq_len, 8, 2)
-    sinks = torch.zeros(8, requires_grad=True)
     backend = get_attention_backend(backend_name)(attn_mask_type="block_causal")
+    sinks = torch.zeros(8, requires_grad=True) if backend.supports_sinks else None
     mask = backend.build_mask(ids, EOS)
     out = backend(q, k, v, sink_weights=sinks, enable_gqa=True, attention_mask=mask)
     for b in range(batch):
@@ -134,7 +140,8 @@ def test_no_gradient_leaks_between_documents(backend_name):
                 assert torch.count_nonzero(g[b][:, ~inside]) == 0  # other documents of this row
                 others = [r for r in range(batch) if r != b]
                 assert torch.count_nonzero(g[others]) == 0  # other rows
-            assert all(torch.count_nonzero(g[b][:, inside]) > 0 for g in grads)
+            # the test can see a leak: this document's own values do receive gradient
+            assert torch.count_nonzero(grads[2][b][:, inside]) > 0
 
 
 def test_document_ids_follow_the_eos_rule():

@@ -1,9 +1,9 @@
 """Attention backends behind one registry, and the mask rules they share.
 
-Importing this package registers the built-in backends: eager, sdpa, flex (and varlen when present).
+Importing this package registers the built-in backends: eager, sdpa, flex and varlen.
 """
 
-from nemo_lite.components.attention import eager, flex_attention, sdpa  # noqa: F401  (registers)
+from nemo_lite.components.attention import eager, flex_attention, sdpa, varlen  # noqa: F401  (registers)
 from nemo_lite.components.attention.base import AttentionBackend, attention_math
 from nemo_lite.components.attention.masks import (
     FLEX_ATTN_MASK_T,

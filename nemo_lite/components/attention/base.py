@@ -33,6 +33,7 @@ class AttentionBackend(nn.Module):
     """Base class: q/k/v are ``[B, H, S, D]``; the output is ``[B, Hq, S, Dv]`` in q's dtype."""
 
     name: ClassVar[str] = "base"
+    supports_sinks: ClassVar[bool] = True
 
     def __init__(self, attn_mask_type: str = "causal", fixed_block_size: int | None = None) -> None:
         super().__init__()

@@ -1,0 +1,153 @@
+"""varlen: FlashAttention over ``cu_seqlens`` (``torch.nn.attention.varlen.varlen_attn``).
+
+The batch is flattened to ``[B*S, H, D]`` and cut into independent causal segments: every row start,
+every document start (the token after an EOS) and, with ``fixed_block_size n``, every multiple of
+``n``. A sliding window becomes ``window_size=(w, 0)``. So the step's "mask" is the int32
+``cu_seqlens`` and the longest segment, built once per step on the ids' device.
+
+Building costs one host sync per step (not per layer): the number of segments and the longest one
+are data-dependent and the kernel takes them as host integers.
+
+``varlen_attn``'s signature moved between releases: torch 2.10 had ``is_causal``; 2.11 added
+``window_size``; 2.12 added ``enable_gqa``. We use ``window_size`` (so torch >= 2.11 on GPU) and
+pass ``enable_gqa`` where it exists, otherwise expand the KV heads. Where the kernel cannot run (CPU,
+float32, torch without varlen) the same segments are evaluated densely on the math path, warned once.
+Sinks are not supported by the kernel: a clear error names the backends that have them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from nemo_lite.components.attention.base import AttentionBackend, attention_math, check_qkv, warn_once
+from nemo_lite.components.attention.masks import AttentionMask
+from nemo_lite.components.attention.registry import (
+    get_attention_backend,
+    list_attention_backends,
+    register_attention_backend,
+)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+    _VARLEN_PARAMS = set()
+
+
+@dataclass
+class VarlenMask:
+    """Segments of the flattened batch: ``cu_seqlens[i]:cu_seqlens[i+1]`` is one causal segment."""
+
+    cu_seqlens: torch.Tensor  # [num_segments + 1] int32, on the ids' device
+    max_seqlen: int
+    segment_ids: torch.Tensor  # [B, S] int32: segment of every token (for the dense fallback)
+    sliding_window: int
+
+
+def segment_starts(mask: AttentionMask) -> torch.Tensor:
+    """Boolean ``[B, S]``: True where a new causal segment starts."""
+    batch, seq_len = mask.batch_size, mask.seq_len
+    pos = torch.arange(seq_len, device=mask.device)
+    starts = (pos == 0).expand(batch, seq_len)
+    if mask.doc_ids is not None:
+        new_doc = torch.zeros_like(starts)
+        new_doc[:, 1:] = mask.doc_ids[:, 1:] != mask.doc_ids[:, :-1]
+        starts = starts | new_doc
+    if mask.fixed_block_size:
+        starts = starts | (pos % mask.fixed_block_size == 0)
+    return starts
+
+
+def build_cu_seqlens(mask: AttentionMask) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """``cu_seqlens`` (int32), the longest segment (host int) and per-token segment ids."""
+    starts_BS = segment_starts(mask)
+    flat = starts_BS.reshape(-1)
+    total = flat.numel()
+    start_idx = torch.nonzero(flat).flatten().to(torch.int32)  # the step's one host sync
+    cu_seqlens = torch.cat([start_idx, start_idx.new_tensor([total])])
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    segment_ids = (torch.cumsum(flat.to(torch.int32), 0, dtype=torch.int32) - 1).view_as(starts_BS)
+    return cu_seqlens, max_seqlen, segment_ids
+
+
+def _kernel_usable(q: torch.Tensor) -> str | None:
+    """None if varlen_attn can run on q, else the reason it cannot."""
+    if varlen_attn is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if "window_size" not in _VARLEN_PARAMS:
+        return f"torch {torch.__version__}'s varlen_attn has no window_size (needs torch >= 2.11)"
+    if q.device.type != "cuda":
+        return f"varlen_attn needs a CUDA device, got {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"varlen_attn needs float16/bfloat16, got {q.dtype}"
+    return None
+
+
+@register_attention_backend("varlen")
+class VarlenAttention(AttentionBackend):
+    supports_sinks = False
+
+    def _build_one(self, mask: AttentionMask, sliding_window: int) -> VarlenMask:
+        # Segments do not depend on the window: build them once per step and share them across keys.
+        shared = next((m for m in mask.masks.values() if isinstance(m, VarlenMask)), None)
+        if shared is None:
+            cu_seqlens, max_seqlen, segment_ids = build_cu_seqlens(mask)
+        else:
+            cu_seqlens, max_seqlen, segment_ids = shared.cu_seqlens, shared.max_seqlen, shared.segment_ids
+        return VarlenMask(cu_seqlens, max_seqlen, segment_ids, sliding_window)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+        sink_weights: torch.Tensor | None = None,
+        sliding_window: int = 0,
+        enable_gqa: bool = False,
+        attention_mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        groups = check_qkv(q, k, v, enable_gqa, sink_weights)
+        if sink_weights is not None:
+            can = [n for n in list_attention_backends() if get_attention_backend(n).supports_sinks]
+            raise NotImplementedError(
+                "the varlen backend does not support attention sinks (sink_weights); "
+                f"backends that do: {', '.join(can)}"
+            )
+        segments = self._mask_for(attention_mask, q, sliding_window)
+        reason = _kernel_usable(q)
+        if reason is not None:
+            warn_once(
+                "varlen-fallback",
+                f"varlen kernel unavailable ({reason}): evaluating the same segments densely on the math path",
+            )
+            return attention_math(q, k, v, _dense_segments(segments), scale=scale, enable_gqa=enable_gqa)
+
+        batch, h_q, seq_len, head_dim = q.shape
+        if groups > 1 and "enable_gqa" not in _VARLEN_PARAMS:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        # [B, H, S, D] -> [B*S, H, D]
+        q_THD, k_THD, v_THD = (t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], t.shape[-1]) for t in (q, k, v))
+        kwargs = {"scale": scale, "window_size": (sliding_window if sliding_window > 0 else -1, 0)}
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = groups > 1
+        cu, max_len = segments.cu_seqlens, segments.max_seqlen
+        out_THD = varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
+        return out_THD.view(batch, seq_len, h_q, -1).transpose(1, 2)
+
+
+def _dense_segments(segments: VarlenMask) -> torch.Tensor:
+    """The boolean ``[B, 1, S, S]`` mask the segments mean: causal, same segment, within the window."""
+    seg_BS = segments.segment_ids
+    seq_len = seg_BS.shape[1]
+    pos = torch.arange(seq_len, device=seg_BS.device)
+    allowed_SS = pos[None, :] <= pos[:, None]
+    if segments.sliding_window > 0:
+        allowed_SS = allowed_SS & (pos[:, None] - pos[None, :] <= segments.sliding_window)
+    return (allowed_SS[None] & (seg_BS[:, :, None] == seg_BS[:, None, :]))[:, None]
