@@ -1,0 +1,192 @@
+"""The recipes' typed schema: every YAML key, its type and default, in one place.
+
+Hydra composes ``configs/`` on top of :class:`RecipeConfig`, so an unknown key or a value of the wrong
+type stops the run while the command line is parsed. Values that depend on what is installed (the
+attention backend names, the model presets) are checked by :func:`validate` before any work starts.
+Only OmegaConf-compatible types appear here (no unions beyond Optional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names it and what would be right."""
+
+
+@dataclass
+class ModelSection:
+    # A preset name from nemo_lite.components.models (exact match), used when training from scratch.
+    preset: str = "tiny"
+    # A Hugging Face directory to fine-tune from (config.json + safetensors). Overrides `preset`.
+    pretrained_path: str | None = None
+    # Field overrides of the preset's LlamaConfig (e.g. {num_layers: 2}); unknown fields are an error.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # From scratch: set vocab_size to the tokenizer's (rounded up to a multiple of 64) unless overridden.
+    vocab_from_tokenizer: bool = True
+
+
+@dataclass
+class AttentionSection:
+    # Registered backend name: flex | sdpa | eager | varlen (or any backend registered by the user).
+    backend: str = "flex"
+    # "block_causal" keeps packed documents apart; "causal" lets them see each other.
+    attn_mask_type: str = "block_causal"
+    # Optional extra cut every n tokens (n > 0).
+    fixed_block_size: int | None = None
+
+
+@dataclass
+class DataSection:
+    """The recipe's ``data:`` keys. Each is forwarded by name to
+    ``nemo_lite.components.datasets.DataConfig``, whose comments document them (docs/data.md)."""
+
+    # "default" (the offline corpus), a file/glob, several separated by commas, or a hub dataset name.
+    source: str = "default"
+    data_format: str | None = None
+    text_field: str = "text"
+    text_sample_by: str = "line"
+    # Fine-tuning pairs: both set -> documents are prompt + response; prompt labels -100.
+    prompt_field: str | None = None
+    response_field: str | None = None
+    mask_prompt_labels: bool = True
+    validation_source: str | None = None
+    validation_fraction: float = 0.02
+    streaming: bool = False
+    # "default" (the offline BPE), a directory/tokenizer.json/hub name, or "model" (the checkpoint's own).
+    tokenizer: str = "default"
+    eos_id: int | None = None
+    num_proc: int | None = None
+    seq_len: int = 256
+    batch_size: int = 8
+    position_ids: bool = True
+    mask_cross_document_labels: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None
+    prefetch: int = 2
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # fused AdamW on GPU; "auto" = fused when the parameters are on CUDA.
+    fused: str = "auto"
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 200
+    grad_accum: int = 1
+    clip_grad_norm: float = 1.0
+    seed: int = 0
+    # "auto" = cuda when available, else cpu.
+    device: str = "auto"
+    # Autocast dtype on GPU ("bfloat16" | "float32"); master weights stay float32. CPU runs float32.
+    autocast_dtype: str = "bfloat16"
+    # torch.compile each decoder block.
+    compile: bool = False
+    activation_checkpointing: bool = False
+    # Vocabulary chunk of the fused-head cross-entropy (0 = materialize all logits).
+    loss_chunk_size: int = 0
+    log_every: int = 1
+    val_every: int = 50
+    val_batches: int = 4
+    # Checkpoints: every N steps (0 = only at the end), keep the last K, under <run_dir>/checkpoints.
+    save_every: int = 100
+    keep_last: int = 2
+    # false | true (latest in run_dir) | a checkpoint directory or run directory.
+    resume: str = "false"
+    # Stop after this many consecutive non-finite losses/gradients (their updates are skipped).
+    max_consecutive_nonfinite: int = 5
+    # Export the final model as a Hugging Face directory (<run_dir>/hf).
+    export_hf: bool = True
+    sample_prompt: str = "The"
+    sample_tokens: int = 32
+    progress_bar: bool = True
+
+
+@dataclass
+class LoggerSection:
+    # "jsonl" (always written) or "wandb" (jsonl plus Weights & Biases).
+    name: str = "jsonl"
+    project: str = "nemo_lite"
+    # wandb's own modes: online | offline | disabled.
+    mode: str = "offline"
+    run_name: str | None = None
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = "pretrain"
+    run_dir: str = "runs/${recipe}"
+    model: ModelSection = field(default_factory=ModelSection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    logger: LoggerSection = field(default_factory=LoggerSection)
+
+
+def register_schema() -> None:
+    """Make the schema available to Hydra's defaults lists as `recipe_schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
+
+
+def _choice(name: str, value: Any, choices: list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Checks the schema's types cannot express. Raises ConfigError naming the bad value."""
+    from nemo_lite.components.attention import MASK_TYPES, list_attention_backends
+    from nemo_lite.components.models import list_presets
+
+    _choice("attention", cfg.attention.backend, list_attention_backends())
+    _choice("attention.attn_mask_type", cfg.attention.attn_mask_type, list(MASK_TYPES))
+    if cfg.attention.fixed_block_size is not None:
+        _positive("attention.fixed_block_size", cfg.attention.fixed_block_size)
+    if cfg.model.pretrained_path is None:
+        _choice("model.preset", cfg.model.preset, list_presets())
+    _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
+    _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
+    _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
+    _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
+    if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):
+        raise ConfigError(f"trainer.device={cfg.trainer.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    for name, value in [
+        ("trainer.max_steps", cfg.trainer.max_steps),
+        ("trainer.grad_accum", cfg.trainer.grad_accum),
+        ("data.seq_len", cfg.data.seq_len),
+        ("data.batch_size", cfg.data.batch_size),
+        ("optim.lr", cfg.optim.lr),
+        ("trainer.keep_last", cfg.trainer.keep_last),
+        ("trainer.max_consecutive_nonfinite", cfg.trainer.max_consecutive_nonfinite),
+    ]:
+        _positive(name, value)
+    for name, value in [
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+        ("trainer.save_every", cfg.trainer.save_every),
+        ("trainer.val_every", cfg.trainer.val_every),
+        ("trainer.clip_grad_norm", cfg.trainer.clip_grad_norm),
+        ("trainer.loss_chunk_size", cfg.trainer.loss_chunk_size),
+    ]:
+        _positive(name, value, allow_zero=True)
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be in [0, 1)")

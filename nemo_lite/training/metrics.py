@@ -1,0 +1,116 @@
+"""Step metrics: FLOPs of the actual mask, MFU, and where they are written (jsonl, wandb).
+
+MFU counts 6 x (non-embedding-lookup) parameters x tokens for the matmuls of forward and backward,
+plus the attention FLOPs of the pairs the step's mask really allows: for each layer and query head,
+``4 * head_dim`` per allowed (query, key) pair forward (QK^T and PV), times 3 for forward + backward.
+A block-causal step with short documents therefore counts far fewer attention FLOPs than a causal one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_lite.components.attention import AttentionMask
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment; the H200 shares the H100's compute.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, flops in PEAK_BF16_FLOPS.items():
+        if fragment in name:
+            return flops
+    return None
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding lookup
+    (a tied output projection is counted once, as the output projection)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = getattr(model, "embed_tokens", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if embed is not None and not tied:
+        total -= embed.weight.numel()
+    return total
+
+
+def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
+    """Number of (query, key) pairs the step's mask allows, summed over the batch (a device scalar).
+
+    For every query the visible keys are a contiguous run ending at the query: from the start of its
+    segment (document and fixed block) or of the window, whichever is later.
+    """
+    batch, seq_len = mask.batch_size, mask.seq_len
+    pos_S = torch.arange(seq_len, device=mask.device)
+    starts_BS = (pos_S == 0).expand(batch, seq_len)
+    if mask.doc_ids is not None:
+        new_doc = torch.zeros_like(starts_BS)
+        new_doc[:, 1:] = mask.doc_ids[:, 1:] != mask.doc_ids[:, :-1]
+        starts_BS = starts_BS | new_doc
+    if mask.fixed_block_size:
+        starts_BS = starts_BS | (pos_S % mask.fixed_block_size == 0)
+    seg_start_BS = torch.cummax(torch.where(starts_BS, pos_S, torch.zeros_like(pos_S)), dim=1).values
+    visible_BS = pos_S - seg_start_BS + 1
+    if sliding_window > 0:
+        visible_BS = visible_BS.clamp(max=sliding_window + 1)
+    return visible_BS.sum()
+
+
+def attention_flops(mask: AttentionMask, *, layers: int, q_heads: int, head_dim: int) -> torch.Tensor:
+    """Forward + backward attention FLOPs of the step's mask (device scalar, float)."""
+    return allowed_pairs(mask).double() * (3 * 4 * head_dim * q_heads * layers)
+
+
+class MetricsWriter:
+    """Writes every step's metrics to ``metrics.jsonl`` (line-buffered, flushed) and, if asked, wandb."""
+
+    def __init__(self, run_dir: Path, logger_cfg: Any, config: dict[str, Any], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if logger_cfg.name == "wandb":
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError(
+                    "logger=wandb needs the wandb package: pip install 'nemo_lite[wandb]' (or use logger=jsonl)"
+                ) from err
+            self.wandb_run = wandb.init(
+                project=logger_cfg.project,
+                name=logger_cfg.run_name,
+                mode=logger_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,158 @@
+"""Attention fwd and fwd+bwd time per backend, through nemo_lite's own modules, next to torch's raw
+compiled flex_attention, at the three shapes of the design's anchor table (bf16, one GPU).
+
+    python scripts/bench_attention.py [--out results.json] [--iters 20] [--backends flex,sdpa,...]
+
+Documents: fixed-seed log-normal lengths with the shape's mean, EOS-delimited, block_causal.
+"sdpa-causal" ignores documents (is_causal, flash): a speed reference, not the same function.
+Mask build time is the backend's per-step build_mask (compiled create_block_mask for flex).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from datetime import date
+
+import torch
+
+from nemo_lite.components.attention import get_attention_backend
+
+SHAPES = [
+    # (batch, seq_len, q_heads, kv_heads, head_dim, mean document length)
+    (1, 8192, 32, 8, 64, 585),
+    (2, 4096, 32, 8, 128, 546),
+    (1, 16384, 16, 8, 64, 2341),
+]
+EOS = 0
+
+
+def packed_ids(batch: int, seq_len: int, mean_doc: float, seed: int = 0) -> torch.Tensor:
+    """Rows of EOS-delimited documents with log-normal lengths (sigma 1, given mean)."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = 1.0
+    mu = math.log(mean_doc) - sigma**2 / 2
+    ids = torch.randint(1, 32000, (batch, seq_len), generator=g)
+    for b in range(batch):
+        pos = 0
+        while True:
+            length = max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=g).item()))
+            pos += length
+            if pos > seq_len:
+                break
+            ids[b, pos - 1] = EOS
+    return ids
+
+
+def cuda_time_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
+    batch, seq_len, h_q, h_kv, head_dim, mean_doc = shape
+    ids = packed_ids(batch, seq_len, mean_doc).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, h_q, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, h_kv, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, h_kv, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad = torch.randn_like(q)
+    rows = []
+
+    def run(name, forward, build=None):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        row = {"shape": f"{batch}x{seq_len}, {h_q}/{h_kv}, d{head_dim}, doc {mean_doc}", "backend": name}
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = cuda_time_ms(lambda: forward(q, k, v), iters)
+
+            def fwd_bwd():
+                out = forward(*leaves)
+                out.backward(grad)
+
+            row["fwd_bwd_ms"] = cuda_time_ms(fwd_bwd, iters)
+            if build is not None:
+                row["mask_ms"] = cuda_time_ms(build, iters)
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+            torch.cuda.empty_cache()
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+
+    for name in backends:
+        if name == "sdpa-causal":
+            backend = get_attention_backend("sdpa")(attn_mask_type="causal")
+        else:
+            backend = get_attention_backend(name)(attn_mask_type="block_causal")
+        mask = backend.build_mask(ids, EOS)
+        run(
+            name,
+            lambda a, b, c, backend=backend, mask=mask: backend(a, b, c, enable_gqa=True, attention_mask=mask),
+            build=lambda backend=backend: backend.build_mask(ids, EOS),
+        )
+        del mask
+        torch.cuda.empty_cache()
+
+    # torch's own compiled flex_attention with a hand-built BlockMask: the kernel we wrap.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.cumsum((ids == EOS).int(), 1) - (ids == EOS).int()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    raw_flex = torch.compile(flex_attention, dynamic=False)
+    build_raw = torch.compile(create_block_mask)
+    block_mask = build_raw(mask_mod, batch, None, seq_len, seq_len, device="cuda")
+    run(
+        "torch flex (raw)",
+        lambda a, b, c: raw_flex(a, b, c, block_mask=block_mask, enable_gqa=True),
+        build=lambda: build_raw(mask_mod, batch, None, seq_len, seq_len, device="cuda"),
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backends", default="flex,varlen,sdpa,sdpa-causal,eager")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU")
+    backends = args.backends.split(",")
+    rows = []
+    for shape in SHAPES:
+        rows += bench_shape(shape, backends, args.iters)
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
+    print(f"\n{meta}\n")
+    print("| shape | backend | fwd ms | fwd+bwd ms | mask build ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if k in r else r.get("error", "-") for k in ("fwd_ms", "fwd_bwd_ms", "mask_ms")]
+        print(f"| {r['shape']} | {r['backend']} | " + " | ".join(cells) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

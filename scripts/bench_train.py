@@ -1,0 +1,249 @@
+"""End-to-end training throughput on one GPU: nemo_lite's Trainer next to Hugging Face transformers,
+same model shape, same packed batches, same optimizer, in the same process on the same card.
+
+    python scripts/bench_train.py [--steps 50] [--configs flex-compile,flex,sdpa,hf-sdpa,hf-flex] [--out r.json]
+
+Workload (issue "one-GPU performance"): Llama-3.2-1B shape, random init, 2 x 4096 tokens per step of
+EOS-delimited documents with fixed-seed log-normal lengths (mean ~600; every step a new layout),
+bf16 autocast over float32 master weights, AdamW (fused). Reported per config: median tokens/s over
+the steps after warm-up, MFU (6 x params x tokens + the attention FLOPs of the actual document mask,
+against 989 TFLOP/s bf16 dense), peak memory, mask-build share of the step, and the number of
+graphs compiled after the second step (recompilations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+
+EOS = 128001
+VOCAB = 128256
+PEAK = 989e12
+
+
+class SyntheticPackedLoader:
+    """Packed rows of log-normal documents (mean ~600); a different layout every step."""
+
+    def __init__(self, batch: int, seq_len: int, mean_doc: float = 600.0, seed: int = 0) -> None:
+        self.batch, self.seq_len, self.mean_doc, self.seed = batch, seq_len, mean_doc, seed
+        self.eos_id, self.vocab_size, self.tokenizer = EOS, VOCAB, None
+        self.index = 0
+
+    def make(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        sigma = 1.0
+        mu = math.log(self.mean_doc) - sigma**2 / 2
+        rows = torch.randint(0, 128000, (self.batch, self.seq_len + 1), generator=g)
+        positions = torch.zeros(self.batch, self.seq_len + 1, dtype=torch.long)
+        for b in range(self.batch):
+            start = 0
+            while start < self.seq_len + 1:
+                length = max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=g).item()))
+                end = min(start + length, self.seq_len + 1)
+                positions[b, start:end] = torch.arange(end - start)
+                if start + length <= self.seq_len + 1:
+                    rows[b, start + length - 1] = EOS
+                start += length
+        batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "position_ids": positions[:, :-1]}
+        return {k: v.contiguous().pin_memory() for k, v in batch.items()}
+
+    def __iter__(self):
+        while True:
+            batch = self.make(self.index)
+            self.index += 1
+            yield batch
+
+    def state_dict(self):
+        return {"index": self.index}
+
+    def load_state_dict(self, state):
+        self.index = state["index"]
+
+
+def attention_pairs(position_ids: torch.Tensor) -> int:
+    """Allowed (q, k) pairs of the block-causal mask: each query sees its document's prefix."""
+    return int((position_ids + 1).sum())
+
+
+def run_nemo(name: str, steps: int, *, backend: str, compile: bool, chunk: int, ac: bool) -> dict:
+    import torch._dynamo
+
+    from nemo_lite.training.config import RecipeConfig
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = RecipeConfig()
+    cfg.run_dir = f"/tmp/bench_train/{name}"
+    cfg.model.preset = "llama-3.2-1b"
+    cfg.model.vocab_from_tokenizer = False
+    cfg.attention.backend = backend
+    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
+    t = cfg.trainer
+    t.max_steps, t.compile, t.loss_chunk_size, t.activation_checkpointing = steps, compile, chunk, ac
+    t.val_every = t.save_every = 0
+    t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
+    cfg.optim.warmup_steps = 5
+    loader = SyntheticPackedLoader(2, 4096)
+    trainer = Trainer(cfg, train_loader=loader)
+    trainer.setup()
+    torch.cuda.reset_peak_memory_stats()
+    records = []
+    graphs_after_2 = None
+
+    def after_step(tr, metrics):
+        nonlocal graphs_after_2
+        records.append(metrics)
+        if tr.step == 2:
+            graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    trainer.hooks["after_step"] = after_step
+    trainer.fit()
+    graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    steady = records[5:]
+    result = {
+        "config": name,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mask_ms": statistics.median(r["mask_ms"] for r in steady),
+        "step_ms": statistics.median(r["step_ms"] for r in steady),
+        "recompiles_after_step_2": (graphs_end - graphs_after_2) if graphs_after_2 is not None else None,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "params": trainer.n_params,
+    }
+    result["mask_share"] = result["mask_ms"] / result["step_ms"]
+    del trainer
+    return result
+
+
+def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) -> dict:
+    import transformers
+
+    from nemo_lite.components.models import get_preset
+    from nemo_lite.components.models.hf import config_to_hf
+
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(get_preset("llama-3.2-1b")))
+    hf_cfg._attn_implementation = attn_implementation
+    model = transformers.LlamaForCausalLM(hf_cfg).cuda()
+    if compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    loader = iter(SyntheticPackedLoader(2, 4096))
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params  # tied embedding counted once
+    torch.cuda.reset_peak_memory_stats()
+    records = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = {k: v.cuda(non_blocking=True) for k, v in next(loader).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        dt = time.perf_counter() - t0
+        tokens = batch["input_ids"].numel()
+        attn = attention_pairs(batch["position_ids"]) * 12 * hf_cfg.head_dim * hf_cfg.num_attention_heads
+        attn *= hf_cfg.num_hidden_layers
+        records.append(
+            {
+                "tokens_per_s": tokens / dt,
+                "mfu": (flops_per_token * tokens + attn) / dt / PEAK,
+                "loss": loss_value,
+                "step_ms": 1000 * dt,
+            }
+        )
+    steady = records[5:]
+    result = {
+        "config": name,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "step_ms": statistics.median(r["step_ms"] for r in steady),
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "params": n_params,
+    }
+    del model, opt
+    return result
+
+
+CONFIGS = {
+    # name: (kind, kwargs)
+    "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=8192, ac=False)),
+    "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
+    "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
+    "varlen-compile-chunk": ("nemo", dict(backend="varlen", compile=True, chunk=8192, ac=False)),
+    "sdpa": ("nemo", dict(backend="sdpa", compile=False, chunk=0, ac=False)),
+    "hf-sdpa": ("hf", dict(attn_implementation="sdpa", compile=False)),
+    "hf-flex": ("hf", dict(attn_implementation="flex_attention", compile=False)),
+    "hf-flex-compile": ("hf", dict(attn_implementation="flex_attention", compile=True)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        kind, kwargs = CONFIGS[name]
+        try:
+            row = run_nemo(name, args.steps, **kwargs) if kind == "nemo" else run_hf(name, args.steps, **kwargs)
+        except torch.OutOfMemoryError:
+            row = {"config": name, "error": "OOM"}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        results.append(row)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.out:  # after every config, so a time-out keeps what finished
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta(), "rows": results}, f, indent=1)
+    base = next((r["tokens_per_s"] for r in results if r["config"] == "hf-sdpa" and "error" not in r), None)
+    print(f"\n{meta()}\n")
+    print("| config | tokens/s | vs hf-sdpa | MFU | peak GiB | mask ms (share) | recompiles after step 2 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['config']} | {r['error']} | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        mask = f"{r['mask_ms']:.2f} ({100 * r['mask_share']:.2f}%)" if "mask_ms" in r else "-"
+        print(
+            f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
+            f"{r['peak_mem_gib']:.1f} | {mask} | {r.get('recompiles_after_step_2', '-')} |"
+        )
+
+
+def meta() -> dict:
+    import transformers
+
+    return {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
+
+
+if __name__ == "__main__":
+    main()

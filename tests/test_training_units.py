@@ -1,0 +1,98 @@
+"""Pieces of the trainer that need no data: schedule, FLOP counting, checkpoint files, config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from attention_reference import reference_allowed
+
+from nemo_lite.components.attention import get_attention_backend
+from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.training import checkpoint as ckpt
+from nemo_lite.training.config import ConfigError, DataSection, RecipeConfig, validate
+from nemo_lite.training.launch import check_overrides
+from nemo_lite.training.metrics import allowed_pairs
+from nemo_lite.training.optim import lr_factor
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = [lr_factor(s, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "mask_type,fixed,window",
+    [("causal", None, 0), ("block_causal", None, 0), ("block_causal", 5, 0), ("block_causal", 4, 3)],
+)
+def test_attention_flops_count_the_pairs_the_mask_allows(mask_type, fixed, window):
+    ids = torch.tensor([[0, 5, 5, 0, 0, 7, 7, 7, 7, 7, 7, 0, 3], [4] * 13])
+    mask = get_attention_backend("eager")(attn_mask_type=mask_type, fixed_block_size=fixed).build_mask(ids, 0)
+    expected = int(reference_allowed(ids, 0, mask_type, fixed, window).sum())
+    assert int(allowed_pairs(mask, window)) == expected
+
+
+def test_every_data_key_reaches_the_data_pipeline():
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    assert {f.name for f in dataclasses.fields(DataSection)} <= fields
+
+
+def test_validate_names_the_bad_value_and_the_choices():
+    cfg = RecipeConfig()
+    cfg.attention.backend = "flash9"
+    with pytest.raises(ConfigError, match=r"attention='flash9' is not valid; choose one of: eager, flex, sdpa"):
+        validate(cfg)
+    cfg = RecipeConfig()
+    cfg.trainer.max_steps = 0
+    with pytest.raises(ConfigError, match="trainer.max_steps=0 must be > 0"):
+        validate(cfg)
+
+
+def test_unknown_command_line_key_lists_valid_keys():
+    check_overrides(["attention=sdpa", "trainer.max_steps=5", "model.overrides.num_hidden_layers=2", "+hydra.x=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.max_step'.*valid keys there: max_steps"):
+        check_overrides(["trainer.max_step=5"])
+    with pytest.raises(ConfigError, match="the top level has no 'trainr'"):
+        check_overrides(["trainr.max_steps=5"])
+
+
+def _tiny_model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+
+
+def test_checkpoints_are_kept_to_the_last_k_and_found_in_order(tmp_path):
+    model = _tiny_model()
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), _tiny_model())
+    assert state == {"step": 4}
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_latest(tmp_path):
+    model = _tiny_model()
+    ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=3)
+
+    def crash(name):
+        if name == ckpt.STATE_FILE:
+            raise KeyboardInterrupt("killed mid-save")
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3, hooks={"after_file": crash})
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000001"
+    ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3)  # the next save cleans the debris
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+
+
+def test_resume_argument_forms(tmp_path):
+    assert ckpt.resolve_resume("false", tmp_path) is None
+    assert ckpt.resolve_resume("true", tmp_path) is None  # nothing saved yet: start fresh
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="no checkpoint there"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    path = ckpt.save_checkpoint(tmp_path / "checkpoints", 7, _tiny_model(), {}, keep_last=1)
+    assert ckpt.resolve_resume("true", tmp_path) == path
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "other") == path
+    assert ckpt.resolve_resume(str(path), tmp_path / "other") == path
