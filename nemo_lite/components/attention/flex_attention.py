@@ -16,8 +16,9 @@ Devices:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch.nn.attention.flex_attention import (
@@ -168,20 +169,21 @@ class FlexAttention(AttentionBackend):
             allowed = self._dense(attention_mask, block_mask, sliding_window, q)
             return attention_math(q, k, v, allowed, scale=scale, sink_weights=sink_weights, enable_gqa=enable_gqa)
 
-        kernel = flex_attention
-        if q.device.type == "cpu":  # torch refuses inputs that require grad even under no_grad
+        if q.device.type == "cpu":
+            # torch refuses inputs that require grad even under no_grad; and CPU inference runs torch's
+            # unfused flex on purpose (there is no fused CPU kernel worth compiling here), so its
+            # "called without torch.compile" warning is noise.
             q, k, v = q.detach(), k.detach(), v.detach()
             sink_weights = None if sink_weights is None else sink_weights.detach()
-        if q.device.type == "cuda":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                return _flex(flex_attention, q, k, v, block_mask, scale, sink_weights, groups > 1)
+        kernel = flex_attention  # inside a compiled block dynamo captures it as it is
+        if q.device.type == "cuda" and not torch.compiler.is_compiling():
             if FlexAttention._compiled_flex is None:
                 FlexAttention._compiled_flex = torch.compile(flex_attention, dynamic=False)
             kernel = FlexAttention._compiled_flex
-        if sink_weights is None:
-            return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
-        out, lse_BHS = _flex_with_lse(kernel, q, k, v, block_mask, scale, groups > 1)
-        # softmax over [scores, w_h] = softmax(scores) * sigmoid(lse - w_h): the sink takes mass, adds no value
-        gate_BHS1 = torch.sigmoid(lse_BHS.float() - sink_weights.float().view(1, -1, 1)).unsqueeze(-1)
-        return (out.float() * gate_BHS1).to(q.dtype)
+        return _flex(kernel, q, k, v, block_mask, scale, sink_weights, groups > 1)
 
     def _dense(self, attention_mask: AttentionMask | None, block_mask: BlockMask, window: int, q) -> torch.Tensor:
         """The step's BlockMask evaluated densely (its own mask_mod), kept for the step."""
@@ -206,16 +208,16 @@ def _block_causal_from_doc_ids(doc_ids_BS: torch.Tensor) -> _mask_mod_signature:
     return block_causal_mask
 
 
-def _flex_with_lse(kernel, q, k, v, block_mask, scale, enable_gqa) -> tuple[torch.Tensor, Any]:
+def _flex(kernel, q, k, v, block_mask, scale, sink_weights, enable_gqa) -> torch.Tensor:
+    if sink_weights is None:
+        return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
     if AuxRequest is not None:
         out, aux = kernel(
-            q,
-            k,
-            v,
-            block_mask=block_mask,
-            scale=scale,
-            enable_gqa=enable_gqa,
-            return_aux=AuxRequest(lse=True),
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
         )
-        return out, aux.lse
-    return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+        lse_BHS = aux.lse
+    else:
+        out, lse_BHS = kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+    # softmax over [scores, w_h] = softmax(scores) * sigmoid(lse - w_h): the sink takes mass, adds no value
+    gate_BHS1 = torch.sigmoid(lse_BHS.float() - sink_weights.float().view(1, -1, 1)).unsqueeze(-1)
+    return (out.float() * gate_BHS1).to(q.dtype)
