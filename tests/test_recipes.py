@@ -1,0 +1,158 @@
+"""End to end on CPU: the recipes' trainer with every backend, exact resume, exports, bad command lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_lite.components.attention import list_attention_backends
+from nemo_lite.training.config import RecipeConfig
+from nemo_lite.training.metrics import read_metrics
+from nemo_lite.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(run_dir: Path, backend: str = "flex", steps: int = 20) -> RecipeConfig:
+    cfg = RecipeConfig()
+    cfg.run_dir = str(run_dir)
+    cfg.model.preset = "tiny"
+    cfg.attention.backend = backend
+    cfg.data.seq_len, cfg.data.batch_size = 64, 4
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 3
+    t = cfg.trainer
+    t.max_steps, t.val_every, t.val_batches, t.save_every = steps, 10, 2, 0
+    t.sample_tokens, t.progress_bar = 8, False
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory):
+    """20 steps with every backend from the same seed and data."""
+    out = {}
+    for backend in list_attention_backends():
+        run_dir = tmp_path_factory.mktemp(f"run_{backend}")
+        out[backend] = Trainer(tiny_config(run_dir, backend)).fit()
+    return out
+
+
+def test_every_backend_gives_the_same_loss_curve(curves):
+    reference = curves["eager"].losses
+    assert len(reference) == 20
+    for backend, result in curves.items():
+        diffs = [abs(a - b) for a, b in zip(result.losses, reference, strict=True)]
+        assert max(diffs[:3]) <= 1e-4, (backend, diffs[:3])
+        assert max(diffs) <= 1e-3, (backend, diffs)
+
+
+def test_loss_falls(curves):
+    losses = curves["flex"].losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+
+
+def test_run_directory_has_config_metrics_and_a_loadable_export(curves):
+    result = curves["sdpa"]
+    run_dir = result.run_dir
+    assert (run_dir / "config.yaml").read_text().count("backend: sdpa") == 1
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mask_ms", "step_ms", "mfu", "peak_rss_gib"):
+        assert key in records[-1]
+    assert "val_loss" in records[9] and "val_ppl" in records[19]
+    assert result.sample and isinstance(result.sample, str)
+
+    import transformers
+
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir)
+    ours = LlamaForCausalLM.from_pretrained(result.hf_dir)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (result.hf_dir / "tokenizer.json").is_file() or (result.hf_dir / "tokenizer_config.json").is_file()
+
+
+def test_interrupt_and_resume_is_exact(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "straight", "sdpa", steps=12)).fit()
+
+    interrupted_cfg = tiny_config(tmp_path / "interrupted", "sdpa", steps=12)
+    trainer = Trainer(interrupted_cfg)
+
+    def sigterm_at_6(tr, metrics):
+        if tr.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler asks for a save and a stop
+
+    trainer.hooks["after_step"] = sigterm_at_6
+    first = trainer.fit()
+    assert first.status == "interrupted" and first.steps == 6
+    assert first.last_checkpoint.name == "step_000006"
+
+    interrupted_cfg.trainer.resume = "true"
+    resumed_trainer = Trainer(interrupted_cfg)
+    second = resumed_trainer.fit()
+    assert second.status == "completed"
+    assert first.losses + second.losses == straight.losses  # exact, not approximate
+
+    final_straight = Trainer(tiny_config(tmp_path / "straight", "sdpa", steps=12))
+    final_straight.cfg.trainer.resume = str(tmp_path / "straight")
+    final_straight.setup()
+    for (name, a), b in zip(
+        final_straight.raw_model.state_dict().items(), resumed_trainer.raw_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def run_recipe(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("NEMO_LITE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "pretrain.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
+        (["attention=flash9"], "Available options in 'attention'"),
+        (["trainer.max_steps=many"], "Value 'many' of type 'str' could not be converted to Integer"),
+        (["trainer.resume=/nonexistent/run"], "trainer.resume='/nonexistent/run': no checkpoint there"),
+        (["model.preset=gpt5"], "model.preset='gpt5' is not valid; choose one of:"),
+        (["attention.backend=flash9"], "attention='flash9' is not valid; choose one of: eager, flex, sdpa"),
+    ],
+)
+def test_bad_command_lines_stop_with_one_clear_message(args, expected, tmp_path):
+    proc = run_recipe(*args, f"run_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # stopped before any work
+
+
+def test_missing_finetune_checkpoint_says_how_to_create_it(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes" / "finetune.py"),
+            f"model.pretrained_path={tmp_path}/none",
+            f"run_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "scripts/convert_smollm2.py" in proc.stderr and "Traceback" not in proc.stderr
