@@ -190,3 +190,13 @@ def validate(cfg: RecipeConfig) -> None:
         _positive(name, value, allow_zero=True)
     if not 0.0 <= cfg.data.validation_fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be in [0, 1)")
+
+
+def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:
+    """Checks that depend on where the run happens."""
+    if device_type == "cuda" and cfg.attention.backend == "flex" and cfg.data.seq_len % 128:
+        up = 128 * -(-cfg.data.seq_len // 128)
+        raise ConfigError(
+            f"attention=flex on GPU needs data.seq_len to be a multiple of 128 (its BlockMask block size) so "
+            f"shapes stay static; got {cfg.data.seq_len}: use data.seq_len={up}, or another backend"
+        )

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
 from nemo_lite.components.models.config import config_fields
 from nemo_lite.training import checkpoint as ckpt
-from nemo_lite.training.config import ConfigError, RecipeConfig, validate
+from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, fused_head_cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
 from nemo_lite.training.optim import build_optimizer, build_scheduler
@@ -89,6 +89,7 @@ class Trainer:
         self.is_main = rank == 0
         self.run_dir = Path(self.cfg.run_dir).expanduser()
         self.device = resolve_device(self.cfg.trainer.device)
+        validate_for_device(self.cfg, self.device.type)
         self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
         self._stop_signal: int | None = None
 

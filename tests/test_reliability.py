@@ -1,0 +1,126 @@
+"""Faults lose nothing: non-finite steps, kills during checkpoint writes, secrets, device constraints."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from recipe_utils import tiny_config
+
+from nemo_lite.training import checkpoint as ckpt
+from nemo_lite.training.config import ConfigError, RecipeConfig, validate_for_device
+from nemo_lite.training.metrics import read_metrics
+from nemo_lite.training.trainer import NonFiniteLossError, Trainer
+
+KILL_TRIALS = 20  # quoted in docs/reliability.md
+NAN_STEPS = (3, 4)
+
+
+def poison_steps(trainer: Trainer, steps) -> None:
+    """Make the loss NaN on the given (1-based) steps, as a bad batch or an overflow would."""
+    real = trainer._loss_sum
+
+    def loss_sum(batch, mask):
+        loss = real(batch, mask)
+        return loss * float("nan") if trainer.step + 1 in steps else loss
+
+    trainer._loss_sum = loss_sum
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "sdpa", steps=8))
+    trainer.setup()
+    poison_steps(trainer, NAN_STEPS)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    snapshots = {}
+    trainer.hooks["after_step"] = lambda tr, m: snapshots.__setitem__(
+        tr.step, {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
+    )
+    result = trainer.fit()
+    assert result.status == "completed" and result.steps == 8
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["skipped_nonfinite"]] == list(NAN_STEPS)
+    assert records[-1]["nonfinite_total"] == len(NAN_STEPS)
+    for key in before:  # the poisoned steps changed no weight, and no weight is NaN at the end
+        assert torch.equal(snapshots[2][key], snapshots[4][key])
+        assert torch.isfinite(snapshots[8][key]).all()
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact(tmp_path):
+    cfg = tiny_config(tmp_path, "sdpa", steps=20)
+    cfg.trainer.save_every, cfg.trainer.max_consecutive_nonfinite = 4, 3
+    trainer = Trainer(cfg)
+    trainer.setup()
+    poison_steps(trainer, range(6, 100))
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row.*step_000004"):
+        trainer.fit()
+    latest = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert latest.name == "step_000004"
+    state = ckpt.load_checkpoint(latest, _fresh_model(cfg))
+    assert state["step"] == 4
+
+
+def _fresh_model(cfg):
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.raw_model
+
+
+def test_kills_during_checkpoint_writes_never_expose_a_partial_checkpoint(tmp_path):
+    """Fork a writer that saves checkpoints in a loop; SIGKILL it at random moments."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # ~8 MB per save
+    rng = random.Random(0)
+    survived = 0
+    for trial in range(KILL_TRIALS):
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the writer
+            os.close(read_fd)
+            try:
+                step = 1000 * (trial + 1)
+                os.write(write_fd, b"go")
+                while True:
+                    ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+                    step += 1
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        os.read(read_fd, 2)
+        os.close(read_fd)
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        latest = ckpt.latest_checkpoint(tmp_path)
+        if latest is None:
+            continue  # killed before the first save completed: nothing is exposed, which is right
+        fresh = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+        state = ckpt.load_checkpoint(latest, fresh)
+        assert state["step"] == int(latest.name.split("_")[1])
+        for a, b in zip(fresh.parameters(), model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        survived += 1
+    assert survived >= KILL_TRIALS // 2  # most kills landed after at least one complete save
+
+
+def test_secrets_in_the_environment_never_reach_the_run_directory(tmp_path, monkeypatch):
+    secret = "wandb-secret-0123456789abcdef"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    Trainer(tiny_config(tmp_path, "sdpa", steps=2)).fit()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_flex_on_gpu_refuses_a_sequence_length_it_cannot_keep_static():
+    cfg = RecipeConfig()
+    cfg.attention.backend, cfg.data.seq_len = "flex", 1000
+    with pytest.raises(ConfigError, match="data.seq_len=1024"):
+        validate_for_device(cfg, "cuda")
+    validate_for_device(cfg, "cpu")  # the dense CPU path takes any length
+    cfg.attention.backend = "sdpa"
+    validate_for_device(cfg, "cuda")
