@@ -1,0 +1,56 @@
+"""The packed-sequence data pipeline: sources -> tokenizer -> packer -> loader.
+
+``import nemo_lite.components.datasets`` needs torch alone; ``datasets``, ``tokenizers`` and
+``transformers`` are imported where they are used. See docs/data.md.
+
+The trainer's entry points::
+
+    cfg = DataConfig(source="data/*.jsonl", seq_len=4096, batch_size=2)
+    loader = build_dataloader(cfg, split="train", rank=rank, world_size=world_size)
+    for batch in loader:  # {"input_ids", "labels", "position_ids"}: CPU int64 [B, S]
+        ...
+    state = loader.state_dict()  # save with the checkpoint; loader.load_state_dict(state) resumes
+"""
+
+from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.default_corpus import (
+    DEFAULT_EOS_TOKEN,
+    cache_dir,
+    default_corpus_file,
+    default_tokenizer_file,
+)
+from nemo_lite.components.datasets.loader import (
+    Document,
+    DocumentSource,
+    ListSource,
+    PackedDataLoader,
+    build_dataloader,
+)
+from nemo_lite.components.datasets.packing import (
+    IGNORE_INDEX,
+    DocumentPacker,
+    PackedRow,
+    collate_rows,
+    pack_documents,
+)
+from nemo_lite.components.datasets.tokenizer import build_tokenizer, resolve_eos_id
+
+__all__ = [
+    "DEFAULT_EOS_TOKEN",
+    "IGNORE_INDEX",
+    "DataConfig",
+    "Document",
+    "DocumentPacker",
+    "DocumentSource",
+    "ListSource",
+    "PackedDataLoader",
+    "PackedRow",
+    "build_dataloader",
+    "build_tokenizer",
+    "cache_dir",
+    "collate_rows",
+    "default_corpus_file",
+    "default_tokenizer_file",
+    "pack_documents",
+    "resolve_eos_id",
+]

@@ -1,0 +1,127 @@
+"""``DataConfig``: every key of the data pipeline, in one keyword-only dataclass.
+
+The YAML ``data:`` group of a recipe maps onto these fields one to one. Each field's comment says
+what it does; ``docs/data.md`` has the same table with examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DATA_FORMATS = ("text", "json", "parquet", "csv")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # --- where the documents come from -------------------------------------------------------
+    # "default" (the built-in corpus, see docs/data.md), a local file, directory or glob
+    # ("data/*.jsonl"), a list of those, or a Hugging Face hub dataset name ("org/name").
+    source: str | Sequence[str] = "default"
+    # Format of local files: one of DATA_FORMATS; None = from the extension (.txt/.md -> text,
+    # .json/.jsonl -> json, .parquet -> parquet, .csv -> csv; .gz/.zst/.bz2/.xz are looked through).
+    data_format: str | None = None
+    # Column (field) that holds a document's text. For text files it is always "text".
+    text_field: str = "text"
+    # Fine-tuning data: a prompt column and a response column. A document is then
+    # prompt tokens + response tokens + EOS. Set both or neither; text_field is then unused.
+    prompt_field: str | None = None
+    response_field: str | None = None
+    # With prompt/response fields: the prompt tokens get label -100 (no loss on the prompt).
+    mask_prompt_labels: bool = True
+    # Text files: one document per "line", per "paragraph" (blank-line separated) or per file
+    # ("document").
+    text_sample_by: str = "line"
+    # Hub datasets only: the dataset's configuration name (the second argument of load_dataset).
+    hub_config: str | None = None
+    # Split names read for split="train" / split="validation" from a hub dataset. Local files form
+    # a single split; use validation_source or validation_fraction for them.
+    train_split: str = "train"
+    validation_split: str = "validation"
+    # Separate validation data (same forms as `source`). Ignored when validation_fraction > 0.
+    validation_source: str | Sequence[str] | None = None
+    # Hold out this fraction of the source's documents for validation (0 = none). The held-out
+    # documents are evenly spaced by their index in the source, so the choice is deterministic
+    # and the same in streaming and in-memory mode.
+    validation_fraction: float = 0.0
+    # Stream the source instead of loading it: nothing is cached on disk, documents are
+    # tokenized on the fly in the loader's background thread. For data that does not fit.
+    streaming: bool = False
+    # Documents buffered for shuffling in streaming mode (in-memory mode permutes all of them).
+    shuffle_buffer: int = 10_000
+
+    # --- tokenization ------------------------------------------------------------------------
+    # "default" (the byte-level BPE shipped for the default corpus), a directory with a Hugging
+    # Face tokenizer, a tokenizer.json file, or a hub tokenizer name.
+    tokenizer: str = "default"
+    # Id of the token that ends each document; None = the tokenizer's eos_token_id.
+    eos_id: int | None = None
+    # Treat special-token strings in the text ("<|im_start|>", "<|endoftext|>") as special tokens.
+    # Off by default: raw text is text, so a literal "<|endoftext|>" cannot end a document early.
+    # Turn on for chat-formatted fine-tuning data whose template uses special tokens.
+    parse_special_tokens: bool = False
+    # Processes for the ahead-of-time tokenization (datasets.map); None = all cores, at most 8.
+    num_proc: int | None = None
+    # Cache directory of Hugging Face datasets (raw arrow files and tokenized ids);
+    # None = the datasets default (HF_DATASETS_CACHE).
+    cache_dir: str | None = None
+
+    # --- packing -----------------------------------------------------------------------------
+    # Tokens per row. Each row is cut from the stream as seq_len + 1 tokens; input_ids are the
+    # first seq_len, labels the last seq_len.
+    seq_len: int = 2048
+    # Rows per batch, per data-parallel rank.
+    batch_size: int = 1
+    # True: position_ids restart at 0 after every EOS (a document cut by a row boundary carries
+    # on counting in the next row). False: position_ids are 0..seq_len-1 in every row.
+    position_ids: bool = True
+    # True: the label of an EOS position (the next document's first token) is -100.
+    mask_cross_document_labels: bool = False
+
+    # --- order and epochs --------------------------------------------------------------------
+    # Shuffle the document order, deterministically from `seed` (a new order every epoch).
+    # split="validation" never shuffles.
+    shuffle: bool = True
+    seed: int = 0
+    # Passes over the source before the loader stops; None = loop forever (pretraining).
+    # split="validation" always makes one pass.
+    num_epochs: int | None = None
+
+    # --- loader ------------------------------------------------------------------------------
+    # Batches prepared ahead by the loader's background thread; 0 = build each batch on demand.
+    prefetch: int = 2
+    # Put batches in pinned memory (for non_blocking copies to the GPU). Ignored without CUDA.
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, str) and not self.source:
+            raise ValueError("DataConfig.source is empty; give 'default', a path, a glob or a hub name")
+        if self.data_format is not None and self.data_format not in DATA_FORMATS:
+            raise ValueError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
+        if self.text_sample_by not in TEXT_SAMPLE_BY:
+            raise ValueError(f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError(
+                "DataConfig.prompt_field and response_field go together: set both (fine-tuning data) "
+                f"or neither, got prompt_field={self.prompt_field!r}, response_field={self.response_field!r}"
+            )
+        _check_int("seq_len", self.seq_len, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("prefetch", self.prefetch, 0)
+        _check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        _check_int("seed", self.seed, None)
+        if self.num_proc is not None:
+            _check_int("num_proc", self.num_proc, 1)
+        if self.num_epochs is not None:
+            _check_int("num_epochs", self.num_epochs, 1)
+        if self.eos_id is not None:
+            _check_int("eos_id", self.eos_id, 0)
+        if not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"DataConfig.validation_fraction={self.validation_fraction!r}; it must be in [0, 1)")
+
+
+def _check_int(name: str, value: object, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an int" if minimum is None else f"an int >= {minimum}"
+        raise ValueError(f"DataConfig.{name} must be {bound}, got {value!r}")
