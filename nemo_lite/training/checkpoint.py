@@ -146,6 +146,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     )
 
 
+def is_sharded(path: Path) -> bool:
+    """A checkpoint written by a torchrun run (torch.distributed.checkpoint shards)."""
+    return (path / "dcp").is_dir()
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Load weights into ``model`` (strict) and return the train state (optimizer, loader, ...)."""
     from safetensors.torch import load_model

@@ -56,6 +56,7 @@ def run_recipe(cfg: Any) -> int:
     """Train with the composed Hydra config. Returns the process exit code."""
     from nemo_lite.components.attention import UnknownAttentionBackendError
     from nemo_lite.components.models import CheckpointError, UnknownPresetError
+    from nemo_lite.training import distributed
     from nemo_lite.training.checkpoint import CheckpointNotFoundError
     from nemo_lite.training.trainer import NonFiniteLossError, Trainer
 
@@ -70,13 +71,17 @@ def run_recipe(cfg: Any) -> int:
         ValueError,
         ImportError,
     )
+    info = distributed.init_distributed()
     try:
-        result = Trainer(cfg).fit()
+        result = Trainer(cfg, dist_info=info).fit()
     except user_errors as err:
         if os.environ.get("NEMO_LITE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if info.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     if result.status == "interrupted":
         print(f"[nemo_lite] interrupted at step {result.steps}; resume with trainer.resume=true", file=sys.stderr)
     return 0

@@ -28,7 +28,9 @@ from torch.utils.checkpoint import checkpoint
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
 from nemo_lite.components.models.config import config_fields
 from nemo_lite.training import checkpoint as ckpt
+from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
+from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, fused_head_cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
 from nemo_lite.training.optim import build_optimizer, build_scheduler
@@ -79,19 +81,24 @@ def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Any, *, rank: int = 0, world_size: int = 1, train_loader: Any = None) -> None:
+    def __init__(self, cfg: Any, *, dist_info: DistInfo | None = None, train_loader: Any = None) -> None:
         """``train_loader`` replaces the configured data (benchmarks, tests): an iterable of batches
         with ``eos_id``, ``vocab_size``, ``tokenizer``, ``state_dict()`` and ``load_state_dict()``."""
         self.cfg = as_recipe_config(cfg)
         self._given_loader = train_loader
         validate(self.cfg)
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0
-        self.run_dir = Path(self.cfg.run_dir).expanduser()
+        self.dist = dist_info or DistInfo()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
+        run_dir = str(Path(self.cfg.run_dir).expanduser())
+        self.run_dir = Path(distributed.broadcast_str(run_dir) if self.dist.enabled else run_dir)
         self.device = resolve_device(self.cfg.trainer.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         validate_for_device(self.cfg, self.device.type)
         self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
         self._stop_signal: int | None = None
+        self._stop_requested = False
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -184,6 +191,9 @@ class Trainer:
         if cfg.trainer.compile:
             for block in model.layers:
                 block.compile()
+        if self.dist.enabled:
+            bf16 = self.device.type == "cuda" and cfg.trainer.autocast_dtype == "bfloat16"
+            distributed.shard_model(model, bf16=bf16)
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = 6 * matmul_params(model)
@@ -209,6 +219,20 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.dist.enabled:
+            state = self._train_state()
+            del state["optimizer"]  # sharded through DCP with the model
+            path = distributed.save_sharded(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                self.dist,
+                self.cfg.trainer.keep_last,
+            )
+            self.last_checkpoint = path
+            return path
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
@@ -221,8 +245,13 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.raw_model, device=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.enabled:
+            state = distributed.load_sharded(path, self.model, self.optimizer, self.dist)
+        else:
+            if ckpt.is_sharded(path):
+                raise ValueError(f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks")
+            state = ckpt.load_checkpoint(path, self.raw_model, device=self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["data"])
         self._train_iter = iter(self.train_loader)
@@ -256,6 +285,10 @@ class Trainer:
         """One optimizer step over ``micro_batches``. Returns the step's metrics (host values)."""
         t0 = time.perf_counter()
         n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # CPU tensors: no sync
+        loss_scale = 1.0
+        if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
+            n_labels = int(distributed.all_reduce_sum([n_labels], self.device)[0])
+            loss_scale = float(self.world_size)
         on_cuda = self.device.type == "cuda"
         loss_sum = torch.zeros((), device=self.device)
         attn_flops = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -278,13 +311,19 @@ class Trainer:
                 mask, layers=cfg.num_hidden_layers, q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim
             )
             loss = self._loss_sum(batch, mask)
-            (loss / max(n_labels, 1)).backward()
+            (loss * (loss_scale / max(n_labels, 1))).backward()
             loss_sum += loss.detach()
         clip = self.cfg.trainer.clip_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        loss_value, grad_value, attn_value = torch.stack(
-            [loss_sum / max(n_labels, 1), grad_norm.float().to(loss_sum.device), attn_flops.float()]
-        ).tolist()  # the step's one host sync
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        stop = float(self._stop_signal is not None)
+        totals = torch.stack([loss_sum, attn_flops.float(), torch.tensor(stop, device=self.device)])
+        if self.dist.enabled:  # global loss and FLOPs; a signal on any rank stops every rank
+            torch.distributed.all_reduce(totals)
+        loss_total, attn_value, stop_any, grad_value = [*totals.tolist(), float(grad_norm)]  # the one host sync
+        loss_value = loss_total / max(n_labels, 1)
+        self._stop_requested = stop_any > 0
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         if finite:
             self.optimizer.step()
@@ -299,7 +338,7 @@ class Trainer:
             mask_seconds = sum(s.elapsed_time(e) for s, e in mask_events) / 1000.0
         step_seconds = time.perf_counter() - t0
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.world_size
-        flops = self.flops_per_token * tokens + attn_value * self.world_size
+        flops = self.flops_per_token * tokens + attn_value
         metrics = {
             "loss": loss_value,
             "lr": lr,
@@ -328,6 +367,8 @@ class Trainer:
             total += float(self._loss_sum(batch, self._build_mask(batch["input_ids"])))
             count += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
+        if self.dist.enabled:
+            total, count = distributed.all_reduce_sum([total, count], self.device)
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -412,7 +453,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                     if "after_step" in self.hooks:
                         self.hooks["after_step"](self, metrics)
-                    if self._stop_signal is not None:
+                    if self._stop_requested:
                         status = "interrupted"
                         break
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
@@ -428,30 +469,50 @@ class Trainer:
             final = self.evaluate()
             if final:
                 self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
-            if cfg.export_hf and self.is_main:
-                result.hf_dir = self.export()
-            if cfg.sample_tokens > 0 and self.is_main:
-                result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens)
+            if cfg.export_hf or cfg.sample_tokens > 0:
+                plain = self._plain_model()  # a collective under torchrun
+                if self.is_main and cfg.export_hf:
+                    result.hf_dir = self.export(plain)
+                if self.is_main and cfg.sample_tokens > 0:
+                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, plain)
         return result
 
-    def export(self) -> Path:
+    def _plain_model(self) -> LlamaForCausalLM:
+        """The trained model as one unsharded module (the model itself when not distributed)."""
+        if not self.dist.enabled:
+            return self.raw_model
+        full = distributed.full_state_dict(self.model)
+        att = self.cfg.attention
+        plain = LlamaForCausalLM(
+            self.raw_model.config,
+            attention=att.backend,
+            attn_mask_type=att.attn_mask_type,
+            fixed_block_size=att.fixed_block_size,
+        )
+        plain.tokenizer_dir = self.raw_model.tokenizer_dir
+        if self.is_main:
+            plain.load_state_dict(full)
+        return plain.to(self.device)
+
+    def export(self, model: LlamaForCausalLM | None = None) -> Path:
         """The final model as a Hugging Face directory (``<run_dir>/hf``), tokenizer included."""
-        tokenizer_dir = self.raw_model.tokenizer_dir
+        model = model or self.raw_model
+        tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"
             self.tokenizer.save_pretrained(str(tokenizer_dir))
-        self.raw_model.config.eos_token_id = self.eos_id
-        path = self.raw_model.save_pretrained(self.run_dir / "hf", tokenizer_dir=tokenizer_dir)
+        model.config.eos_token_id = self.eos_id
+        path = model.save_pretrained(self.run_dir / "hf", tokenizer_dir=tokenizer_dir)
         self._log(f"exported a Hugging Face checkpoint to {path}")
         return path
 
-    def sample(self, prompt: str, max_new_tokens: int) -> str:
+    def sample(self, prompt: str, max_new_tokens: int, model: LlamaForCausalLM | None = None) -> str:
         from nemo_lite.components.models import generate
 
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
         input_ids = torch.tensor([ids], device=self.device)
         with self._autocast():
-            out = generate(self.raw_model, input_ids, max_new_tokens, eos_token_id=self.eos_id)
+            out = generate(model or self.raw_model, input_ids, max_new_tokens, eos_token_id=self.eos_id)
         text = self.tokenizer.decode(out[0].tolist())
         self._log(f"sample (greedy, {max_new_tokens} tokens): {text!r}")
         return text
