@@ -1,0 +1,316 @@
+"""A Llama-style decoder: RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP, blocks.
+
+The architecture only; it reads top to bottom. Attention runs through a registered backend
+(``nemo_lite.components.attention``) whose per-step mask is built once by
+:meth:`LlamaForCausalLM.build_attention_mask` and handed to every layer. Hugging Face import and
+export live in :mod:`nemo_lite.components.models.hf`; ``from_pretrained``/``save_pretrained`` below
+only forward to it.
+
+Numerics follow transformers' ``modeling_llama.py`` so that checkpoints give the same logits:
+RMSNorm in float32 then cast back before the weight; the rotary embedding in Hugging Face's
+rotate-half layout (not the interleaved complex layout of Meta's code).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemo_lite.components.attention import AttentionBackend, AttentionMask, get_attention_backend
+from nemo_lite.components.models.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``, normalized in float32 and cast back before the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# ---- rotary embedding ---------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` in float32, op for op as transformers computes them."""
+    dim = config.head_dim
+    arange = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (config.rope_theta ** (arange / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    # Same formula and op order as transformers' _compute_llama3_parameters (bitwise equal on CPU).
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def rotary_cos_sin(config: LlamaConfig, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[B, 1, S, head_dim]`` in float32 for the given positions (computed once per forward).
+
+    The inverse frequencies are recomputed here (a handful of ops on ``head_dim // 2`` numbers)
+    rather than kept in a buffer, so meta-device construction, ``to_empty`` and ``.to(bfloat16)``
+    can never leave them uninitialized or rounded.
+    """
+    inv_freq_D2 = rope_inv_freq(config, position_ids_BS.device)
+    freqs_BSD2 = position_ids_BS[..., None].float() * inv_freq_D2
+    emb_BSD = torch.cat((freqs_BSD2, freqs_BSD2), dim=-1)
+    return emb_BSD.cos()[:, None], emb_BSD.sin()[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x_BHSD: torch.Tensor, cos_B1SD: torch.Tensor, sin_B1SD: torch.Tensor) -> torch.Tensor:
+    """Rotate in float32 and cast back (in float32 this is exactly transformers' apply_rotary_pos_emb)."""
+    x32 = x_BHSD.float()
+    return (x32 * cos_B1SD + rotate_half(x32) * sin_B1SD).to(x_BHSD.dtype)
+
+
+# ---- attention, MLP, block ----------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: q/k/v projections, RoPE on q and k, the backend, the output projection."""
+
+    def __init__(self, config: LlamaConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.backend = backend  # shared by every layer; it has no parameters
+
+    def forward(
+        self,
+        x_BSE: torch.Tensor,
+        cos_B1SD: torch.Tensor,
+        sin_B1SD: torch.Tensor,
+        attention_mask: AttentionMask,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = x_BSE.shape
+        q_BHSD = self.q_proj(x_BSE).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BKSD = self.k_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKSD = self.v_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSD = apply_rotary(q_BHSD, cos_B1SD, sin_B1SD)
+        k_BKSD = apply_rotary(k_BKSD, cos_B1SD, sin_B1SD)
+        # KV heads are not repeated here: the backend reads KV head h // (H / K) for query head h.
+        out_BHSD = self.backend(q_BHSD, k_BKSD, v_BKSD, enable_gqa=True, attention_mask=attention_mask)
+        return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, backend)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x_BSE: torch.Tensor,
+        cos_B1SD: torch.Tensor,
+        sin_B1SD: torch.Tensor,
+        attention_mask: AttentionMask,
+    ) -> torch.Tensor:
+        h_BSE = x_BSE + self.attention(self.attention_norm(x_BSE), cos_B1SD, sin_B1SD, attention_mask)
+        return h_BSE + self.mlp(self.mlp_norm(h_BSE))
+
+
+# ---- decoder ------------------------------------------------------------------------------------
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token embedding, ``layers`` (an ``nn.ModuleList`` of :class:`DecoderBlock`), final norm, output.
+
+    Args:
+        config: the architecture.
+        attention: name of a registered attention backend ("sdpa", "eager", "flex", ...).
+        attn_mask_type: "causal", or "block_causal" for EOS-delimited packed documents.
+        fixed_block_size: optionally also restrict attention to blocks of this many tokens.
+
+    Parameters start with PyTorch's default init; call :meth:`init_weights` before training from
+    scratch, or load a checkpoint with :meth:`from_pretrained`.
+    """
+
+    # The sliding windows the layers use (0 = none); every one gets its mask built per step.
+    sliding_windows: tuple[int, ...] = (0,)
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        attention: str = "sdpa",
+        attn_mask_type: str = "causal",
+        fixed_block_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        backend_cls = get_attention_backend(attention)
+        self.attention_backend = backend_cls(attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderBlock(config, self.attention_backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Tied: the output projection *is* the embedding matrix, so there is no second parameter to tie.
+        tied = config.tie_word_embeddings
+        self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Directory of the tokenizer that goes with these weights (set by from_pretrained).
+        self.tokenizer_dir: Path | None = None
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection ``[vocab, hidden]`` (the embedding matrix when tied).
+
+        For a chunked cross-entropy: ``logits = hidden @ model.output_weight.T`` chunk by chunk.
+        """
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask:
+        """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id)."""
+        eos_id = self.config.eos_token_id if eos_id is None else eos_id
+        return self.attention_backend.build_mask(input_ids_BS, eos_id, sliding_windows=self.sliding_windows)
+
+    def forward_hidden(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[B, S, hidden]``.
+
+        ``position_ids`` ``[B, S]`` (or ``[S]``) may restart at each packed document; default
+        ``arange(S)``. ``attention_mask`` is the step's mask from :meth:`build_attention_mask`; when
+        None it is built here from ``input_ids`` and ``config.eos_token_id``.
+        """
+        if attention_mask is None:
+            attention_mask = self.build_attention_mask(input_ids_BS)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
+        h_BSE = self.embed_tokens(input_ids_BS)
+        for layer in self.layers:
+            h_BSE = layer(h_BSE, cos_B1SD, sin_B1SD, attention_mask)
+        return self.norm(h_BSE)
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, S, vocab]`` in the parameters' dtype."""
+        hidden_BSE = self.forward_hidden(input_ids_BS, position_ids=position_ids, attention_mask=attention_mask)
+        return F.linear(hidden_BSE, self.output_weight)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """From-scratch init, as transformers' Llama init: every Linear and the embedding ~ N(0, std),
+        std = ``config.initializer_range``; biases zero; norm weights one.
+
+        Output projections (``o_proj``, ``down_proj``) are *not* scaled by depth, matching transformers
+        so that loss curves compare with a transformers baseline. Deterministic given ``seed`` and the
+        device. On a model built on the meta device, call ``to_empty(device=...)`` first.
+        """
+        if any(p.is_meta for p in self.parameters()):
+            raise RuntimeError("parameters are on the meta device: call model.to_empty(device=...) first")
+        std = self.config.initializer_range
+        generators: dict[torch.device, torch.Generator] = {}
+
+        def normal_(t: torch.Tensor) -> None:
+            if t.device not in generators:
+                generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+            t.normal_(0.0, std, generator=generators[t.device])
+
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                normal_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                normal_(module.weight)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    # ---- Hugging Face checkpoints (implemented in hf.py) ---------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        attention: str = "sdpa",
+        attn_mask_type: str = "causal",
+        fixed_block_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> LlamaForCausalLM:
+        """Load a Hugging Face Llama directory (config.json + safetensors); see ``hf.load_pretrained``."""
+        from nemo_lite.components.models import hf
+
+        return hf.load_pretrained(
+            cls,
+            path,
+            attention=attention,
+            attn_mask_type=attn_mask_type,
+            fixed_block_size=fixed_block_size,
+            dtype=dtype,
+            device=device,
+        )
+
+    def save_pretrained(
+        self, path: str | Path, *, max_shard_size: int | str = "2GB", tokenizer_dir: str | Path | None = None
+    ) -> Path:
+        """Write a Hugging Face Llama directory atomically; see ``hf.save_pretrained``."""
+        from nemo_lite.components.models import hf
+
+        return hf.save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
