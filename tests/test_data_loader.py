@@ -114,6 +114,21 @@ def test_iterating_again_continues_and_reset_restarts():
     assert_same_batches(take(loader, 2), reference[:2])
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_older_iterator_stops_after_a_newer_one_starts(prefetch):
+    loader = make_loader(prefetch=prefetch)
+    old = iter(loader)
+    next(old)
+    new = iter(loader)
+    next(new)
+    with pytest.raises(RuntimeError, match="closed by a later iter"):
+        next(old)
+    next(new)  # the newest one goes on
+    loader.load_state_dict(loader.state_dict())
+    with pytest.raises(RuntimeError, match="closed by a later"):
+        next(new)
+
+
 def test_prefetch_does_not_change_batches():
     assert_same_batches(take(make_loader(prefetch=0), 12), take(make_loader(prefetch=4), 12))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import random
+import signal
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from nemo_lite.components.datasets.config import DataConfig
 
 STATE_VERSION = 1
+_SUPERSEDED = (
+    "this iterator of the PackedDataLoader was closed by a later iter(), load_state_dict() or reset(); "
+    "use the newest iterator"
+)
 _STAT_KEYS = ("documents", "empty_documents", "tokens", "replaced_chars")
 
 
@@ -132,6 +137,7 @@ class PackedDataLoader:
         if pin_memory and not self.pin_memory:
             warnings.warn("pin_memory=True ignored: CUDA is not available", stacklevel=2)
         self._active: _Prefetcher | None = None
+        self._generation = 0  # bumped by every iter(), load_state_dict(), reset(): older iterators stop
         self._state = self._initial_state()
 
     # -- state --------------------------------------------------------------------------------
@@ -193,17 +199,21 @@ class PackedDataLoader:
                 stacklevel=2,
             )
         self.close()
+        self._generation += 1
         stats = dict.fromkeys(_STAT_KEYS, 0) | {k: int(v) for k, v in state["stats"].items() if k in _STAT_KEYS}
         self._state = _Snapshot(int(state["epoch"]), int(state["doc"]), int(state["rows"]), stats, buffer)
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0."""
         self.close()
+        self._generation += 1
         self._state = self._initial_state()
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.close()
+        self._generation += 1
+        generation = self._generation
         produced = self._produce(self._state)
         it: Iterator[tuple[dict[str, torch.Tensor], _Snapshot]]
         if self.prefetch > 0:
@@ -212,6 +222,8 @@ class PackedDataLoader:
             it = produced
         try:
             for batch, snapshot in it:
+                if generation != self._generation:
+                    raise RuntimeError(_SUPERSEDED)
                 self._state = snapshot
                 yield batch
         finally:
@@ -278,6 +290,17 @@ class PackedDataLoader:
             yield batch, _Snapshot(epoch, doc, rows, dict(stats), packer.view())
 
 
+# Signals meant for the process (a scheduler's SIGTERM, Ctrl-C). Linux hands such a signal to any
+# thread that does not block it; Python runs handlers only in the main thread, and it does so at
+# once only when the signal lands there. So the loader's thread blocks them.
+_ASYNC_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+
+
+def _block_async_signals() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, n) for n in _ASYNC_SIGNALS if hasattr(signal, n)})
+
+
 class _Prefetcher:
     """Runs a generator in a daemon thread, ``depth`` items ahead; re-raises its errors."""
 
@@ -290,6 +313,7 @@ class _Prefetcher:
         self._thread.start()
 
     def _run(self, gen: Any) -> None:
+        _block_async_signals()
         try:
             for item in gen:
                 if not self._put(("item", item)):
@@ -315,7 +339,14 @@ class _Prefetcher:
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
-        kind, value = self._queue.get()
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError(_SUPERSEDED)
+            try:
+                kind, value = self._queue.get(timeout=0.1)
+                break
+            except self._empty:
+                continue
         if kind == "item":
             return value
         self._done = True

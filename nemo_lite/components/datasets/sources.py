@@ -124,8 +124,8 @@ class _Spec:
             return
         self.files = [f for _, files in resolved for f in files or []]
         self.format = _files_format(self.files, cfg.data_format)
-        shown = specs[0] if len(specs) == 1 else f"{specs[0]!r} and {len(specs) - 1} more"
-        self.description = f"{shown!r} ({len(self.files)} {self.format} file{'s' * (len(self.files) > 1)})"
+        shown = repr(specs[0]) if len(specs) == 1 else f"{specs[0]!r} and {len(specs) - 1} more"
+        self.description = f"{shown} ({len(self.files)} {self.format} file{'s' * (len(self.files) > 1)})"
 
 
 def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool) -> Any:

@@ -1,0 +1,75 @@
+"""Packed batches of random tokens with log-normal document lengths: for benchmarks and GPU tests.
+
+Every batch has a new document layout (so a benchmark sees whether anything recompiles), rows carry
+EOS at document ends and ``position_ids`` that restart per document, exactly like the real loader's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+class SyntheticPackedLoader:
+    """Infinite iterable of ``{"input_ids", "labels", "position_ids"}`` int64 ``[B, S]`` batches.
+
+    Document lengths are log-normal (sigma 1) with mean ``mean_doc``; token ids are uniform in
+    ``[0, vocab_size)`` excluding ``eos_id``. Deterministic given ``seed`` and the batch index; the
+    state is the batch index, so it resumes exactly.
+    """
+
+    tokenizer = None
+
+    def __init__(
+        self,
+        batch_size: int,
+        seq_len: int,
+        *,
+        vocab_size: int,
+        eos_id: int,
+        mean_doc: float = 600.0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id={eos_id} must be in [0, vocab_size={vocab_size})")
+        self.batch_size, self.seq_len, self.mean_doc, self.seed = batch_size, seq_len, mean_doc, seed
+        self.vocab_size, self.eos_id, self.pin_memory = vocab_size, eos_id, pin_memory
+        self.index = 0
+
+    def make(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        sigma = 1.0
+        mu = math.log(self.mean_doc) - sigma**2 / 2
+        width = self.seq_len + 1
+        rows = torch.randint(0, self.vocab_size - 1, (self.batch_size, width), generator=g)
+        rows[rows >= self.eos_id] += 1  # never EOS by chance
+        positions = torch.zeros(self.batch_size, width, dtype=torch.long)
+        for b in range(self.batch_size):
+            start = 0
+            while start < width:
+                length = max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=g).item()))
+                end = min(start + length, width)
+                positions[b, start:end] = torch.arange(end - start)
+                if start + length <= width:
+                    rows[b, end - 1] = self.eos_id
+                start += length
+        batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "position_ids": positions[:, :-1]}
+        batch = {k: v.contiguous() for k, v in batch.items()}
+        if self.pin_memory and torch.cuda.is_available():
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            batch = self.make(self.index)
+            self.index += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.index = int(state["index"])
