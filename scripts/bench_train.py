@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -24,48 +23,15 @@ from datetime import date
 
 import torch
 
+from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+
 EOS = 128001
 VOCAB = 128256
 PEAK = 989e12
 
 
-class SyntheticPackedLoader:
-    """Packed rows of log-normal documents (mean ~600); a different layout every step."""
-
-    def __init__(self, batch: int, seq_len: int, mean_doc: float = 600.0, seed: int = 0) -> None:
-        self.batch, self.seq_len, self.mean_doc, self.seed = batch, seq_len, mean_doc, seed
-        self.eos_id, self.vocab_size, self.tokenizer = EOS, VOCAB, None
-        self.index = 0
-
-    def make(self, index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        sigma = 1.0
-        mu = math.log(self.mean_doc) - sigma**2 / 2
-        rows = torch.randint(0, 128000, (self.batch, self.seq_len + 1), generator=g)
-        positions = torch.zeros(self.batch, self.seq_len + 1, dtype=torch.long)
-        for b in range(self.batch):
-            start = 0
-            while start < self.seq_len + 1:
-                length = max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=g).item()))
-                end = min(start + length, self.seq_len + 1)
-                positions[b, start:end] = torch.arange(end - start)
-                if start + length <= self.seq_len + 1:
-                    rows[b, start + length - 1] = EOS
-                start += length
-        batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "position_ids": positions[:, :-1]}
-        return {k: v.contiguous().pin_memory() for k, v in batch.items()}
-
-    def __iter__(self):
-        while True:
-            batch = self.make(self.index)
-            self.index += 1
-            yield batch
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
+def loader(seed: int = 0):
+    return SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, seed=seed, pin_memory=True)
 
 
 def attention_pairs(position_ids: torch.Tensor) -> int:
@@ -90,8 +56,7 @@ def run_nemo(name: str, steps: int, *, backend: str, compile: bool, chunk: int, 
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
-    loader = SyntheticPackedLoader(2, 4096)
-    trainer = Trainer(cfg, train_loader=loader)
+    trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
     torch.cuda.reset_peak_memory_stats()
     records = []
@@ -136,14 +101,14 @@ def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) ->
     if compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    loader = iter(SyntheticPackedLoader(2, 4096))
+    batches = iter(loader())
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * n_params  # tied embedding counted once
     torch.cuda.reset_peak_memory_stats()
     records = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        batch = {k: v.cuda(non_blocking=True) for k, v in next(loader).items()}
+        batch = {k: v.cuda(non_blocking=True) for k, v in next(batches).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
