@@ -23,6 +23,7 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
         "num_hidden_layers": 4,
         "num_attention_heads": 8,
         "num_key_value_heads": 2,
+        "head_dim": 64,
         "vocab_size": 8192,
     }
     cfg.attention.backend = backend
