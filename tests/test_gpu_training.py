@@ -33,7 +33,9 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
     t.max_steps, t.compile, t.loss_chunk_size = STEPS, compile, chunk
     t.val_every = t.save_every = t.sample_tokens = 0
     t.export_hf = t.progress_bar = False
-    loader = SyntheticPackedLoader(2, 1024, vocab_size=8192, eos_id=3, mean_doc=200, seed=1, pin_memory=True)
+    loader = SyntheticPackedLoader(
+        2, 1024, vocab_size=8192, eos_id=3, mean_doc=200, seed=1, pin_memory=True, learnable=True
+    )
     return Trainer(cfg, train_loader=loader).fit().losses
 
 
@@ -41,7 +43,7 @@ def test_compiled_step_matches_uncompiled_within_bf16_noise(tmp_path):
     eager = curve(tmp_path, "flex", compile=False)
     compiled = curve(tmp_path, "flex", compile=True)
     chunked = curve(tmp_path, "flex", compile=True, chunk=512)
-    assert eager[-1] < eager[0] - 0.1
+    assert eager[-1] < eager[0] - 1.0  # the counting documents are learnable
     for other in (compiled, chunked):
         assert max(abs(a - b) for a, b in zip(eager, other, strict=True)) <= 0.03
 

@@ -152,7 +152,11 @@ class Trainer:
         self.tokenizer = self.train_loader.tokenizer
         self._train_iter = iter(self.train_loader)
         if self.cfg.trainer.val_every > 0 and self.cfg.data.validation_fraction > 0:
-            val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
+            try:
+                val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
+            except ValueError as err:  # e.g. a held-out split too small for one batch: train without it
+                self._log(f"validation disabled: {err}")
+                return
             val_iter = iter(val_loader)
             for _ in range(self.cfg.trainer.val_batches):
                 try:
@@ -453,7 +457,9 @@ class Trainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                     if "after_step" in self.hooks:
                         self.hooks["after_step"](self, metrics)
-                    if self._stop_requested:
+                    # One process stops at once; under torchrun the flag is agreed on in the next step's
+                    # reduction, so every rank stops after the same step.
+                    if self._stop_requested or (not self.dist.enabled and self._stop_signal is not None):
                         status = "interrupted"
                         break
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:

@@ -16,8 +16,9 @@ class SyntheticPackedLoader:
     """Infinite iterable of ``{"input_ids", "labels", "position_ids"}`` int64 ``[B, S]`` batches.
 
     Document lengths are log-normal (sigma 1) with mean ``mean_doc``; token ids are uniform in
-    ``[0, vocab_size)`` excluding ``eos_id``. Deterministic given ``seed`` and the batch index; the
-    state is the batch index, so it resumes exactly.
+    ``[0, vocab_size)`` excluding ``eos_id`` (``learnable=True``: each document counts up from a
+    random first token, so a model can learn it and loss curves mean something). Deterministic given
+    ``seed`` and the batch index; the state is the batch index, so it resumes exactly.
     """
 
     tokenizer = None
@@ -32,11 +33,13 @@ class SyntheticPackedLoader:
         mean_doc: float = 600.0,
         seed: int = 0,
         pin_memory: bool = False,
+        learnable: bool = False,
     ) -> None:
         if not 0 <= eos_id < vocab_size:
             raise ValueError(f"eos_id={eos_id} must be in [0, vocab_size={vocab_size})")
         self.batch_size, self.seq_len, self.mean_doc, self.seed = batch_size, seq_len, mean_doc, seed
         self.vocab_size, self.eos_id, self.pin_memory = vocab_size, eos_id, pin_memory
+        self.learnable = learnable
         self.index = 0
 
     def make(self, index: int) -> dict[str, torch.Tensor]:
@@ -53,6 +56,10 @@ class SyntheticPackedLoader:
                 length = max(1, int(torch.empty(1).log_normal_(mu, sigma, generator=g).item()))
                 end = min(start + length, width)
                 positions[b, start:end] = torch.arange(end - start)
+                if self.learnable:  # a counting document: each token is the previous one plus one
+                    first = int(rows[b, start])
+                    rows[b, start:end] = (first + torch.arange(end - start)) % self.vocab_size
+                    rows[b, start:end][rows[b, start:end] == self.eos_id] = (self.eos_id + 1) % self.vocab_size
                 if start + length <= width:
                     rows[b, end - 1] = self.eos_id
                 start += length
