@@ -39,7 +39,9 @@ def attention_pairs(position_ids: torch.Tensor) -> int:
     return int((position_ids + 1).sum())
 
 
-def run_nemo(name: str, steps: int, *, backend: str, compile: bool, chunk: int, ac: bool) -> dict:
+def run_nemo(
+    name: str, steps: int, *, backend: str, compile: bool, chunk: int, ac: bool, profile: bool = False
+) -> dict:
     import torch._dynamo
 
     from nemo_lite.training.config import RecipeConfig
@@ -68,8 +70,26 @@ def run_nemo(name: str, steps: int, *, backend: str, compile: bool, chunk: int, 
         if tr.step == 2:
             graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    trainer.hooks["after_step"] = after_step
+    prof = None
+    if profile:  # steps 7-9 under the profiler
+        prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+            schedule=torch.profiler.schedule(wait=5, warmup=1, active=3, repeat=1),
+        )
+        prof.start()
+
+    def after_step_and_profile(tr, metrics):
+        after_step(tr, metrics)
+        if prof is not None:
+            prof.step()
+
+    trainer.hooks["after_step"] = after_step_and_profile
     trainer.fit()
+    if prof is not None:
+        prof.stop()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), file=sys.stderr)
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+        print(f"graph breaks: {sum(breaks.values())} {breaks}", file=sys.stderr)
     graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     steady = records[5:]
     result = {
@@ -162,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="profile steps 7-9 of each nemo_lite config")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
@@ -172,7 +193,10 @@ def main() -> None:
             sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
         kind, kwargs = CONFIGS[name]
         try:
-            row = run_nemo(name, args.steps, **kwargs) if kind == "nemo" else run_hf(name, args.steps, **kwargs)
+            if kind == "nemo":
+                row = run_nemo(name, args.steps, profile=args.profile, **kwargs)
+            else:
+                row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:
             row = {"config": name, "error": "OOM"}
         print(json.dumps(row), file=sys.stderr, flush=True)
