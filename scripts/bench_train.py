@@ -166,10 +166,11 @@ def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) ->
 
 CONFIGS = {
     # name: (kind, kwargs)
-    "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=8192, ac=False)),
+    "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
-    "varlen-compile-chunk": ("nemo", dict(backend="varlen", compile=True, chunk=8192, ac=False)),
+    "varlen-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False)),
+    "sdpa-compile": ("nemo", dict(backend="sdpa", compile=True, chunk=0, ac=False)),
     "sdpa": ("nemo", dict(backend="sdpa", compile=False, chunk=0, ac=False)),
     "hf-sdpa": ("hf", dict(attn_implementation="sdpa", compile=False)),
     "hf-flex": ("hf", dict(attn_implementation="flex_attention", compile=False)),
@@ -180,7 +181,7 @@ CONFIGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk")
+    parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk,varlen-compile")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", action="store_true", help="profile steps 7-9 of each nemo_lite config")
     args = parser.parse_args()

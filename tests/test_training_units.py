@@ -96,3 +96,24 @@ def test_resume_argument_forms(tmp_path):
     assert ckpt.resolve_resume("true", tmp_path) == path
     assert ckpt.resolve_resume(str(tmp_path), tmp_path / "other") == path
     assert ckpt.resolve_resume(str(path), tmp_path / "other") == path
+
+
+def test_chunked_head_loss_equals_the_plain_one_with_gradients():
+    from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 13), generator=g)
+    labels[0, 3] = IGNORE_INDEX
+    plain = cross_entropy_sum(hidden, weight, labels)
+    chunked = cross_entropy_sum(hidden, weight, labels, chunk_tokens=5)
+    reference = torch.nn.functional.cross_entropy(
+        (hidden @ weight.t()).reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    torch.testing.assert_close(plain, reference)
+    torch.testing.assert_close(chunked, reference)
+    grads = torch.autograd.grad(chunked, (hidden, weight))
+    grads_ref = torch.autograd.grad(reference, (hidden, weight))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)

@@ -95,7 +95,8 @@ class TrainerSection:
     # torch.compile each decoder block.
     compile: bool = False
     activation_checkpointing: bool = False
-    # Vocabulary chunk of the fused-head cross-entropy (0 = materialize all logits).
+    # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
+    # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0
     log_every: int = 1
     val_every: int = 50

@@ -31,7 +31,7 @@ from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
 from nemo_lite.training.distributed import DistInfo
-from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, fused_head_cross_entropy_sum
+from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
 from nemo_lite.training.optim import build_optimizer, build_scheduler
 
@@ -274,13 +274,17 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _loss_sum(self, batch: dict[str, torch.Tensor], mask) -> torch.Tensor:
-        chunk = self.cfg.trainer.loss_chunk_size
         with self._autocast():
-            kwargs = dict(position_ids=batch.get("position_ids"), attention_mask=mask)
-            if chunk > 0:
-                hidden = self.model.forward_hidden(batch["input_ids"], **kwargs)
-                return fused_head_cross_entropy_sum(hidden, self.raw_model.output_weight, batch["labels"], chunk)
-            return cross_entropy_sum(self.model(batch["input_ids"], **kwargs), batch["labels"])
+            hidden = self.model.forward_hidden(
+                batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=mask
+            )
+            return cross_entropy_sum(
+                hidden,
+                self.raw_model.output_weight,
+                batch["labels"],
+                chunk_tokens=self.cfg.trainer.loss_chunk_size,
+                compiled=self.cfg.trainer.compile,
+            )
 
     def _build_mask(self, input_ids: torch.Tensor):
         return self.raw_model.build_attention_mask(input_ids, self.eos_id)
