@@ -28,7 +28,7 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
     }
     cfg.attention.backend = backend
     cfg.data.seq_len, cfg.data.batch_size = 1024, 2
-    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 2
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 2
     t = cfg.trainer
     t.max_steps, t.compile, t.loss_chunk_size = STEPS, compile, chunk
     t.val_every = t.save_every = t.sample_tokens = 0
@@ -39,17 +39,33 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
     return Trainer(cfg, train_loader=loader).fit().losses
 
 
-def test_compiled_step_matches_uncompiled_within_bf16_noise(tmp_path):
-    eager = curve(tmp_path, "flex", compile=False)
-    compiled = curve(tmp_path, "flex", compile=True)
-    chunked = curve(tmp_path, "flex", compile=True, chunk=512)
-    assert eager[-1] < eager[0] - 0.3  # the counting documents are learnable
-    for other in (compiled, chunked):
-        assert max(abs(a - b) for a, b in zip(eager, other, strict=True)) <= 0.03
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uncompiled flex curve, and bf16's own noise: the same step with only the loss's reduction
+    order changed (chunked), which any other numerically-equivalent path is compared against."""
+    tmp = tmp_path_factory.mktemp("ref")
+    base = curve(tmp, "flex", compile=False)
+    reordered = curve(tmp, "flex", compile=False, chunk=512)
+    noise = max(abs(a - b) for a, b in zip(base, reordered, strict=True))
+    print(f"\nflex eager: {[round(x, 4) for x in base]}\nbf16 noise (reordered loss): {noise:.4f}")
+    return base, noise
+
+
+def assert_same_curve(name, other, reference):
+    base, noise = reference
+    diffs = [abs(a - b) for a, b in zip(base, other, strict=True)]
+    print(f"{name}: first {diffs[0]:.4f}, max {max(diffs):.4f} (noise {noise:.4f})")
+    assert diffs[0] <= 1e-2  # before any update: forward numerics only
+    assert max(diffs) <= max(3 * noise, 0.05)
+
+
+def test_compiled_step_matches_uncompiled_within_bf16_noise(tmp_path, reference):
+    base, _ = reference
+    assert base[-1] < base[0] - 0.3  # the counting documents are learnable
+    assert_same_curve("flex compiled", curve(tmp_path, "flex", compile=True), reference)
+    assert_same_curve("flex compiled, chunked loss", curve(tmp_path, "flex", compile=True, chunk=512), reference)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "varlen", "eager"])
-def test_backends_follow_the_flex_curve(tmp_path, backend):
-    flex = curve(tmp_path, "flex", compile=False)
-    other = curve(tmp_path, backend, compile=False)
-    assert max(abs(a - b) for a, b in zip(flex, other, strict=True)) <= 0.03
+def test_backends_follow_the_flex_curve(tmp_path, backend, reference):
+    assert_same_curve(backend, curve(tmp_path, backend, compile=False), reference)
