@@ -52,13 +52,17 @@ def shutdown() -> None:
 
 def shard_model(model: torch.nn.Module, *, bf16: bool) -> None:
     """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, norm, head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for block in model.layers:
         fully_shard(block, **kwargs)
+    # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
+    # trainer's head loss reads the full output weight after forward_hidden returns.
     fully_shard(model, **kwargs)
+    # The trainer calls forward_hidden (then the fused head loss), not forward: gather around it too.
+    register_fsdp_forward_method(model, "forward_hidden")
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
