@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,10 @@ def main() -> None:
     n, b, steps = args.gpus, args.batch, args.steps
 
     one = run(1, root / "one", n * b, steps)
+    shutil.rmtree(root / "one" / "checkpoints")  # 15 GB a checkpoint at this size: keep the disk free
+    print(f"1 GPU x {n * b} rows: {[round(r['loss'], 4) for r in one]}", flush=True)
     many = run(n, root / "many", b, steps)
+    print(f"{n} GPUs x {b} rows: {[round(r['loss'], 4) for r in many]}", flush=True)
     middle = root / "many" / "checkpoints" / f"step_{steps // 2:06d}"
     resumed = run(n, root / "resumed", b, steps, f"trainer.resume={middle}")
 
