@@ -74,7 +74,7 @@ def test_kills_during_checkpoint_writes_never_expose_a_partial_checkpoint(tmp_pa
     """Fork a writer that saves checkpoints in a loop; SIGKILL it at random moments."""
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # ~8 MB per save
     rng = random.Random(0)
-    survived = 0
+    survived = mid_write = 0
     for trial in range(KILL_TRIALS):
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -94,6 +94,7 @@ def test_kills_during_checkpoint_writes_never_expose_a_partial_checkpoint(tmp_pa
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        mid_write += any(p.name.startswith(ckpt.TMP_PREFIX) for p in tmp_path.iterdir())
         latest = ckpt.latest_checkpoint(tmp_path)
         if latest is None:
             continue  # killed before the first save completed: nothing is exposed, which is right
@@ -103,6 +104,10 @@ def test_kills_during_checkpoint_writes_never_expose_a_partial_checkpoint(tmp_pa
         for a, b in zip(fresh.parameters(), model.parameters(), strict=True):
             assert torch.equal(a, b)
         survived += 1
+    print(
+        f"\n{KILL_TRIALS} kills ({mid_write} caught a checkpoint half-written); "
+        f"{survived} times the latest complete checkpoint loaded and matched"
+    )
     assert survived >= KILL_TRIALS // 2  # most kills landed after at least one complete save
 
 

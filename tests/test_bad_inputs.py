@@ -1,0 +1,137 @@
+"""Bad input through the recipes' trainer: each gives one clear message before any training step,
+and nothing is written that a later run could mistake for work. docs/reliability.md lists the messages
+(`pytest tests/test_bad_inputs.py -s` prints them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from recipe_utils import tiny_config
+
+from nemo_lite.components.datasets import default_tokenizer_file
+from nemo_lite.training.trainer import Trainer
+
+MESSAGES: dict[str, str] = {}
+
+
+def fails(name: str, cfg, error, match: str) -> str:
+    with pytest.raises(error, match=match) as info:
+        Trainer(cfg).fit()
+    MESSAGES[name] = str(info.value)
+    print(f"\n{name}: {info.value}")
+    return str(info.value)
+
+
+def test_data_file_that_does_not_exist(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.data.source = str(tmp_path / "nowhere.jsonl")
+    fails("data file missing", cfg, FileNotFoundError, "does not exist")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = tiny_config(tmp_path / "run")
+    cfg.data.source = str(tmp_path / "empty.jsonl")
+    fails("empty dataset", cfg, ValueError, "no documents in")
+
+
+def test_text_field_missing(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
+    cfg = tiny_config(tmp_path / "run")
+    cfg.data.source, cfg.data.text_field = str(tmp_path / "a.jsonl"), "text"
+    fails("text field missing", cfg, ValueError, r"its fields are \['body'\]")
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    good = "a readable line of text about packing documents into rows\n" * 40
+    (tmp_path / "a.txt").write_bytes(good.encode() + b"bad \xff\xfe bytes \xc3\x28 here\n" + good.encode())
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    cfg.data.source, cfg.data.validation_fraction, cfg.trainer.val_every = str(tmp_path / "a.txt"), 0.0, 0
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result.status == "completed" and result.steps == 2
+    assert trainer.train_loader.stats["replaced_chars"] >= 3
+
+
+def test_tokenizer_without_eos(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.data.tokenizer = str(default_tokenizer_file())  # a bare tokenizer.json names no EOS
+    fails("tokenizer without EOS", cfg, ValueError, "has no EOS token")
+
+
+def test_eos_id_outside_the_vocabulary(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.data.eos_id = 10**6
+    fails("eos_id outside the vocabulary", cfg, ValueError, "outside the vocabulary")
+
+
+@pytest.fixture
+def tiny_hf_checkpoint(tmp_path):
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+
+    model = LlamaForCausalLM(get_preset("tiny", vocab_size=8192, eos_token_id=0))
+    model.init_weights(0)
+    return model.save_pretrained(tmp_path / "ckpt")
+
+
+def _finetune_config(tmp_path, path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.pretrained_path = str(path)
+    return cfg
+
+
+def test_checkpoint_with_a_missing_tensor(tmp_path, tiny_hf_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    file = tiny_hf_checkpoint / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, file, metadata={"format": "pt"})
+    fails(
+        "checkpoint: missing tensor",
+        _finetune_config(tmp_path, tiny_hf_checkpoint),
+        ValueError,
+        "model.layers.1.mlp.up_proj.weight",
+    )
+
+
+def test_checkpoint_with_an_extra_and_a_misshaped_tensor(tmp_path, tiny_hf_checkpoint):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = tiny_hf_checkpoint / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    tensors["model.extra.weight"] = torch.zeros(2)
+    save_file(tensors, file, metadata={"format": "pt"})
+    message = fails(
+        "checkpoint: extra and mis-shaped tensors",
+        _finetune_config(tmp_path, tiny_hf_checkpoint),
+        ValueError,
+        "model.extra.weight",
+    )
+    assert "q_proj" in message
+
+
+def test_checkpoint_of_another_architecture(tmp_path, tiny_hf_checkpoint):
+    config = json.loads((tiny_hf_checkpoint / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (tiny_hf_checkpoint / "config.json").write_text(json.dumps(config))
+    fails("checkpoint of another architecture", _finetune_config(tmp_path, tiny_hf_checkpoint), ValueError, "gpt2")
+
+
+def test_finetune_directory_without_a_checkpoint(tmp_path):
+    fails(
+        "no checkpoint in model.pretrained_path",
+        _finetune_config(tmp_path, tmp_path / "none"),
+        ValueError,
+        "convert_smollm2.py",
+    )
+
+
+def test_unknown_model_override_lists_the_fields(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.overrides = {"num_layers": 2}
+    fails("unknown model field", cfg, ValueError, "unknown field.*num_layers.*num_hidden_layers")
