@@ -151,7 +151,7 @@ class Trainer:
         self.eos_id = self.train_loader.eos_id
         self.tokenizer = self.train_loader.tokenizer
         self._train_iter = iter(self.train_loader)
-        if self.cfg.trainer.val_every > 0 and self.cfg.data.validation_fraction > 0:
+        if self.cfg.trainer.val_batches > 0 and self.cfg.data.validation_fraction > 0:
             try:
                 val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
             except ValueError as err:  # e.g. a held-out split too small for one batch: train without it
