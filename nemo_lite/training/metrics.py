@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from nemo_lite.components.attention import AttentionMask
+from nemo_lite.components.attention.masks import segment_starts
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment; the H200 shares the H100's compute.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -48,15 +49,8 @@ def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
     For every query the visible keys are a contiguous run ending at the query: from the start of its
     segment (document and fixed block) or of the window, whichever is later.
     """
-    batch, seq_len = mask.batch_size, mask.seq_len
-    pos_S = torch.arange(seq_len, device=mask.device)
-    starts_BS = (pos_S == 0).expand(batch, seq_len)
-    if mask.doc_ids is not None:
-        new_doc = torch.zeros_like(starts_BS)
-        new_doc[:, 1:] = mask.doc_ids[:, 1:] != mask.doc_ids[:, :-1]
-        starts_BS = starts_BS | new_doc
-    if mask.fixed_block_size:
-        starts_BS = starts_BS | (pos_S % mask.fixed_block_size == 0)
+    pos_S = torch.arange(mask.seq_len, device=mask.device)
+    starts_BS = segment_starts(mask)
     seg_start_BS = torch.cummax(torch.where(starts_BS, pos_S, torch.zeros_like(pos_S)), dim=1).values
     visible_BS = pos_S - seg_start_BS + 1
     if sliding_window > 0:

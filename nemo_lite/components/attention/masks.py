@@ -107,3 +107,19 @@ class AttentionMask:
 
     def key(self, sliding_window: int) -> FLEX_ATTN_MASK_T:
         return mask_key(self.attn_mask_type, self.fixed_block_size, sliding_window)
+
+
+def segment_starts(mask: AttentionMask) -> torch.Tensor:
+    """Boolean ``[B, S]``: True where a new causal segment starts (a row, a document, a fixed block).
+
+    Within a segment every query sees every earlier key (before any sliding window)."""
+    batch, seq_len = mask.batch_size, mask.seq_len
+    pos = torch.arange(seq_len, device=mask.device)
+    starts = (pos == 0).expand(batch, seq_len)
+    if mask.doc_ids is not None:
+        new_doc = torch.zeros_like(starts)
+        new_doc[:, 1:] = mask.doc_ids[:, 1:] != mask.doc_ids[:, :-1]
+        starts = starts | new_doc
+    if mask.fixed_block_size:
+        starts = starts | (pos % mask.fixed_block_size == 0)
+    return starts

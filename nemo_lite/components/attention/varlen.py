@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_lite.components.attention.base import AttentionBackend, attention_math, check_qkv, warn_once
-from nemo_lite.components.attention.masks import AttentionMask
+from nemo_lite.components.attention.masks import AttentionMask, segment_starts
 from nemo_lite.components.attention.registry import (
     get_attention_backend,
     list_attention_backends,
@@ -47,20 +47,6 @@ class VarlenMask:
     max_seqlen: int
     segment_ids: torch.Tensor  # [B, S] int32: segment of every token (for the dense fallback)
     sliding_window: int
-
-
-def segment_starts(mask: AttentionMask) -> torch.Tensor:
-    """Boolean ``[B, S]``: True where a new causal segment starts."""
-    batch, seq_len = mask.batch_size, mask.seq_len
-    pos = torch.arange(seq_len, device=mask.device)
-    starts = (pos == 0).expand(batch, seq_len)
-    if mask.doc_ids is not None:
-        new_doc = torch.zeros_like(starts)
-        new_doc[:, 1:] = mask.doc_ids[:, 1:] != mask.doc_ids[:, :-1]
-        starts = starts | new_doc
-    if mask.fixed_block_size:
-        starts = starts | (pos % mask.fixed_block_size == 0)
-    return starts
 
 
 def build_cu_seqlens(mask: AttentionMask) -> tuple[torch.Tensor, int, torch.Tensor]:
