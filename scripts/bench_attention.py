@@ -95,6 +95,8 @@ def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
     for name in backends:
         if name == "sdpa-causal":
             backend = get_attention_backend("sdpa")(attn_mask_type="causal")
+        elif name == "varlen-nosync":
+            backend = get_attention_backend("varlen")(attn_mask_type="block_causal", host_sync=False)
         else:
             backend = get_attention_backend(name)(attn_mask_type="block_causal")
         mask = backend.build_mask(ids, EOS)
@@ -137,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--backends", default="flex,varlen,sdpa,sdpa-causal,eager")
+    parser.add_argument("--backends", default="flex,varlen,varlen-nosync,sdpa,sdpa-causal,eager")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")

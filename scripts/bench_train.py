@@ -40,7 +40,15 @@ def attention_pairs(position_ids: torch.Tensor) -> int:
 
 
 def run_nemo(
-    name: str, steps: int, *, backend: str, compile: bool, chunk: int, ac: bool, profile: bool = False
+    name: str,
+    steps: int,
+    *,
+    backend: str,
+    compile: bool,
+    chunk: int,
+    ac: bool,
+    profile: bool = False,
+    host_sync: bool = True,
 ) -> dict:
     import torch._dynamo
 
@@ -60,6 +68,8 @@ def run_nemo(
     cfg.optim.warmup_steps = 5
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
+    if not host_sync:  # varlen's sync-free segments (a backend option the recipes do not expose)
+        trainer.raw_model.attention_backend.host_sync = False
     torch.cuda.reset_peak_memory_stats()
     records = []
     graphs_after_2 = None
@@ -170,6 +180,7 @@ CONFIGS = {
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
     "varlen-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False)),
+    "varlen-nosync-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False, host_sync=False)),
     "sdpa-compile": ("nemo", dict(backend="sdpa", compile=True, chunk=0, ac=False)),
     "sdpa": ("nemo", dict(backend="sdpa", compile=False, chunk=0, ac=False)),
     "hf-sdpa": ("hf", dict(attn_implementation="sdpa", compile=False)),

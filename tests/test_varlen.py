@@ -60,3 +60,26 @@ def test_cpu_fallback_matches_reference_with_window():
     out = backend(q, k, v, sliding_window=2, enable_gqa=True, attention_mask=backend.build_mask(ids, EOS))
     ref = reference_attention(q, k, v, reference_allowed(ids, EOS, "block_causal", 5, 2))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixed", [None, 3])
+def test_sync_free_segments_are_the_same_segments(fixed):
+    ids = torch.tensor([[0, 5, 5, 0, 0, 7, 7, 7], [5, 5, 5, 5, 5, 5, 5, 0]])
+    backend = get_attention_backend("varlen")(attn_mask_type="block_causal", fixed_block_size=fixed)
+    mask = backend.build_mask(ids, EOS)
+    exact, exact_max, seg = build_cu_seqlens(mask, host_sync=True)
+    padded, bound, seg_padded = build_cu_seqlens(mask, host_sync=False)
+    assert padded.shape == (ids.numel() + 1,) and padded.dtype == torch.int32
+    n = exact.numel()
+    assert torch.equal(padded[:n], exact)  # the real boundaries first
+    assert (padded[n:] == ids.numel()).all()  # then empty segments at the end
+    assert bound >= exact_max and torch.equal(seg, seg_padded)
+
+
+def test_sync_free_backend_matches_reference_on_cpu():
+    ids = torch.tensor([[5, 5, 5, 0, 5, 5, 5, 5, 5, 0, 5, 5]])
+    backend = get_attention_backend("varlen")(attn_mask_type="block_causal", host_sync=False)
+    q = torch.randn(1, 2, 12, 8)
+    out = backend(q, q, q, attention_mask=backend.build_mask(ids, EOS))
+    ref = reference_attention(q, q, q, reference_allowed(ids, EOS, "block_causal"))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ every document start (the token after an EOS) and, with ``fixed_block_size n``, 
 ``cu_seqlens`` and the longest segment, built once per step on the ids' device.
 
 Building costs one host sync per step (not per layer): the number of segments and the longest one
-are data-dependent and the kernel takes them as host integers.
+are data-dependent and the kernel takes them as host integers. ``VarlenAttention(host_sync=False)``
+avoids it with a fixed-length ``cu_seqlens`` padded with empty segments.
 
 ``varlen_attn``'s signature moved between releases: torch 2.10 had ``is_causal``; 2.11 added
 ``window_size``; 2.12 added ``enable_gqa``. We use ``window_size`` (so torch >= 2.11 on GPU) and
@@ -49,15 +50,26 @@ class VarlenMask:
     sliding_window: int
 
 
-def build_cu_seqlens(mask: AttentionMask) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """``cu_seqlens`` (int32), the longest segment (host int) and per-token segment ids."""
+def build_cu_seqlens(mask: AttentionMask, host_sync: bool = True) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """``cu_seqlens`` (int32), the longest segment (host int) and per-token segment ids.
+
+    ``host_sync=True``: exactly the segments, and the true longest one (one device-to-host sync).
+    ``host_sync=False``: no sync; ``cu_seqlens`` has a fixed length ``B*S + 1`` (the unused tail repeats
+    ``B*S``: empty segments) and the longest segment is bounded by the row length (or the fixed block).
+    """
     starts_BS = segment_starts(mask)
     flat = starts_BS.reshape(-1)
     total = flat.numel()
-    start_idx = torch.nonzero(flat).flatten().to(torch.int32)  # the step's one host sync
-    cu_seqlens = torch.cat([start_idx, start_idx.new_tensor([total])])
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
     segment_ids = (torch.cumsum(flat.to(torch.int32), 0, dtype=torch.int32) - 1).view_as(starts_BS)
+    if host_sync:
+        start_idx = torch.nonzero(flat).flatten().to(torch.int32)  # the step's one host sync
+        cu_seqlens = torch.cat([start_idx, start_idx.new_tensor([total])])
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        return cu_seqlens, max_seqlen, segment_ids
+    position = torch.arange(total, device=flat.device, dtype=torch.int32)
+    start_or_end = torch.where(flat, position, torch.full_like(position, total))
+    cu_seqlens = torch.cat([torch.sort(start_or_end).values, position.new_tensor([total])])
+    max_seqlen = min(mask.seq_len, mask.fixed_block_size or mask.seq_len)
     return cu_seqlens, max_seqlen, segment_ids
 
 
@@ -76,13 +88,23 @@ def _kernel_usable(q: torch.Tensor) -> str | None:
 
 @register_attention_backend("varlen")
 class VarlenAttention(AttentionBackend):
+    """``host_sync=False`` builds the step's segments without a device-to-host sync (fixed-length
+    ``cu_seqlens`` padded with empty segments, longest segment bounded by the row); docs/benchmarks.md
+    compares the two."""
+
     supports_sinks = False
+
+    def __init__(
+        self, attn_mask_type: str = "causal", fixed_block_size: int | None = None, *, host_sync: bool = True
+    ) -> None:
+        super().__init__(attn_mask_type, fixed_block_size)
+        self.host_sync = host_sync
 
     def _build_one(self, mask: AttentionMask, sliding_window: int) -> VarlenMask:
         # Segments do not depend on the window: build them once per step and share them across keys.
         shared = next((m for m in mask.masks.values() if isinstance(m, VarlenMask)), None)
         if shared is None:
-            cu_seqlens, max_seqlen, segment_ids = build_cu_seqlens(mask)
+            cu_seqlens, max_seqlen, segment_ids = build_cu_seqlens(mask, self.host_sync)
         else:
             cu_seqlens, max_seqlen, segment_ids = shared.cu_seqlens, shared.max_seqlen, shared.segment_ids
         return VarlenMask(cu_seqlens, max_seqlen, segment_ids, sliding_window)
