@@ -89,6 +89,8 @@ def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
             torch.cuda.empty_cache()
+        except Exception as err:  # record it and go on with the other backends
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
 
@@ -99,7 +101,11 @@ def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
             backend = get_attention_backend("varlen")(attn_mask_type="block_causal", host_sync=False)
         else:
             backend = get_attention_backend(name)(attn_mask_type="block_causal")
-        mask = backend.build_mask(ids, EOS)
+        try:
+            mask = backend.build_mask(ids, EOS)
+        except Exception as err:
+            rows.append({"shape": f"{batch}x{seq_len}", "backend": name, "error": f"{type(err).__name__}: {err}"})
+            continue
         run(
             name,
             lambda a, b, c, backend=backend, mask=mask: backend(a, b, c, enable_gqa=True, attention_mask=mask),

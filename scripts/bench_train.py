@@ -211,6 +211,8 @@ def main() -> None:
                 row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:
             row = {"config": name, "error": "OOM"}
+        except Exception as err:  # record it and go on with the other configs
+            row = {"config": name, "error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(json.dumps(row), file=sys.stderr, flush=True)
         results.append(row)
         gc.collect()

@@ -1,6 +1,6 @@
 """Draw each mask rule on one packed row: docs/img/attention_masks.png.
 
-    python scripts/plot_masks.py
+python scripts/plot_masks.py
 """
 
 from __future__ import annotations
