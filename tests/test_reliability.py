@@ -129,3 +129,34 @@ def test_flex_on_gpu_refuses_a_sequence_length_it_cannot_keep_static():
     validate_for_device(cfg, "cpu")  # the dense CPU path takes any length
     cfg.attention.backend = "sdpa"
     validate_for_device(cfg, "cuda")
+
+
+class _NotData:
+    """Stands for anything a pickle could smuggle in."""
+
+
+def test_training_state_is_loaded_without_unpickling_objects(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=1)
+    torch.save({"step": 1, "payload": _NotData()}, path / ckpt.STATE_FILE)  # a tampered state file
+    with pytest.raises(Exception, match="weights_only"):
+        ckpt.load_checkpoint(path, torch.nn.Linear(2, 2))
+
+
+def test_logger_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = tiny_config(tmp_path, "sdpa", steps=2)
+    cfg.logger.name = "wandb"
+    with pytest.raises(ImportError, match=r"pip install 'nemo_lite\[wandb\]'.*logger=jsonl"):
+        Trainer(cfg).fit()
+    cfg.logger.name = "jsonl"  # everything but that logger works
+    assert Trainer(cfg).fit().status == "completed"
