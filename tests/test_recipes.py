@@ -66,17 +66,18 @@ def test_run_directory_has_config_metrics_and_a_loadable_export(curves):
     assert (result.hf_dir / "tokenizer.json").is_file() or (result.hf_dir / "tokenizer_config.json").is_file()
 
 
-def test_interrupt_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_interrupt_and_resume_is_exact(tmp_path, signum):
     straight = Trainer(tiny_config(tmp_path / "straight", "sdpa", steps=12)).fit()
 
     interrupted_cfg = tiny_config(tmp_path / "interrupted", "sdpa", steps=12)
     trainer = Trainer(interrupted_cfg)
 
-    def sigterm_at_6(tr, metrics):
+    def signal_at_6(tr, metrics):
         if tr.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler asks for a save and a stop
+            os.kill(os.getpid(), signum)  # a real signal: the handler asks for a save and a stop
 
-    trainer.hooks["after_step"] = sigterm_at_6
+    trainer.hooks["after_step"] = signal_at_6
     first = trainer.fit()
     assert first.status == "interrupted" and first.steps == 6
     assert first.last_checkpoint.name == "step_000006"
