@@ -49,7 +49,6 @@ def run_nemo(
     ac: bool,
     profile: bool = False,
     host_sync: bool = True,
-    compile_optimizer: bool = False,
 ) -> dict:
     import torch._dynamo
 
@@ -64,7 +63,6 @@ def run_nemo(
     cfg.data.seq_len, cfg.data.batch_size = 4096, 2
     t = cfg.trainer
     t.max_steps, t.compile, t.loss_chunk_size, t.activation_checkpointing = steps, compile, chunk, ac
-    t.compile_optimizer = compile_optimizer
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
@@ -180,7 +178,6 @@ CONFIGS = {
     # name: (kind, kwargs)
     "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
-    "flex-compile-opt": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, compile_optimizer=True)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
     "varlen-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False)),
     "varlen-nosync-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False, host_sync=False)),

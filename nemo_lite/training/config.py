@@ -95,9 +95,6 @@ class TrainerSection:
     # torch.compile each decoder block.
     compile: bool = False
     activation_checkpointing: bool = False
-    # GPU, one process: gradient clipping and the AdamW update compiled together (capturable AdamW
-    # with a tensor lr), instead of a foreach clip followed by fused AdamW.
-    compile_optimizer: bool = False
     # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
     # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0
@@ -196,13 +193,8 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be in [0, 1)")
 
 
-def validate_for_device(cfg: RecipeConfig, device_type: str, world_size: int = 1) -> None:
+def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:
     """Checks that depend on where the run happens."""
-    if cfg.trainer.compile_optimizer and (device_type != "cuda" or world_size > 1):
-        raise ConfigError(
-            "trainer.compile_optimizer=true needs one process on a GPU (it is not supported on CPU or under "
-            "torchrun yet); set trainer.compile_optimizer=false"
-        )
     if device_type == "cuda" and cfg.attention.backend == "flex" and cfg.data.seq_len % 128:
         up = 128 * -(-cfg.data.seq_len // 128)
         raise ConfigError(

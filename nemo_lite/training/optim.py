@@ -10,12 +10,8 @@ from torch import nn
 from nemo_lite.training.config import OptimSection
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection, *, for_compile: bool = False) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms, biases and other vectors are not decayed.
-
-    ``for_compile``: a foreach, capturable AdamW whose lr is a device tensor, so that a compiled step
-    is not recompiled when the schedule changes the lr (the scheduler updates it in place).
-    """
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -23,12 +19,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection, *, for_compile: bool = 
     on_cuda = any(p.is_cuda for p in decay + no_decay)
     fused = on_cuda if cfg.fused == "auto" else cfg.fused == "true"
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.beta1, cfg.beta2)
-    if for_compile:
-        device = next(model.parameters()).device
-        lr = torch.tensor(cfg.lr, device=device)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps, foreach=True, capturable=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

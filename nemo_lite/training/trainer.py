@@ -95,7 +95,7 @@ class Trainer:
         self.device = resolve_device(self.cfg.trainer.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        validate_for_device(self.cfg, self.device.type, self.world_size)
+        validate_for_device(self.cfg, self.device.type)
         self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
         self._stop_signal: int | None = None
         self._stop_requested = False
@@ -114,8 +114,7 @@ class Trainer:
                 )
         self._build_data()
         self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim, for_compile=cfg.trainer.compile_optimizer)
-        self._compiled_step = torch.compile(self._clip_and_step) if cfg.trainer.compile_optimizer else None
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.step = 0
         self.nonfinite_total = 0
@@ -323,11 +322,7 @@ class Trainer:
             (loss * (loss_scale / max(n_labels, 1))).backward()
             loss_sum += loss.detach()
         clip = self.cfg.trainer.clip_grad_norm
-        if self._compiled_step is not None:  # the norm now; the scaling is fused into the compiled step
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         stop = float(self._stop_signal is not None)
@@ -338,17 +333,14 @@ class Trainer:
         loss_value = loss_total / max(n_labels, 1)
         self._stop_requested = stop_any > 0
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
-        if finite and self._compiled_step is not None:
-            coef = (clip / (grad_norm + 1e-6)).clamp(max=1.0) if clip > 0 else torch.ones_like(grad_norm)
-            self._compiled_step(grads, coef)
-        elif finite:
+        if finite:
             self.optimizer.step()
             self._consecutive_nonfinite = 0
         else:
             self.nonfinite_total += 1
             self._consecutive_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
-        lr = float(self.scheduler.get_last_lr()[0])
+        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         if on_cuda:
             mask_seconds = sum(s.elapsed_time(e) for s, e in mask_events) / 1000.0
@@ -371,11 +363,6 @@ class Trainer:
         else:
             metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics
-
-    def _clip_and_step(self, grads: list[torch.Tensor], coef: torch.Tensor) -> None:
-        """Scale the gradients by the clip coefficient and take the AdamW step (compiled as one)."""
-        torch._foreach_mul_(grads, coef)
-        self.optimizer.step()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
