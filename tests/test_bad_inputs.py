@@ -135,3 +135,16 @@ def test_unknown_model_override_lists_the_fields(tmp_path):
     cfg = tiny_config(tmp_path / "run")
     cfg.model.overrides = {"num_layers": 2}
     fails("unknown model field", cfg, ValueError, "unknown field.*num_layers.*num_hidden_layers")
+
+
+def test_validation_split_smaller_than_one_batch_disables_validation_and_says_so(tmp_path, capsys):
+    """The default corpus on another Python has a smaller held-out split: a large batch must still train."""
+    docs = [{"text": f"document {i} about packing rows of tokens for training. " * 8} for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = tiny_config(tmp_path / "run", steps=2)
+    cfg.data.source, cfg.data.validation_fraction, cfg.data.batch_size = str(tmp_path / "a.jsonl"), 0.02, 8
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result.status == "completed" and result.steps == 2
+    assert trainer.val_batches == []
+    assert "validation disabled" in capsys.readouterr().err + capsys.readouterr().out

@@ -117,3 +117,12 @@ def test_chunked_head_loss_equals_the_plain_one_with_gradients():
     grads_ref = torch.autograd.grad(reference, (hidden, weight))
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("given", [False, "False", True, "True"])
+def test_optim_fused_given_as_a_bool_on_the_command_line_is_accepted(given):
+    """`optim.fused=false` reaches the string field as "False" through Hydra/OmegaConf."""
+    cfg = RecipeConfig()
+    cfg.optim.fused = given
+    validate(cfg)
+    assert cfg.optim.fused == str(given).lower()

@@ -166,6 +166,8 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
+    if isinstance(cfg.optim.fused, bool) or cfg.optim.fused in ("True", "False"):
+        cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
     _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])

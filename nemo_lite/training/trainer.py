@@ -154,15 +154,14 @@ class Trainer:
         if self.cfg.trainer.val_batches > 0 and self.cfg.data.validation_fraction > 0:
             try:
                 val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
-            except ValueError as err:  # e.g. a held-out split too small for one batch: train without it
-                self._log(f"validation disabled: {err}")
-                return
-            val_iter = iter(val_loader)
-            for _ in range(self.cfg.trainer.val_batches):
-                try:
+                val_iter = iter(val_loader)
+                for _ in range(self.cfg.trainer.val_batches):
                     self.val_batches.append(next(val_iter))
-                except StopIteration:
-                    break
+            except StopIteration:
+                pass
+            except ValueError as err:  # a held-out split too small for one batch: train without it, say so
+                self.val_batches = []
+                self._log(f"validation disabled: {err}")
 
     def _build_model(self) -> None:
         cfg, att = self.cfg, self.cfg.attention
