@@ -31,9 +31,13 @@ def poison_steps(trainer: Trainer, steps) -> None:
     trainer._loss_sum = loss_sum
 
 
-def test_non_finite_steps_are_skipped_and_counted(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "sdpa", steps=8))
+@pytest.mark.parametrize("fused", ["true", "false"])  # clip inside fused AdamW, or a clip pass first
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, fused):
+    cfg = tiny_config(tmp_path, "sdpa", steps=8)
+    cfg.optim.fused = fused
+    trainer = Trainer(cfg)
     trainer.setup()
+    assert trainer._device_step == (fused == "true")
     poison_steps(trainer, NAN_STEPS)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     snapshots = {}
@@ -48,6 +52,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     for key in before:  # the poisoned steps changed no weight, and no weight is NaN at the end
         assert torch.equal(snapshots[2][key], snapshots[4][key])
         assert torch.isfinite(snapshots[8][key]).all()
+    steps_taken = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps_taken == {8 - len(NAN_STEPS)}  # skipped steps do not advance AdamW's bias correction
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact(tmp_path):

@@ -14,7 +14,7 @@ from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, DataSection, RecipeConfig, validate
 from nemo_lite.training.launch import check_overrides
 from nemo_lite.training.metrics import allowed_pairs
-from nemo_lite.training.optim import lr_factor
+from nemo_lite.training.optim import clipped_step, lr_factor
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -117,6 +117,45 @@ def test_chunked_head_loss_equals_the_plain_one_with_gradients():
     grads_ref = torch.autograd.grad(reference, (hidden, weight))
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _two_adamw_steps(step_fn, grads, fused: bool):
+    param = torch.nn.Parameter(torch.zeros(grads[0].shape, dtype=torch.float64))
+    opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1, fused=fused or None)
+    for grad in grads:
+        param.grad = grad.clone()
+        step_fn(opt, param)
+    return param.detach()
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_fused_step_clips_like_clip_grad_norm(max_norm):
+    """Clipping inside the fused kernel matches clip_grad_norm_ + AdamW; a step with another norm
+    makes Adam's moments see the clip (a constant factor alone would cancel in m / sqrt(v))."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [scale * torch.randn(64, generator=gen, dtype=torch.float64) for scale in (10.0, 0.05)]
+
+    def reference(opt, param):
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], max_norm)
+        opt.step()
+
+    def on_device(opt, param):
+        norm = torch.linalg.vector_norm(param.grad)
+        clipped_step(opt, norm, max_norm)
+        assert not hasattr(opt, "grad_scale")  # a later plain step() is not scaled
+
+    expected = _two_adamw_steps(reference, grads, fused=False)
+    got = _two_adamw_steps(on_device, grads, fused=True)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)  # the kernel takes a float32 scale
+    unclipped = _two_adamw_steps(lambda opt, p: opt.step(), grads, fused=False)
+    assert (max_norm > 0) == (not torch.allclose(got, unclipped, rtol=1e-3, atol=1e-6))
+
+
+def test_clipped_step_refuses_an_unfused_optimizer():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False)
+    with pytest.raises(ValueError, match="fused AdamW"):
+        clipped_step(opt, torch.tensor(1.0), 1.0)
 
 
 @pytest.mark.parametrize("given", [False, "False", True, "True"])

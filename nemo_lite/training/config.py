@@ -95,6 +95,9 @@ class TrainerSection:
     # torch.compile each decoder block.
     compile: bool = False
     activation_checkpointing: bool = False
+    # Several GPUs (FSDP2): free each block's gathered parameters after its forward and gather them again
+    # for backward (less memory), or keep them until backward (one all-gather fewer per block).
+    reshard_after_forward: bool = True
     # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
     # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0

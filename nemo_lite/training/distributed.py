@@ -50,14 +50,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, *, bf16: bool) -> None:
-    """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, norm, head)."""
+def shard_model(model: torch.nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> None:
+    """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, norm, head).
+
+    ``reshard_after_forward=False`` keeps each block's gathered bf16 parameters from its forward to its
+    backward: one all-gather fewer per block and step, for the memory of the unsharded blocks.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for block in model.layers:
-        fully_shard(block, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
     # trainer's head loss reads the full output weight after forward_hidden returns.
     fully_shard(model, **kwargs)

@@ -22,6 +22,30 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
+def steps_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused AdamW can clip inside its kernel (``grad_scale``)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float) -> None:
+    """One fused AdamW step with the gradients clipped inside the update kernel.
+
+    The kernel divides each gradient by ``max(1, (grad_norm + 1e-6) / max_norm)`` (torch's
+    ``clip_grad_norm_`` factor, as a float32 device tensor), so clipping costs no extra pass over the
+    gradients and no host sync. ``max_norm <= 0`` turns clipping off.
+    """
+    if not steps_on_device(optimizer):
+        raise ValueError("clipped_step needs fused AdamW (optim.fused=true, or auto on a GPU)")
+    if max_norm <= 0:
+        optimizer.step()
+        return
+    optimizer.grad_scale = torch.clamp((grad_norm.detach().float() + 1e-6) / max_norm, min=1.0)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+
+
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the peak lr at `step` (0-based): linear warmup, then cosine to `min_lr_ratio`."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -33,7 +33,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
-from nemo_lite.training.optim import build_optimizer, build_scheduler
+from nemo_lite.training.optim import build_optimizer, build_scheduler, clipped_step, steps_on_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,6 +116,7 @@ class Trainer:
         self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self._device_step = steps_on_device(self.optimizer)
         self.step = 0
         self.nonfinite_total = 0
         if resume_from is not None:
@@ -196,7 +197,7 @@ class Trainer:
                 block.compile()
         if self.dist.enabled:
             bf16 = self.device.type == "cuda" and cfg.trainer.autocast_dtype == "bfloat16"
-            distributed.shard_model(model, bf16=bf16)
+            distributed.shard_model(model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = 6 * matmul_params(model)
@@ -292,10 +293,12 @@ class Trainer:
         """One optimizer step over ``micro_batches``. Returns the step's metrics (host values)."""
         t0 = time.perf_counter()
         n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # CPU tensors: no sync
-        loss_scale = 1.0
+        loss_scale = 1.0 / max(n_labels, 1)
         if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
-            n_labels = int(distributed.all_reduce_sum([n_labels], self.device)[0])
-            loss_scale = float(self.world_size)
+            # The global label count stays on the device: no host sync before backward.
+            global_labels = torch.tensor(float(n_labels), device=self.device, dtype=torch.float64)
+            torch.distributed.all_reduce(global_labels)
+            loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
         on_cuda = self.device.type == "cuda"
         loss_sum = torch.zeros((), device=self.device)
         attn_flops = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -318,22 +321,29 @@ class Trainer:
                 mask, layers=cfg.num_hidden_layers, q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim
             )
             loss = self._loss_sum(batch, mask)
-            (loss * (loss_scale / max(n_labels, 1))).backward()
+            (loss * loss_scale).backward()
             loss_sum += loss.detach()
         clip = self.cfg.trainer.clip_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        stop = float(self._stop_signal is not None)
-        totals = torch.stack([loss_sum, attn_flops.float(), torch.tensor(stop, device=self.device)])
+        local_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        grad_norm = local_norm.full_tensor() if hasattr(local_norm, "full_tensor") else local_norm  # DTensor: FSDP2
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        totals = torch.stack([loss_sum, attn_flops.float(), stop])
         if self.dist.enabled:  # global loss and FLOPs; a signal on any rank stops every rank
             torch.distributed.all_reduce(totals)
-        loss_total, attn_value, stop_any, grad_value = [*totals.tolist(), float(grad_norm)]  # the one host sync
-        loss_value = loss_total / max(n_labels, 1)
+        host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
+        loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
+        loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
         self._stop_requested = stop_any > 0
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
-        if finite:
+        # The sync sits before the update on purpose: the update is then queued while the host goes on to
+        # the next step's batch and mask, so the GPU does not wait for them.
+        if finite and self._device_step:
+            clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
+        elif finite:
+            if clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, local_norm)
             self.optimizer.step()
+        if finite:
             self._consecutive_nonfinite = 0
         else:
             self.nonfinite_total += 1
