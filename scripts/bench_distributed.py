@@ -23,14 +23,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str) -> list[dict]:
+def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bool = True) -> list[dict]:
     args = [
         "model=llama-3.2-1b",
         "attention=flex",
         "data.seq_len=4096",
         f"data.batch_size={batch}",
         f"trainer.max_steps={steps}",
-        f"trainer.save_every={steps // 2}",
+        f"trainer.save_every={steps // 2 if save else 0}",
         "trainer.keep_last=2",
         "trainer.val_every=0",
         "trainer.compile=true",
@@ -55,17 +55,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--root", default="/tmp/bench_distributed")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--reshard-after-forward", choices=["true", "false"], default="true")
+    parser.add_argument(
+        "--compare-reshard", action="store_true", help="one more N-rank run with the other reshard setting"
+    )
     args = parser.parse_args()
     root = Path(args.root)
     n, b, steps = args.gpus, args.batch, args.steps
+    reshard = f"trainer.reshard_after_forward={args.reshard_after_forward}"
 
     one = run(1, root / "one", n * b, steps)
     shutil.rmtree(root / "one" / "checkpoints")  # 15 GB a checkpoint at this size: keep the disk free
     print(f"1 GPU x {n * b} rows: {[round(r['loss'], 4) for r in one]}", flush=True)
-    many = run(n, root / "many", b, steps)
+    many = run(n, root / "many", b, steps, reshard)
     print(f"{n} GPUs x {b} rows: {[round(r['loss'], 4) for r in many]}", flush=True)
+    for label, records in (("1 GPU", one), (f"{n} GPUs", many)):
+        print(f"{label}: {statistics.median(r['tokens_per_s'] for r in records[5:]):.0f} tokens/s", flush=True)
     middle = root / "many" / "checkpoints" / f"step_{steps // 2:06d}"
-    resumed = run(n, root / "resumed", b, steps, f"trainer.resume={middle}")
+    resumed = run(n, root / "resumed", b, steps, reshard, f"trainer.resume={middle}")
+    shutil.rmtree(root / "many" / "checkpoints")
+    other = None
+    if args.compare_reshard:
+        flipped = "false" if args.reshard_after_forward == "true" else "true"
+        other = run(n, root / "other", b, 20, f"trainer.reshard_after_forward={flipped}", save=False)  # throughput only
 
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, many, strict=True)]
     resume_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)]
@@ -83,6 +95,8 @@ def main() -> None:
         "tokens_per_s_one_gpu": tps_one,
         "tokens_per_s_n_gpus": tps_many,
         "scaling": tps_many / tps_one,
+        "reshard_after_forward": args.reshard_after_forward,
+        "tokens_per_s_n_gpus_other_reshard": statistics.median(r["tokens_per_s"] for r in other[5:]) if other else None,
         "mfu_one": statistics.median(r["mfu"] for r in one[5:]),
         "mfu_n": statistics.median(r["mfu"] for r in many[5:]),
         "resume_max_abs_diff": max(resume_diffs),

@@ -20,8 +20,10 @@ import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
+import torch._dynamo
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 
@@ -49,9 +51,12 @@ def run_nemo(
     ac: bool,
     profile: bool = False,
     host_sync: bool = True,
+    device_step: bool = True,
+    tuned: bool = False,
 ) -> dict:
     import torch._dynamo
 
+    from nemo_lite.components.attention.flex_attention import FlexAttention
     from nemo_lite.training.config import RecipeConfig
     from nemo_lite.training.trainer import Trainer
 
@@ -66,8 +71,11 @@ def run_nemo(
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
+    FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
+    if not device_step:  # the clip pass + host check before a plain fused step (the trainer's unfused path)
+        trainer._device_step = False
     if not host_sync:  # varlen's sync-free segments (a backend option the recipes do not expose)
         trainer.raw_model.attention_backend.host_sync = False
     torch.cuda.reset_peak_memory_stats()
@@ -81,10 +89,10 @@ def run_nemo(
             graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     prof = None
-    if profile:  # steps 7-9 under the profiler
+    if profile:  # steps 7-9 under the profiler (left out of the medians below)
         prof = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-            schedule=torch.profiler.schedule(wait=5, warmup=1, active=3, repeat=1),
+            schedule=torch.profiler.schedule(wait=5, warmup=1, active=PROFILED_STEPS, repeat=1),
         )
         prof.start()
 
@@ -95,13 +103,15 @@ def run_nemo(
 
     trainer.hooks["after_step"] = after_step_and_profile
     trainer.fit()
+    kernel_summary = None
     if prof is not None:
         prof.stop()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40), file=sys.stderr)
+        kernel_summary = summarize_kernels(prof, PROFILED_STEPS)
+        print(json.dumps(kernel_summary, indent=1), file=sys.stderr)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         print(f"graph breaks: {sum(breaks.values())} {breaks}", file=sys.stderr)
     graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    steady = records[5:]
+    steady = records[5:] if prof is None else records[6 + PROFILED_STEPS :]
     result = {
         "config": name,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
@@ -115,8 +125,60 @@ def run_nemo(
         "params": trainer.n_params,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
+    if tuned:
+        result["flex_kernel_options"] = FLEX_KERNEL_OPTIONS
+    if kernel_summary is not None:
+        result["profile"] = kernel_summary
+    FlexAttention.kernel_options = None
     del trainer
     return result
+
+
+PROFILED_STEPS = 3
+FLEX_KERNEL_OPTIONS: dict = {}  # --flex-kernel-options: flex kernel options for the "-tuned" configs
+
+KERNEL_CLASSES = [  # (class, substrings of the kernel name), first match wins
+    ("comm (nccl)", ("nccl",)),
+    ("flex attention", ("flex_attention", "flex_decoding", "tem_fused_flex")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem_fused_mm", "_mm_")),
+    ("adamw", ("adam",)),
+    ("foreach / norms", ("foreach", "multi_tensor", "norm_kernel", "reduce_kernel")),
+    ("embedding", ("embedding", "index", "scatter", "sort", "radix")),
+    ("memset / copy", ("memset", "memcpy", "copy", "fill")),
+    ("compiled elementwise (triton)", ("triton_",)),
+    ("eager elementwise", ("elementwise", "vectorized")),
+]
+
+
+def summarize_kernels(prof, steps: int) -> dict:
+    """GPU kernel time per class per step, and how much of the step the GPU was busy (from the trace)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    per_class: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    for e in kernels:
+        name = e["name"]
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
+        per_class[cls] = per_class.get(cls, 0.0) + e["dur"] / 1000 / steps
+        per_name[name[:90]] = per_name.get(name[:90], 0.0) + e["dur"] / 1000 / steps
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:  # union of kernel intervals (streams overlap)
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+        "gpu_busy_ms_per_step": round(busy / 1000 / steps, 2),
+        "trace_span_ms_per_step": round(wall / 1000 / steps, 2),
+        "top_kernels_ms_per_step": {k: round(v, 3) for k, v in top},
+    }
 
 
 def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) -> dict:
@@ -178,6 +240,8 @@ CONFIGS = {
     # name: (kind, kwargs)
     "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
+    "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
+    "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
     "varlen-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False)),
     "varlen-nosync-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False, host_sync=False)),
@@ -194,11 +258,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk,varlen-compile")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--profile", action="store_true", help="profile steps 7-9 of each nemo_lite config")
+    parser.add_argument("--profile", default="", help="comma-separated nemo_lite configs to profile (steps 7-9)")
+    parser.add_argument("--flex-kernel-options", default=None, help="JSON file of flex kernel options (-tuned configs)")
     args = parser.parse_args()
+    if args.flex_kernel_options:
+        FLEX_KERNEL_OPTIONS.update(json.loads(Path(args.flex_kernel_options).read_text()))
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # several models and kernel options in one process
     results = []
     for name in args.configs.split(","):
         if name not in CONFIGS:
@@ -206,7 +274,7 @@ def main() -> None:
         kind, kwargs = CONFIGS[name]
         try:
             if kind == "nemo":
-                row = run_nemo(name, args.steps, profile=args.profile, **kwargs)
+                row = run_nemo(name, args.steps, profile=name in args.profile.split(","), **kwargs)
             else:
                 row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:

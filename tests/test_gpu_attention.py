@@ -75,3 +75,28 @@ def test_bf16_matches_float32_reference(backend_name, mask_type, fixed, window, 
         assert rel(a.grad, b.grad) <= 1e-2, name
     if sinks:
         assert rel(sink16.grad, sink_ref.grad) <= 1e-2
+
+
+def test_flex_kernel_options_keep_the_result():
+    """Other Triton tiles for the flex kernels (a speed choice) compute the same attention."""
+    flex = get_attention_backend("flex")
+    batch, seq_len, h_q, h_kv, head_dim = 2, 1024, 8, 2, 64
+    ids = packed_ids(batch, seq_len, mean_doc=150)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(batch, h, seq_len, head_dim, device="cuda", generator=g) for h in (h_q, h_kv, h_kv))
+    grad_out = torch.randn_like(q)
+    tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64}
+    results = []
+    for options in (None, {**tiles, "bwd_BLOCK_N2": 64}):
+        flex.kernel_options = options
+        try:
+            backend = flex(attn_mask_type="block_causal")
+            mask = backend.build_mask(ids, EOS)
+            leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+            out = backend(*leaves, enable_gqa=True, attention_mask=mask)
+            out.backward(grad_out.bfloat16())
+            results.append([out, *(t.grad for t in leaves)])
+        finally:
+            flex.kernel_options = None
+    for a, b in zip(*results, strict=True):
+        assert rel(a, b) <= 1e-2

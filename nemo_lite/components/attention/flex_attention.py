@@ -58,6 +58,9 @@ class FlexAttention(AttentionBackend):
     # The current step's masks (seed API), replaced by every init_attention_mask call.
     block_masks: ClassVar[dict[FLEX_ATTN_MASK_T, BlockMask]] = {}
     _step_masks: ClassVar[dict[tuple[str, int | None], AttentionMask]] = {}
+    # Triton kernel options for every flex call in this process (block sizes, warps, stages; torch's
+    # ``kernel_options``); None keeps torch's defaults for the card. See docs/benchmarks.md for measurements.
+    kernel_options: ClassVar[dict | None] = None
     # Compiled once per process, on first use on a GPU.
     _compiled_flex: ClassVar[Callable | None] = None
     _compiled_create_block_mask: ClassVar[Callable | None] = None
@@ -209,15 +212,16 @@ def _block_causal_from_doc_ids(doc_ids_BS: torch.Tensor) -> _mask_mod_signature:
 
 
 def _flex(kernel, q, k, v, block_mask, scale, sink_weights, enable_gqa) -> torch.Tensor:
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa}
+    if FlexAttention.kernel_options and q.device.type == "cuda":
+        kwargs["kernel_options"] = dict(FlexAttention.kernel_options)
     if sink_weights is None:
-        return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+        return kernel(q, k, v, **kwargs)
     if AuxRequest is not None:
-        out, aux = kernel(
-            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
-        )
+        out, aux = kernel(q, k, v, **kwargs, return_aux=AuxRequest(lse=True))
         lse_BHS = aux.lse
     else:
-        out, lse_BHS = kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+        out, lse_BHS = kernel(q, k, v, **kwargs, return_lse=True)
     # softmax over [scores, w_h] = softmax(scores) * sigmoid(lse - w_h): the sink takes mass, adds no value
     gate_BHS1 = torch.sigmoid(lse_BHS.float() - sink_weights.float().view(1, -1, 1)).unsqueeze(-1)
     return (out.float() * gate_BHS1).to(q.dtype)
