@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument(
         "--compare-reshard", action="store_true", help="one more N-rank run with the other reshard setting"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="12-step runs of 1 and N ranks profiling steps 7-9 (kernel summary)"
+    )
     args = parser.parse_args()
     root = Path(args.root)
     n, b, steps = args.gpus, args.batch, args.steps
@@ -78,6 +81,15 @@ def main() -> None:
     if args.compare_reshard:
         flipped = "false" if args.reshard_after_forward == "true" else "true"
         other = run(n, root / "other", b, 20, f"trainer.reshard_after_forward={flipped}", save=False)  # throughput only
+
+    profiles = {}
+    if args.profile:  # separate short runs, so the profiler does not touch the throughput above
+        prof_args = ("trainer.profile_start=6", "trainer.profile_steps=3")
+        for label, nproc, rows, extra in (("one", 1, n * b, ()), ("n", n, b, (reshard,))):
+            run(nproc, root / f"profile_{label}", rows, 12, *extra, *prof_args, save=False)
+            profiles[label] = json.loads((root / f"profile_{label}" / "profile" / "summary.json").read_text())
+            shutil.rmtree(root / f"profile_{label}" / "checkpoints", ignore_errors=True)  # the final one, 15 GB
+            print(f"profile {label}: {json.dumps(profiles[label], indent=1)}", flush=True)
 
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, many, strict=True)]
     resume_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)]
@@ -100,6 +112,7 @@ def main() -> None:
         "mfu_one": statistics.median(r["mfu"] for r in one[5:]),
         "mfu_n": statistics.median(r["mfu"] for r in many[5:]),
         "resume_max_abs_diff": max(resume_diffs),
+        "profiles": profiles or None,
         "resume_steps_compared": len(resume_diffs),
         "losses_one": [r["loss"] for r in one],
         "losses_n": [r["loss"] for r in many],

@@ -71,6 +71,8 @@ def run_nemo(
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
+    if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
+        t.profile_start, t.profile_steps = 6, PROFILED_STEPS
     FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
@@ -88,30 +90,16 @@ def run_nemo(
         if tr.step == 2:
             graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    prof = None
-    if profile:  # steps 7-9 under the profiler (left out of the medians below)
-        prof = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-            schedule=torch.profiler.schedule(wait=5, warmup=1, active=PROFILED_STEPS, repeat=1),
-        )
-        prof.start()
-
-    def after_step_and_profile(tr, metrics):
-        after_step(tr, metrics)
-        if prof is not None:
-            prof.step()
-
-    trainer.hooks["after_step"] = after_step_and_profile
+    trainer.hooks["after_step"] = after_step
     trainer.fit()
     kernel_summary = None
-    if prof is not None:
-        prof.stop()
-        kernel_summary = summarize_kernels(prof, PROFILED_STEPS)
+    if profile:
+        kernel_summary = json.loads((Path(cfg.run_dir) / "profile" / "summary.json").read_text())
         print(json.dumps(kernel_summary, indent=1), file=sys.stderr)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         print(f"graph breaks: {sum(breaks.values())} {breaks}", file=sys.stderr)
     graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    steady = records[5:] if prof is None else records[6 + PROFILED_STEPS :]
+    steady = records[6 + PROFILED_STEPS :] if profile else records[5:]
     result = {
         "config": name,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
@@ -136,49 +124,6 @@ def run_nemo(
 
 PROFILED_STEPS = 3
 FLEX_KERNEL_OPTIONS: dict = {}  # --flex-kernel-options: flex kernel options for the "-tuned" configs
-
-KERNEL_CLASSES = [  # (class, substrings of the kernel name), first match wins
-    ("comm (nccl)", ("nccl",)),
-    ("flex attention", ("flex_attention", "flex_decoding", "tem_fused_flex")),
-    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem_fused_mm", "_mm_")),
-    ("adamw", ("adam",)),
-    ("foreach / norms", ("foreach", "multi_tensor", "norm_kernel", "reduce_kernel")),
-    ("embedding", ("embedding", "index", "scatter", "sort", "radix")),
-    ("memset / copy", ("memset", "memcpy", "copy", "fill")),
-    ("compiled elementwise (triton)", ("triton_",)),
-    ("eager elementwise", ("elementwise", "vectorized")),
-]
-
-
-def summarize_kernels(prof, steps: int) -> dict:
-    """GPU kernel time per class per step, and how much of the step the GPU was busy (from the trace)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        trace = json.loads(Path(f.name).read_text())
-    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
-    per_class: dict[str, float] = {}
-    per_name: dict[str, float] = {}
-    for e in kernels:
-        name = e["name"]
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in name.lower() for k in keys)), "other")
-        per_class[cls] = per_class.get(cls, 0.0) + e["dur"] / 1000 / steps
-        per_name[name[:90]] = per_name.get(name[:90], 0.0) + e["dur"] / 1000 / steps
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-    busy, end = 0.0, float("-inf")
-    for start, stop in spans:  # union of kernel intervals (streams overlap)
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
-    return {
-        "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
-        "gpu_busy_ms_per_step": round(busy / 1000 / steps, 2),
-        "trace_span_ms_per_step": round(wall / 1000 / steps, 2),
-        "top_kernels_ms_per_step": {k: round(v, 3) for k, v in top},
-    }
 
 
 def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) -> dict:

@@ -102,9 +102,17 @@ def test_clipping_inside_fused_adamw_under_fsdp2(tmp_path):
 
 
 def test_blocks_kept_unsharded_until_backward_give_the_same_losses(runs, tmp_path):
+    """Also profiles two steps: rank 0 alone writes the trace and summary."""
     kept = launch(
-        2, "data.batch_size=2", "trainer.reshard_after_forward=false", "trainer.save_every=0", f"run_dir={tmp_path}"
+        2,
+        "data.batch_size=2",
+        "trainer.reshard_after_forward=false",
+        "trainer.save_every=0",
+        "trainer.profile_steps=2",
+        "trainer.profile_start=1",
+        f"run_dir={tmp_path}",
     )
     assert kept.returncode == 0, kept.stderr[-2000:]
     one, two = losses(runs / "single"), losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["summary.json", "trace_rank0.json.gz"]

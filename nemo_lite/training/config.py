@@ -98,6 +98,10 @@ class TrainerSection:
     # Several GPUs (FSDP2): free each block's gathered parameters after its forward and gather them again
     # for backward (less memory), or keep them until backward (one all-gather fewer per block).
     reshard_after_forward: bool = True
+    # Profile this many steps (0 = off) after skipping profile_start steps; rank 0 writes a trace and a
+    # summary under run_dir/profile (docs/benchmarks.md). Profiled steps run slower.
+    profile_steps: int = 0
+    profile_start: int = 5
     # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
     # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0
@@ -190,6 +194,8 @@ def validate(cfg: RecipeConfig) -> None:
         ("optim.warmup_steps", cfg.optim.warmup_steps),
         ("trainer.save_every", cfg.trainer.save_every),
         ("trainer.val_every", cfg.trainer.val_every),
+        ("trainer.profile_steps", cfg.trainer.profile_steps),
+        ("trainer.profile_start", cfg.trainer.profile_start),
         ("trainer.clip_grad_norm", cfg.trainer.clip_grad_norm),
         ("trainer.loss_chunk_size", cfg.trainer.loss_chunk_size),
     ]:

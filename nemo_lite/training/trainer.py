@@ -440,6 +440,11 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
         self.model.train()
+        profiler = None
+        if cfg.profile_steps > 0 and self.is_main:
+            from nemo_lite.training.profiling import StepProfiler
+
+            profiler = StepProfiler(self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type)
         try:
             with self._signal_handlers():
                 while self.step < cfg.max_steps:
@@ -448,6 +453,8 @@ class Trainer:
                         self._log("the training data ran out")
                         break
                     metrics = self.train_step(micro_batches)
+                    if profiler is not None:
+                        profiler.step()
                     self.step += 1
                     losses.append(metrics["loss"])
                     if metrics["skipped_nonfinite"]:
@@ -480,6 +487,8 @@ class Trainer:
                 if status == "interrupted" or self.step > 0:
                     self.save()
         finally:
+            if profiler is not None:
+                profiler.close()
             if bar is not None:
                 bar.close()
             writer.close()

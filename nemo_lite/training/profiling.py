@@ -1,0 +1,125 @@
+"""A torch.profiler window over a few training steps: a Chrome trace and a summary of where the time went.
+
+``trainer.profile_steps=N`` (with ``trainer.profile_start``, the steps skipped first) records N steps on
+rank 0 and writes ``run_dir/profile/trace_rank0.json.gz`` (open it in Perfetto or chrome://tracing) and
+``run_dir/profile/summary.json``: GPU kernel time per step by class (matmuls, attention, optimizer,
+communication, ...), how much of the step the GPU was busy, and how much NCCL time no compute kernel
+overlapped. On CPU the summary lists the operators with the most time instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KERNEL_CLASSES = [  # (class, substrings of the lower-cased kernel name); the first match wins
+    ("communication (nccl)", ("nccl",)),
+    ("flex attention", ("flex_attention", "flex_decoding", "tem_fused_flex")),
+    ("flash / varlen attention", ("flash", "fmha")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem_fused_mm", "_mm_")),
+    ("adamw", ("adam",)),
+    ("foreach / reductions", ("foreach", "multi_tensor", "norm_kernel", "reduce_kernel")),
+    ("embedding / indexing", ("embedding", "index", "scatter", "radix", "sort")),
+    ("memset / memcpy", ("memset", "memcpy")),
+    ("compiled elementwise (triton)", ("triton_",)),
+    ("eager elementwise", ("elementwise", "vectorized")),
+]
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other")
+
+
+def _union_ms(spans: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of [start, stop) intervals given in microseconds."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1000
+
+
+def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[str, Any]:
+    """Per-step figures from a Chrome trace (``export_chrome_trace``) that covers ``steps`` steps."""
+    events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
+    kernels = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    if not kernels:  # CPU: the operators that took the most time
+        per_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "cpu_op":
+                per_op[e["name"]] = per_op.get(e["name"], 0.0) + e["dur"] / 1000 / steps
+        ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+        return {"steps": steps, "device": "cpu", "top_cpu_ops_ms_per_step": {k: round(v, 3) for k, v in ranked}}
+    per_class: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    comm, compute = [], []
+    for e in kernels:
+        cls = kernel_class(e["name"])
+        per_class[cls] = per_class.get(cls, 0.0) + e["dur"] / 1000 / steps
+        short = e["name"][:100]
+        per_name[short] = per_name.get(short, 0.0) + e["dur"] / 1000 / steps
+        (comm if cls == "communication (nccl)" else compute).append((e["ts"], e["ts"] + e["dur"]))
+    comm_ms, compute_ms = _union_ms(comm), _union_ms(compute)
+    busy_ms = _union_ms(comm + compute)
+    span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "steps": steps,
+        "device": "cuda",
+        "ms_per_step_by_class": {k: round(v, 2) for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+        "gpu_busy_ms_per_step": round(busy_ms / steps, 2),
+        "compute_busy_ms_per_step": round(compute_ms / steps, 2),
+        # NCCL time during which no other kernel ran: communication the step waited for.
+        "nccl_exposed_ms_per_step": round((busy_ms - compute_ms) / steps, 2),
+        "nccl_busy_ms_per_step": round(comm_ms / steps, 2),
+        "trace_span_ms_per_step": round(span / 1000 / steps, 2),
+        "top_kernels_ms_per_step": {k: round(v, 3) for k, v in ranked},
+    }
+
+
+class StepProfiler:
+    """Profiles steps ``start + 1 .. start + steps`` (1-based) of this process; call ``step()`` after each."""
+
+    def __init__(self, out_dir: Path, start: int, steps: int, device_type: str) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device_type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.out_dir, self.steps = Path(out_dir), steps
+        self.summary: dict[str, Any] | None = None
+        schedule = torch.profiler.schedule(wait=max(start - 1, 0), warmup=1 if start > 0 else 0, active=steps, repeat=1)
+        self._prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
+        self._prof.start()
+        self._open = True
+
+    def _write(self, prof) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        trace_path = self.out_dir / "trace_rank0.json.gz"
+        tmp = self.out_dir / ".trace_rank0.json.tmp"
+        prof.export_chrome_trace(str(tmp))
+        trace = json.loads(tmp.read_text())
+        with gzip.open(self.out_dir / ".trace_rank0.json.gz.tmp", "wt") as f:
+            json.dump(trace, f)
+        (self.out_dir / ".trace_rank0.json.gz.tmp").replace(trace_path)
+        tmp.unlink()
+        self.summary = summarize_trace(trace, self.steps)
+        summary_tmp = self.out_dir / ".summary.json.tmp"
+        summary_tmp.write_text(json.dumps(self.summary, indent=1))
+        summary_tmp.replace(self.out_dir / "summary.json")
+
+    def step(self) -> None:
+        if self._open:
+            self._prof.step()
+            if self.summary is not None:  # the window is written: stop profiling
+                self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._prof.stop()
