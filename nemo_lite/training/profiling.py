@@ -99,17 +99,14 @@ class StepProfiler:
         self._open = True
 
     def _write(self, prof) -> None:
+        """Trace and summary, each written under a temporary name and renamed into place."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        trace_path = self.out_dir / "trace_rank0.json.gz"
-        tmp = self.out_dir / ".trace_rank0.json.tmp"
-        prof.export_chrome_trace(str(tmp))
-        trace = json.loads(tmp.read_text())
-        with gzip.open(self.out_dir / ".trace_rank0.json.gz.tmp", "wt") as f:
-            json.dump(trace, f)
-        (self.out_dir / ".trace_rank0.json.gz.tmp").replace(trace_path)
-        tmp.unlink()
-        self.summary = summarize_trace(trace, self.steps)
-        summary_tmp = self.out_dir / ".summary.json.tmp"
+        tmp = self.out_dir / ".trace_rank0.tmp.json.gz"
+        prof.export_chrome_trace(str(tmp))  # gzipped by torch for a .gz name
+        with gzip.open(tmp, "rt") as f:
+            self.summary = summarize_trace(json.load(f), self.steps)
+        tmp.replace(self.out_dir / "trace_rank0.json.gz")
+        summary_tmp = self.out_dir / ".summary.tmp.json"
         summary_tmp.write_text(json.dumps(self.summary, indent=1))
         summary_tmp.replace(self.out_dir / "summary.json")
 

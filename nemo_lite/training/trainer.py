@@ -337,13 +337,13 @@ class Trainer:
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
         # The sync sits before the update on purpose: the update is then queued while the host goes on to
         # the next step's batch and mask, so the GPU does not wait for them.
-        if finite and self._device_step:
-            clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
-        elif finite:
-            if clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, local_norm)
-            self.optimizer.step()
         if finite:
+            if self._device_step:
+                clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
+            else:
+                if clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, local_norm)
+                self.optimizer.step()
             self._consecutive_nonfinite = 0
         else:
             self.nonfinite_total += 1
