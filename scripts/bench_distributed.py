@@ -1,10 +1,11 @@
 """FSDP2 on N GPUs of one host against one GPU with the same global batch, then an exact resume.
 
-    python scripts/bench_distributed.py --gpus 2 [--steps 50] [--out results.json]
+    python scripts/bench_distributed.py --gpus 2 --batch 4 [--steps 50] [--more-gpus 4] [--out results.json]
 
-Runs recipes/pretrain.py three times on the Llama-3.2-1B shape (default corpus, 4096 tokens a row,
-compiled blocks): 1 rank x (N*B) rows, N ranks x B rows, and N ranks resumed from the middle
-checkpoint of the second run. Prints the loss agreement, the throughput ratio and the resume check.
+Runs recipes/pretrain.py on the Llama-3.2-1B shape (default corpus, 4096 tokens a row, compiled
+blocks): 1 rank x (N*B) rows, N ranks x B rows, and N ranks resumed from the middle checkpoint of the
+second run; with --more-gpus M, M ranks x (N*B/M) rows too. Prints the loss agreement, the throughput
+ratios and the resume check. --profile-only takes a kernel profile of the 1-rank and N-rank runs.
 """
 
 from __future__ import annotations
@@ -21,24 +22,25 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+BASE_OVERRIDES: list[str] = []  # --model, --seq-len, --no-compile
+EXTRA_OVERRIDES: list[str] = []  # --set, for every run
 
 
 def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bool = True) -> list[dict]:
     args = [
-        "model=llama-3.2-1b",
+        *BASE_OVERRIDES,
         "attention=flex",
-        "data.seq_len=4096",
         f"data.batch_size={batch}",
         f"trainer.max_steps={steps}",
         f"trainer.save_every={steps // 2 if save else 0}",
         "trainer.keep_last=2",
         "trainer.val_every=0",
-        "trainer.compile=true",
         "trainer.export_hf=false",
         "trainer.sample_tokens=0",
         "trainer.progress_bar=false",
         "optim.lr=3e-4",
         f"run_dir={run_dir}",
+        *EXTRA_OVERRIDES,
         *extra,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "recipes/pretrain.py"]
@@ -48,9 +50,37 @@ def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bo
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def median_after_warmup(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records[5:] if r.get(key) is not None]  # MFU is None off GPU
+    return statistics.median(values) if values else None
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def profile_runs(root: Path, n: int, b: int, reshard: str) -> dict:
+    """12-step runs of 1 rank x (N*B) rows and N ranks x B rows, profiling steps 7-9 (kernel summary).
+
+    Separate from the timed runs so the profiler does not touch their throughput.
+    """
+    profiles = {}
+    prof_args = ("trainer.profile_start=6", "trainer.profile_steps=3")
+    for label, nproc, rows, extra in (("one", 1, n * b, ()), ("n", n, b, (reshard,))):
+        records = run(nproc, root / f"profile_{label}", rows, 12, *extra, *prof_args, save=False)
+        profiles[label] = json.loads((root / f"profile_{label}" / "profile" / "summary.json").read_text())
+        profiles[label]["tokens_per_s_unprofiled_steps"] = statistics.median(r["tokens_per_s"] for r in records[3:6])
+        shutil.rmtree(root / f"profile_{label}" / "checkpoints", ignore_errors=True)  # the final one, 15 GB
+        print(f"profile {label}: {json.dumps(profiles[label], indent=1)}", flush=True)
+    return profiles
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--model", default="llama-3.2-1b")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--no-compile", action="store_true", help="eager blocks (a CPU dry run of this script)")
     parser.add_argument("--batch", type=int, default=2, help="rows per rank in the N-rank run")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--root", default="/tmp/bench_distributed")
@@ -62,11 +92,44 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="12-step runs of 1 and N ranks profiling steps 7-9 (kernel summary)"
     )
+    parser.add_argument(
+        "--more-gpus",
+        default="",
+        help="comma-separated rank counts run after the main check with the same global batch (N*B rows), "
+        "compared with the same 1-GPU run: losses and throughput, no resume",
+    )
+    parser.add_argument("--profile-only", action="store_true", help="only the --profile runs, no comparison")
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for every run (key=value)")
     args = parser.parse_args()
     root = Path(args.root)
     n, b, steps = args.gpus, args.batch, args.steps
     reshard = f"trainer.reshard_after_forward={args.reshard_after_forward}"
+    EXTRA_OVERRIDES.extend(args.set)
+    BASE_OVERRIDES.extend(
+        [f"model={args.model}", f"data.seq_len={args.seq_len}", f"trainer.compile={not args.no_compile}".lower()]
+    )
+    if args.profile_only:
+        profiles = profile_runs(root, n, b, reshard)
+        if args.out:
+            Path(args.out).write_text(
+                json.dumps(
+                    {
+                        "card": card(),
+                        "gpus": n,
+                        "torch": torch.__version__,
+                        "date": date.today().isoformat(),
+                        "command": "python " + " ".join(sys.argv),
+                        "profiles": profiles,
+                    },
+                    indent=1,
+                )
+            )
+        return
 
+    more = [int(m) for m in args.more_gpus.split(",") if m]
+    for m in more:
+        if (n * b) % m:
+            parser.error(f"--more-gpus {m} does not divide the global batch of {n * b} rows")
     one = run(1, root / "one", n * b, steps)
     shutil.rmtree(root / "one" / "checkpoints")  # 15 GB a checkpoint at this size: keep the disk free
     print(f"1 GPU x {n * b} rows: {[round(r['loss'], 4) for r in one]}", flush=True)
@@ -82,21 +145,31 @@ def main() -> None:
         flipped = "false" if args.reshard_after_forward == "true" else "true"
         other = run(n, root / "other", b, 20, f"trainer.reshard_after_forward={flipped}", save=False)  # throughput only
 
-    profiles = {}
-    if args.profile:  # separate short runs, so the profiler does not touch the throughput above
-        prof_args = ("trainer.profile_start=6", "trainer.profile_steps=3")
-        for label, nproc, rows, extra in (("one", 1, n * b, ()), ("n", n, b, (reshard,))):
-            run(nproc, root / f"profile_{label}", rows, 12, *extra, *prof_args, save=False)
-            profiles[label] = json.loads((root / f"profile_{label}" / "profile" / "summary.json").read_text())
-            shutil.rmtree(root / f"profile_{label}" / "checkpoints", ignore_errors=True)  # the final one, 15 GB
-            print(f"profile {label}: {json.dumps(profiles[label], indent=1)}", flush=True)
+    scaling_more = {}
+    for m in more:
+        records = run(m, root / f"more_{m}", n * b // m, steps, reshard)
+        shutil.rmtree(root / f"more_{m}" / "checkpoints")
+        m_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, records, strict=True)]
+        tps = statistics.median(r["tokens_per_s"] for r in records[5:])
+        scaling_more[m] = {
+            "rows_per_rank": n * b // m,
+            "tokens_per_s": tps,
+            "scaling": tps / statistics.median(r["tokens_per_s"] for r in one[5:]),
+            "mfu": median_after_warmup(records, "mfu"),
+            "loss_max_abs_diff": max(m_diffs),
+            "loss_last5_mean_diff": statistics.mean(m_diffs[-5:]),
+            "losses": [r["loss"] for r in records],
+        }
+        print(f"{m} GPUs x {n * b // m} rows: {tps:.0f} tokens/s", flush=True)
+
+    profiles = profile_runs(root, n, b, reshard) if args.profile else {}
 
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, many, strict=True)]
     resume_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)]
     tps_one = statistics.median(r["tokens_per_s"] for r in one[5:])
     tps_many = statistics.median(r["tokens_per_s"] for r in many[5:])
     result = {
-        "card": torch.cuda.get_device_name(),
+        "card": card(),
         "gpus": n,
         "torch": torch.__version__,
         "date": date.today().isoformat(),
@@ -109,16 +182,21 @@ def main() -> None:
         "scaling": tps_many / tps_one,
         "reshard_after_forward": args.reshard_after_forward,
         "tokens_per_s_n_gpus_other_reshard": statistics.median(r["tokens_per_s"] for r in other[5:]) if other else None,
-        "mfu_one": statistics.median(r["mfu"] for r in one[5:]),
-        "mfu_n": statistics.median(r["mfu"] for r in many[5:]),
+        "mfu_one": median_after_warmup(one, "mfu"),
+        "mfu_n": median_after_warmup(many, "mfu"),
+        "peak_mem_gib_one": max(r.get("peak_mem_gib", 0.0) for r in one),
+        "peak_mem_gib_n": max(r.get("peak_mem_gib", 0.0) for r in many),
         "resume_max_abs_diff": max(resume_diffs),
         "profiles": profiles or None,
+        "more_gpus": scaling_more or None,
         "resume_steps_compared": len(resume_diffs),
         "losses_one": [r["loss"] for r in one],
         "losses_n": [r["loss"] for r in many],
         "losses_resumed": [r["loss"] for r in resumed],
     }
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("losses")}, indent=1))
+    shown = {k: v for k, v in result.items() if not k.startswith("losses") and k != "more_gpus"}
+    shown["more_gpus"] = {m: {k: v for k, v in r.items() if k != "losses"} for m, r in scaling_more.items()}
+    print(json.dumps(shown, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
