@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -26,7 +27,9 @@ BASE_OVERRIDES: list[str] = []  # --model, --seq-len, --no-compile
 EXTRA_OVERRIDES: list[str] = []  # --set, for every run
 
 
-def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bool = True) -> list[dict]:
+def run(
+    nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bool = True, env: dict | None = None
+) -> list[dict]:
     args = [
         *BASE_OVERRIDES,
         "attention=flex",
@@ -44,7 +47,7 @@ def run(nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bo
         *extra,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "recipes/pretrain.py"]
-    proc = subprocess.run([*cmd, *args], cwd=REPO, text=True, capture_output=True)
+    proc = subprocess.run([*cmd, *args], cwd=REPO, text=True, capture_output=True, env={**os.environ, **(env or {})})
     if proc.returncode:
         sys.exit(f"run failed ({' '.join(cmd + args)}):\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -98,6 +101,13 @@ def main() -> None:
         help="comma-separated rank counts run after the main check with the same global batch (N*B rows), "
         "compared with the same 1-GPU run: losses and throughput, no resume",
     )
+    parser.add_argument("--skip-resume", action="store_true", help="no resume check (throughput and losses only)")
+    parser.add_argument(
+        "--compare-env",
+        default=None,
+        metavar="KEY=VALUE",
+        help="one more N-rank run with this environment variable set, e.g. NCCL_PROTO=Simple (throughput only)",
+    )
     parser.add_argument("--profile-only", action="store_true", help="only the --profile runs, no comparison")
     parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for every run (key=value)")
     args = parser.parse_args()
@@ -130,20 +140,26 @@ def main() -> None:
     for m in more:
         if (n * b) % m:
             parser.error(f"--more-gpus {m} does not divide the global batch of {n * b} rows")
-    one = run(1, root / "one", n * b, steps)
+    one = run(1, root / "one", n * b, steps, save=False)
     shutil.rmtree(root / "one" / "checkpoints")  # 15 GB a checkpoint at this size: keep the disk free
     print(f"1 GPU x {n * b} rows: {[round(r['loss'], 4) for r in one]}", flush=True)
-    many = run(n, root / "many", b, steps, reshard)
+    many = run(n, root / "many", b, steps, reshard, save=not args.skip_resume)
     print(f"{n} GPUs x {b} rows: {[round(r['loss'], 4) for r in many]}", flush=True)
     for label, records in (("1 GPU", one), (f"{n} GPUs", many)):
         print(f"{label}: {statistics.median(r['tokens_per_s'] for r in records[5:]):.0f} tokens/s", flush=True)
     middle = root / "many" / "checkpoints" / f"step_{steps // 2:06d}"
-    resumed = run(n, root / "resumed", b, steps, reshard, f"trainer.resume={middle}")
+    resumed = [] if args.skip_resume else run(n, root / "resumed", b, steps, reshard, f"trainer.resume={middle}")
     shutil.rmtree(root / "many" / "checkpoints")
     other = None
     if args.compare_reshard:
         flipped = "false" if args.reshard_after_forward == "true" else "true"
         other = run(n, root / "other", b, 20, f"trainer.reshard_after_forward={flipped}", save=False)  # throughput only
+    env_run = None
+    if args.compare_env:
+        key, _, value = args.compare_env.partition("=")
+        env_run = run(n, root / "env", b, 20, reshard, save=False, env={key: value})
+        shutil.rmtree(root / "env" / "checkpoints", ignore_errors=True)
+        print(f"{n} GPUs x {b} rows, {args.compare_env}: {median_after_warmup(env_run, 'tokens_per_s'):.0f} tokens/s")
 
     scaling_more = {}
     for m in more:
@@ -165,7 +181,9 @@ def main() -> None:
     profiles = profile_runs(root, n, b, reshard) if args.profile else {}
 
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, many, strict=True)]
-    resume_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)]
+    resume_diffs = (
+        [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)] if resumed else []
+    )
     tps_one = statistics.median(r["tokens_per_s"] for r in one[5:])
     tps_many = statistics.median(r["tokens_per_s"] for r in many[5:])
     result = {
@@ -186,7 +204,9 @@ def main() -> None:
         "mfu_n": median_after_warmup(many, "mfu"),
         "peak_mem_gib_one": max(r.get("peak_mem_gib", 0.0) for r in one),
         "peak_mem_gib_n": max(r.get("peak_mem_gib", 0.0) for r in many),
-        "resume_max_abs_diff": max(resume_diffs),
+        "compare_env": args.compare_env,
+        "tokens_per_s_n_gpus_compare_env": median_after_warmup(env_run, "tokens_per_s") if env_run else None,
+        "resume_max_abs_diff": max(resume_diffs) if resume_diffs else None,
         "profiles": profiles or None,
         "more_gpus": scaling_more or None,
         "resume_steps_compared": len(resume_diffs),

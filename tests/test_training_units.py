@@ -14,7 +14,7 @@ from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, DataSection, RecipeConfig, validate
 from nemo_lite.training.launch import check_overrides
 from nemo_lite.training.metrics import allowed_pairs
-from nemo_lite.training.optim import clipped_step, lr_factor
+from nemo_lite.training.optim import AdamW, clipped_step, lr_factor
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -121,7 +121,7 @@ def test_chunked_head_loss_equals_the_plain_one_with_gradients():
 
 def _two_adamw_steps(step_fn, grads, fused: bool):
     param = torch.nn.Parameter(torch.zeros(grads[0].shape, dtype=torch.float64))
-    opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1, fused=fused or None)
+    opt = (AdamW if fused else torch.optim.AdamW)([param], lr=0.1, weight_decay=0.1, fused=fused or None)
     for grad in grads:
         param.grad = grad.clone()
         step_fn(opt, param)
@@ -150,6 +150,34 @@ def test_fused_step_clips_like_clip_grad_norm(max_norm):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)  # the kernel takes a float32 scale
     unclipped = _two_adamw_steps(lambda opt, p: opt.step(), grads, fused=False)
     assert (max_norm > 0) == (not torch.allclose(got, unclipped, rtol=1e-3, atol=1e-6))
+
+
+def test_adamw_steps_exactly_like_torchs_fused_adamw():
+    """nemo_lite's AdamW (which hands the fused kernel plain local tensors) gives torch's fused update
+    bit for bit: two groups, weight decay on one, a step with a grad_scale (the in-kernel clip)."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(8, 4, generator=gen), torch.randn(4, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(3)]
+
+    def run(cls):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = cls(groups, lr=1e-2, fused=True)
+        for i, step_grads in enumerate(grads):
+            for param, grad in zip(params, step_grads, strict=True):
+                param.grad = grad.clone()
+            if i == 1:
+                opt.grad_scale = torch.tensor(3.0)
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+        return params, opt.state_dict()["state"]
+
+    (got, got_state), (want, want_state) = run(AdamW), run(torch.optim.AdamW)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    for i in want_state:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got_state[i][key], want_state[i][key]), key
 
 
 def test_clipped_step_refuses_an_unfused_optimizer():

@@ -10,6 +10,57 @@ from torch import nn
 from nemo_lite.training.config import OptimSection
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view of its storage); any other tensor as it is."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose fused step runs on the local shards of FSDP2's DTensor parameters.
+
+    FSDP2 shards every parameter on dim 0, so AdamW, an elementwise update, on each rank's shards is
+    the update of the whole tensors. Handing the fused kernel the plain local tensors skips DTensor's
+    dispatch, which cost ~4 ms of host time per step on the 1B model while the GPU waited. State
+    (``exp_avg``, ``exp_avg_sq``, ``step``) stays on the DTensors torch created, so state dicts and
+    ``torch.distributed.checkpoint`` see the usual optimizer.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or not all(g["fused"] and not g["amsgrad"] for g in self.param_groups):
+            return super().step(closure)
+        from torch.optim.adam import adam
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
+            adam(
+                [local_shard(t) for t in params],
+                [local_shard(t) for t in grads],
+                [local_shard(t) for t in exp_avgs],
+                [local_shard(t) for t in exp_avg_sqs],
+                [],
+                steps,  # plain device tensors
+                amsgrad=False,
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                fused=True,
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
+        return None
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
     decay, no_decay = [], []
@@ -19,7 +70,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     on_cuda = any(p.is_cuda for p in decay + no_decay)
     fused = on_cuda if cfg.fused == "auto" else cfg.fused == "true"
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def steps_on_device(optimizer: torch.optim.Optimizer) -> bool:

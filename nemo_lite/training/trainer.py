@@ -33,7 +33,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
-from nemo_lite.training.optim import build_optimizer, build_scheduler, clipped_step, steps_on_device
+from nemo_lite.training.optim import build_optimizer, build_scheduler, clipped_step, local_shard, steps_on_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -324,13 +324,19 @@ class Trainer:
             (loss * loss_scale).backward()
             loss_sum += loss.detach()
         clip = self.cfg.trainer.clip_grad_norm
-        local_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        grad_norm = local_norm.full_tensor() if hasattr(local_norm, "full_tensor") else local_norm  # DTensor: FSDP2
+        # Under FSDP2 each rank holds a disjoint shard of every gradient: the squared norms of the local
+        # shards add up to the global one, which rides on the all-reduce of the step's totals.
+        local_grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
+        local_norm = torch.nn.utils.get_total_norm(local_grads)
         stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        totals = torch.stack([loss_sum, attn_flops.float(), stop])
-        if self.dist.enabled:  # global loss and FLOPs; a signal on any rank stops every rank
+        totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
+        if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
             torch.distributed.all_reduce(totals)
-        host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
+            grad_norm = totals[3].sqrt()
+        else:
+            grad_norm = local_norm
+        host = [totals[:3].double(), grad_norm.double().view(1)]
+        host += [global_labels.view(1)] if self.dist.enabled else []
         loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
         loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
         self._stop_requested = stop_any > 0
@@ -341,8 +347,8 @@ class Trainer:
             if self._device_step:
                 clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
             else:
-                if clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), clip, local_norm)
+                if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
+                    torch._foreach_mul_(local_grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
                 self.optimizer.step()
             self._consecutive_nonfinite = 0
         else:
