@@ -65,10 +65,61 @@ def plot_attention(path: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def plot_scaling(h100_path: Path, h200_path: Path, out: Path) -> None:
+    """FSDP2 throughput against the ideal n x one GPU, and the loss gaps against one GPU per step."""
+    h100, h200 = json.loads(h100_path.read_text()), json.loads(h200_path.read_text())
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for data, label, color, offset in (
+        (h100, "H100 host", "#1f77b4", (6, -12)),
+        (h200, "H200 host", "#ff7f0e", (-40, 6)),
+    ):
+        gpus = [1, data["gpus"], *(int(m) for m in data.get("more_gpus") or {})]
+        tps = [
+            data["tokens_per_s_one_gpu"],
+            data["tokens_per_s_n_gpus"],
+            *(m["tokens_per_s"] for m in (data.get("more_gpus") or {}).values()),
+        ]
+        ax1.plot(gpus, [t / 1e3 for t in tps], "o-", color=color, label=f"{label} (measured)")
+        ax1.plot(gpus, [g * tps[0] / 1e3 for g in gpus], ":", color=color, label=f"{label} (n x one GPU)")
+        for g, t in zip(gpus[1:], tps[1:], strict=True):
+            ax1.annotate(f"{t / tps[0]:.2f}x", (g, t / 1e3), textcoords="offset points", xytext=offset)
+    ax1.set_xticks([1, 2, 4])
+    ax1.set_xlabel("GPUs (same global batch: 8 x 4096 tokens)")
+    ax1.set_ylabel("thousand tokens/s")
+    ax1.set_title("FSDP2 throughput")
+    ax1.legend(fontsize=8)
+
+    def gaps(a: list[float], b: list[float]) -> list[float]:
+        return [abs(x - y) for x, y in zip(a, b, strict=True)]
+
+    steps = range(1, len(h100["losses_one"]) + 1)
+    ax2.plot(steps, gaps(h200["losses_one"], h200["losses_n"]), label="2 GPUs vs 1 (H200)")
+    ax2.plot(steps, gaps(h100["losses_one"], h100["losses_n"]), label="2 GPUs vs 1 (H100)")
+    for m, run in (h100.get("more_gpus") or {}).items():
+        ax2.plot(steps, gaps(h100["losses_one"], run["losses"]), label=f"{m} GPUs vs 1 (H100)")
+    ax2.plot(steps, gaps(h100["losses_one"], h200["losses_one"]), "k--", label="1 GPU: H100 run vs H200 run")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("|loss difference|")
+    ax2.set_title("loss agreement (losses 12.2 -> 5.9)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(
+        f"Llama-3.2-1B shape, compiled blocks, flex, torch {h100['torch']}; each host's runs in one call",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     plot_train(RESULTS / "bench_train_h100.json", IMG / "bench_train_h100.png")
     plot_attention(RESULTS / "bench_attention_h100.json", IMG / "bench_attention_h100.png")
+    plot_scaling(
+        RESULTS / "bench_distributed_4xh100.json",
+        RESULTS / "bench_distributed_2xh200.json",
+        IMG / "bench_distributed_scaling.png",
+    )
 
 
 if __name__ == "__main__":
