@@ -23,27 +23,25 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-BASE_OVERRIDES: list[str] = []  # --model, --seq-len, --no-compile
-EXTRA_OVERRIDES: list[str] = []  # --set, for every run
+OVERRIDES: list[str] = []  # for every run: --model, --seq-len, --no-compile, --set
 
 
 def run(
     nproc: int, run_dir: Path, batch: int, steps: int, *extra: str, save: bool = True, env: dict | None = None
 ) -> list[dict]:
     args = [
-        *BASE_OVERRIDES,
         "attention=flex",
         f"data.batch_size={batch}",
         f"trainer.max_steps={steps}",
         f"trainer.save_every={steps // 2 if save else 0}",
-        "trainer.keep_last=2",
+        "trainer.keep_last=3",  # the middle checkpoint survives an odd step count (saves at S//2, 2*(S//2), S)
         "trainer.val_every=0",
         "trainer.export_hf=false",
         "trainer.sample_tokens=0",
         "trainer.progress_bar=false",
         "optim.lr=3e-4",
         f"run_dir={run_dir}",
-        *EXTRA_OVERRIDES,
+        *OVERRIDES,
         *extra,
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "recipes/pretrain.py"]
@@ -114,26 +112,21 @@ def main() -> None:
     root = Path(args.root)
     n, b, steps = args.gpus, args.batch, args.steps
     reshard = f"trainer.reshard_after_forward={args.reshard_after_forward}"
-    EXTRA_OVERRIDES.extend(args.set)
-    BASE_OVERRIDES.extend(
+    OVERRIDES.extend(
         [f"model={args.model}", f"data.seq_len={args.seq_len}", f"trainer.compile={not args.no_compile}".lower()]
     )
+    OVERRIDES.extend(args.set)
+    header = {
+        "card": card(),
+        "gpus": n,
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
+    }
     if args.profile_only:
         profiles = profile_runs(root, n, b, reshard)
         if args.out:
-            Path(args.out).write_text(
-                json.dumps(
-                    {
-                        "card": card(),
-                        "gpus": n,
-                        "torch": torch.__version__,
-                        "date": date.today().isoformat(),
-                        "command": "python " + " ".join(sys.argv),
-                        "profiles": profiles,
-                    },
-                    indent=1,
-                )
-            )
+            Path(args.out).write_text(json.dumps({**header, "profiles": profiles}, indent=1))
         return
 
     more = [int(m) for m in args.more_gpus.split(",") if m]
@@ -146,7 +139,7 @@ def main() -> None:
     many = run(n, root / "many", b, steps, reshard, save=not args.skip_resume)
     print(f"{n} GPUs x {b} rows: {[round(r['loss'], 4) for r in many]}", flush=True)
     for label, records in (("1 GPU", one), (f"{n} GPUs", many)):
-        print(f"{label}: {statistics.median(r['tokens_per_s'] for r in records[5:]):.0f} tokens/s", flush=True)
+        print(f"{label}: {median_after_warmup(records, 'tokens_per_s'):.0f} tokens/s", flush=True)
     middle = root / "many" / "checkpoints" / f"step_{steps // 2:06d}"
     resumed = [] if args.skip_resume else run(n, root / "resumed", b, steps, reshard, f"trainer.resume={middle}")
     shutil.rmtree(root / "many" / "checkpoints")
@@ -166,11 +159,11 @@ def main() -> None:
         records = run(m, root / f"more_{m}", n * b // m, steps, reshard)
         shutil.rmtree(root / f"more_{m}" / "checkpoints")
         m_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, records, strict=True)]
-        tps = statistics.median(r["tokens_per_s"] for r in records[5:])
+        tps = median_after_warmup(records, "tokens_per_s")
         scaling_more[m] = {
             "rows_per_rank": n * b // m,
             "tokens_per_s": tps,
-            "scaling": tps / statistics.median(r["tokens_per_s"] for r in one[5:]),
+            "scaling": tps / median_after_warmup(one, "tokens_per_s"),
             "mfu": median_after_warmup(records, "mfu"),
             "loss_max_abs_diff": max(m_diffs),
             "loss_last5_mean_diff": statistics.mean(m_diffs[-5:]),
@@ -184,14 +177,10 @@ def main() -> None:
     resume_diffs = (
         [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)] if resumed else []
     )
-    tps_one = statistics.median(r["tokens_per_s"] for r in one[5:])
-    tps_many = statistics.median(r["tokens_per_s"] for r in many[5:])
+    tps_one = median_after_warmup(one, "tokens_per_s")
+    tps_many = median_after_warmup(many, "tokens_per_s")
     result = {
-        "card": card(),
-        "gpus": n,
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
+        **header,
         "loss_max_abs_diff": max(diffs),
         "loss_first_diff": diffs[0],
         "loss_last5_mean_diff": statistics.mean(diffs[-5:]),
@@ -199,7 +188,7 @@ def main() -> None:
         "tokens_per_s_n_gpus": tps_many,
         "scaling": tps_many / tps_one,
         "reshard_after_forward": args.reshard_after_forward,
-        "tokens_per_s_n_gpus_other_reshard": statistics.median(r["tokens_per_s"] for r in other[5:]) if other else None,
+        "tokens_per_s_n_gpus_other_reshard": median_after_warmup(other, "tokens_per_s") if other else None,
         "mfu_one": median_after_warmup(one, "mfu"),
         "mfu_n": median_after_warmup(many, "mfu"),
         "peak_mem_gib_one": max(r.get("peak_mem_gib", 0.0) for r in one),

@@ -329,14 +329,13 @@ class Trainer:
         local_grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
         local_norm = torch.nn.utils.get_total_norm(local_grads)
         stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
-        totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
         if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
+            totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
             torch.distributed.all_reduce(totals)
-            grad_norm = totals[3].sqrt()
+            totals, grad_norm = totals[:3], totals[3].sqrt()
         else:
-            grad_norm = local_norm
-        host = [totals[:3].double(), grad_norm.double().view(1)]
-        host += [global_labels.view(1)] if self.dist.enabled else []
+            totals, grad_norm = torch.stack([loss_sum, attn_flops.float(), stop]), local_norm
+        host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
         loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
         loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
         self._stop_requested = stop_any > 0
