@@ -53,8 +53,6 @@ def run_nemo(
     host_sync: bool = True,
     device_step: bool = True,
     tuned: bool = False,
-    overlap: str = "auto",
-    priority: bool = True,
 ) -> dict:
     import torch._dynamo
 
@@ -73,14 +71,11 @@ def run_nemo(
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
-    cfg.optim.overlap_update = overlap
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
     FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
-    if not priority:  # the overlapped update without the training step's higher-priority stream
-        trainer.compute_stream_priority = None
     if not device_step:  # the clip pass + host check before a plain fused step (the trainer's unfused path)
         trainer._device_step = False
     if not host_sync:  # varlen's sync-free segments (a backend option the recipes do not expose)
@@ -116,7 +111,6 @@ def run_nemo(
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
         "params": trainer.n_params,
-        "overlap_update": trainer._overlap is not None,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
     if tuned:
@@ -191,8 +185,6 @@ CONFIGS = {
     # name: (kind, kwargs)
     "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
-    "flex-compile-serial": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, overlap="false")),
-    "flex-compile-samepriority": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, priority=False)),
     "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
     "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),

@@ -80,9 +80,6 @@ class OptimSection:
     eps: float = 1e-8
     # fused AdamW on GPU; "auto" = fused when the parameters are on CUDA.
     fused: str = "auto"
-    # Run the update module by module on a side CUDA stream, overlapped with the next step's forward
-    # (bitwise the same update; docs/benchmarks.md). "auto" = on for one GPU process with fused AdamW.
-    overlap_update: str = "auto"
 
 
 @dataclass
@@ -176,13 +173,9 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
-    for key in ("fused", "overlap_update"):
-        value = getattr(cfg.optim, key)
-        if isinstance(value, bool) or value in ("True", "False"):  # optim.fused=false on the command line is a bool
-            setattr(cfg.optim, key, str(value).lower())
-        _choice(f"optim.{key}", getattr(cfg.optim, key), ["auto", "true", "false"])
-    if cfg.optim.overlap_update == "true" and cfg.optim.fused == "false":
-        raise ConfigError("optim.overlap_update=true runs fused AdamW in pieces: it needs optim.fused=true or auto")
+    if isinstance(cfg.optim.fused, bool) or cfg.optim.fused in ("True", "False"):
+        cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
+    _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):

@@ -33,14 +33,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
-from nemo_lite.training.optim import (
-    OverlappedUpdate,
-    build_optimizer,
-    build_scheduler,
-    clipped_step,
-    local_shard,
-    steps_on_device,
-)
+from nemo_lite.training.optim import build_optimizer, build_scheduler, clipped_step, local_shard, steps_on_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,9 +96,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         validate_for_device(self.cfg, self.device.type)
-        # Test hooks: "after_step" (runs while an overlapped update may still be in flight: a hook that
-        # reads parameters calls wait_for_update() first), "checkpoint".
-        self.hooks: dict[str, Any] = {}
+        self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
         self._stop_signal: int | None = None
         self._stop_requested = False
 
@@ -126,7 +117,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self._device_step = steps_on_device(self.optimizer)
-        self._overlap = self._build_overlapped_update()
         self.step = 0
         self.nonfinite_total = 0
         if resume_from is not None:
@@ -213,49 +203,6 @@ class Trainer:
         self.flops_per_token = 6 * matmul_params(model)
         self.peak_flops = peak_flops(self.device)
 
-    def _build_overlapped_update(self) -> OverlappedUpdate | None:
-        mode = self.cfg.optim.overlap_update
-        one_gpu = self.device.type == "cuda" and not self.dist.enabled
-        if mode == "false" or (mode == "auto" and not (one_gpu and self._device_step)):
-            return None
-        if self.dist.enabled:
-            raise ConfigError(
-                "optim.overlap_update=true is for one process; under torchrun use optim.overlap_update=auto or false"
-            )
-        if not self._device_step:
-            raise ConfigError("optim.overlap_update=true needs fused AdamW (optim.fused=true, or auto on a GPU)")
-        model = self.raw_model
-        modules = [model.embed_tokens, *model.layers, model.norm] + ([model.lm_head] if model.lm_head else [])
-        overlap = OverlappedUpdate(self.optimizer, modules, self.device)
-        model.before_module = overlap.wait
-        return overlap
-
-    # The training step's stream when the update is overlapped: of higher priority than the update's, so
-    # the GPU's block scheduler runs the forward's kernels first and the update fills what they leave.
-    compute_stream_priority: int | None = -1
-
-    @contextlib.contextmanager
-    def _compute_stream(self):
-        if self._overlap is None or self._overlap.stream is None or self.compute_stream_priority is None:
-            yield
-            return
-        outer = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device, priority=self.compute_stream_priority)
-        stream.wait_stream(outer)
-        try:
-            with torch.cuda.stream(stream):
-                yield
-        finally:
-            self.wait_for_update()
-            outer.wait_stream(stream)
-
-    def wait_for_update(self) -> None:
-        """Order the current stream after the last overlapped update (no host sync): call it before
-        reading parameters or optimizer state between steps. The trainer does before it evaluates,
-        saves, exports or returns."""
-        if self._overlap is not None:
-            self._overlap.wait_all()
-
     def _save_config(self) -> None:
         from omegaconf import OmegaConf
 
@@ -276,7 +223,6 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        self.wait_for_update()
         if self.dist.enabled:
             state = self._train_state()
             del state["optimizer"]  # sharded through DCP with the model
@@ -397,8 +343,8 @@ class Trainer:
         # The sync sits before the update on purpose: the update is then queued while the host goes on to
         # the next step's batch and mask, so the GPU does not wait for them.
         if finite:
-            if self._device_step:  # the clip happens inside the fused kernel (overlapped: queued on its stream)
-                clipped_step(self.optimizer, grad_norm, clip)
+            if self._device_step:
+                clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
             else:
                 if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
                     torch._foreach_mul_(local_grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
@@ -436,7 +382,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_batches:
             return None
-        self.wait_for_update()
         self.model.eval()
         total, count = 0.0, 0
         for batch in self.val_batches:
@@ -506,7 +451,7 @@ class Trainer:
 
             profiler = StepProfiler(self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type)
         try:
-            with self._signal_handlers(), self._compute_stream():
+            with self._signal_handlers():
                 while self.step < cfg.max_steps:
                     micro_batches = self._next_micro_batches()
                     if not micro_batches:
@@ -547,7 +492,6 @@ class Trainer:
                 if status == "interrupted" or self.step > 0:
                     self.save()
         finally:
-            self.wait_for_update()
             if profiler is not None:
                 profiler.close()
             if bar is not None:

@@ -14,7 +14,6 @@ rotate-half layout (not the interleaved complex layout of Meta's code).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -165,10 +164,6 @@ class DecoderBlock(nn.Module):
 # ---- decoder ------------------------------------------------------------------------------------
 
 
-def _no_wait(module: nn.Module) -> None:
-    pass
-
-
 class LlamaForCausalLM(nn.Module):
     """Token embedding, ``layers`` (an ``nn.ModuleList`` of :class:`DecoderBlock`), final norm, output.
 
@@ -207,9 +202,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Directory of the tokenizer that goes with these weights (set by from_pretrained).
         self.tokenizer_dir: Path | None = None
-        # Called with embed_tokens, each layer, norm (and lm_head) just before it runs: an optimizer that
-        # updates parameters asynchronously (the trainer's overlapped update) waits there for that module.
-        self.before_module: Callable[[nn.Module], None] | None = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -244,15 +236,9 @@ class LlamaForCausalLM(nn.Module):
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
-        ready = self.before_module or _no_wait
-        ready(self.embed_tokens)
         h_BSE = self.embed_tokens(input_ids_BS)
         for layer in self.layers:
-            ready(layer)
             h_BSE = layer(h_BSE, cos_B1SD, sin_B1SD, attention_mask)
-        ready(self.norm)
-        if self.lm_head is not None:
-            ready(self.lm_head)
         return self.norm(h_BSE)
 
     def forward(
