@@ -80,6 +80,9 @@ class OptimSection:
     eps: float = 1e-8
     # fused AdamW on GPU; "auto" = fused when the parameters are on CUDA.
     fused: str = "auto"
+    # The fused step's kernel: "torch" (torch's multi-tensor kernel), "triton" (nemo_lite's, all tensors in
+    # one launch, faster: docs/benchmarks.md), "auto" = triton on one GPU when triton is installed.
+    kernel: str = "auto"
 
 
 @dataclass
@@ -176,6 +179,9 @@ def validate(cfg: RecipeConfig) -> None:
     if isinstance(cfg.optim.fused, bool) or cfg.optim.fused in ("True", "False"):
         cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
     _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
+    _choice("optim.kernel", cfg.optim.kernel, ["auto", "torch", "triton"])
+    if cfg.optim.kernel == "triton" and cfg.optim.fused == "false":
+        raise ConfigError("optim.kernel=triton is a fused step: it needs optim.fused=true or auto")
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):
