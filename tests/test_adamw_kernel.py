@@ -82,3 +82,25 @@ def test_kernel_choice_is_checked():
     with pytest.raises(ConfigError, match="optim.kernel=triton runs on a GPU"):
         build_optimizer(model, OptimSection(kernel="triton", fused="true"))
     assert build_optimizer(model, OptimSection(fused="true")).kernel == "torch"  # auto on CPU
+
+
+def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
+    """After a good step (the block table exists), a transposed gradient, or one 4 bytes off alignment,
+    is named, not misread."""
+    if torch.cuda.is_available():
+        pytest.skip("checked on CPU through the interpreter")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import nemo_lite.training.adamw_kernel as kernel_module
+
+    importlib.reload(kernel_module)
+    param = torch.nn.Parameter(torch.randn(6, 4))
+    opt = AdamW([param], lr=1e-2, fused=True, kernel="triton")
+    param.grad = torch.randn(6, 4)
+    opt.step()
+    for bad in (torch.randn(4, 6).t(), torch.randn(25)[1:].view(6, 4)):
+        param.grad = bad
+        before = param.detach().clone()
+        with pytest.raises(ValueError, match=r"contiguous, 16-byte aligned float32 tensors; got a torch\.\w+ tensor"):
+            opt.step()
+        assert torch.equal(param, before)

@@ -126,13 +126,18 @@ def adamw_(
     if not params:
         return table
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs]
-    check_tensors(tensor_lists)
     device = params[0].device
     numels = [p.numel() for p in params]
     if table is None or table.numels != numels or table.block != BLOCK:
+        check_tensors(tensor_lists)
         table = BlockTable(numels, device)
-    torch._foreach_add_(steps, 1)
     addresses = [[t.data_ptr() for t in ts] for ts in (*tensor_lists, steps)]
+    # Parameters and state were checked with the table; the gradients are new every step (kept cheap: this
+    # runs while the GPU waits for the update).
+    grads_ok = all(g.dtype == torch.float32 and g.is_contiguous() for g in grads)
+    if not grads_ok or [g.numel() for g in grads] != numels or any(a % ALIGN for row in addresses[:4] for a in row):
+        check_tensors(tensor_lists)  # names the offending tensor
+    torch._foreach_add_(steps, 1)
     # Non-blocking: a blocking copy would make the host wait for the stream. From pageable memory the
     # driver stages the bytes before it returns, so the CPU tensor may go away at once.
     pointers = torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
