@@ -6,7 +6,9 @@ Triton kernel (block sizes and warps swept), time per step and the memory traffi
 Every parameter is float32 with a float32 gradient, ``exp_avg`` and ``exp_avg_sq``: the update reads
 16 bytes and writes 12 per parameter (torch's kernel writes 16: the unscaled gradient goes back too).
 The gradients are divided by a clip scale inside the kernel, as in training. Both kernels also run
-three steps from the same start and their results are compared.
+three steps from the same start and their results are compared. Last, the Triton kernel as training
+runs it with bf16 weight copies (``optim.weight_copies``): bf16 gradients and copies for the matrices,
+the tied embedding's two gradients added.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from nemo_lite.components.models import LlamaForCausalLM, get_preset
 
 # Bytes moved per parameter: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq;
 # torch's kernel also writes the unscaled gradient back when given a grad_scale.
-BYTES_PER_PARAM = {"torch fused AdamW": 32, "triton": 28}
+BYTES_PER_PARAM = {"torch fused AdamW": 32, "triton": 28, "triton + bf16 copies": 28}
 
 
 def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
@@ -66,8 +68,48 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
             row = {"kernel": "triton", "block": block, "num_warps": warps, "default": (block, warps) == default}
             rows.append(row | {"ms": cuda_time_ms(triton_step, steps)})
     adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = default
+
+    # With bf16 weight copies (optim.weight_copies), as in training: the decoder's matrices read a bf16
+    # gradient and write a bf16 copy (28 bytes per parameter, as without copies); the tied embedding adds its
+    # float32 lookup gradient and the head's bf16 one and writes a copy (32 bytes); the norm weights as above.
+    # One launch for each of the three lists.
+    embedding = [0]
+    matrices = [i for i, p in enumerate(params) if p.dim() == 2 and i != 0]
+    vectors = [i for i, p in enumerate(params) if p.dim() < 2]
+    bf16_grads = {i: grads[i].to(torch.bfloat16) for i in embedding + matrices}
+    copies = {i: params[i].detach().to(torch.bfloat16) for i in embedding + matrices}
+    tables: dict = {}
+
+    def copies_step():
+        for key, index, f32, bf16 in (
+            ("tied", embedding, True, True),
+            ("copies", matrices, False, True),
+            ("plain", vectors, True, False),
+        ):
+            tables[key] = adamw_kernel.adamw_(
+                [params[i].detach() for i in index],
+                [grads[i] for i in index] if f32 else None,
+                [state[i][0] for i in index],
+                [state[i][1] for i in index],
+                [state[i][2] for i in index],
+                grad_scale=scale,
+                copies=[copies[i] for i in index] if bf16 else None,
+                bf16_grads=[bf16_grads[i] for i in index] if bf16 else None,
+                table=tables.get(key),
+                **hyper,
+            )
+
+    for block, warps in ((1024, 8), (1024, 4), (2048, 8)):
+        adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = block, warps
+        tables.clear()
+        row = {"kernel": "triton + bf16 copies", "block": block, "num_warps": warps}
+        row["default"] = (block, warps) == default
+        rows.append(row | {"ms": cuda_time_ms(copies_step, steps)})
+    adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = default
+    n_embedding = params[0].numel()
     for row in rows:
-        row["tb_per_s"] = BYTES_PER_PARAM[row["kernel"]] * n / row["ms"] / 1e9
+        extra = 4 * n_embedding if row["kernel"] == "triton + bf16 copies" else 0  # the embedding's second gradient
+        row["tb_per_s"] = (BYTES_PER_PARAM[row["kernel"]] * n + extra) / row["ms"] / 1e9
 
     return rows
 

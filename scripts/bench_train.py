@@ -55,6 +55,8 @@ def run_nemo(
     device_step: bool = True,
     tuned: bool = False,
     adam_kernel: str = "auto",
+    weight_copies: str = "auto",
+    time_update_alone: bool = False,
 ) -> dict:
     import torch._dynamo
 
@@ -74,6 +76,7 @@ def run_nemo(
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
     cfg.optim.kernel = adam_kernel
+    cfg.optim.weight_copies = weight_copies
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
     FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
@@ -95,6 +98,7 @@ def run_nemo(
 
     trainer.hooks["after_step"] = after_step
     trainer.fit()
+    update_timing = time_update(trainer) if time_update_alone and trainer.optimizer.kernel == "triton" else None
     kernel_summary = None
     if profile:
         kernel_summary = json.loads((Path(cfg.run_dir) / "profile" / "summary.json").read_text())
@@ -115,15 +119,43 @@ def run_nemo(
         "last_loss": records[-1]["loss"],
         "params": trainer.n_params,
         "adamw_kernel": trainer.optimizer.kernel,
+        "weight_copies": trainer.weight_copies,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
     if tuned:
         result["flex_kernel_options"] = FLEX_KERNEL_OPTIONS
     if kernel_summary is not None:
         result["profile"] = kernel_summary
+    if update_timing is not None:
+        result["update_alone"] = update_timing
     FlexAttention.kernel_options = None
     del trainer
     return result
+
+
+def time_update(trainer) -> dict:
+    """After training: one more forward and backward, then the gradient norm, the whole update, and each
+    of its launches timed alone (CUDA events, 10 repeats); then the update again with every gradient
+    moved to a fresh allocation (is the time in the kernel or in where the gradients lie?)."""
+    from bench_attention import cuda_time_ms
+
+    opt = trainer.optimizer
+    batch = trainer._to_device(next(trainer._train_iter))
+    trainer._loss_sum(batch, trainer._build_mask(batch["input_ids"])).backward()
+    out = {"grad_norm_ms": cuda_time_ms(opt.grad_norm, 10), "update_ms": cuda_time_ms(opt.step, 10)}
+    for key, lists in opt._triton_lists(init_state=True).items():
+        n = sum(p.numel() for p in lists["params"])
+        out[f"launch {key}"] = {"params": n, "ms": cuda_time_ms(lambda k=key, li=lists: opt._launch(k, li), 10)}
+    for p in trainer.raw_model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+    for copy in getattr(opt, "_copies", {}).values():
+        if copy.grad is not None:
+            copy.grad = copy.grad.clone()
+    out["update_ms_fresh_grads"] = cuda_time_ms(opt.step, 10)
+    opt.zero_grad()
+    print(json.dumps(out), file=sys.stderr)
+    return out
 
 
 PROFILED_STEPS = 3
@@ -190,6 +222,7 @@ CONFIGS = {
     "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex-compile-torchadam": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, adam_kernel="torch")),
+    "flex-compile-nocopies": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, weight_copies="false")),
     "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
     "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
@@ -209,6 +242,7 @@ def main() -> None:
     parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk,varlen-compile")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default="", help="comma-separated nemo_lite configs to profile (steps 7-9)")
+    parser.add_argument("--time-update", action="store_true", help="after training, time the update alone")
     parser.add_argument("--flex-kernel-options", default=None, help="JSON file of flex kernel options (-tuned configs)")
     args = parser.parse_args()
     if args.flex_kernel_options:
@@ -224,7 +258,8 @@ def main() -> None:
         kind, kwargs = CONFIGS[name]
         try:
             if kind == "nemo":
-                row = run_nemo(name, args.steps, profile=name in args.profile.split(","), **kwargs)
+                profile = name in args.profile.split(",")
+                row = run_nemo(name, args.steps, profile=profile, time_update_alone=args.time_update, **kwargs)
             else:
                 row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:

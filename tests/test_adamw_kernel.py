@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig, validate
-from nemo_lite.training.optim import AdamW, build_optimizer, clipped_step
+from nemo_lite.training.optim import AdamW, attach_weight_copies, build_optimizer, clipped_step, gradient_norm
 
 
 def steps_of_both(device: str, steps: int = 4) -> tuple[list, list, dict, dict, list]:
@@ -101,6 +101,166 @@ def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
     for bad in (torch.randn(4, 6).t(), torch.randn(25)[1:].view(6, 4)):
         param.grad = bad
         before = param.detach().clone()
-        with pytest.raises(ValueError, match=r"contiguous, 16-byte aligned float32 tensors; got a torch\.\w+ tensor"):
+        with pytest.raises(ValueError, match=r"aligned torch\.float32 gradient; got a (strided|contiguous) torch"):
             opt.step()
         assert torch.equal(param, before)
+
+
+# ---- bf16 weight copies (optim.weight_copies) ---------------------------------------------------
+
+
+KINDS = {(37, 41): "copy", (300,): "plain", (2, 1500): "copy", (50, 24): "tied"}
+
+
+def steps_with_and_without_copies(device: str, steps: int = 4):
+    """The same AdamW(kernel="triton") steps twice: with bf16 copies whose bf16 gradients the kernel
+    reads (a "tied" matrix has a float32 gradient of its own as well, as a tied embedding), and without
+    copies, fed what autocast hands a float32 master: the bf16 gradient upcast, added to the float32
+    one. A clipped step and a skipped one included."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(device) for s in KINDS]
+    grads = [
+        [
+            ((3 * torch.randn(s, generator=gen)).to(device), (3 * torch.randn(s, generator=gen)).bfloat16().to(device))
+            for s in KINDS
+        ]
+        for _ in range(steps)
+    ]
+
+    def run(with_copies: bool):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        groups = [
+            {"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        opt = AdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=True, kernel="triton")
+        copies = {i: torch.empty_like(p, dtype=torch.bfloat16).requires_grad_() for i, p in enumerate(params)}
+        copies = {i: c for i, c in copies.items() if list(KINDS.values())[i] != "plain"}
+        if with_copies:
+            opt.keep_weight_copies([(params[i], c) for i, c in copies.items()])
+            assert all(torch.equal(c, params[i].to(torch.bfloat16)) for i, c in copies.items())
+        history = []
+        for step, step_grads in enumerate(grads):
+            for i, (kind, (g32, g16)) in enumerate(zip(KINDS.values(), step_grads, strict=True)):
+                if not with_copies:
+                    params[i].grad = {"plain": g32, "copy": g16.float(), "tied": g32 + g16.float()}[kind]
+                    continue
+                params[i].grad = None if kind == "copy" else g32.clone()
+                if kind != "plain":
+                    copies[i].grad = g16.clone()
+            norm = opt.grad_norm()  # the kernel's sums of squares, bf16 and float32 gradients together
+            summed = [sum(g.float() for g in opt.gradients(p)) for p in params]  # float32, as the kernel adds
+            want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in summed]))
+            torch.testing.assert_close(norm.double(), want, rtol=1e-6, atol=0)
+            if not with_copies:  # torch's kernels (the torch path) agree
+                torch.testing.assert_close(gradient_norm([p.grad for p in params]).double(), want, rtol=1e-6, atol=0)
+            opt.found_inf = torch.tensor(float(step == 2), device=device)
+            # The clip factor from the same float64 norm in both runs: the kernels' sums of squares group the
+            # elements by launch, so with and without copies they differ in the last bits.
+            clipped_step(opt, want.float(), 5.0 if step == 1 else 0.0)
+            del opt.found_inf
+            opt.zero_grad()
+            assert all(c.grad is None for c in copies.values()) and all(p.grad is None for p in params)
+            history.append(([p.detach().clone() for p in params], {i: c.detach().clone() for i, c in copies.items()}))
+        return history, opt.state_dict()["state"]
+
+    return run(True), run(False)
+
+
+def assert_copies_change_nothing(with_copies, without) -> None:
+    (history, state), (reference, reference_state) = with_copies, without
+    for (params, copies), (want, _) in zip(history, reference, strict=True):
+        for a, b in zip(params, want, strict=True):
+            assert torch.equal(a, b)  # bit for bit: the same bf16 values upcast, the same float32 sums
+        for i, copy in copies.items():
+            assert torch.equal(copy, params[i].to(torch.bfloat16))  # rounded as autocast's cast rounds
+    assert torch.equal(history[2][1][0], history[1][1][0])  # the skipped step left the copies alone
+    assert not torch.equal(history[3][1][0], history[2][1][0])
+    for i in reference_state:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[i][key], reference_state[i][key])
+
+
+def test_weight_copies_in_the_interpreter_give_the_same_update_bit_for_bit(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the compiled kernel is tested instead")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import nemo_lite.training.adamw_kernel as kernel_module
+
+    kernel = importlib.reload(kernel_module)
+    monkeypatch.setattr(kernel, "BLOCK", 256)
+    assert_copies_change_nothing(*steps_with_and_without_copies("cpu"))
+
+
+@pytest.mark.gpu
+def test_weight_copies_on_a_gpu_give_the_same_update_bit_for_bit():
+    assert_copies_change_nothing(*steps_with_and_without_copies("cuda"))
+
+
+def test_a_model_with_weight_copies_computes_what_autocast_computes():
+    """Under bf16 autocast a model whose blocks multiply by bf16 copies gives autocast's loss, and
+    gradients equal to autocast's float32 ones, bit for bit; outside autocast it uses its float32 weights."""
+    pytest.importorskip("triton")
+    from model_utils import TINY
+
+    from nemo_lite.components.models import LlamaConfig, LlamaForCausalLM
+    from nemo_lite.training.loss import cross_entropy_sum
+
+    config = LlamaConfig(**TINY)
+    plain = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    plain.init_weights(seed=0)
+    copied = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    copied.load_state_dict(plain.state_dict())
+    opt = AdamW(copied.parameters(), fused=True, kernel="triton")
+    n = attach_weight_copies(copied, opt)
+    assert n == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the (tied) output projection
+    assert set(copied.state_dict()) == set(plain.state_dict())  # the copies are not state
+    ids = torch.randint(3, config.vocab_size, (2, 48))
+    ids[:, [10, 30]] = config.eos_token_id
+
+    def loss(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weight = model.output_projection_weight("cpu")
+            return cross_entropy_sum(model.forward_hidden(ids), weight, ids)
+
+    want, got = loss(plain), loss(copied)
+    assert torch.equal(got, want)
+    want.backward()
+    got.backward()
+    for (name, param), copy_param in zip(plain.named_parameters(), copied.parameters(), strict=True):
+        grads = opt.gradients(copy_param)
+        kinds = [g.dtype for g in grads]
+        if name.endswith("proj.weight"):  # the copy carried it all
+            assert kinds == [torch.bfloat16], name
+        elif name == "embed_tokens.weight":  # the lookup's own float32 gradient and the head's bf16 one
+            assert kinds == [torch.float32, torch.bfloat16], name
+        else:
+            assert kinds == [torch.float32], name
+        total = grads[0].float() if len(grads) == 1 else grads[0] + grads[1].float()
+        assert torch.equal(total, param.grad), name  # what autograd added up under autocast
+    with torch.no_grad():
+        assert torch.equal(copied(ids), plain(ids))  # float32 outside autocast: the masters
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(copied(ids), plain(ids))  # the logits too, through the head's copy
+
+
+def test_weight_copies_need_a_gpu_and_the_triton_kernel(tmp_path):
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = RecipeConfig()
+    cfg.optim.weight_copies = "sometimes"
+    with pytest.raises(ConfigError, match="optim.weight_copies='sometimes' is not valid; choose one of: auto, true"):
+        validate(cfg)
+    cfg.optim.weight_copies = False  # a bool from the command line
+    validate(cfg)
+    assert cfg.optim.weight_copies == "false"
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    cfg = RecipeConfig()
+    cfg.run_dir = str(tmp_path)
+    cfg.model.overrides = {"num_hidden_layers": 1}
+    cfg.optim.weight_copies = "true"
+    trainer = Trainer(cfg)
+    with pytest.raises(ConfigError, match=r"optim.weight_copies=true needs bf16 autocast on a GPU .* and the triton"):
+        trainer.setup()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
+import torch
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 from nemo_lite.training.config import RecipeConfig
@@ -12,9 +16,9 @@ pytestmark = pytest.mark.gpu
 STEPS = 20
 
 
-def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
+def recipe(tmp_path, backend: str, compile: bool, chunk: int = 0, weight_copies: str = "auto") -> RecipeConfig:
     cfg = RecipeConfig()
-    cfg.run_dir = str(tmp_path / f"{backend}-{compile}-{chunk}")
+    cfg.run_dir = str(tmp_path / f"{backend}-{compile}-{chunk}-{weight_copies}")
     cfg.model.preset = "tiny"
     cfg.model.vocab_from_tokenizer = False
     cfg.model.overrides = {
@@ -33,10 +37,19 @@ def curve(tmp_path, backend: str, compile: bool, chunk: int = 0) -> list[float]:
     t.max_steps, t.compile, t.loss_chunk_size = STEPS, compile, chunk
     t.val_every = t.save_every = t.sample_tokens = 0
     t.export_hf = t.progress_bar = False
-    loader = SyntheticPackedLoader(
+    cfg.optim.weight_copies = weight_copies
+    return cfg
+
+
+def loader():
+    return SyntheticPackedLoader(
         2, 1024, vocab_size=8192, eos_id=3, mean_doc=200, seed=1, pin_memory=True, learnable=True
     )
-    return Trainer(cfg, train_loader=loader).fit().losses
+
+
+def curve(tmp_path, backend: str, compile: bool, chunk: int = 0, weight_copies: str = "auto") -> list[float]:
+    cfg = recipe(tmp_path, backend, compile, chunk, weight_copies)
+    return Trainer(cfg, train_loader=loader()).fit().losses
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +82,42 @@ def test_compiled_step_matches_uncompiled_within_bf16_noise(tmp_path, reference)
 @pytest.mark.parametrize("backend", ["sdpa", "varlen", "eager"])
 def test_backends_follow_the_flex_curve(tmp_path, backend, reference):
     assert_same_curve(backend, curve(tmp_path, backend, compile=False), reference)
+
+
+def test_weight_copies_follow_the_plain_curve(tmp_path, reference):
+    """bf16 weight copies written by the update kernel give what autocast's casts give: the same
+    curve, compiled, and copies equal to the float32 weights rounded."""
+    _, noise = reference
+    trainer = Trainer(recipe(tmp_path, "flex", compile=True, weight_copies="true"), train_loader=loader())
+    copied = trainer.fit().losses
+    assert trainer.weight_copies
+    for module in trainer.raw_model.layers.modules():
+        if getattr(module, "weight_copy", None) is not None:
+            assert torch.equal(module.weight_copy, module.weight.to(torch.bfloat16))
+    plain = curve(tmp_path, "flex", compile=True, weight_copies="false")
+    diffs = [abs(a - b) for a, b in zip(plain, copied, strict=True)]
+    print(f"weight copies against autocast's casts: max {max(diffs):.2e} (noise {noise:.4f})")
+    assert max(diffs) <= noise
+
+
+@pytest.mark.parametrize("weight_copies", ["true", "false"])
+def test_a_run_stopped_and_resumed_on_a_gpu_continues_the_curve(tmp_path, weight_copies):
+    """A SIGTERM after step 3 of 6, then a resume, gives the 6 straight steps: the train state comes back
+    from the checkpoint (RNG states included) and the copies start from the resumed weights."""
+    straight = recipe(tmp_path / "straight", "flex", compile=False, weight_copies=weight_copies)
+    straight.trainer.max_steps = 6
+    want = Trainer(straight, train_loader=loader()).fit().losses
+    cfg = recipe(tmp_path / "resumed", "flex", compile=False, weight_copies=weight_copies)
+    cfg.trainer.max_steps = 6
+    first = Trainer(cfg, train_loader=loader())
+    first.hooks["after_step"] = lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+    stopped = first.fit()
+    assert stopped.status == "interrupted" and stopped.steps == 3
+    cfg.trainer.resume = "true"
+    resumed = Trainer(cfg, train_loader=loader())
+    got = stopped.losses + resumed.fit().losses
+    assert resumed.weight_copies == (weight_copies == "true")
+    print(f"straight {want}\nresumed  {got}")
+    assert len(got) == 6
+    for a, b in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-4

@@ -11,6 +11,13 @@ The arithmetic follows torch's fused AdamW line by line (decoupled weight decay,
 from the step count, ``sqrt(v) / sqrt(1 - beta2^t) + eps``), in float32, with the gradients divided
 by ``grad_scale`` first when one is given (the in-kernel clip): results agree with torch's kernel to
 float32 rounding, not bit for bit (``pow`` and the order of the multiplications differ).
+
+Gradients come as float32 (``grads``), as bf16 (``bf16_grads``: the gradient of a bf16 weight copy,
+the same values autocast's float32 gradient has), or both, added in float32 (a tied embedding: its
+lookup's float32 gradient and the output projection's bf16 one, as autograd would add them). With
+``copies`` the kernel also writes each updated parameter, rounded to bf16, into its copy. Reading a
+bf16 gradient and writing a bf16 copy moves no more bytes than reading a float32 gradient, and saves
+autocast's casts of weights and weight gradients, ~6 bytes per parameter per step.
 """
 
 from __future__ import annotations
@@ -21,12 +28,30 @@ import triton.language as tl
 
 BLOCK = 1024  # scripts/bench_optimizer.py: 512-1024 elements were fastest on an H100 and an H200, 2048 slower
 NUM_WARPS = 8
+
+
 ALIGN = 16  # bytes: the kernel tells Triton (literal 16 below) that every tensor is aligned, for vector loads
 
 
 @triton.jit
+def _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32: tl.constexpr, GRAD16: tl.constexpr):
+    """The float32 gradient (row 1 of the address table), the bf16 one (row 6) upcast, or their sum."""
+    bf16 = tl.pointer_type(tl.bfloat16)
+    if GRAD32:
+        address = tl.load(pointers_ptr + n_tensors + tensor)
+        grad = tl.load(tl.multiple_of(address.to(tl.pointer_type(tl.float32), bitcast=True), 16) + offsets, mask=mask)
+        if GRAD16:
+            address = tl.load(pointers_ptr + 6 * n_tensors + tensor)
+            grad += tl.load(tl.multiple_of(address.to(bf16, bitcast=True), 16) + offsets, mask=mask).to(tl.float32)
+    else:
+        address = tl.load(pointers_ptr + 6 * n_tensors + tensor)
+        grad = tl.load(tl.multiple_of(address.to(bf16, bitcast=True), 16) + offsets, mask=mask).to(tl.float32)
+    return grad
+
+
+@triton.jit
 def _adamw_kernel(
-    pointers_ptr,  # int64 [5, n_tensors]: param, grad, exp_avg, exp_avg_sq, step addresses
+    pointers_ptr,  # int64 [7, n_tensors]: param, grad, exp_avg, exp_avg_sq, step, copy, bf16 grad addresses
     block_tensor_ptr,  # int32 [n_blocks]: the tensor each program updates
     block_start_ptr,  # int64 [n_blocks]: the program's first element in that tensor
     numel_ptr,  # int64 [n_tensors]
@@ -40,6 +65,9 @@ def _adamw_kernel(
     weight_decay,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    GRAD32: tl.constexpr,  # a float32 gradient
+    GRAD16: tl.constexpr,  # a bf16 gradient (added to the float32 one when both)
+    COPY: tl.constexpr,  # write the parameter to a bf16 copy as well
     BLOCK: tl.constexpr,
 ):
     tensor = tl.load(block_tensor_ptr + tl.program_id(0))
@@ -50,12 +78,11 @@ def _adamw_kernel(
     mask = offsets < limit
     f32 = tl.pointer_type(tl.float32)
     param_ptr = tl.multiple_of(tl.load(pointers_ptr + tensor).to(f32, bitcast=True), 16)
-    grad_ptr = tl.multiple_of(tl.load(pointers_ptr + n_tensors + tensor).to(f32, bitcast=True), 16)
     exp_avg_ptr = tl.multiple_of(tl.load(pointers_ptr + 2 * n_tensors + tensor).to(f32, bitcast=True), 16)
     exp_avg_sq_ptr = tl.multiple_of(tl.load(pointers_ptr + 3 * n_tensors + tensor).to(f32, bitcast=True), 16)
     step_ptr = tl.load(pointers_ptr + 4 * n_tensors + tensor).to(f32, bitcast=True)
 
-    grad = tl.load(grad_ptr + offsets, mask=mask)
+    grad = _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32, GRAD16)
     if HAS_SCALE:
         grad = grad / tl.load(scale_ptr)
     param = tl.load(param_ptr + offsets, mask=mask)
@@ -72,6 +99,47 @@ def _adamw_kernel(
     tl.store(param_ptr + offsets, param, mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+    if COPY:
+        bf16 = tl.pointer_type(tl.bfloat16)
+        copy_ptr = tl.multiple_of(tl.load(pointers_ptr + 5 * n_tensors + tensor).to(bf16, bitcast=True), 16)
+        # Round to nearest even on the bits, as torch's .to(bfloat16) does; the GPU's conversion would too (and
+        # was as fast), but Triton's interpreter truncates, and this way CPU tests run the code the GPU runs.
+        bits = param.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(param != param, 0x7FC0, rounded)  # NaN stays NaN
+        tl.store(copy_ptr + offsets, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _add(a, b):  # tl.sum's combine; spelled out because the interpreter cannot call triton's own jit functions
+    return a + b
+
+
+@triton.jit
+def _sum_squares_kernel(
+    pointers_ptr,  # int64 [7, n_tensors], as the update's (rows 1 and 6 are read)
+    block_tensor_ptr,
+    block_start_ptr,
+    numel_ptr,
+    out_ptr,  # float32 [cdiv(n_blocks, BLOCKS_PER_PROGRAM)]: each program's sum of squares
+    n_tensors,
+    n_blocks,
+    GRAD32: tl.constexpr,
+    GRAD16: tl.constexpr,
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    total = tl.full([BLOCK], 0.0, tl.float32)  # (tl.zeros is a jit function the interpreter cannot call)
+    for i in range(BLOCKS_PER_PROGRAM):  # several table entries per program: fewer, longer reductions
+        entry = tl.program_id(0) * BLOCKS_PER_PROGRAM + i
+        if entry < n_blocks:
+            tensor = tl.load(block_tensor_ptr + entry)
+            offsets = tl.load(block_start_ptr + entry) + tl.arange(0, BLOCK)
+            mask = offsets < tl.load(numel_ptr + tensor)
+            grad = _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32, GRAD16)
+            grad = tl.where(mask, grad, 0.0)
+            total += grad * grad
+    tl.store(out_ptr + tl.program_id(0), tl.reduce(total, 0, _add))
 
 
 class BlockTable:
@@ -87,25 +155,72 @@ class BlockTable:
         self.block = BLOCK
 
 
-def check_tensors(tensor_lists: list[list[torch.Tensor]]) -> None:
-    """The kernel reads raw addresses: contiguous float32 tensors, aligned, a gradient per parameter."""
-    for i, param in enumerate(tensor_lists[0]):
-        for tensor in (t[i] for t in tensor_lists):
-            if tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.data_ptr() % ALIGN:
-                raise ValueError(
-                    f"the triton AdamW kernel needs contiguous, {ALIGN}-byte aligned float32 tensors; got a "
-                    f"{tensor.dtype} tensor of shape {tuple(tensor.shape)} for a parameter of shape "
-                    f"{tuple(param.shape)}: use optim.kernel=torch"
-                )
-            if tensor.numel() != param.numel():
-                raise ValueError(
-                    f"a gradient or state of shape {tuple(tensor.shape)} for a {tuple(param.shape)} parameter"
-                )
+def tensor_rows(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor] | None,
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    copies: list[torch.Tensor] | None,
+    bf16_grads: list[torch.Tensor] | None,
+) -> list[list[torch.Tensor]]:
+    """The address table's seven rows; a row that is not read holds the parameters (any valid address)."""
+    return [params, grads or params, exp_avgs, exp_avg_sqs, steps, copies or params, bf16_grads or params]
+
+
+def check_tensors(rows: list[list[torch.Tensor]], grad32: bool, grad16: bool, copy: bool) -> None:
+    """The kernel reads raw addresses: contiguous, aligned tensors of one size per parameter; float32,
+    but for the bf16 gradients and copies."""
+    kinds = [
+        ("parameter", torch.float32, True),
+        ("gradient", torch.float32, grad32),
+        ("exp_avg", torch.float32, True),
+        ("exp_avg_sq", torch.float32, True),
+        ("copy", torch.bfloat16, copy),
+        ("bf16 gradient", torch.bfloat16, grad16),
+    ]
+    for i, param in enumerate(rows[0]):
+        for (kind, dtype, used), row in zip(kinds, rows[:4] + rows[5:], strict=True):
+            if used:
+                check_tensor(kind, row[i], param, dtype)
+
+
+def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> None:
+    if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.data_ptr() % ALIGN:
+        raise ValueError(
+            f"the triton AdamW kernel needs a contiguous, {ALIGN}-byte aligned {dtype} {kind}; got a "
+            f"{'contiguous' if tensor.is_contiguous() else 'strided'} {tensor.dtype} tensor of shape "
+            f"{tuple(tensor.shape)} at address {tensor.data_ptr():#x} for a parameter of shape {tuple(param.shape)}: "
+            "use optim.kernel=torch"
+        )
+    if tensor.numel() != param.numel():
+        raise ValueError(f"a {kind} of shape {tuple(tensor.shape)} for a {tuple(param.shape)} parameter")
+
+
+def _grads_ok(grads: list[torch.Tensor] | None, dtype: torch.dtype, numels: list[int]) -> bool:
+    """The per-step check of new gradients, kept cheap (it runs while the GPU waits)."""
+    if grads is None:
+        return True
+    return all(g.dtype == dtype and g.is_contiguous() for g in grads) and [g.numel() for g in grads] == numels
+
+
+def _table(table: BlockTable | None, numels: list[int], device: torch.device) -> tuple[BlockTable, bool]:
+    if table is None or table.numels != numels or table.block != BLOCK:
+        return BlockTable(numels, device), True
+    return table, False
+
+
+def _addresses(rows: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
+    addresses = [[t.data_ptr() for t in row] for row in rows]
+    aligned = not any(a % ALIGN for i, row in enumerate(addresses) if i != 4 for a in row)
+    # Non-blocking: a blocking copy would make the host wait for the stream. From pageable memory the
+    # driver stages the bytes before it returns, so the CPU tensor may go away at once.
+    return torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True), aligned
 
 
 def adamw_(
     params: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    grads: list[torch.Tensor] | None,
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
@@ -117,30 +232,31 @@ def adamw_(
     weight_decay: float,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    copies: list[torch.Tensor] | None = None,
+    bf16_grads: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
 ) -> BlockTable:
     """One AdamW step in place, all tensors in one launch; ``steps`` (float32 scalars on the same
     device) are incremented first, as torch's optimizer does. With ``found_inf`` (a float32 scalar on
-    the device) equal to 1 nothing changes, steps included, as in torch's fused AdamW. Returns the
+    the device) equal to 1 nothing changes, steps included, as in torch's fused AdamW. The gradient
+    of a parameter is ``grads`` (float32), ``bf16_grads``, or their sum when both are given; with
+    ``copies`` each updated parameter is also written, rounded, into its bf16 copy. Returns the
     block table, which the caller passes back on later steps (it depends only on the sizes)."""
     if not params:
         return table
-    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs]
+    if grads is None and bf16_grads is None:
+        raise ValueError("adamw_ needs float32 gradients, bf16 gradients, or both")
     device = params[0].device
     numels = [p.numel() for p in params]
-    if table is None or table.numels != numels or table.block != BLOCK:
-        check_tensors(tensor_lists)
-        table = BlockTable(numels, device)
-    addresses = [[t.data_ptr() for t in ts] for ts in (*tensor_lists, steps)]
-    # Parameters and state were checked with the table; the gradients are new every step (kept cheap: this
-    # runs while the GPU waits for the update).
-    grads_ok = all(g.dtype == torch.float32 and g.is_contiguous() for g in grads)
-    if not grads_ok or [g.numel() for g in grads] != numels or any(a % ALIGN for row in addresses[:4] for a in row):
-        check_tensors(tensor_lists)  # names the offending tensor
+    rows = tensor_rows(params, grads, exp_avgs, exp_avg_sqs, steps, copies, bf16_grads)
+    flags = (grads is not None, bf16_grads is not None, copies is not None)
+    table, new = _table(table, numels, device)
+    if new:  # parameters, state and copies are checked once, with the table
+        check_tensors(rows, *flags)
+    pointers, aligned = _addresses(rows, device)
+    if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
+        check_tensors(rows, *flags)  # names the offending tensor
     torch._foreach_add_(steps, 1)
-    # Non-blocking: a blocking copy would make the host wait for the stream. From pageable memory the
-    # driver stages the bytes before it returns, so the CPU tensor may go away at once.
-    pointers = torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     scale = grad_scale if grad_scale is not None else steps[0]  # any valid pointer when unused
@@ -159,7 +275,51 @@ def adamw_(
         weight_decay,
         HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        GRAD32=flags[0],
+        GRAD16=flags[1],
+        COPY=flags[2],
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
     return table
+
+
+BLOCKS_PER_PROGRAM = 8  # sum_of_squares: 8 table entries (8192 elements) per program
+
+
+def sum_of_squares(
+    grads: list[torch.Tensor] | None,
+    bf16_grads: list[torch.Tensor] | None = None,
+    table: BlockTable | None = None,
+) -> tuple[torch.Tensor, BlockTable]:
+    """The sum over all elements of the squared gradient (``grads``, ``bf16_grads`` or their sum, as
+    the update reads it), in float32: one launch over the update's block table (built here if
+    ``table`` does not fit), each program summing its blocks, then torch summing the programs'
+    results, in a fixed order. Returns the sum (a float32 scalar on the device) and the table."""
+    first = grads if grads is not None else bf16_grads
+    if not first:
+        raise ValueError("sum_of_squares needs float32 gradients, bf16 gradients, or both")
+    device = first[0].device
+    numels = [g.numel() for g in first]
+    table, _ = _table(table, numels, device)
+    rows = [first, grads or first, first, first, first, first, bf16_grads or first]
+    pointers, aligned = _addresses(rows, device)
+    if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
+        check_tensors(rows, grads is not None, bf16_grads is not None, False)
+    n_blocks = table.block_tensor.numel()
+    partial = torch.empty(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM), dtype=torch.float32, device=device)
+    _sum_squares_kernel[(partial.numel(),)](
+        pointers,
+        table.block_tensor,
+        table.block_start,
+        table.numel,
+        partial,
+        len(first),
+        n_blocks,
+        GRAD32=grads is not None,
+        GRAD16=bf16_grads is not None,
+        BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    return partial.sum(), table

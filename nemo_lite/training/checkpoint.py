@@ -159,4 +159,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device | s
     if missing:
         raise CheckpointNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    return torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    # The train state stays on the CPU: RNG states must be CPU byte tensors, and the optimizer's
+    # load_state_dict moves its state to each parameter's device itself.
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

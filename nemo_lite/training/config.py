@@ -83,6 +83,10 @@ class OptimSection:
     # The fused step's kernel: "torch" (torch's multi-tensor kernel), "triton" (nemo_lite's, all tensors in
     # one launch, faster: docs/benchmarks.md), "auto" = triton on one GPU when triton is installed.
     kernel: str = "auto"
+    # bf16 copies of the decoder blocks' weight matrices, written by the triton kernel after each update, that
+    # the blocks multiply by under bf16 autocast (their gradients arrive as bf16): the same values as
+    # autocast's casts, without the casts. "auto" = on when the kernel is triton and autocast is bf16 on one GPU.
+    weight_copies: str = "auto"
 
 
 @dataclass
@@ -180,6 +184,9 @@ def validate(cfg: RecipeConfig) -> None:
         cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
     _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
     _choice("optim.kernel", cfg.optim.kernel, ["auto", "torch", "triton"])
+    if isinstance(cfg.optim.weight_copies, bool) or cfg.optim.weight_copies in ("True", "False"):
+        cfg.optim.weight_copies = str(cfg.optim.weight_copies).lower()
+    _choice("optim.weight_copies", cfg.optim.weight_copies, ["auto", "true", "false"])
     if cfg.optim.kernel == "triton" and cfg.optim.fused == "false":
         raise ConfigError("optim.kernel=triton is a fused step: it needs optim.fused=true or auto")
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])

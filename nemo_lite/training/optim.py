@@ -78,29 +78,154 @@ class AdamW(torch.optim.AdamW):
             )
         return None
 
-    def _triton_step(self) -> None:
+    # ---- bf16 weight copies (optim.weight_copies) ------------------------------------------------
+
+    def keep_weight_copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """From now on each ``(param, copy)`` pair's gradient is read from the bf16 ``copy`` (the layer
+        multiplies by it), and every step writes the updated parameter into the copy as well. The
+        parameters stay what state dicts and checkpoints hold; see :func:`attach_weight_copies`."""
+        if self.kernel != "triton":
+            raise ValueError("bf16 weight copies are written by the triton AdamW kernel: it needs kernel='triton'")
+        for param, copy in pairs:
+            if copy.dtype != torch.bfloat16 or copy.shape != param.shape or not copy.is_leaf:
+                shape = tuple(param.shape)
+                raise ValueError(f"a weight copy must be a bf16 leaf tensor shaped like its parameter, {shape}")
+        self._copies = dict(pairs)
+        self._kernel_tables.clear()
+        self.refresh_weight_copies()
+
+    @torch.no_grad()
+    def refresh_weight_copies(self) -> None:
+        """Round every parameter into its copy again (after anything but a step changed the parameters)."""
+        copies = getattr(self, "_copies", {})
+        if copies:
+            torch._foreach_copy_(list(copies.values()), list(copies))
+
+    def gradients(self, param: torch.Tensor) -> list[torch.Tensor]:
+        """The gradients this optimizer adds up for ``param``: its own (float32) and its copy's (bf16)."""
+        copy = getattr(self, "_copies", {}).get(param)
+        return [g for g in (param.grad, None if copy is None else copy.grad) if g is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for copy in getattr(self, "_copies", {}).values():
+            if set_to_none:
+                copy.grad = None
+            elif copy.grad is not None:
+                copy.grad.zero_()
+
+    def _triton_lists(self, init_state: bool) -> dict[tuple, dict[str, list[torch.Tensor]]]:
+        """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy, or
+        both, as a tied embedding has) and whether there is a copy to write, the lists of tensors."""
+        copies = getattr(self, "_copies", {})
+        out: dict[tuple, dict[str, list[torch.Tensor]]] = {}
+        for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                copy = copies.get(param)
+                bf16_grad = None if copy is None else copy.grad
+                if param.grad is None and bf16_grad is None:
+                    continue
+                key = (index, param.grad is not None, bf16_grad is not None, copy is not None)
+                lists = out.setdefault(key, {k: [] for k in ("params", "grads", "bf16_grads", "copies", "state")})
+                lists["params"].append(local_shard(param))
+                if param.grad is not None:
+                    lists["grads"].append(local_shard(param.grad))
+                if copy is not None:
+                    lists["copies"].append(copy)
+                if bf16_grad is not None:
+                    lists["bf16_grads"].append(bf16_grad)
+                if init_state:
+                    state = self.state[param]
+                    if not state:  # torch's fused AdamW state, so checkpoints do not depend on the kernel
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    lists["state"].append(state)
+        return out
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the gradients this optimizer will use (a copy's added to its parameter's own), from
+        the kernel's block tables: one launch per list, float32 sums of squares summed in a fixed order."""
         from nemo_lite.training import adamw_kernel
 
+        if self.kernel != "triton":
+            raise ValueError("grad_norm is computed by the triton kernels; use nemo_lite.training.optim.gradient_norm")
+        total = None
+        for key, lists in self._triton_lists(init_state=False).items():
+            squares, self._kernel_tables[key] = adamw_kernel.sum_of_squares(
+                lists["grads"] or None, lists["bf16_grads"] or None, table=self._kernel_tables.get(key)
+            )
+            total = squares if total is None else total + squares
+        if total is None:
+            return torch.zeros(())
+        return total.sqrt()
+
+    def _triton_step(self) -> None:
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             if group["maximize"] or group["amsgrad"] or group["differentiable"] or torch.is_tensor(group["lr"]):
                 raise ValueError("the triton AdamW kernel supports plain AdamW only (float lr, no maximize/amsgrad)")
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-            tensors = [[local_shard(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-            beta1, beta2 = group["betas"]
-            self._kernel_tables[index] = adamw_kernel.adamw_(
-                *tensors,
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                table=self._kernel_tables.get(index),
-            )
+        for key, lists in self._triton_lists(init_state=True).items():
+            self._launch(key, lists, grad_scale, found_inf)
+
+    def _launch(self, key: tuple, lists: dict, grad_scale=None, found_inf=None) -> None:
+        """One launch of the update kernel: one of :meth:`_triton_lists`' entries."""
+        from nemo_lite.training import adamw_kernel
+
+        group = self.param_groups[key[0]]
+        beta1, beta2 = group["betas"]
+        states = lists["state"]
+        self._kernel_tables[key] = adamw_kernel.adamw_(
+            lists["params"],
+            lists["grads"] or None,
+            [local_shard(s["exp_avg"]) for s in states],
+            [local_shard(s["exp_avg_sq"]) for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            copies=lists["copies"] or None,
+            bf16_grads=lists["bf16_grads"] or None,
+            table=self._kernel_tables.get(key),
+        )
+
+
+def attach_weight_copies(model: nn.Module, optimizer: AdamW) -> int:
+    """Give every :class:`~nemo_lite.components.models.llama.Linear` in ``model.layers``, and the output
+    projection (``model.output_weight``, the embedding matrix when tied), a bf16 copy of its weight,
+    rewritten by ``optimizer``'s kernel after every update (``optim.weight_copies``). Under bf16 autocast
+    the model then multiplies by the copies and their gradients arrive as bf16 on the copies: the values
+    autocast would give, without casting every weight down and every weight gradient up each step. A
+    tied embedding's lookup still reads the float32 matrix; the kernel adds its float32 gradient to the
+    copy's. Returns the number of weights given a copy."""
+    from nemo_lite.components.models.llama import Linear
+
+    pairs = []
+    for module in model.layers.modules():
+        if isinstance(module, Linear) and module.weight.requires_grad:
+            module.weight_copy = torch.empty_like(module.weight, dtype=torch.bfloat16).requires_grad_()
+            pairs.append((module.weight, module.weight_copy))
+    if model.output_weight.requires_grad:
+        model.output_weight_copy = torch.empty_like(model.output_weight, dtype=torch.bfloat16).requires_grad_()
+        pairs.append((model.output_weight, model.output_weight_copy))
+    optimizer.keep_weight_copies(pairs)
+    return len(pairs)
+
+
+def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, accumulated in float32 whatever their dtypes (bf16
+    gradients of weight copies included), as a float32 scalar on their device."""
+    if not grads:
+        return torch.zeros(())
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    norms = [n for ts in by_dtype.values() for n in torch._foreach_norm(ts, 2.0, dtype=torch.float32)]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:

@@ -33,7 +33,15 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
-from nemo_lite.training.optim import build_optimizer, build_scheduler, clipped_step, local_shard, steps_on_device
+from nemo_lite.training.optim import (
+    attach_weight_copies,
+    build_optimizer,
+    build_scheduler,
+    clipped_step,
+    gradient_norm,
+    local_shard,
+    steps_on_device,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,9 +129,27 @@ class Trainer:
         self.nonfinite_total = 0
         if resume_from is not None:
             self._load(resume_from)
+        self.weight_copies = self._weight_copies()
+        if self.weight_copies:  # after a resume: the copies start from the loaded weights
+            n = attach_weight_copies(self.raw_model, self.optimizer)
+            self._log(f"bf16 weight copies for {n} weight matrices (optim.weight_copies)")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
+
+    def _weight_copies(self) -> bool:
+        """Whether the blocks multiply by bf16 weight copies that the triton AdamW kernel writes."""
+        setting = self.cfg.optim.weight_copies
+        needs = {
+            "bf16 autocast on a GPU (trainer.autocast_dtype=bfloat16)": self.device.type == "cuda"
+            and self.cfg.trainer.autocast_dtype == "bfloat16",
+            "the triton AdamW kernel (optim.kernel=triton or auto)": self.optimizer.kernel == "triton",
+            "one process (under torchrun FSDP2 casts the gathered weights)": not self.dist.enabled,
+        }
+        missing = [what for what, ok in needs.items() if not ok]
+        if setting == "true" and missing:
+            raise ConfigError(f"optim.weight_copies=true needs {' and '.join(missing)}; use optim.weight_copies=auto")
+        return setting != "false" and not missing
 
     def _data_config(self):
         from nemo_lite.components.datasets import DataConfig
@@ -262,6 +288,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if getattr(self, "weight_copies", False):
+            self.optimizer.refresh_weight_copies()
         self._log(f"resumed from {path} at step {self.step}")
 
     # ---- the step ----------------------------------------------------------------------------
@@ -280,7 +308,7 @@ class Trainer:
             )
             return cross_entropy_sum(
                 hidden,
-                self.raw_model.output_weight,
+                self.raw_model.output_projection_weight(self.device.type),
                 batch["labels"],
                 chunk_tokens=self.cfg.trainer.loss_chunk_size,
                 compiled=self.cfg.trainer.compile,
@@ -326,8 +354,12 @@ class Trainer:
         clip = self.cfg.trainer.clip_grad_norm
         # Under FSDP2 each rank holds a disjoint shard of every gradient: the squared norms of the local
         # shards add up to the global one, which rides on the all-reduce of the step's totals.
-        local_grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
-        local_norm = torch.nn.utils.get_total_norm(local_grads)
+        if self.optimizer.kernel == "triton":  # one launch per list of the update, over its block tables
+            local_grads = [local_shard(g) for p in self.model.parameters() for g in self.optimizer.gradients(p)]
+            local_norm = self.optimizer.grad_norm()
+        else:
+            local_grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
+            local_norm = gradient_norm(local_grads)
         stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
         if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
             totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])

@@ -93,6 +93,26 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_B1SD: torch.Tensor, sin_B1SD: torch.T
 # ---- attention, MLP, block ----------------------------------------------------------------------
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that, under autocast, can multiply by a bf16 copy of its weight.
+
+    ``weight`` is the float32 master (what state dicts, checkpoints and exports hold). The trainer may
+    set ``weight_copy``, a bf16 leaf tensor that the optimizer rewrites after every update
+    (``optim.weight_copies``, :func:`nemo_lite.training.optim.attach_weight_copies`): under autocast
+    the layer then multiplies by the copy and the gradient lands on the copy, as bf16, instead of
+    autocast casting the weight down and the gradient up every step. The values are the same, since
+    autocast's cast rounds the same way and its gradient is the bf16 one upcast. Outside autocast
+    the master is used, as by ``nn.Linear``.
+    """
+
+    weight_copy: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_copy is not None and torch.is_autocast_enabled(x.device.type):
+            return F.linear(x, self.weight_copy, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: q/k/v projections, RoPE on q and k, the backend, the output projection."""
 
@@ -102,10 +122,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.backend = backend  # shared by every layer; it has no parameters
 
     def forward(
@@ -132,9 +152,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -179,6 +199,8 @@ class LlamaForCausalLM(nn.Module):
 
     # The sliding windows the layers use (0 = none); every one gets its mask built per step.
     sliding_windows: tuple[int, ...] = (0,)
+    # A bf16 copy of output_weight that the output projection multiplies by under autocast (see Linear).
+    output_weight_copy: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -210,6 +232,13 @@ class LlamaForCausalLM(nn.Module):
         For a chunked cross-entropy: ``logits = hidden @ model.output_weight.T`` chunk by chunk.
         """
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def output_projection_weight(self, device_type: str) -> torch.Tensor:
+        """What the output projection multiplies by: ``output_weight_copy`` under autocast when the
+        trainer set one (as :class:`Linear` does), else :attr:`output_weight`."""
+        if self.output_weight_copy is not None and torch.is_autocast_enabled(device_type):
+            return self.output_weight_copy
+        return self.output_weight
 
     def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask:
         """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id)."""
@@ -250,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, S, vocab]`` in the parameters' dtype."""
         hidden_BSE = self.forward_hidden(input_ids_BS, position_ids=position_ids, attention_mask=attention_mask)
-        return F.linear(hidden_BSE, self.output_weight)
+        return F.linear(hidden_BSE, self.output_projection_weight(hidden_BSE.device.type))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
