@@ -26,6 +26,10 @@ class AdamW(torch.optim.AdamW):
     dispatch, which cost ~4 ms of host time per step on the 1B model while the GPU waited. State
     (``exp_avg``, ``exp_avg_sq``, ``step``) stays on the DTensors torch created, so state dicts and
     ``torch.distributed.checkpoint`` see the usual optimizer, whichever kernel wrote it.
+
+    With the Triton kernel the optimizer can also keep bf16 weight copies up to date
+    (:meth:`keep_weight_copies`, :func:`attach_weight_copies`) and compute the gradient norm over its
+    launches' block tables (:meth:`grad_norm`).
     """
 
     def __init__(self, params, *args, kernel: str = "torch", **kwargs) -> None:
