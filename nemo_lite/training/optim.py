@@ -37,7 +37,8 @@ class AdamW(torch.optim.AdamW):
             raise ValueError(f"kernel={kernel!r} is not valid; choose torch or triton")
         super().__init__(params, *args, **kwargs)
         self.kernel = kernel
-        self._kernel_tables: dict = {}  # per param group: the Triton kernel's block table (sizes only)
+        self._kernel_tables: dict = {}  # per launch: the Triton kernel's block table (sizes only)
+        self._copies: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> bf16 weight copy (keep_weight_copies)
         if kernel == "triton":
             if not all(g["fused"] for g in self.param_groups):
                 raise ValueError("the triton AdamW kernel is a fused step: it needs fused=True")
@@ -101,18 +102,17 @@ class AdamW(torch.optim.AdamW):
     @torch.no_grad()
     def refresh_weight_copies(self) -> None:
         """Round every parameter into its copy again (after anything but a step changed the parameters)."""
-        copies = getattr(self, "_copies", {})
-        if copies:
-            torch._foreach_copy_(list(copies.values()), list(copies))
+        if self._copies:
+            torch._foreach_copy_(list(self._copies.values()), list(self._copies))
 
     def gradients(self, param: torch.Tensor) -> list[torch.Tensor]:
         """The gradients this optimizer adds up for ``param``: its own (float32) and its copy's (bf16)."""
-        copy = getattr(self, "_copies", {}).get(param)
+        copy = self._copies.get(param)
         return [g for g in (param.grad, None if copy is None else copy.grad) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for copy in getattr(self, "_copies", {}).values():
+        for copy in self._copies.values():
             if set_to_none:
                 copy.grad = None
             elif copy.grad is not None:
@@ -121,7 +121,7 @@ class AdamW(torch.optim.AdamW):
     def _triton_lists(self, init_state: bool) -> dict[tuple, dict[str, list[torch.Tensor]]]:
         """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy, or
         both, as a tied embedding has) and whether there is a copy to write, the lists of tensors."""
-        copies = getattr(self, "_copies", {})
+        copies = self._copies
         out: dict[tuple, dict[str, list[torch.Tensor]]] = {}
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
@@ -153,7 +153,7 @@ class AdamW(torch.optim.AdamW):
         from nemo_lite.training import adamw_kernel
 
         if self.kernel != "triton":
-            raise ValueError("grad_norm is computed by the triton kernels; use nemo_lite.training.optim.gradient_norm")
+            raise ValueError("grad_norm runs the triton kernels; with kernel=torch use torch.nn.utils.get_total_norm")
         total = None
         for key, lists in self._triton_lists(init_state=False).items():
             squares, self._kernel_tables[key] = adamw_kernel.sum_of_squares(
@@ -218,18 +218,6 @@ def attach_weight_copies(model: nn.Module, optimizer: AdamW) -> int:
         pairs.append((model.output_weight, model.output_weight_copy))
     optimizer.keep_weight_copies(pairs)
     return len(pairs)
-
-
-def gradient_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together, accumulated in float32 whatever their dtypes (bf16
-    gradients of weight copies included), as a float32 scalar on their device."""
-    if not grads:
-        return torch.zeros(())
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_dtype.setdefault(grad.dtype, []).append(grad)
-    norms = [n for ts in by_dtype.values() for n in torch._foreach_norm(ts, 2.0, dtype=torch.float32)]
-    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:

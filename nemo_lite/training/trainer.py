@@ -38,7 +38,6 @@ from nemo_lite.training.optim import (
     build_optimizer,
     build_scheduler,
     clipped_step,
-    gradient_norm,
     local_shard,
     steps_on_device,
 )
@@ -354,12 +353,12 @@ class Trainer:
         clip = self.cfg.trainer.clip_grad_norm
         # Under FSDP2 each rank holds a disjoint shard of every gradient: the squared norms of the local
         # shards add up to the global one, which rides on the all-reduce of the step's totals.
-        if self.optimizer.kernel == "triton":  # one launch per list of the update, over its block tables
-            local_grads = [local_shard(g) for p in self.model.parameters() for g in self.optimizer.gradients(p)]
+        triton = self.optimizer.kernel == "triton"
+        params = list(self.model.parameters())
+        if triton:  # one launch per list of the update, over its block tables
             local_norm = self.optimizer.grad_norm()
         else:
-            local_grads = [local_shard(p.grad) for p in self.model.parameters() if p.grad is not None]
-            local_norm = gradient_norm(local_grads)
+            local_norm = torch.nn.utils.get_total_norm([local_shard(p.grad) for p in params if p.grad is not None])
         stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
         if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
             totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
@@ -379,6 +378,8 @@ class Trainer:
                 clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
             else:
                 if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
+                    grads = [g for p in params for g in (self.optimizer.gradients(p) if triton else [p.grad])]
+                    local_grads = [local_shard(g) for g in grads if g is not None]
                     torch._foreach_mul_(local_grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
                 self.optimizer.step()
             self._consecutive_nonfinite = 0
