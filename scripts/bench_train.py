@@ -56,7 +56,9 @@ def run_nemo(
     tuned: bool = False,
     adam_kernel: str = "auto",
     weight_copies: str = "auto",
+    loss_kernel: str = "auto",
     time_update_alone: bool = False,
+    time_update_in_loop: bool = False,
 ) -> dict:
     import torch._dynamo
 
@@ -77,6 +79,7 @@ def run_nemo(
     cfg.optim.warmup_steps = 5
     cfg.optim.kernel = adam_kernel
     cfg.optim.weight_copies = weight_copies
+    t.loss_kernel = loss_kernel
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
     FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
@@ -97,6 +100,7 @@ def run_nemo(
             graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     trainer.hooks["after_step"] = after_step
+    launch_events = watch_update(trainer) if time_update_in_loop and trainer.optimizer.kernel == "triton" else None
     trainer.fit()
     update_timing = time_update(trainer) if time_update_alone and trainer.optimizer.kernel == "triton" else None
     kernel_summary = None
@@ -120,6 +124,7 @@ def run_nemo(
         "params": trainer.n_params,
         "adamw_kernel": trainer.optimizer.kernel,
         "weight_copies": trainer.weight_copies,
+        "loss_kernel": trainer.loss_kernel,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
     if tuned:
@@ -128,9 +133,42 @@ def run_nemo(
         result["profile"] = kernel_summary
     if update_timing is not None:
         result["update_alone"] = update_timing
+    if launch_events is not None:
+        result["update_in_loop"] = update_in_loop(launch_events, skip=5)
     FlexAttention.kernel_options = None
     del trainer
     return result
+
+
+def watch_update(trainer) -> list:
+    """CUDA events around each launch of the update and of the gradient norm during training (no sync)."""
+    opt, events = trainer.optimizer, []
+
+    def timed(fn, kind):
+        def wrapper(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            events.append((trainer.step, kind, start, end))
+            return out
+
+        return wrapper
+
+    opt._launch = timed(opt._launch, "update launch")
+    opt.grad_norm = timed(opt.grad_norm, "gradient norm")
+    return events
+
+
+def update_in_loop(events: list, skip: int) -> dict:
+    """Median per step (after ``skip`` steps) of the update's launches and of the gradient norm."""
+    torch.cuda.synchronize()
+    per_step: dict[tuple[int, str], float] = {}
+    for step, kind, start, end in events:
+        if step >= skip:
+            per_step[step, kind] = per_step.get((step, kind), 0.0) + start.elapsed_time(end)
+    kinds = sorted({kind for _, kind in per_step})
+    return {kind: statistics.median(v for (_, k), v in per_step.items() if k == kind) for kind in kinds}
 
 
 def time_update(trainer) -> dict:
@@ -223,6 +261,7 @@ CONFIGS = {
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex-compile-torchadam": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, adam_kernel="torch")),
     "flex-compile-nocopies": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, weight_copies="false")),
+    "flex-compile-torchloss": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, loss_kernel="torch")),
     "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
     "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),
     "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
@@ -243,12 +282,18 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default="", help="comma-separated nemo_lite configs to profile (steps 7-9)")
     parser.add_argument("--time-update", action="store_true", help="after training, time the update alone")
+    parser.add_argument("--time-update-in-loop", action="store_true", help="time the update's launches in training")
+    parser.add_argument("--adamw-block", default=None, help="BLOCK,NUM_WARPS of the triton AdamW kernel")
     parser.add_argument("--flex-kernel-options", default=None, help="JSON file of flex kernel options (-tuned configs)")
     args = parser.parse_args()
     if args.flex_kernel_options:
         FLEX_KERNEL_OPTIONS.update(json.loads(Path(args.flex_kernel_options).read_text()))
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
+    if args.adamw_block:
+        from nemo_lite.training import adamw_kernel
+
+        adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = map(int, args.adamw_block.split(","))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # several models and kernel options in one process
     results = []
@@ -259,7 +304,14 @@ def main() -> None:
         try:
             if kind == "nemo":
                 profile = name in args.profile.split(",")
-                row = run_nemo(name, args.steps, profile=profile, time_update_alone=args.time_update, **kwargs)
+                row = run_nemo(
+                    name,
+                    args.steps,
+                    profile=profile,
+                    time_update_alone=args.time_update,
+                    time_update_in_loop=args.time_update_in_loop,
+                    **kwargs,
+                )
             else:
                 row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:

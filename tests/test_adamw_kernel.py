@@ -3,13 +3,14 @@ the optimizer picks it only where it can run. On CPU the kernel runs in Triton's
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
+from kernel_utils import interpreted
 
 from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig, validate
 from nemo_lite.training.optim import AdamW, attach_weight_copies, build_optimizer, clipped_step
+
+ADAMW_KERNEL = "nemo_lite.training.adamw_kernel"
 
 
 def steps_of_both(device: str, steps: int = 4) -> tuple[list, list, dict, dict, list]:
@@ -54,13 +55,7 @@ def assert_close_to_torch(got, want, got_state, want_state, init) -> None:
 
 
 def test_triton_kernel_in_the_interpreter_matches_torchs_fused_adamw(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the compiled kernel is tested instead")
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import nemo_lite.training.adamw_kernel as kernel_module
-
-    kernel = importlib.reload(kernel_module)  # decorated again, now for the interpreter
+    kernel = interpreted(monkeypatch, ADAMW_KERNEL)
     monkeypatch.setattr(kernel, "BLOCK", 256)  # several blocks per tensor, a partial last one
     assert_close_to_torch(*steps_of_both("cpu"))
 
@@ -87,13 +82,7 @@ def test_kernel_choice_is_checked():
 def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
     """After a good step (the block table exists), a transposed gradient, or one 4 bytes off alignment,
     is named, not misread."""
-    if torch.cuda.is_available():
-        pytest.skip("checked on CPU through the interpreter")
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import nemo_lite.training.adamw_kernel as kernel_module
-
-    importlib.reload(kernel_module)
+    interpreted(monkeypatch, ADAMW_KERNEL)
     param = torch.nn.Parameter(torch.randn(6, 4))
     opt = AdamW([param], lr=1e-2, fused=True, kernel="triton")
     param.grad = torch.randn(6, 4)
@@ -183,13 +172,7 @@ def assert_copies_change_nothing(with_copies, without) -> None:
 
 
 def test_weight_copies_in_the_interpreter_give_the_same_update_bit_for_bit(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the compiled kernel is tested instead")
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import nemo_lite.training.adamw_kernel as kernel_module
-
-    kernel = importlib.reload(kernel_module)
+    kernel = interpreted(monkeypatch, ADAMW_KERNEL)
     monkeypatch.setattr(kernel, "BLOCK", 256)
     assert_copies_change_nothing(*steps_with_and_without_copies("cpu"))
 

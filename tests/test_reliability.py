@@ -24,8 +24,8 @@ def poison_steps(trainer: Trainer, steps) -> None:
     """Make the loss NaN on the given (1-based) steps, as a bad batch or an overflow would."""
     real = trainer._loss_sum
 
-    def loss_sum(batch, mask):
-        loss = real(batch, mask)
+    def loss_sum(batch, mask, *args):
+        loss = real(batch, mask, *args)
         return loss * float("nan") if trainer.step + 1 in steps else loss
 
     trainer._loss_sum = loss_sum

@@ -112,6 +112,10 @@ class TrainerSection:
     # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
     # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0
+    # The head loss: "torch" (the projection and cross-entropy as torch ops, compiled with trainer.compile),
+    # "triton" (nemo_lite's kernel: one pass per row that writes the logits' gradient in forward; a CUDA
+    # device, not chunked). "auto" = triton on one GPU when triton is there and the loss is not chunked.
+    loss_kernel: str = "auto"
     log_every: int = 1
     val_every: int = 50
     val_batches: int = 4
@@ -184,6 +188,12 @@ def validate(cfg: RecipeConfig) -> None:
         cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
     _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
     _choice("optim.kernel", cfg.optim.kernel, ["auto", "torch", "triton"])
+    _choice("trainer.loss_kernel", cfg.trainer.loss_kernel, ["auto", "torch", "triton"])
+    if cfg.trainer.loss_kernel == "triton" and cfg.trainer.loss_chunk_size > 0:
+        raise ConfigError(
+            f"trainer.loss_kernel=triton is not chunked; got trainer.loss_chunk_size={cfg.trainer.loss_chunk_size}: "
+            "use trainer.loss_chunk_size=0, or trainer.loss_kernel=torch"
+        )
     if isinstance(cfg.optim.weight_copies, bool) or cfg.optim.weight_copies in ("True", "False"):
         cfg.optim.weight_copies = str(cfg.optim.weight_copies).lower()
     _choice("optim.weight_copies", cfg.optim.weight_copies, ["auto", "true", "false"])

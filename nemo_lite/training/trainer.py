@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import resource
@@ -128,6 +129,7 @@ class Trainer:
         self.nonfinite_total = 0
         if resume_from is not None:
             self._load(resume_from)
+        self.loss_kernel = self._loss_kernel()
         self.weight_copies = self._weight_copies()
         if self.weight_copies:  # after a resume: the copies start from the loaded weights
             n = attach_weight_copies(self.raw_model, self.optimizer)
@@ -135,6 +137,21 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
+
+    def _loss_kernel(self) -> str:
+        """The head loss's kernel: trainer.loss_kernel, with auto resolved (triton on one GPU, unchunked)."""
+        setting = self.cfg.trainer.loss_kernel
+        if setting == "triton" and self.device.type != "cuda":
+            raise ConfigError(
+                f"trainer.loss_kernel=triton runs on a GPU; this run is on {self.device.type}: "
+                "use trainer.loss_kernel=auto or torch"
+            )
+        if setting == "triton" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("trainer.loss_kernel=triton needs the triton package (CUDA builds of torch ship it)")
+        if setting != "auto":
+            return setting
+        usable = self.device.type == "cuda" and not self.dist.enabled and self.cfg.trainer.loss_chunk_size == 0
+        return "triton" if usable and importlib.util.find_spec("triton") is not None else "torch"
 
     def _weight_copies(self) -> bool:
         """Whether the blocks multiply by bf16 weight copies that the triton AdamW kernel writes."""
@@ -300,7 +317,9 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor], mask) -> torch.Tensor:
+    def _loss_sum(self, batch: dict[str, torch.Tensor], mask, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's summed token loss; ``grad_scale``: the gradient it will receive (the triton loss
+        kernel writes the logits' gradient in forward)."""
         with self._autocast():
             hidden = self.model.forward_hidden(
                 batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=mask
@@ -311,6 +330,8 @@ class Trainer:
                 batch["labels"],
                 chunk_tokens=self.cfg.trainer.loss_chunk_size,
                 compiled=self.cfg.trainer.compile,
+                kernel=self.loss_kernel,
+                grad_scale=grad_scale,
             )
 
     def _build_mask(self, input_ids: torch.Tensor):
@@ -326,6 +347,13 @@ class Trainer:
             global_labels = torch.tensor(float(n_labels), device=self.device, dtype=torch.float64)
             torch.distributed.all_reduce(global_labels)
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
+        grad_scale = None  # what each micro-batch's loss sum receives in backward, for the triton loss kernel
+        if self.loss_kernel == "triton":
+            grad_scale = (
+                loss_scale
+                if torch.is_tensor(loss_scale)
+                else torch.full((), loss_scale, dtype=torch.float32, device=self.device)
+            )
         on_cuda = self.device.type == "cuda"
         loss_sum = torch.zeros((), device=self.device)
         attn_flops = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -347,7 +375,7 @@ class Trainer:
             attn_flops += attention_flops(
                 mask, layers=cfg.num_hidden_layers, q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim
             )
-            loss = self._loss_sum(batch, mask)
+            loss = self._loss_sum(batch, mask, grad_scale)
             (loss * loss_scale).backward()
             loss_sum += loss.detach()
         clip = self.cfg.trainer.clip_grad_norm
