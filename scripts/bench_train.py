@@ -284,12 +284,22 @@ def main() -> None:
     parser.add_argument("--time-update", action="store_true", help="after training, time the update alone")
     parser.add_argument("--time-update-in-loop", action="store_true", help="time the update's launches in training")
     parser.add_argument("--adamw-block", default=None, help="BLOCK,NUM_WARPS of the triton AdamW kernel")
+    parser.add_argument(
+        "--inductor-config", default="", help="comma-separated torch._inductor.config settings, e.g. max_autotune=True"
+    )
     parser.add_argument("--flex-kernel-options", default=None, help="JSON file of flex kernel options (-tuned configs)")
     args = parser.parse_args()
     if args.flex_kernel_options:
         FLEX_KERNEL_OPTIONS.update(json.loads(Path(args.flex_kernel_options).read_text()))
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
+    for setting in filter(None, args.inductor_config.split(",")):
+        import torch._inductor.config as inductor_config
+
+        key, value = setting.split("=")
+        if not hasattr(inductor_config, key):
+            sys.exit(f"torch._inductor.config has no {key!r}")
+        setattr(inductor_config, key, json.loads(value.lower()))
     if args.adamw_block:
         from nemo_lite.training import adamw_kernel
 

@@ -36,6 +36,15 @@ def test_summary_classes_kernels_and_finds_the_nccl_time_nothing_overlapped():
     assert summary["compute_busy_ms_per_step"] == 9.0  # (10 + 6 + 2) / 2
     assert summary["nccl_exposed_ms_per_step"] == 5.0
     assert summary["trace_span_ms_per_step"] == 16.0
+    # The one idle gap: 26 -> 30 ms, after the optimizer, before the next kernel (the overlapped NCCL kernel
+    # and the matmul under it leave none).
+    assert summary["idle_ms_per_step"] == 2.0 and summary["idle_gaps_per_step"] == 0.5
+    assert summary["largest_idle_ms_per_step"] == {
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunc -> triton_poi_fused__to_copy_1": {
+            "ms": 2.0,
+            "gaps": 1,
+        }
+    }
 
 
 def test_compiled_casts_are_elementwise_not_copies():

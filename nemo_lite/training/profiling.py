@@ -3,8 +3,9 @@
 ``trainer.profile_steps=N`` (with ``trainer.profile_start``, the steps skipped first) records N steps on
 rank 0 and writes ``run_dir/profile/trace_rank0.json.gz`` (open it in Perfetto or chrome://tracing) and
 ``run_dir/profile/summary.json``: GPU kernel time per step by class (matmuls, attention, optimizer,
-communication, ...), how much of the step the GPU was busy, and how much NCCL time no compute kernel
-overlapped. On CPU the summary lists the operators with the most time instead.
+communication, ...), how much of the step the GPU was busy, how much NCCL time no compute kernel
+overlapped, and where the GPU sat idle (the largest gaps between kernels, by the kernels around them).
+On CPU the summary lists the operators with the most time instead.
 """
 
 from __future__ import annotations
@@ -46,6 +47,30 @@ def _union_ms(spans: list[tuple[float, float]]) -> float:
     return total / 1000
 
 
+def idle_gaps(kernels: list[dict[str, Any]], steps: int, min_us: float = 20.0, top: int = 10) -> dict[str, Any]:
+    """Where the GPU waited: gaps of at least ``min_us`` between one kernel's end (the latest so far) and the
+    next kernel's start, summed per step, and the largest sums by (kernel before, kernel after)."""
+    ordered = sorted(kernels, key=lambda e: e["ts"])
+    total, by_pair, count = 0.0, {}, 0
+    end, before = ordered[0]["ts"] + ordered[0]["dur"], ordered[0]["name"]
+    for e in ordered[1:]:
+        gap = e["ts"] - end
+        if gap >= min_us:
+            total += gap
+            count += 1
+            pair = f"{before[:60]} -> {e['name'][:60]}"
+            ms, n = by_pair.get(pair, (0.0, 0))
+            by_pair[pair] = (ms + gap / 1000 / steps, n + 1)
+        if e["ts"] + e["dur"] > end:
+            end, before = e["ts"] + e["dur"], e["name"]
+    ranked = sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "idle_ms_per_step": round(total / 1000 / steps, 2),
+        "idle_gaps_per_step": round(count / steps, 1),
+        "largest_idle_ms_per_step": {pair: {"ms": round(ms, 3), "gaps": n} for pair, (ms, n) in ranked},
+    }
+
+
 def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[str, Any]:
     """Per-step figures from a Chrome trace (``export_chrome_trace``) that covers ``steps`` steps."""
     events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
@@ -81,6 +106,7 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[st
         "nccl_busy_ms_per_step": round(comm_ms / steps, 2),
         "trace_span_ms_per_step": round(span / 1000 / steps, 2),
         "top_kernels_ms_per_step": {k: round(v, 3) for k, v in ranked},
+        **idle_gaps(kernels, steps),
     }
 
 
