@@ -57,6 +57,7 @@ def run_nemo(
     adam_kernel: str = "auto",
     weight_copies: str = "auto",
     loss_kernel: str = "auto",
+    flex_options: str = "auto",
     time_update_alone: bool = False,
     time_update_in_loop: bool = False,
 ) -> dict:
@@ -82,9 +83,11 @@ def run_nemo(
     t.loss_kernel = loss_kernel
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
-    FlexAttention.kernel_options = (FLEX_KERNEL_OPTIONS or None) if tuned else None
+    cfg.attention.flex_kernel_options = flex_options
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
+    if tuned:  # --flex-kernel-options, over whatever the trainer set
+        FlexAttention.kernel_options = FLEX_KERNEL_OPTIONS or None
     if not device_step:  # the clip pass + host check before a plain fused step (the trainer's unfused path)
         trainer._device_step = False
     if not host_sync:  # varlen's sync-free segments (a backend option the recipes do not expose)
@@ -125,10 +128,9 @@ def run_nemo(
         "adamw_kernel": trainer.optimizer.kernel,
         "weight_copies": trainer.weight_copies,
         "loss_kernel": trainer.loss_kernel,
+        "flex_kernel_options": FlexAttention.kernel_options,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
-    if tuned:
-        result["flex_kernel_options"] = FLEX_KERNEL_OPTIONS
     if kernel_summary is not None:
         result["profile"] = kernel_summary
     if update_timing is not None:
@@ -181,9 +183,10 @@ def time_update(trainer) -> dict:
     batch = trainer._to_device(next(trainer._train_iter))
     trainer._loss_sum(batch, trainer._build_mask(batch["input_ids"])).backward()
     out = {"grad_norm_ms": cuda_time_ms(opt.grad_norm, 10), "update_ms": cuda_time_ms(opt.step, 10)}
-    for key, lists in opt._triton_lists(init_state=True).items():
-        n = sum(p.numel() for p in lists["params"])
-        out[f"launch {key}"] = {"params": n, "ms": cuda_time_ms(lambda k=key, li=lists: opt._launch(k, li), 10)}
+    for key, steps, prepared in opt._prepare():
+        n = int(prepared.table.numel.sum())
+        ms = cuda_time_ms(lambda k=key, s=steps, p=prepared: opt._launch(k, s, p), 10)
+        out[f"launch {key}"] = {"params": n, "ms": ms}
     for p in trainer.raw_model.parameters():
         if p.grad is not None:
             p.grad = p.grad.clone()
@@ -261,6 +264,7 @@ CONFIGS = {
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex-compile-torchadam": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, adam_kernel="torch")),
     "flex-compile-nocopies": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, weight_copies="false")),
+    "flex-compile-torchflex": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, flex_options="torch")),
     "flex-compile-torchloss": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, loss_kernel="torch")),
     "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
     "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),

@@ -248,3 +248,55 @@ def test_weight_copies_need_a_gpu_and_the_triton_kernel(tmp_path):
     trainer = Trainer(cfg)
     with pytest.raises(ConfigError, match=r"optim.weight_copies=true needs bf16 autocast on a GPU .* and the triton"):
         trainer.setup()
+
+
+def test_a_step_prepared_before_the_sync_is_the_same_step(monkeypatch):
+    """prepare_step does the launch's host work early (the trainer calls it before its host sync); the step
+    and the gradient norm are the same, a gradient replaced after it is the one used, and zero_grad drops
+    the prepared work."""
+    interpreted(monkeypatch, ADAMW_KERNEL)
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(5, 7, generator=gen)
+    grads = [torch.randn(5, 7, generator=gen) for _ in range(3)]
+
+    def run(prepare: bool):
+        param = torch.nn.Parameter(init.clone())
+        opt = AdamW([param], lr=1e-2, fused=True, kernel="triton")
+        history = []
+        for i, grad in enumerate(grads):
+            param.grad = (2 * grad if i == 1 else grad).clone() if not prepare else grad.clone()
+            if prepare:
+                opt.prepare_step()
+                if i == 1:  # replaced after prepare_step: the new tensor is the one read
+                    param.grad = 2 * grad
+                if i == 2:
+                    opt.zero_grad()  # nothing prepared survives; this step re-prepares
+                    assert opt._prepared is None
+                    param.grad = grad.clone()
+                # The norm reads the prepared tables while they are current, fresh ones otherwise.
+                torch.testing.assert_close(opt.grad_norm(), param.grad.norm(), rtol=1e-6, atol=0)
+            opt.step()
+            history.append(param.detach().clone())
+        return history
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_one_shot_update_is_the_optimizers_step(monkeypatch):
+    """adamw_ (prepare and launch in one call, as scripts/bench_optimizer.py uses it) gives the optimizer's step."""
+    kernel = interpreted(monkeypatch, ADAMW_KERNEL)
+    gen = torch.Generator().manual_seed(3)
+    init, grad = torch.randn(9, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    param = torch.nn.Parameter(init.clone())
+    opt = AdamW([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True, kernel="triton")
+    param.grad = grad.clone()
+    opt.step()
+    state = opt.state[param]
+    value, exp_avg, exp_avg_sq, step = init.clone(), torch.zeros(9, 5), torch.zeros(9, 5), torch.zeros(())
+    kernel.adamw_(
+        [value], [grad], [exp_avg], [exp_avg_sq], [step], lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1
+    )
+    assert step.item() == 1
+    for a, b in ((value, param.detach()), (exp_avg, state["exp_avg"]), (exp_avg_sq, state["exp_avg_sq"])):
+        assert torch.equal(a, b)

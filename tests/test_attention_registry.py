@@ -67,3 +67,16 @@ def test_backend_registered_in_a_test_is_selectable(doubling_backend):
     expected_mask = dense_mask(8, doc_ids_BS=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]]))
     torch.testing.assert_close(out, attention_math(q, q, q, expected_mask))
     assert doubling_backend.calls == 1
+
+
+def test_flex_kernel_options_are_a_choice_and_only_tuned_for_gpus():
+    from nemo_lite.components.attention.flex_attention import tuned_kernel_options
+    from nemo_lite.training.config import ConfigError, RecipeConfig, validate
+
+    assert tuned_kernel_options("cpu", 64) is None  # torch's defaults off the GPU
+    cfg = RecipeConfig()
+    cfg.attention.flex_kernel_options = "fast"
+    with pytest.raises(
+        ConfigError, match="attention.flex_kernel_options='fast' is not valid; choose one of: auto, torch"
+    ):
+        validate(cfg)

@@ -22,6 +22,8 @@ autocast's casts of weights and weight gradients, ~6 bytes per parameter per ste
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -218,32 +220,27 @@ def _addresses(rows: list[list[torch.Tensor]], device: torch.device) -> tuple[to
     return torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True), aligned
 
 
-def adamw_(
+class Prepared(NamedTuple):
+    """The host work of one update launch, done ahead of it (:func:`prepare`)."""
+
+    table: BlockTable
+    pointers: torch.Tensor  # int64 [7, n_tensors] on the device
+    flags: tuple[bool, bool, bool]  # float32 gradients, bf16 gradients, copies
+
+
+def prepare(
     params: list[torch.Tensor],
     grads: list[torch.Tensor] | None,
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
     copies: list[torch.Tensor] | None = None,
     bf16_grads: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
-) -> BlockTable:
-    """One AdamW step in place, all tensors in one launch; ``steps`` (float32 scalars on the same
-    device) are incremented first, as torch's optimizer does. With ``found_inf`` (a float32 scalar on
-    the device) equal to 1 nothing changes, steps included, as in torch's fused AdamW. The gradient
-    of a parameter is ``grads`` (float32), ``bf16_grads``, or their sum when both are given; with
-    ``copies`` each updated parameter is also written, rounded, into its bf16 copy. Returns the
-    block table, which the caller passes back on later steps (it depends only on the sizes)."""
-    if not params:
-        return table
+) -> Prepared:
+    """Checks, the block table (``table`` when it fits) and the address table, copied to the device
+    without blocking: everything :func:`launch` needs but the hyperparameters."""
     if grads is None and bf16_grads is None:
         raise ValueError("adamw_ needs float32 gradients, bf16 gradients, or both")
     device = params[0].device
@@ -256,18 +253,35 @@ def adamw_(
     pointers, aligned = _addresses(rows, device)
     if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
         check_tensors(rows, *flags)  # names the offending tensor
+    return Prepared(table, pointers, flags)
+
+
+def launch(
+    prepared: Prepared,
+    steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """The step counts incremented (not with ``found_inf`` equal to 1), then the one kernel launch."""
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     scale = grad_scale if grad_scale is not None else steps[0]  # any valid pointer when unused
+    table = prepared.table
     _adamw_kernel[(table.block_tensor.numel(),)](
-        pointers,
+        prepared.pointers,
         table.block_tensor,
         table.block_start,
         table.numel,
         scale,
         found_inf if found_inf is not None else steps[0],
-        len(params),
+        len(steps),
         lr,
         beta1,
         beta2,
@@ -275,13 +289,39 @@ def adamw_(
         weight_decay,
         HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        GRAD32=flags[0],
-        GRAD16=flags[1],
-        COPY=flags[2],
+        GRAD32=prepared.flags[0],
+        GRAD16=prepared.flags[1],
+        COPY=prepared.flags[2],
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
-    return table
+
+
+def adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor] | None,
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    *,
+    copies: list[torch.Tensor] | None = None,
+    bf16_grads: list[torch.Tensor] | None = None,
+    table: BlockTable | None = None,
+    **hyper,
+) -> BlockTable:
+    """One AdamW step in place, all tensors in one launch; ``steps`` (float32 scalars on the same
+    device) are incremented first, as torch's optimizer does. ``hyper``: :func:`launch`'s keywords (lr,
+    betas, eps, weight decay, and the device tensors ``grad_scale`` and ``found_inf``; with ``found_inf``
+    equal to 1 nothing changes, steps included, as in torch's fused AdamW). The gradient of a parameter
+    is ``grads`` (float32), ``bf16_grads``, or their sum when both are given; with ``copies`` each
+    updated parameter is also written, rounded, into its bf16 copy. Returns the block table, which the
+    caller passes back on later steps (it depends only on the sizes). :func:`prepare` and :func:`launch`
+    are its two halves, for callers that do the first earlier."""
+    if not params:
+        return table
+    prepared = prepare(params, grads, exp_avgs, exp_avg_sqs, steps, copies=copies, bf16_grads=bf16_grads, table=table)
+    launch(prepared, steps, **hyper)
+    return prepared.table
 
 
 BLOCKS_PER_PROGRAM = 8  # sum_of_squares: 8 table entries (8192 elements) per program
@@ -306,20 +346,28 @@ def sum_of_squares(
     pointers, aligned = _addresses(rows, device)
     if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
         check_tensors(rows, grads is not None, bf16_grads is not None, False)
+    flags = (grads is not None, bf16_grads is not None, False)
+    return prepared_sum_of_squares(Prepared(table, pointers, flags)), table
+
+
+def prepared_sum_of_squares(prepared: Prepared) -> torch.Tensor:
+    """:func:`sum_of_squares` over the gradients of an update's :func:`prepare` (its address table
+    holds them), without building another table."""
+    table = prepared.table
     n_blocks = table.block_tensor.numel()
-    partial = torch.empty(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM), dtype=torch.float32, device=device)
+    partial = torch.empty(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM), dtype=torch.float32, device=table.numel.device)
     _sum_squares_kernel[(partial.numel(),)](
-        pointers,
+        prepared.pointers,
         table.block_tensor,
         table.block_start,
         table.numel,
         partial,
-        len(first),
+        table.numel.numel(),
         n_blocks,
-        GRAD32=grads is not None,
-        GRAD16=bf16_grads is not None,
+        GRAD32=prepared.flags[0],
+        GRAD16=prepared.flags[1],
         BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
-    return partial.sum(), table
+    return partial.sum()

@@ -36,6 +36,9 @@ class AttentionSection:
     attn_mask_type: str = "block_causal"
     # Optional extra cut every n tokens (n > 0).
     fixed_block_size: int | None = None
+    # flex on a GPU: "auto" = nemo_lite's measured kernel options where it has some for the card and head_dim
+    # (TUNED_KERNEL_OPTIONS in nemo_lite/components/attention/flex_attention.py), "torch" = torch's defaults.
+    flex_kernel_options: str = "auto"
 
 
 @dataclass
@@ -189,6 +192,7 @@ def validate(cfg: RecipeConfig) -> None:
     _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
     _choice("optim.kernel", cfg.optim.kernel, ["auto", "torch", "triton"])
     _choice("trainer.loss_kernel", cfg.trainer.loss_kernel, ["auto", "torch", "triton"])
+    _choice("attention.flex_kernel_options", cfg.attention.flex_kernel_options, ["auto", "torch"])
     if cfg.trainer.loss_kernel == "triton" and cfg.trainer.loss_chunk_size > 0:
         raise ConfigError(
             f"trainer.loss_kernel=triton is not chunked; got trainer.loss_chunk_size={cfg.trainer.loss_chunk_size}: "

@@ -39,6 +39,7 @@ class AdamW(torch.optim.AdamW):
         self.kernel = kernel
         self._kernel_tables: dict = {}  # per launch: the Triton kernel's block table (sizes only)
         self._copies: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> bf16 weight copy (keep_weight_copies)
+        self._prepared: tuple | None = None  # prepare_step's work for the next step
         if kernel == "triton":
             if not all(g["fused"] for g in self.param_groups):
                 raise ValueError("the triton AdamW kernel is a fused step: it needs fused=True")
@@ -112,6 +113,7 @@ class AdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        self._prepared = None
         for copy in self._copies.values():
             if set_to_none:
                 copy.grad = None
@@ -155,6 +157,11 @@ class AdamW(torch.optim.AdamW):
         if self.kernel != "triton":
             raise ValueError("grad_norm runs the triton kernels; with kernel=torch use torch.nn.utils.get_total_norm")
         total = None
+        if self._prepared is not None and self._prepared_is_current():  # the update's own address tables
+            for _, _, prepared in self._prepared[1]:
+                squares = adamw_kernel.prepared_sum_of_squares(prepared)
+                total = squares if total is None else total + squares
+            return torch.zeros(()) if total is None else total.sqrt()
         for key, lists in self._triton_lists(init_state=False).items():
             squares, self._kernel_tables[key] = adamw_kernel.sum_of_squares(
                 lists["grads"] or None, lists["bf16_grads"] or None, table=self._kernel_tables.get(key)
@@ -164,27 +171,68 @@ class AdamW(torch.optim.AdamW):
             return torch.zeros(())
         return total.sqrt()
 
+    def prepare_step(self) -> None:
+        """Do the next triton step's host work now: its launch lists, block tables and address tables,
+        copied to the device without blocking. The trainer calls it before the step's one host sync, so
+        that after the sync only the launches remain while the GPU waits; :meth:`grad_norm` reads the
+        same tables. :meth:`step` redoes the work if
+        any gradient tensor was replaced in between; :meth:`zero_grad` drops it."""
+        if self.kernel == "triton":
+            self._prepared = (self._gradient_tensors(), self._prepare())
+
+    def _prepared_is_current(self) -> bool:
+        """Every gradient tensor is still the one :meth:`prepare_step` read the address of."""
+        return all(
+            a is b and c is d for (a, c), (b, d) in zip(self._prepared[0], self._gradient_tensors(), strict=True)
+        )
+
+    def _gradient_tensors(self) -> list:
+        return [
+            (p.grad, self._copies[p].grad if p in self._copies else None)
+            for g in self.param_groups
+            for p in g["params"]
+        ]
+
+    def _prepare(self) -> list:
+        from nemo_lite.training import adamw_kernel
+
+        out = []
+        for key, lists in self._triton_lists(init_state=True).items():
+            states = lists["state"]
+            steps = [s["step"] for s in states]
+            prepared = adamw_kernel.prepare(
+                lists["params"],
+                lists["grads"] or None,
+                [local_shard(s["exp_avg"]) for s in states],
+                [local_shard(s["exp_avg_sq"]) for s in states],
+                steps,
+                copies=lists["copies"] or None,
+                bf16_grads=lists["bf16_grads"] or None,
+                table=self._kernel_tables.get(key),
+            )
+            self._kernel_tables[key] = prepared.table
+            out.append((key, steps, prepared))
+        return out
+
     def _triton_step(self) -> None:
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
             if group["maximize"] or group["amsgrad"] or group["differentiable"] or torch.is_tensor(group["lr"]):
                 raise ValueError("the triton AdamW kernel supports plain AdamW only (float lr, no maximize/amsgrad)")
-        for key, lists in self._triton_lists(init_state=True).items():
-            self._launch(key, lists, grad_scale, found_inf)
+        current = self._prepared is not None and self._prepared_is_current()
+        ahead, self._prepared = self._prepared, None
+        for key, steps, prepared in ahead[1] if current else self._prepare():
+            self._launch(key, steps, prepared, grad_scale, found_inf)
 
-    def _launch(self, key: tuple, lists: dict, grad_scale=None, found_inf=None) -> None:
-        """One launch of the update kernel: one of :meth:`_triton_lists`' entries."""
+    def _launch(self, key: tuple, steps: list[torch.Tensor], prepared, grad_scale=None, found_inf=None) -> None:
+        """One launch of the update kernel, for one of :meth:`_prepare`'s entries."""
         from nemo_lite.training import adamw_kernel
 
         group = self.param_groups[key[0]]
         beta1, beta2 = group["betas"]
-        states = lists["state"]
-        self._kernel_tables[key] = adamw_kernel.adamw_(
-            lists["params"],
-            lists["grads"] or None,
-            [local_shard(s["exp_avg"]) for s in states],
-            [local_shard(s["exp_avg_sq"]) for s in states],
-            [s["step"] for s in states],
+        adamw_kernel.launch(
+            prepared,
+            steps,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -192,9 +240,6 @@ class AdamW(torch.optim.AdamW):
             weight_decay=group["weight_decay"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            copies=lists["copies"] or None,
-            bf16_grads=lists["bf16_grads"] or None,
-            table=self._kernel_tables.get(key),
         )
 
 
@@ -243,19 +288,27 @@ def steps_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return all(group.get("fused") for group in optimizer.param_groups)
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float) -> None:
+def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's ``clip_grad_norm_`` factor as a divisor, ``max(1, (grad_norm + 1e-6) / max_norm)``: a float32
+    device tensor, no host sync."""
+    return torch.clamp((grad_norm.detach().float() + 1e-6) / max_norm, min=1.0)
+
+
+def clipped_step(
+    optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float, factor: torch.Tensor | None = None
+) -> None:
     """One fused AdamW step with the gradients clipped inside the update kernel.
 
-    The kernel divides each gradient by ``max(1, (grad_norm + 1e-6) / max_norm)`` (torch's
-    ``clip_grad_norm_`` factor, as a float32 device tensor), so clipping costs no extra pass over the
-    gradients and no host sync. ``max_norm <= 0`` turns clipping off.
+    The kernel divides each gradient by :func:`clip_factor` (``factor`` when the caller computed it
+    already), so clipping costs no extra pass over the gradients and no host sync. ``max_norm <= 0``
+    turns clipping off.
     """
     if not steps_on_device(optimizer):
         raise ValueError("clipped_step needs fused AdamW (optim.fused=true, or auto on a GPU)")
     if max_norm <= 0:
         optimizer.step()
         return
-    optimizer.grad_scale = torch.clamp((grad_norm.detach().float() + 1e-6) / max_norm, min=1.0)
+    optimizer.grad_scale = factor if factor is not None else clip_factor(grad_norm, max_norm)
     try:
         optimizer.step()
     finally:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from nemo_lite.components.attention.flex_attention import FlexAttention, tuned_kernel_options
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
 from nemo_lite.components.models.config import config_fields
 from nemo_lite.training import checkpoint as ckpt
@@ -38,6 +39,7 @@ from nemo_lite.training.optim import (
     attach_weight_copies,
     build_optimizer,
     build_scheduler,
+    clip_factor,
     clipped_step,
     local_shard,
     steps_on_device,
@@ -232,6 +234,9 @@ class Trainer:
         if not 0 <= self.eos_id < model.config.vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
         self.raw_model = model
+        if att.backend == "flex":  # class-wide, like the compiled kernel: set for this run's card and head_dim
+            tuned = att.flex_kernel_options == "auto"
+            FlexAttention.kernel_options = tuned_kernel_options(self.device, model.config.head_dim) if tuned else None
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.trainer.compile:
@@ -384,6 +389,8 @@ class Trainer:
         triton = self.optimizer.kernel == "triton"
         params = list(self.model.parameters())
         if triton:  # one launch per list of the update, over its block tables
+            if self._device_step:  # the update's host work now, before the sync; the norm reads its tables
+                self.optimizer.prepare_step()
             local_norm = self.optimizer.grad_norm()
         else:
             local_norm = torch.nn.utils.get_total_norm([local_shard(p.grad) for p in params if p.grad is not None])
@@ -395,6 +402,8 @@ class Trainer:
         else:
             totals, grad_norm = torch.stack([loss_sum, attn_flops.float(), stop]), local_norm
         host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
+        # The clip factor before the sync too, so after it only the update's launches remain.
+        factor = clip_factor(grad_norm, clip) if self._device_step and clip > 0 else None
         loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
         loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
         self._stop_requested = stop_any > 0
@@ -403,7 +412,7 @@ class Trainer:
         # the next step's batch and mask, so the GPU does not wait for them.
         if finite:
             if self._device_step:
-                clipped_step(self.optimizer, grad_norm, clip)  # the clip happens inside the fused kernel
+                clipped_step(self.optimizer, grad_norm, clip, factor)  # the clip happens inside the fused kernel
             else:
                 if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
                     grads = [g for p in params for g in (self.optimizer.gradients(p) if triton else [p.grad])]
