@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 
 import torch
 from torch import nn
@@ -158,7 +159,7 @@ class AdamW(torch.optim.AdamW):
             raise ValueError("grad_norm runs the triton kernels; with kernel=torch use torch.nn.utils.get_total_norm")
         total = None
         if self._prepared is not None and self._prepared_is_current():  # the update's own address tables
-            for _, _, prepared in self._prepared[1]:
+            for _, _, prepared in self._prepared[2]:
                 squares = adamw_kernel.prepared_sum_of_squares(prepared)
                 total = squares if total is None else total + squares
             return torch.zeros(()) if total is None else total.sqrt()
@@ -175,23 +176,20 @@ class AdamW(torch.optim.AdamW):
         """Do the next triton step's host work now: its launch lists, block tables and address tables,
         copied to the device without blocking. The trainer calls it before the step's one host sync, so
         that after the sync only the launches remain while the GPU waits; :meth:`grad_norm` reads the
-        same tables. :meth:`step` redoes the work if
-        any gradient tensor was replaced in between; :meth:`zero_grad` drops it."""
+        same tables. :meth:`step` redoes the work if any gradient tensor was replaced in between;
+        :meth:`zero_grad` drops it."""
         if self.kernel == "triton":
-            self._prepared = (self._gradient_tensors(), self._prepare())
+            copies = self._copies
+            holders = [(p, copies.get(p)) for g in self.param_groups for p in g["params"]]
+            grads = [t.grad for pair in holders for t in pair if t is not None]
+            self._prepared = (holders, grads, self._prepare())
 
     def _prepared_is_current(self) -> bool:
-        """Every gradient tensor is still the one :meth:`prepare_step` read the address of."""
-        return all(
-            a is b and c is d for (a, c), (b, d) in zip(self._prepared[0], self._gradient_tensors(), strict=True)
-        )
-
-    def _gradient_tensors(self) -> list:
-        return [
-            (p.grad, self._copies[p].grad if p in self._copies else None)
-            for g in self.param_groups
-            for p in g["params"]
-        ]
+        """Every gradient tensor is still the one :meth:`prepare_step` read the address of (this runs after
+        the host sync, while the GPU waits: no dict lookups, no lists built)."""
+        holders, grads, _ = self._prepared
+        now = (t.grad for pair in holders for t in pair if t is not None)
+        return all(map(operator.is_, now, grads))
 
     def _prepare(self) -> list:
         from nemo_lite.training import adamw_kernel
@@ -221,7 +219,7 @@ class AdamW(torch.optim.AdamW):
                 raise ValueError("the triton AdamW kernel supports plain AdamW only (float lr, no maximize/amsgrad)")
         current = self._prepared is not None and self._prepared_is_current()
         ahead, self._prepared = self._prepared, None
-        for key, steps, prepared in ahead[1] if current else self._prepare():
+        for key, steps, prepared in ahead[2] if current else self._prepare():
             self._launch(key, steps, prepared, grad_scale, found_inf)
 
     def _launch(self, key: tuple, steps: list[torch.Tensor], prepared, grad_scale=None, found_inf=None) -> None:
