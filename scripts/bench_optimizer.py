@@ -1,14 +1,16 @@
 """The AdamW update alone on the Llama-3.2-1B parameters: torch's fused kernel against nemo_lite's
 Triton kernel (block sizes and warps swept), time per step and the memory traffic it reaches.
 
-    python scripts/bench_optimizer.py [--steps 20] [--out r.json]
+    python scripts/bench_optimizer.py [--steps 20] [--out r.json] [--norm-only] [--norm-baseline old_kernel.py]
 
 Every parameter is float32 with a float32 gradient, ``exp_avg`` and ``exp_avg_sq``: the update reads
 16 bytes and writes 12 per parameter (torch's kernel writes 16: the unscaled gradient goes back too).
 The gradients are divided by a clip scale inside the kernel, as in training. Both kernels also run
 three steps from the same start and their results are compared. Last, the Triton kernel as training
 runs it with bf16 weight copies (``optim.weight_copies``): bf16 gradients and copies for the matrices,
-the tied embedding's two gradients added.
+the tied embedding's two gradients added. The gradient norm over the same bf16 gradients is timed too,
+and with ``--norm-baseline`` also that of another version of ``adamw_kernel.py`` (e.g. ``git show
+<commit>:nemo_lite/training/adamw_kernel.py > old.py``), alternating the two.
 """
 
 from __future__ import annotations
@@ -114,6 +116,34 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
     return rows
 
 
+def time_norms(shapes: list[torch.Size], steps: int, baseline: str | None) -> list[dict]:
+    """The gradient norm's sum of squares over the matrices' bf16 gradients (as training reads them with
+    copies), this kernel and ``baseline``'s, alternated three times."""
+    import importlib.util
+
+    from nemo_lite.training import adamw_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [(torch.randn(s, device="cuda", generator=gen) * 1e-3).bfloat16() for s in shapes]
+    modules = {"this kernel": adamw_kernel}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_adamw_kernel", baseline)
+        modules["baseline"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules["baseline"])
+    tables = {name: module.sum_of_squares(None, grads)[1] for name, module in modules.items()}
+    values = {name: module.sum_of_squares(None, grads, tables[name])[0].item() for name, module in modules.items()}
+    rows = {name: {"kernel": f"gradient norm ({name})", "ms_rounds": [], "value": v} for name, v in values.items()}
+    for _ in range(3):
+        for name, module in modules.items():
+            ms = cuda_time_ms(lambda m=module, t=tables[name]: m.sum_of_squares(None, grads, t), steps)
+            rows[name]["ms_rounds"].append(ms)
+    n_bytes = 2 * sum(g.numel() for g in grads)
+    for row in rows.values():
+        row["ms"] = sorted(row["ms_rounds"])[1]
+        row["tb_per_s"] = n_bytes / row["ms"] / 1e9
+    return list(rows.values())
+
+
 def agreement(shapes: list[torch.Size]) -> tuple[float, float]:
     """Three steps of each kernel from the same parameters and zero state: largest differences."""
     from nemo_lite.training import adamw_kernel
@@ -154,13 +184,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--norm-only", action="store_true", help="time only the gradient norm")
+    parser.add_argument("--norm-baseline", default=None, help="another adamw_kernel.py whose norm to time too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_optimizer.py needs a CUDA GPU")
     with torch.device("meta"):
         shapes = [p.shape for p in LlamaForCausalLM(get_preset("llama-3.2-1b")).parameters()]
-    rows = time_kernels(shapes, args.steps)
-    max_abs, max_rel = agreement(shapes)
+    rows = [] if args.norm_only else time_kernels(shapes, args.steps)
+    rows += time_norms(shapes, args.steps, args.norm_baseline)
+    max_abs, max_rel = (None, None) if args.norm_only else agreement(shapes)
     meta = {
         "card": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -173,7 +206,7 @@ def main() -> None:
     print("| kernel | block | warps | ms per step | TB/s |\n|---|---|---|---|---|")
     for r in rows:
         block, warps = r.get("block", "-"), r.get("num_warps", "-")
-        print(f"| {r['kernel']} | {block} | {warps} | {r['ms']:.2f} | {r['tb_per_s']:.2f} |")
+        print(f"| {r['kernel']} | {block} | {warps} | {r['ms']:.3f} | {r['tb_per_s']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

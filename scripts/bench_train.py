@@ -56,6 +56,7 @@ def run_nemo(
     tuned: bool = False,
     adam_kernel: str = "auto",
     weight_copies: str = "auto",
+    lookup_gradient: str = "auto",
     loss_kernel: str = "auto",
     flex_options: str = "auto",
     time_update_alone: bool = False,
@@ -80,6 +81,7 @@ def run_nemo(
     cfg.optim.warmup_steps = 5
     cfg.optim.kernel = adam_kernel
     cfg.optim.weight_copies = weight_copies
+    cfg.optim.lookup_gradient = lookup_gradient
     t.loss_kernel = loss_kernel
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
@@ -127,6 +129,7 @@ def run_nemo(
         "params": trainer.n_params,
         "adamw_kernel": trainer.optimizer.kernel,
         "weight_copies": trainer.weight_copies,
+        "lookup_gradient": trainer.lookup_gradient,
         "loss_kernel": trainer.loss_kernel,
         "flex_kernel_options": FlexAttention.kernel_options,
     }
@@ -264,6 +267,10 @@ CONFIGS = {
     "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
     "flex-compile-torchadam": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, adam_kernel="torch")),
     "flex-compile-nocopies": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, weight_copies="false")),
+    "flex-compile-denselookup": (
+        "nemo",
+        dict(backend="flex", compile=True, chunk=0, ac=False, lookup_gradient="dense"),
+    ),
     "flex-compile-torchflex": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, flex_options="torch")),
     "flex-compile-torchloss": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, loss_kernel="torch")),
     "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
@@ -301,9 +308,13 @@ def main() -> None:
         import torch._inductor.config as inductor_config
 
         key, value = setting.split("=")
-        if not hasattr(inductor_config, key):
+        *path, name = key.split(".")  # e.g. triton.mix_order_reduction_split_size
+        section = inductor_config
+        for part in path:
+            section = getattr(section, part, None)
+        if section is None or not hasattr(section, name):
             sys.exit(f"torch._inductor.config has no {key!r}")
-        setattr(inductor_config, key, json.loads(value.lower()))
+        setattr(section, name, json.loads(value.lower()))
     if args.adamw_block:
         from nemo_lite.training import adamw_kernel
 

@@ -67,6 +67,18 @@ def hf_model(variant: str, seed: int = 0):
     return model
 
 
+def tiny_twins(**overrides):
+    """Two block-causal sdpa models of the TINY shape (with ``overrides``) holding the same initial weights."""
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY, **overrides})
+    first = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    first.init_weights(seed=0)
+    second = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
     """Random weights everywhere (norm weights around 1, biases non-zero) so that every tensor's

@@ -186,16 +186,12 @@ def test_a_model_with_weight_copies_computes_what_autocast_computes():
     """Under bf16 autocast a model whose blocks multiply by bf16 copies gives autocast's loss, and
     gradients equal to autocast's float32 ones, bit for bit; outside autocast it uses its float32 weights."""
     pytest.importorskip("triton")
-    from model_utils import TINY
+    from model_utils import tiny_twins
 
-    from nemo_lite.components.models import LlamaConfig, LlamaForCausalLM
     from nemo_lite.training.loss import cross_entropy_sum
 
-    config = LlamaConfig(**TINY)
-    plain = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
-    plain.init_weights(seed=0)
-    copied = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
-    copied.load_state_dict(plain.state_dict())
+    plain, copied = tiny_twins()
+    config = plain.config
     opt = AdamW(copied.parameters(), fused=True, kernel="triton")
     n = attach_weight_copies(copied, opt)
     assert n == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the (tied) output projection

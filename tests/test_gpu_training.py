@@ -100,6 +100,39 @@ def test_weight_copies_follow_the_plain_curve(tmp_path, reference):
     assert max(diffs) <= noise
 
 
+def test_the_lookup_gradient_as_rows_follows_the_dense_curve(tmp_path, reference):
+    """The embedding's lookup gradient kept as rows (the default with copies) trains as the dense one."""
+    _, noise = reference
+    trainer = Trainer(recipe(tmp_path, "flex", compile=True), train_loader=loader())
+    rows = trainer.fit().losses
+    assert trainer.lookup_gradient == "rows" and trainer.raw_model.embed_tokens.weight.grad is None
+    cfg = recipe(tmp_path / "dense", "flex", compile=True)
+    cfg.optim.lookup_gradient = "dense"
+    dense_trainer = Trainer(cfg, train_loader=loader())
+    dense = dense_trainer.fit().losses
+    assert dense_trainer.lookup_gradient == "dense"
+    diffs = [abs(a - b) for a, b in zip(rows, dense, strict=True)]
+    print(f"lookup rows against the dense gradient: max {max(diffs):.2e} (noise {noise:.4f})")
+    assert max(diffs) <= noise
+
+
+def test_non_finite_steps_are_skipped_on_the_gpu(tmp_path):
+    """The update is queued before the host reads the step's values: a NaN step is skipped inside the
+    kernel, and the host still counts it."""
+    cfg = recipe(tmp_path, "flex", compile=False)
+    cfg.trainer.max_steps = 6
+    trainer = Trainer(cfg, train_loader=loader())
+    trainer.setup()
+    real = trainer._loss_sum
+    trainer._loss_sum = lambda batch, mask, *a: real(batch, mask, *a) * (float("nan") if trainer.step == 3 else 1.0)
+    weights = {}
+    trainer.hooks["after_step"] = lambda tr, m: weights.__setitem__(tr.step, tr.raw_model.embed_tokens.weight.clone())
+    result = trainer.fit()
+    assert result.steps == 6 and trainer.nonfinite_total == 1 and torch.isnan(torch.tensor(result.losses[3]))
+    assert torch.equal(weights[3], weights[4]) and not torch.equal(weights[4], weights[5])
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {5}
+
+
 @pytest.mark.parametrize("weight_copies", ["true", "false"])
 def test_a_run_stopped_and_resumed_on_a_gpu_continues_the_curve(tmp_path, weight_copies):
     """A SIGTERM after step 3 of 6, then a resume, gives the 6 straight steps: the train state comes back

@@ -47,6 +47,31 @@ def test_summary_classes_kernels_and_finds_the_nccl_time_nothing_overlapped():
     }
 
 
+def test_kernels_are_attributed_to_the_operator_that_launched_them():
+    def op(name, ext, dims):
+        return {"cat": "cpu_op", "name": name, "ts": 0, "dur": 1, "args": {"External id": ext, "Input Dims": dims}}
+
+    def kernel(name, ext, start, stop):
+        return {**_kernel(name, start, stop), "args": {"External id": ext}}
+
+    trace = {
+        "traceEvents": [
+            op("aten::sum", 7, [[8192, 2048], []]),
+            op("aten::fill_", 9, [[128256, 2048], []]),
+            kernel("reduce_kernel<float>", 7, 0, 3),
+            kernel("reduce_kernel<float>", 7, 10, 13),
+            kernel("FillFunctor<float>", 9, 20, 21),
+            _kernel("Memcpy DtoH (Device -> Pinned)", 30, 32),  # no External id
+        ]
+    }
+    by_op = summarize_trace(trace, steps=2)["top_kernels_by_operator_ms_per_step"]
+    assert by_op == {
+        "aten::sum [[8192, 2048]] > reduce_kernel<float>": 3.0,
+        "(no operator) > Memcpy DtoH (Device -> Pinned)": 1.0,
+        "aten::fill_ [[128256, 2048]] > FillFunctor<float>": 0.5,
+    }
+
+
 def test_compiled_casts_are_elementwise_not_copies():
     assert kernel_class("triton_poi_fused__to_copy_t_7") == "compiled elementwise (triton)"
     assert kernel_class("Memcpy HtoD (Pinned -> Device)") == "memset / memcpy"

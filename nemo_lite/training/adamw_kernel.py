@@ -14,7 +14,9 @@ float32 rounding, not bit for bit (``pow`` and the order of the multiplications 
 
 Gradients come as float32 (``grads``), as bf16 (``bf16_grads``: the gradient of a bf16 weight copy,
 the same values autocast's float32 gradient has), or both, added in float32 (a tied embedding: its
-lookup's float32 gradient and the output projection's bf16 one, as autograd would add them). With
+lookup's float32 gradient and the output projection's bf16 one, as autograd would add them). The float32
+gradient may also be a lookup's rows (``row_slots``, :mod:`nemo_lite.training.lookup_gradient`): one row
+per looked-up token, zero for the rest, read where the dense matrix would be. With
 ``copies`` the kernel also writes each updated parameter, rounded to bf16, into its copy. Reading a
 bf16 gradient and writing a bf16 copy moves no more bytes than reading a float32 gradient, and saves
 autocast's casts of weights and weight gradients, ~6 bytes per parameter per step.
@@ -36,12 +38,36 @@ ALIGN = 16  # bytes: the kernel tells Triton (literal 16 below) that every tenso
 
 
 @triton.jit
-def _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32: tl.constexpr, GRAD16: tl.constexpr):
-    """The float32 gradient (row 1 of the address table), the bf16 one (row 6) upcast, or their sum."""
+def _load_grad(
+    pointers_ptr,
+    n_tensors,
+    tensor,
+    start,
+    offsets,
+    mask,
+    GRAD32: tl.constexpr,
+    GRAD16: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The float32 gradient (row 1 of the address table), the bf16 one (row 6) upcast, or their sum. With
+    ROWS the float32 gradient is a lookup's rows (row 1: ``rows``, row 7: ``row_slot``, row 8: the row
+    length): element ``(r, c)`` is ``rows[row_slot[r], c]``, or 0 where ``row_slot[r]`` is -1; the caller's
+    ``mask`` keeps the block in its row (:func:`_row_limit`)."""
     bf16 = tl.pointer_type(tl.bfloat16)
     if GRAD32:
         address = tl.load(pointers_ptr + n_tensors + tensor)
-        grad = tl.load(tl.multiple_of(address.to(tl.pointer_type(tl.float32), bitcast=True), 16) + offsets, mask=mask)
+        base = tl.multiple_of(address.to(tl.pointer_type(tl.float32), bitcast=True), 16)
+        if ROWS:  # the program's block lies in one row (BlockTable with row_lens): one row_slot
+            row_len = tl.load(pointers_ptr + 8 * n_tensors + tensor)
+            slots = tl.load(pointers_ptr + 7 * n_tensors + tensor).to(tl.pointer_type(tl.int32), bitcast=True)
+            row = start // row_len
+            slot = tl.load(slots + row).to(tl.int64)
+            source = base + (slot - row) * row_len  # element (row, c) of the parameter is rows[slot, c]
+            looked_up = (offsets * 0 + slot) >= 0  # block-shaped: the interpreter wants a block mask
+            grad = tl.load(source + offsets, mask=mask & looked_up, other=0.0)
+        else:
+            grad = tl.load(base + offsets, mask=mask)
         if GRAD16:
             address = tl.load(pointers_ptr + 6 * n_tensors + tensor)
             grad += tl.load(tl.multiple_of(address.to(bf16, bitcast=True), 16) + offsets, mask=mask).to(tl.float32)
@@ -52,8 +78,18 @@ def _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32: tl.conste
 
 
 @triton.jit
+def _row_limit(pointers_ptr, n_tensors, tensor, start, limit, ROWS: tl.constexpr):
+    """Where the program's elements end: the tensor's end, or with ROWS the end of the block's row."""
+    if ROWS:
+        row_len = tl.load(pointers_ptr + 8 * n_tensors + tensor)
+        limit = tl.minimum(limit, (start // row_len + 1) * row_len)
+    return limit
+
+
+@triton.jit
 def _adamw_kernel(
-    pointers_ptr,  # int64 [7, n_tensors]: param, grad, exp_avg, exp_avg_sq, step, copy, bf16 grad addresses
+    pointers_ptr,  # int64 [9, n_tensors]: param, grad, exp_avg, exp_avg_sq, step, copy, bf16 grad, row_slot
+    # addresses, and row lengths (the last two for ROWS)
     block_tensor_ptr,  # int32 [n_blocks]: the tensor each program updates
     block_start_ptr,  # int64 [n_blocks]: the program's first element in that tensor
     numel_ptr,  # int64 [n_tensors]
@@ -70,11 +106,13 @@ def _adamw_kernel(
     GRAD32: tl.constexpr,  # a float32 gradient
     GRAD16: tl.constexpr,  # a bf16 gradient (added to the float32 one when both)
     COPY: tl.constexpr,  # write the parameter to a bf16 copy as well
+    ROWS: tl.constexpr,  # the float32 gradient is a lookup's rows (_load_grad)
     BLOCK: tl.constexpr,
 ):
     tensor = tl.load(block_tensor_ptr + tl.program_id(0))
-    offsets = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BLOCK)
-    limit = tl.load(numel_ptr + tensor)
+    start = tl.load(block_start_ptr + tl.program_id(0))
+    offsets = start + tl.arange(0, BLOCK)
+    limit = _row_limit(pointers_ptr, n_tensors, tensor, start, tl.load(numel_ptr + tensor), ROWS)
     if HAS_FOUND_INF:  # a skipped step touches no element
         limit = tl.where(tl.load(found_inf_ptr) == 1.0, 0, limit)
     mask = offsets < limit
@@ -84,7 +122,7 @@ def _adamw_kernel(
     exp_avg_sq_ptr = tl.multiple_of(tl.load(pointers_ptr + 3 * n_tensors + tensor).to(f32, bitcast=True), 16)
     step_ptr = tl.load(pointers_ptr + 4 * n_tensors + tensor).to(f32, bitcast=True)
 
-    grad = _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32, GRAD16)
+    grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS, BLOCK)
     if HAS_SCALE:
         grad = grad / tl.load(scale_ptr)
     param = tl.load(param_ptr + offsets, mask=mask)
@@ -119,7 +157,7 @@ def _add(a, b):  # tl.sum's combine; spelled out because the interpreter cannot 
 
 @triton.jit
 def _sum_squares_kernel(
-    pointers_ptr,  # int64 [7, n_tensors], as the update's (rows 1 and 6 are read)
+    pointers_ptr,  # int64 [9, n_tensors], as the update's (rows 1 and 6, and 7 and 8 with ROWS, are read)
     block_tensor_ptr,
     block_start_ptr,
     numel_ptr,
@@ -128,6 +166,7 @@ def _sum_squares_kernel(
     n_blocks,
     GRAD32: tl.constexpr,
     GRAD16: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -136,22 +175,32 @@ def _sum_squares_kernel(
         entry = tl.program_id(0) * BLOCKS_PER_PROGRAM + i
         if entry < n_blocks:
             tensor = tl.load(block_tensor_ptr + entry)
-            offsets = tl.load(block_start_ptr + entry) + tl.arange(0, BLOCK)
-            mask = offsets < tl.load(numel_ptr + tensor)
-            grad = _load_grad(pointers_ptr, n_tensors, tensor, offsets, mask, GRAD32, GRAD16)
+            start = tl.load(block_start_ptr + entry)
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < _row_limit(pointers_ptr, n_tensors, tensor, start, tl.load(numel_ptr + tensor), ROWS)
+            grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS, BLOCK)
             grad = tl.where(mask, grad, 0.0)
             total += grad * grad
     tl.store(out_ptr + tl.program_id(0), tl.reduce(total, 0, _add))
 
 
 class BlockTable:
-    """Which tensor and which elements each program of the one launch updates, for fixed sizes."""
+    """Which tensor and which elements each program of the one launch updates, for fixed sizes. A tensor
+    with a row length (``row_lens``, a lookup's rows) gets blocks that never cross a row: each program
+    then reads one ``row_slot``."""
 
-    def __init__(self, numels: list[int], device: torch.device) -> None:
+    def __init__(self, numels: list[int], device: torch.device, row_lens: list[int] | None = None) -> None:
         self.numels = list(numels)
-        blocks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels])
+        self.row_lens = list(row_lens) if row_lens is not None else [0] * len(numels)
+        starts = []
+        for n, row_len in zip(numels, self.row_lens, strict=True):
+            if row_len:
+                rows = torch.arange(n // row_len, dtype=torch.int64) * row_len
+                starts.append((rows[:, None] + torch.arange(0, row_len, BLOCK, dtype=torch.int64)).reshape(-1))
+            else:
+                starts.append(torch.arange(triton.cdiv(n, BLOCK), dtype=torch.int64) * BLOCK)
+        blocks = torch.tensor([len(t) for t in starts])
         self.block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks).to(device)
-        starts = [torch.arange(int(b), dtype=torch.int64) * BLOCK for b in blocks]
         self.block_start = torch.cat(starts).to(device)
         self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
         self.block = BLOCK
@@ -165,26 +214,33 @@ def tensor_rows(
     steps: list[torch.Tensor],
     copies: list[torch.Tensor] | None,
     bf16_grads: list[torch.Tensor] | None,
+    row_slots: list[torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
-    """The address table's seven rows; a row that is not read holds the parameters (any valid address)."""
-    return [params, grads or params, exp_avgs, exp_avg_sqs, steps, copies or params, bf16_grads or params]
+    """The address table's tensor rows; a row that is not read holds the parameters (any valid address)."""
+    return [params, grads or params, exp_avgs, exp_avg_sqs, steps, copies or params, bf16_grads or params] + [
+        row_slots or params
+    ]
 
 
-def check_tensors(rows: list[list[torch.Tensor]], grad32: bool, grad16: bool, copy: bool) -> None:
+def check_tensors(
+    rows: list[list[torch.Tensor]], grad32: bool, grad16: bool, copy: bool, lookup_rows: bool = False
+) -> None:
     """The kernel reads raw addresses: contiguous, aligned tensors of one size per parameter; float32,
-    but for the bf16 gradients and copies."""
+    but for the bf16 gradients and copies (and a lookup's rows, :func:`check_lookup_rows`)."""
     kinds = [
         ("parameter", torch.float32, True),
-        ("gradient", torch.float32, grad32),
+        ("gradient", torch.float32, grad32 and not lookup_rows),
         ("exp_avg", torch.float32, True),
         ("exp_avg_sq", torch.float32, True),
         ("copy", torch.bfloat16, copy),
         ("bf16 gradient", torch.bfloat16, grad16),
     ]
     for i, param in enumerate(rows[0]):
-        for (kind, dtype, used), row in zip(kinds, rows[:4] + rows[5:], strict=True):
+        for (kind, dtype, used), row in zip(kinds, rows[:4] + rows[5:7], strict=True):
             if used:
                 check_tensor(kind, row[i], param, dtype)
+        if lookup_rows:
+            check_lookup_rows(rows[1][i], rows[7][i], param)
 
 
 def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> None:
@@ -199,6 +255,21 @@ def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: to
         raise ValueError(f"a {kind} of shape {tuple(tensor.shape)} for a {tuple(param.shape)} parameter")
 
 
+def check_lookup_rows(rows: torch.Tensor, row_slot: torch.Tensor, param: torch.Tensor) -> None:
+    """A lookup's gradient for a ``[vocab, hidden]`` parameter: float32 ``rows`` ``[n, hidden]`` and int32
+    ``row_slot`` ``[vocab]`` (:class:`nemo_lite.training.lookup_gradient.LookupGradient`)."""
+    shape = tuple(param.shape)
+    if param.dim() != 2 or rows.dim() != 2 or rows.shape[1] != param.shape[1] or row_slot.shape != param.shape[:1]:
+        raise ValueError(
+            f"a lookup gradient for a {shape} parameter needs rows [n, {shape[-1]}] and a row_slot [{shape[0]}]; "
+            f"got rows {tuple(rows.shape)} and row_slot {tuple(row_slot.shape)}"
+        )
+    if rows.dtype != torch.float32 or not rows.is_contiguous() or rows.data_ptr() % ALIGN:
+        raise ValueError(f"a lookup gradient's rows must be a contiguous, aligned float32 tensor; got {rows.dtype}")
+    if row_slot.dtype != torch.int32 or not row_slot.is_contiguous():
+        raise ValueError(f"a lookup gradient's row_slot must be a contiguous int32 tensor; got {row_slot.dtype}")
+
+
 def _grads_ok(grads: list[torch.Tensor] | None, dtype: torch.dtype, numels: list[int]) -> bool:
     """The per-step check of new gradients, kept cheap (it runs while the GPU waits)."""
     if grads is None:
@@ -206,26 +277,48 @@ def _grads_ok(grads: list[torch.Tensor] | None, dtype: torch.dtype, numels: list
     return all(g.dtype == dtype and g.is_contiguous() for g in grads) and [g.numel() for g in grads] == numels
 
 
-def _table(table: BlockTable | None, numels: list[int], device: torch.device) -> tuple[BlockTable, bool]:
-    if table is None or table.numels != numels or table.block != BLOCK:
-        return BlockTable(numels, device), True
+def _lookup_rows_ok(grads: list[torch.Tensor], row_slots: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
+    return all(
+        g.dtype == torch.float32
+        and g.is_contiguous()
+        and g.dim() == 2
+        and s.dtype == torch.int32
+        and s.is_contiguous()
+        and p.dim() == 2
+        and g.shape[1] == p.shape[1]
+        and s.shape == p.shape[:1]
+        for g, s, p in zip(grads, row_slots, params, strict=True)
+    )
+
+
+def _table(
+    table: BlockTable | None, numels: list[int], device: torch.device, row_lens: list[int]
+) -> tuple[BlockTable, bool]:
+    if table is None or table.numels != numels or table.block != BLOCK or table.row_lens != row_lens:
+        return BlockTable(numels, device, row_lens), True
     return table, False
 
 
-def _addresses(rows: list[list[torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, bool]:
+def _addresses(rows: list[list[torch.Tensor]], device: torch.device, row_lens: list[int]) -> tuple[torch.Tensor, bool]:
+    """The int64 table: the tensors' addresses, then the row lengths (row 8, read with ROWS)."""
     addresses = [[t.data_ptr() for t in row] for row in rows]
-    aligned = not any(a % ALIGN for i, row in enumerate(addresses) if i != 4 for a in row)
+    aligned = not any(a % ALIGN for i, row in enumerate(addresses) if i not in (4, 7) for a in row)
     # Non-blocking: a blocking copy would make the host wait for the stream. From pageable memory the
     # driver stages the bytes before it returns, so the CPU tensor may go away at once.
-    return torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True), aligned
+    table = torch.tensor(addresses + [row_lens], dtype=torch.int64)
+    return table.to(device, non_blocking=True), aligned
 
 
 class Prepared(NamedTuple):
     """The host work of one update launch, done ahead of it (:func:`prepare`)."""
 
     table: BlockTable
-    pointers: torch.Tensor  # int64 [7, n_tensors] on the device
-    flags: tuple[bool, bool, bool]  # float32 gradients, bf16 gradients, copies
+    pointers: torch.Tensor  # int64 [9, n_tensors] on the device
+    flags: tuple[bool, bool, bool, bool]  # float32 gradients, bf16 gradients, copies, lookup rows
+
+
+def _row_lens(params: list[torch.Tensor], row_slots: list[torch.Tensor] | None) -> list[int]:
+    return [p.shape[-1] for p in params] if row_slots is not None else [0] * len(params)
 
 
 def prepare(
@@ -237,21 +330,30 @@ def prepare(
     *,
     copies: list[torch.Tensor] | None = None,
     bf16_grads: list[torch.Tensor] | None = None,
+    row_slots: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
 ) -> Prepared:
     """Checks, the block table (``table`` when it fits) and the address table, copied to the device
-    without blocking: everything :func:`launch` needs but the hyperparameters."""
+    without blocking: everything :func:`launch` needs but the hyperparameters. With ``row_slots`` each
+    of ``grads`` is a lookup's rows (:mod:`nemo_lite.training.lookup_gradient`), not a dense gradient."""
     if grads is None and bf16_grads is None:
         raise ValueError("adamw_ needs float32 gradients, bf16 gradients, or both")
+    if row_slots is not None and grads is None:
+        raise ValueError("row_slots say where a lookup's rows go: they need the rows, as grads")
     device = params[0].device
     numels = [p.numel() for p in params]
-    rows = tensor_rows(params, grads, exp_avgs, exp_avg_sqs, steps, copies, bf16_grads)
-    flags = (grads is not None, bf16_grads is not None, copies is not None)
-    table, new = _table(table, numels, device)
+    rows = tensor_rows(params, grads, exp_avgs, exp_avg_sqs, steps, copies, bf16_grads, row_slots)
+    flags = (grads is not None, bf16_grads is not None, copies is not None, row_slots is not None)
+    row_lens = _row_lens(params, row_slots)
+    table, new = _table(table, numels, device, row_lens)
     if new:  # parameters, state and copies are checked once, with the table
         check_tensors(rows, *flags)
-    pointers, aligned = _addresses(rows, device)
-    if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
+    pointers, aligned = _addresses(rows, device, row_lens)
+    if row_slots is not None:
+        grads_ok = _lookup_rows_ok(grads, row_slots, params)
+    else:
+        grads_ok = _grads_ok(grads, torch.float32, numels)
+    if not (aligned and grads_ok and _grads_ok(bf16_grads, torch.bfloat16, numels)):
         check_tensors(rows, *flags)  # names the offending tensor
     return Prepared(table, pointers, flags)
 
@@ -292,6 +394,7 @@ def launch(
         GRAD32=prepared.flags[0],
         GRAD16=prepared.flags[1],
         COPY=prepared.flags[2],
+        ROWS=prepared.flags[3],
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
@@ -306,6 +409,7 @@ def adamw_(
     *,
     copies: list[torch.Tensor] | None = None,
     bf16_grads: list[torch.Tensor] | None = None,
+    row_slots: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
     **hyper,
 ) -> BlockTable:
@@ -313,13 +417,23 @@ def adamw_(
     device) are incremented first, as torch's optimizer does. ``hyper``: :func:`launch`'s keywords (lr,
     betas, eps, weight decay, and the device tensors ``grad_scale`` and ``found_inf``; with ``found_inf``
     equal to 1 nothing changes, steps included, as in torch's fused AdamW). The gradient of a parameter
-    is ``grads`` (float32), ``bf16_grads``, or their sum when both are given; with ``copies`` each
-    updated parameter is also written, rounded, into its bf16 copy. Returns the block table, which the
-    caller passes back on later steps (it depends only on the sizes). :func:`prepare` and :func:`launch`
-    are its two halves, for callers that do the first earlier."""
+    is ``grads`` (float32; a lookup's rows with ``row_slots``), ``bf16_grads``, or their sum when both are
+    given; with ``copies`` each updated parameter is also written, rounded, into its bf16 copy. Returns
+    the block table, which the caller passes back on later steps (it depends only on the sizes).
+    :func:`prepare` and :func:`launch` are its two halves, for callers that do the first earlier."""
     if not params:
         return table
-    prepared = prepare(params, grads, exp_avgs, exp_avg_sqs, steps, copies=copies, bf16_grads=bf16_grads, table=table)
+    prepared = prepare(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        copies=copies,
+        bf16_grads=bf16_grads,
+        row_slots=row_slots,
+        table=table,
+    )
     launch(prepared, steps, **hyper)
     return prepared.table
 
@@ -331,22 +445,34 @@ def sum_of_squares(
     grads: list[torch.Tensor] | None,
     bf16_grads: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
+    *,
+    params: list[torch.Tensor] | None = None,
+    row_slots: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, BlockTable]:
     """The sum over all elements of the squared gradient (``grads``, ``bf16_grads`` or their sum, as
     the update reads it), in float32: one launch over the update's block table (built here if
     ``table`` does not fit), each program summing its blocks, then torch summing the programs'
-    results, in a fixed order. Returns the sum (a float32 scalar on the device) and the table."""
+    results, in a fixed order. With ``row_slots`` each of ``grads`` is a lookup's rows, for the
+    ``params`` of the same position. Returns the sum (a float32 scalar on the device) and the table."""
     first = grads if grads is not None else bf16_grads
     if not first:
         raise ValueError("sum_of_squares needs float32 gradients, bf16 gradients, or both")
+    if row_slots is not None and (grads is None or params is None):
+        raise ValueError("a lookup's rows (row_slots) need the rows, as grads, and their params")
+    shapes = params if row_slots is not None else first
     device = first[0].device
-    numels = [g.numel() for g in first]
-    table, _ = _table(table, numels, device)
-    rows = [first, grads or first, first, first, first, first, bf16_grads or first]
-    pointers, aligned = _addresses(rows, device)
-    if not (aligned and _grads_ok(grads, torch.float32, numels) and _grads_ok(bf16_grads, torch.bfloat16, numels)):
-        check_tensors(rows, grads is not None, bf16_grads is not None, False)
-    flags = (grads is not None, bf16_grads is not None, False)
+    numels = [t.numel() for t in shapes]
+    row_lens = _row_lens(shapes, row_slots)
+    table, _ = _table(table, numels, device, row_lens)
+    rows = [shapes, grads or first, shapes, shapes, shapes, shapes, bf16_grads or first, row_slots or shapes]
+    pointers, aligned = _addresses(rows, device, row_lens)
+    flags = (grads is not None, bf16_grads is not None, False, row_slots is not None)
+    if row_slots is not None:
+        grads_ok = _lookup_rows_ok(grads, row_slots, params)
+    else:
+        grads_ok = _grads_ok(grads, torch.float32, numels)
+    if not (aligned and grads_ok and _grads_ok(bf16_grads, torch.bfloat16, numels)):
+        check_tensors([shapes, *rows[1:]], *flags)
     return prepared_sum_of_squares(Prepared(table, pointers, flags)), table
 
 
@@ -366,6 +492,7 @@ def prepared_sum_of_squares(prepared: Prepared) -> torch.Tensor:
         n_blocks,
         GRAD32=prepared.flags[0],
         GRAD16=prepared.flags[1],
+        ROWS=prepared.flags[3],
         BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,

@@ -90,6 +90,10 @@ class OptimSection:
     # the blocks multiply by under bf16 autocast (their gradients arrive as bf16): the same values as
     # autocast's casts, without the casts. "auto" = on when the kernel is triton and autocast is bf16 on one GPU.
     weight_copies: str = "auto"
+    # The token embedding's float32 gradient: "rows" (one row per distinct token of the step, read by the
+    # triton kernel; no dense [vocab, hidden] matrix to zero and read), "dense" (embed_tokens.weight.grad).
+    # "auto" = rows whenever the weight copies are on (docs/recipes.md).
+    lookup_gradient: str = "auto"
 
 
 @dataclass
@@ -201,6 +205,7 @@ def validate(cfg: RecipeConfig) -> None:
     if isinstance(cfg.optim.weight_copies, bool) or cfg.optim.weight_copies in ("True", "False"):
         cfg.optim.weight_copies = str(cfg.optim.weight_copies).lower()
     _choice("optim.weight_copies", cfg.optim.weight_copies, ["auto", "true", "false"])
+    _choice("optim.lookup_gradient", cfg.optim.lookup_gradient, ["auto", "rows", "dense"])
     if cfg.optim.kernel == "triton" and cfg.optim.fused == "false":
         raise ConfigError("optim.kernel=triton is a fused step: it needs optim.fused=true or auto")
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import operator
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from nemo_lite.training.config import ConfigError, OptimSection
+from nemo_lite.training.lookup_gradient import LookupGradient, lookup
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,6 +42,7 @@ class AdamW(torch.optim.AdamW):
         self.kernel = kernel
         self._kernel_tables: dict = {}  # per launch: the Triton kernel's block table (sizes only)
         self._copies: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> bf16 weight copy (keep_weight_copies)
+        self._lookups: dict[torch.Tensor, LookupGradient] = {}  # parameter -> its lookups' rows (keep_lookup_gradient)
         self._prepared: tuple | None = None  # prepare_step's work for the next step
         if kernel == "triton":
             if not all(g["fused"] for g in self.param_groups):
@@ -107,14 +110,41 @@ class AdamW(torch.optim.AdamW):
         if self._copies:
             torch._foreach_copy_(list(self._copies.values()), list(self._copies))
 
+    def keep_lookup_gradient(self, param: torch.Tensor, lookups: LookupGradient) -> None:
+        """From now on ``param``'s float32 gradient is read from ``lookups``, the rows of its embedding
+        lookups (:mod:`nemo_lite.training.lookup_gradient`), instead of ``param.grad``."""
+        if self.kernel != "triton":
+            raise ValueError("a lookup gradient is read by the triton AdamW kernel: it needs kernel='triton'")
+        if lookups.shape != tuple(param.shape) or not any(param is p for g in self.param_groups for p in g["params"]):
+            raise ValueError(
+                f"the lookup gradient {lookups.shape} is not for a {tuple(param.shape)} parameter of this optimizer"
+            )
+        self._lookups[param] = lookups
+        self._kernel_tables.clear()
+
+    def _grad32(self, param: torch.Tensor) -> torch.Tensor | None:
+        """``param``'s float32 gradient: ``param.grad``, or its lookups' rows (then ``param.grad`` must be None)."""
+        lookups = self._lookups.get(param)
+        if lookups is None or not lookups:
+            return param.grad
+        if param.grad is not None:
+            raise ValueError(
+                f"a {tuple(param.shape)} parameter has a dense gradient and a lookup gradient: its lookups' rows "
+                "replace param.grad, so nothing else may write param.grad"
+            )
+        return lookups.rows()[1]
+
     def gradients(self, param: torch.Tensor) -> list[torch.Tensor]:
-        """The gradients this optimizer adds up for ``param``: its own (float32) and its copy's (bf16)."""
+        """The gradients this optimizer adds up for ``param``: its own (float32; its lookups' rows when it
+        has them) and its copy's (bf16)."""
         copy = self._copies.get(param)
-        return [g for g in (param.grad, None if copy is None else copy.grad) if g is not None]
+        return [g for g in (self._grad32(param), None if copy is None else copy.grad) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._prepared = None
+        for lookups in self._lookups.values():
+            lookups.clear()
         for copy in self._copies.values():
             if set_to_none:
                 copy.grad = None
@@ -124,19 +154,24 @@ class AdamW(torch.optim.AdamW):
     def _triton_lists(self, init_state: bool) -> dict[tuple, dict[str, list[torch.Tensor]]]:
         """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy, or
         both, as a tied embedding has) and whether there is a copy to write, the lists of tensors."""
-        copies = self._copies
+        copies, lookups = self._copies, self._lookups
         out: dict[tuple, dict[str, list[torch.Tensor]]] = {}
+        kinds = ("params", "grads", "bf16_grads", "copies", "row_slots", "state")
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 copy = copies.get(param)
                 bf16_grad = None if copy is None else copy.grad
-                if param.grad is None and bf16_grad is None:
+                grad = self._grad32(param)
+                if grad is None and bf16_grad is None:
                     continue
-                key = (index, param.grad is not None, bf16_grad is not None, copy is not None)
-                lists = out.setdefault(key, {k: [] for k in ("params", "grads", "bf16_grads", "copies", "state")})
+                rows = param in lookups and bool(lookups[param])
+                key = (index, grad is not None, bf16_grad is not None, copy is not None, rows)
+                lists = out.setdefault(key, {k: [] for k in kinds})
                 lists["params"].append(local_shard(param))
-                if param.grad is not None:
-                    lists["grads"].append(local_shard(param.grad))
+                if grad is not None:
+                    lists["grads"].append(local_shard(grad))
+                if rows:
+                    lists["row_slots"].append(lookups[param].rows()[0])
                 if copy is not None:
                     lists["copies"].append(copy)
                 if bf16_grad is not None:
@@ -165,7 +200,11 @@ class AdamW(torch.optim.AdamW):
             return torch.zeros(()) if total is None else total.sqrt()
         for key, lists in self._triton_lists(init_state=False).items():
             squares, self._kernel_tables[key] = adamw_kernel.sum_of_squares(
-                lists["grads"] or None, lists["bf16_grads"] or None, table=self._kernel_tables.get(key)
+                lists["grads"] or None,
+                lists["bf16_grads"] or None,
+                table=self._kernel_tables.get(key),
+                params=lists["params"],
+                row_slots=lists["row_slots"] or None,
             )
             total = squares if total is None else total + squares
         if total is None:
@@ -181,15 +220,17 @@ class AdamW(torch.optim.AdamW):
         if self.kernel == "triton":
             copies = self._copies
             holders = [(p, copies.get(p)) for g in self.param_groups for p in g["params"]]
-            grads = [t.grad for pair in holders for t in pair if t is not None]
-            self._prepared = (holders, grads, self._prepare())
+            self._prepared = (holders, self._holders_grads(holders), self._prepare())
+
+    def _holders_grads(self, holders: list) -> list:
+        return [self._grad32(p) if self._lookups else p.grad for p, _ in holders] + [
+            c.grad for _, c in holders if c is not None
+        ]
 
     def _prepared_is_current(self) -> bool:
-        """Every gradient tensor is still the one :meth:`prepare_step` read the address of (this runs after
-        the host sync, while the GPU waits: no dict lookups, no lists built)."""
+        """Every gradient tensor is still the one :meth:`prepare_step` read the address of."""
         holders, grads, _ = self._prepared
-        now = (t.grad for pair in holders for t in pair if t is not None)
-        return all(map(operator.is_, now, grads))
+        return all(map(operator.is_, self._holders_grads(holders), grads))
 
     def _prepare(self) -> list:
         from nemo_lite.training import adamw_kernel
@@ -206,6 +247,7 @@ class AdamW(torch.optim.AdamW):
                 steps,
                 copies=lists["copies"] or None,
                 bf16_grads=lists["bf16_grads"] or None,
+                row_slots=lists["row_slots"] or None,
                 table=self._kernel_tables.get(key),
             )
             self._kernel_tables[key] = prepared.table
@@ -248,7 +290,7 @@ def attach_weight_copies(model: nn.Module, optimizer: AdamW) -> int:
     the model then multiplies by the copies and their gradients arrive as bf16 on the copies: the values
     autocast would give, without casting every weight down and every weight gradient up each step. A
     tied embedding's lookup still reads the float32 matrix; the kernel adds its float32 gradient to the
-    copy's. Returns the number of weights given a copy."""
+    copy's (kept as rows with :func:`attach_lookup_gradient`). Returns the number of weights given a copy."""
     from nemo_lite.components.models.llama import Linear
 
     pairs = []
@@ -261,6 +303,19 @@ def attach_weight_copies(model: nn.Module, optimizer: AdamW) -> int:
         pairs.append((model.output_weight, model.output_weight_copy))
     optimizer.keep_weight_copies(pairs)
     return len(pairs)
+
+
+def attach_lookup_gradient(model: nn.Module, optimizer: AdamW) -> LookupGradient | None:
+    """Route the float32 gradient of ``model``'s token lookup to a :class:`LookupGradient` that
+    ``optimizer``'s kernel reads as rows, instead of a dense ``[vocab, hidden]`` matrix in
+    ``embed_tokens.weight.grad``. Returns it (None when the embedding is frozen)."""
+    weight = model.embed_tokens.weight
+    if not weight.requires_grad:
+        return None
+    lookups = LookupGradient(weight)
+    optimizer.keep_lookup_gradient(weight, lookups)
+    model.embedding_lookup = functools.partial(lookup, sink=lookups)
+    return lookups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
@@ -293,24 +348,34 @@ def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def clipped_step(
-    optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float, factor: torch.Tensor | None = None
+    optimizer: torch.optim.Optimizer,
+    grad_norm: torch.Tensor,
+    max_norm: float,
+    factor: torch.Tensor | None = None,
+    *,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One fused AdamW step with the gradients clipped inside the update kernel.
 
     The kernel divides each gradient by :func:`clip_factor` (``factor`` when the caller computed it
     already), so clipping costs no extra pass over the gradients and no host sync. ``max_norm <= 0``
-    turns clipping off.
+    turns clipping off. ``found_inf``: a float32 device scalar; 1.0 skips the step inside the kernel
+    (no parameter, moment or step count changes), as torch's ``GradScaler`` does with fused AdamW.
     """
     if not steps_on_device(optimizer):
         raise ValueError("clipped_step needs fused AdamW (optim.fused=true, or auto on a GPU)")
-    if max_norm <= 0:
-        optimizer.step()
-        return
-    optimizer.grad_scale = factor if factor is not None else clip_factor(grad_norm, max_norm)
+    given = {}
+    if max_norm > 0:
+        given["grad_scale"] = factor if factor is not None else clip_factor(grad_norm, max_norm)
+    if found_inf is not None:
+        given["found_inf"] = found_inf
+    for name, value in given.items():
+        setattr(optimizer, name, value)
     try:
         optimizer.step()
     finally:
-        del optimizer.grad_scale
+        for name in given:
+            delattr(optimizer, name)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

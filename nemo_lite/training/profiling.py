@@ -4,7 +4,8 @@
 rank 0 and writes ``run_dir/profile/trace_rank0.json.gz`` (open it in Perfetto or chrome://tracing) and
 ``run_dir/profile/summary.json``: GPU kernel time per step by class (matmuls, attention, optimizer,
 communication, ...), how much of the step the GPU was busy, how much NCCL time no compute kernel
-overlapped, and where the GPU sat idle (the largest gaps between kernels, by the kernels around them).
+overlapped, where the GPU sat idle (the largest gaps between kernels, by the kernels around them), and
+the kernels by the operator (and its input shapes) that launched them.
 On CPU the summary lists the operators with the most time instead.
 """
 
@@ -71,6 +72,24 @@ def idle_gaps(kernels: list[dict[str, Any]], steps: int, min_us: float = 20.0, t
     }
 
 
+def kernels_by_op(events: list[dict[str, Any]], kernels: list[dict[str, Any]], steps: int, top: int) -> dict:
+    """GPU time per step by (the operator that launched the kernel, the kernel): a kernel carries the
+    ``External id`` of the innermost operator running when it was launched; with shapes recorded, the
+    operator's input shapes are part of its name."""
+    ops = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and "External id" in e.get("args", {}):
+            dims = e["args"].get("Input Dims")
+            shapes = "" if not dims else " " + str([d for d in dims if d])[:80]
+            ops[e["args"]["External id"]] = e["name"] + shapes
+    per: dict[str, float] = {}
+    for e in kernels:
+        op = ops.get(e.get("args", {}).get("External id"), "(no operator)")
+        key = f"{op} > {e['name'][:60]}"
+        per[key] = per.get(key, 0.0) + e["dur"] / 1000 / steps
+    return {k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]}
+
+
 def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[str, Any]:
     """Per-step figures from a Chrome trace (``export_chrome_trace``) that covers ``steps`` steps."""
     events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
@@ -106,6 +125,7 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[st
         "nccl_busy_ms_per_step": round(comm_ms / steps, 2),
         "trace_span_ms_per_step": round(span / 1000 / steps, 2),
         "top_kernels_ms_per_step": {k: round(v, 3) for k, v in ranked},
+        "top_kernels_by_operator_ms_per_step": kernels_by_op(events, kernels, steps, 2 * top),
         **idle_gaps(kernels, steps),
     }
 
@@ -120,7 +140,9 @@ class StepProfiler:
         self.out_dir, self.steps = Path(out_dir), steps
         self.summary: dict[str, Any] | None = None
         schedule = torch.profiler.schedule(wait=max(start - 1, 0), warmup=1 if start > 0 else 0, active=steps, repeat=1)
-        self._prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
+        self._prof = torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=self._write, record_shapes=True
+        )
         self._prof.start()
         self._open = True
 

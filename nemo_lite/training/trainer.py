@@ -36,10 +36,10 @@ from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
 from nemo_lite.training.optim import (
+    attach_lookup_gradient,
     attach_weight_copies,
     build_optimizer,
     build_scheduler,
-    clip_factor,
     clipped_step,
     local_shard,
     steps_on_device,
@@ -136,6 +136,9 @@ class Trainer:
         if self.weight_copies:  # after a resume: the copies start from the loaded weights
             n = attach_weight_copies(self.raw_model, self.optimizer)
             self._log(f"bf16 weight copies for {n} weight matrices (optim.weight_copies)")
+        self.lookup_gradient = self._lookup_gradient()
+        if self.lookup_gradient == "rows":
+            attach_lookup_gradient(self.raw_model, self.optimizer)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
@@ -168,6 +171,14 @@ class Trainer:
         if setting == "true" and missing:
             raise ConfigError(f"optim.weight_copies=true needs {' and '.join(missing)}; use optim.weight_copies=auto")
         return setting != "false" and not missing
+
+    def _lookup_gradient(self) -> str:
+        """How the token embedding's float32 gradient is kept: as rows (read by the triton kernel, with the
+        weight copies, so the tied output projection's gradient goes to its copy) or dense."""
+        setting = self.cfg.optim.lookup_gradient
+        if setting == "rows" and not self.weight_copies:
+            raise ConfigError("optim.lookup_gradient=rows needs the weight copies (optim.weight_copies); use auto")
+        return "rows" if setting != "dense" and self.weight_copies else "dense"
 
     def _data_config(self):
         from nemo_lite.components.datasets import DataConfig
@@ -242,6 +253,7 @@ class Trainer:
         if cfg.trainer.compile:
             for block in model.layers:
                 block.compile()
+            model.norm.compile()  # the final norm: eager, it was ~15 small float32 kernels a step
         if self.dist.enabled:
             bf16 = self.device.type == "cuda" and cfg.trainer.autocast_dtype == "bfloat16"
             distributed.shard_model(model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
@@ -339,6 +351,19 @@ class Trainer:
                 grad_scale=grad_scale,
             )
 
+    def _values_to_host(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """``values`` copied into a reused pinned host buffer without blocking, and the event that says
+        the copy is done (None on CPU, where the copy is done on return)."""
+        if values.device.type != "cuda":
+            return values.clone(), None
+        buffer = getattr(self, "_host_values", None)
+        if buffer is None or buffer.shape != values.shape:
+            buffer = self._host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        buffer.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return buffer, ready
+
     def _build_mask(self, input_ids: torch.Tensor):
         return self.raw_model.build_attention_mask(input_ids, self.eos_id)
 
@@ -349,7 +374,7 @@ class Trainer:
         loss_scale = 1.0 / max(n_labels, 1)
         if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
             # The global label count stays on the device: no host sync before backward.
-            global_labels = torch.tensor(float(n_labels), device=self.device, dtype=torch.float64)
+            global_labels = torch.full((), float(n_labels), device=self.device, dtype=torch.float64)
             torch.distributed.all_reduce(global_labels)
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
         grad_scale = None  # what each micro-batch's loss sum receives in backward, for the triton loss kernel
@@ -389,12 +414,12 @@ class Trainer:
         triton = self.optimizer.kernel == "triton"
         params = list(self.model.parameters())
         if triton:  # one launch per list of the update, over its block tables
-            if self._device_step:  # the update's host work now, before the sync; the norm reads its tables
+            if self._device_step:  # the update's host work now, in one place; the norm reads its tables
                 self.optimizer.prepare_step()
             local_norm = self.optimizer.grad_norm()
         else:
             local_norm = torch.nn.utils.get_total_norm([local_shard(p.grad) for p in params if p.grad is not None])
-        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
         if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
             totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
             torch.distributed.all_reduce(totals)
@@ -402,18 +427,24 @@ class Trainer:
         else:
             totals, grad_norm = torch.stack([loss_sum, attn_flops.float(), stop]), local_norm
         host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
-        # The clip factor before the sync too, so after it only the update's launches remain.
-        factor = clip_factor(grad_norm, clip) if self._device_step and clip > 0 else None
-        loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
+        if self._device_step:
+            # The update is queued before the host reads anything: a non-finite step is skipped inside the
+            # fused kernel (found_inf), and the step's values reach the host on an event recorded before
+            # the update, so the host waits only for them and goes on to the next batch, its mask and
+            # its forward while the GPU runs the update.
+            found_inf = (~(torch.isfinite(totals[0]) & torch.isfinite(grad_norm))).float()
+            values, ready = self._values_to_host(torch.cat(host))
+            clipped_step(self.optimizer, grad_norm, clip, found_inf=found_inf)
+            if ready is not None:
+                ready.synchronize()
+            loss_total, attn_value, stop_any, grad_value, *labels = values.tolist()
+        else:
+            loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
         loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
         self._stop_requested = stop_any > 0
         finite = math.isfinite(loss_value) and math.isfinite(grad_value)
-        # The sync sits before the update on purpose: the update is then queued while the host goes on to
-        # the next step's batch and mask, so the GPU does not wait for them.
         if finite:
-            if self._device_step:
-                clipped_step(self.optimizer, grad_norm, clip, factor)  # the clip happens inside the fused kernel
-            else:
+            if not self._device_step:
                 if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
                     grads = [g for p in params for g in (self.optimizer.gradients(p) if triton else [p.grad])]
                     local_grads = [local_shard(g) for g in grads if g is not None]

@@ -14,6 +14,7 @@ rotate-half layout (not the interleaved complex layout of Meta's code).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -201,6 +202,9 @@ class LlamaForCausalLM(nn.Module):
     sliding_windows: tuple[int, ...] = (0,)
     # A bf16 copy of output_weight that the output projection multiplies by under autocast (see Linear).
     output_weight_copy: torch.Tensor | None = None
+    # The token lookup, ``(weight, ids) -> hidden``, when the trainer replaces ``embed_tokens``' own (its
+    # gradient kept as rows, nemo_lite.training.lookup_gradient); None: ``embed_tokens(ids)``.
+    embedding_lookup: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -265,7 +269,10 @@ class LlamaForCausalLM(nn.Module):
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
-        h_BSE = self.embed_tokens(input_ids_BS)
+        if self.embedding_lookup is None:
+            h_BSE = self.embed_tokens(input_ids_BS)
+        else:
+            h_BSE = self.embedding_lookup(self.embed_tokens.weight, input_ids_BS)
         for layer in self.layers:
             h_BSE = layer(h_BSE, cos_B1SD, sin_B1SD, attention_mask)
         return self.norm(h_BSE)
