@@ -64,6 +64,18 @@ def test_a_lookup_gradient_must_fit_its_matrix():
         LookupGradient(torch.zeros(10))
 
 
+def test_the_norm_names_a_gradient_it_cannot_read():
+    pytest.importorskip("triton")
+    from nemo_lite.training import adamw_kernel
+
+    strided = torch.zeros(8, 6, dtype=torch.bfloat16).t()
+    with pytest.raises(ValueError, match=r"contiguous, 16-byte aligned torch.bfloat16 bf16 gradient; got a strided"):
+        adamw_kernel.sum_of_squares(None, [strided])
+    params, rows, slots = [torch.zeros(10, 4)], [torch.zeros(3, 5)], [torch.zeros(10, dtype=torch.int32)]
+    with pytest.raises(ValueError, match=r"needs rows \[n, 4\] and a row_slot \[10\]; got rows \(3, 5\)"):
+        adamw_kernel.sum_of_squares(rows, params=params, row_slots=slots)
+
+
 def update_with_rows_and_dense(device: str, bf16: bool, hidden: int = 41):
     """One clipped AdamW step over [a lookup's rows | the same gradient dense] (+ a bf16 gradient)."""
     from nemo_lite.training import adamw_kernel

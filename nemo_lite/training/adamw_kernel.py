@@ -48,7 +48,6 @@ def _load_grad(
     GRAD32: tl.constexpr,
     GRAD16: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):
     """The float32 gradient (row 1 of the address table), the bf16 one (row 6) upcast, or their sum. With
     ROWS the float32 gradient is a lookup's rows (row 1: ``rows``, row 7: ``row_slot``, row 8: the row
@@ -122,7 +121,7 @@ def _adamw_kernel(
     exp_avg_sq_ptr = tl.multiple_of(tl.load(pointers_ptr + 3 * n_tensors + tensor).to(f32, bitcast=True), 16)
     step_ptr = tl.load(pointers_ptr + 4 * n_tensors + tensor).to(f32, bitcast=True)
 
-    grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS, BLOCK)
+    grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS)
     if HAS_SCALE:
         grad = grad / tl.load(scale_ptr)
     param = tl.load(param_ptr + offsets, mask=mask)
@@ -178,7 +177,7 @@ def _sum_squares_kernel(
             start = tl.load(block_start_ptr + entry)
             offsets = start + tl.arange(0, BLOCK)
             mask = offsets < _row_limit(pointers_ptr, n_tensors, tensor, start, tl.load(numel_ptr + tensor), ROWS)
-            grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS, BLOCK)
+            grad = _load_grad(pointers_ptr, n_tensors, tensor, start, offsets, mask, GRAD32, GRAD16, ROWS)
             grad = tl.where(mask, grad, 0.0)
             total += grad * grad
     tl.store(out_ptr + tl.program_id(0), tl.reduce(total, 0, _add))
@@ -277,6 +276,16 @@ def _grads_ok(grads: list[torch.Tensor] | None, dtype: torch.dtype, numels: list
     return all(g.dtype == dtype and g.is_contiguous() for g in grads) and [g.numel() for g in grads] == numels
 
 
+def _gradients_ok(grads, bf16_grads, row_slots, params: list[torch.Tensor]) -> bool:
+    """The per-step check of new gradients (float32 or a lookup's rows, and bf16), kept cheap."""
+    numels = [p.numel() for p in params]
+    if row_slots is not None:
+        grads_ok = _lookup_rows_ok(grads, row_slots, params)
+    else:
+        grads_ok = _grads_ok(grads, torch.float32, numels)
+    return grads_ok and _grads_ok(bf16_grads, torch.bfloat16, numels)
+
+
 def _lookup_rows_ok(grads: list[torch.Tensor], row_slots: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
     return all(
         g.dtype == torch.float32
@@ -349,11 +358,7 @@ def prepare(
     if new:  # parameters, state and copies are checked once, with the table
         check_tensors(rows, *flags)
     pointers, aligned = _addresses(rows, device, row_lens)
-    if row_slots is not None:
-        grads_ok = _lookup_rows_ok(grads, row_slots, params)
-    else:
-        grads_ok = _grads_ok(grads, torch.float32, numels)
-    if not (aligned and grads_ok and _grads_ok(bf16_grads, torch.bfloat16, numels)):
+    if not (aligned and _gradients_ok(grads, bf16_grads, row_slots, params)):
         check_tensors(rows, *flags)  # names the offending tensor
     return Prepared(table, pointers, flags)
 
@@ -467,12 +472,14 @@ def sum_of_squares(
     rows = [shapes, grads or first, shapes, shapes, shapes, shapes, bf16_grads or first, row_slots or shapes]
     pointers, aligned = _addresses(rows, device, row_lens)
     flags = (grads is not None, bf16_grads is not None, False, row_slots is not None)
-    if row_slots is not None:
-        grads_ok = _lookup_rows_ok(grads, row_slots, params)
-    else:
-        grads_ok = _grads_ok(grads, torch.float32, numels)
-    if not (aligned and grads_ok and _grads_ok(bf16_grads, torch.bfloat16, numels)):
-        check_tensors([shapes, *rows[1:]], *flags)
+    if not (aligned and _gradients_ok(grads, bf16_grads, row_slots, shapes)):
+        for i, shape in enumerate(shapes):  # names the offending gradient
+            if row_slots is not None:
+                check_lookup_rows(grads[i], row_slots[i], shape)
+            elif grads is not None:
+                check_tensor("gradient", grads[i], shape, torch.float32)
+            if bf16_grads is not None:
+                check_tensor("bf16 gradient", bf16_grads[i], shape, torch.bfloat16)
     return prepared_sum_of_squares(Prepared(table, pointers, flags)), table
 
 
