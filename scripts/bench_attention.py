@@ -5,6 +5,9 @@ compiled flex_attention, at the three shapes of the design's anchor table (bf16,
 
 Documents: fixed-seed log-normal lengths with the shape's mean, EOS-delimited, block_causal.
 "sdpa-causal" ignores documents (is_causal, flash): a speed reference, not the same function.
+Variants set a backend's own options (``attention.options`` in a recipe): "varlen-nosync" is varlen with
+``host_sync=False``; "flex-torch" is flex with ``kernel_options="torch"`` (torch's tiles, as the raw kernel
+runs; plain "flex" runs its default, ``"auto"``: nemo_lite's tuned tiles where measured for the card).
 Mask build time is the backend's per-step build_mask (compiled create_block_mask for flex).
 """
 
@@ -13,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-from datetime import date
 
 import torch
+from bench_utils import cuda_time_ms, meta
 
-from nemo_lite.components.attention import get_attention_backend
+from nemo_lite.components.attention import build_attention_backend
 
 SHAPES = [
     # (batch, seq_len, q_heads, kv_heads, head_dim, mean document length)
@@ -28,6 +30,12 @@ SHAPES = [
     (1, 16384, 16, 8, 64, 2341),
 ]
 EOS = 0
+# --backends names that are not a registered backend's: (backend, attn_mask_type, the backend's options).
+VARIANTS = {
+    "sdpa-causal": ("sdpa", "causal", {}),
+    "varlen-nosync": ("varlen", "block_causal", {"host_sync": False}),
+    "flex-torch": ("flex", "block_causal", {"kernel_options": "torch"}),
+}
 
 
 def packed_ids(batch: int, seq_len: int, mean_doc: float, seed: int = 0) -> torch.Tensor:
@@ -45,21 +53,6 @@ def packed_ids(batch: int, seq_len: int, mean_doc: float, seed: int = 0) -> torc
                 break
             ids[b, pos - 1] = EOS
     return ids
-
-
-def cuda_time_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
@@ -95,12 +88,8 @@ def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
         rows.append(row)
 
     for name in backends:
-        if name == "sdpa-causal":
-            backend = get_attention_backend("sdpa")(attn_mask_type="causal")
-        elif name == "varlen-nosync":
-            backend = get_attention_backend("varlen")(attn_mask_type="block_causal", host_sync=False)
-        else:
-            backend = get_attention_backend(name)(attn_mask_type="block_causal")
+        kind, mask_type, options = VARIANTS.get(name, (name, "block_causal", {}))
+        backend = build_attention_backend(kind, attn_mask_type=mask_type, options=options)
         try:
             mask = backend.build_mask(ids, EOS)
         except Exception as err:
@@ -131,7 +120,7 @@ def bench_shape(shape, backends: list[str], iters: int) -> list[dict]:
         build=lambda: build_raw(mask_mod, batch, None, seq_len, seq_len, device="cuda"),
     )
     if "flex" in backends:  # nemo_lite's flex again, after the raw kernel: the spread of the timings
-        backend = get_attention_backend("flex")(attn_mask_type="block_causal")
+        backend = build_attention_backend("flex", attn_mask_type="block_causal")
         mask = backend.build_mask(ids, EOS)
         run("flex (again)", lambda a, b, c: backend(a, b, c, enable_gqa=True, attention_mask=mask))
     pairs = int((doc[:, :, None] == doc[:, None, :]).tril().sum())  # allowed (q, k) pairs
@@ -145,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--backends", default="flex,varlen,varlen-nosync,sdpa,sdpa-causal,eager")
+    parser.add_argument("--backends", default="flex,flex-torch,varlen,varlen-nosync,sdpa,sdpa-causal,eager")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
@@ -156,13 +145,8 @@ def main() -> None:
     rows = []
     for shape in SHAPES:
         rows += bench_shape(shape, backends, args.iters)
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
-    print(f"\n{meta}\n")
+    where = meta()
+    print(f"\n{where}\n")
     print("| shape | backend | fwd ms | fwd+bwd ms | mask build ms | fwd TFLOP/s (mask's pairs) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -171,7 +155,7 @@ def main() -> None:
         print(f"| {r['shape']} | {r['backend']} | " + " | ".join(cells) + " |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": where, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

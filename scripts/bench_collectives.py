@@ -3,9 +3,9 @@
     torchrun --nproc-per-node 2 scripts/bench_collectives.py [--iters 20]
 
 Per block and step FSDP2 all-gathers the bf16 parameters (60.8 M, 122 MB gathered) and
-reduce-scatters the float32 gradients (243 MB in). Prints the time of each and NCCL's bus bandwidth
-(the figure nccl-tests reports), on an otherwise idle GPU. Run it again with NCCL_PROTO=Simple (or
-other NCCL variables) set to compare protocols.
+reduce-scatters the float32 gradients (243 MB in). Prints the median time of each (CUDA events around
+every call) and NCCL's bus bandwidth (the figure nccl-tests reports), on an otherwise idle GPU. Run it
+again with NCCL_PROTO=Simple (or other NCCL variables) set to compare protocols.
 """
 
 from __future__ import annotations
@@ -16,21 +16,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from bench_utils import cuda_time_ms, meta
 
 BLOCK_PARAMS = 60_821_504  # one decoder block of the 1B shape (4 projections, 3 MLP matrices, 2 norms)
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -45,13 +33,12 @@ def main() -> None:
     shard_bf16 = torch.randn(n // world, device="cuda").bfloat16()
     grads = torch.randn(n, device="cuda")
     shard_f32 = torch.empty(n // world, device="cuda")
-    ag = timed(lambda: dist.all_gather_into_tensor(gathered, shard_bf16), args.iters)
-    rs = timed(lambda: dist.reduce_scatter_tensor(shard_f32, grads), args.iters)
+    ag = cuda_time_ms(lambda: dist.all_gather_into_tensor(gathered, shard_bf16), args.iters)
+    rs = cuda_time_ms(lambda: dist.reduce_scatter_tensor(shard_f32, grads), args.iters)
     factor = (world - 1) / world  # bus bandwidth of a ring all-gather / reduce-scatter
     result = {
-        "card": torch.cuda.get_device_name(),
+        **meta(),
         "world_size": world,
-        "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())),
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
         "all_gather_bf16_ms": ag,

@@ -14,15 +14,12 @@ Measures, for seq_len 4096 and batch 2 (per rank):
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
 import platform
-import shlex
-import sys
 import time
 
-import torch
+from bench_utils import meta
 
 from nemo_lite.components.datasets import DataConfig, build_dataloader
 
@@ -100,10 +97,11 @@ def main() -> None:
     results["rank 0 of 8 (reads all rows)"], _ = tokens_per_s(cfg, args.batches // 4, rank=0, world_size=8)
     wait_ms = {p: 1e3 * wait_per_batch(DataConfig(**base, prefetch=p), 20, args.step_ms) for p in (2, 0)}
 
-    print(f"command   python {shlex.join(sys.argv)}")
-    print(f"date      {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    where = meta()
+    print(f"command   {where['command']}")
+    print(f"date      {where['date']}")
     print(f"cpu       {cpu_name()}, nproc {os.cpu_count()}")
-    print(f"software  python {platform.python_version()}, torch {torch.__version__}")
+    print(f"software  python {platform.python_version()}, torch {where['torch']}")
     print(f"data      {args.source}: {docs} documents; tokenizer {args.tokenizer}: vocab {vocab}")
     print(f"shape     batch {args.batch_size} x seq_len {args.seq_len} per rank")
     print(f"build     first call {first_build:.2f} s (this process), warm {warm_build:.2f} s")

@@ -6,6 +6,8 @@ Runs recipes/pretrain.py on the Llama-3.2-1B shape (default corpus, 4096 tokens 
 blocks): 1 rank x (N*B) rows, N ranks x B rows, and N ranks resumed from the middle checkpoint of the
 second run; with --more-gpus M, M ranks x (N*B/M) rows too. Prints the loss agreement, the throughput
 ratios and the resume check. --profile-only takes a kernel profile of the 1-rank and N-rank runs.
+--step-impl picks the training step of every run (``trainer.step_impl``: auto, fast or plain); other recipe
+keys go through --set (e.g. ``--set ++attention.options.kernel_options=torch``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
-import torch
+from bench_utils import median_after_warmup, meta
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES: list[str] = []  # for every run: --model, --seq-len, --no-compile, --set
+OVERRIDES: list[str] = []  # for every run: --model, --seq-len, --no-compile, --step-impl, --set
+WARMUP_STEPS = 5  # left out of the medians (compilation, allocator warm-up)
 
 
 def run(
@@ -51,13 +53,13 @@ def run(
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def median_after_warmup(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records[5:] if r.get(key) is not None]  # MFU is None off GPU
-    return statistics.median(values) if values else None
-
-
-def card() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def steady(records: list[dict], key: str) -> float | None:
+    """The median of a metric over the steps after warm-up; None where the run does not report it (MFU
+    off GPU)."""
+    values = [r.get(key) for r in records]
+    if len(values) <= WARMUP_STEPS or any(v is None for v in values[WARMUP_STEPS:]):
+        return None
+    return median_after_warmup(values, WARMUP_STEPS)
 
 
 def profile_runs(root: Path, n: int, b: int, reshard: str) -> dict:
@@ -107,22 +109,24 @@ def main() -> None:
         help="one more N-rank run with this environment variable set, e.g. NCCL_PROTO=Simple (throughput only)",
     )
     parser.add_argument("--profile-only", action="store_true", help="only the --profile runs, no comparison")
+    parser.add_argument(
+        "--step-impl", choices=["auto", "fast", "plain"], default="auto", help="trainer.step_impl of every run"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for every run (key=value)")
     args = parser.parse_args()
     root = Path(args.root)
     n, b, steps = args.gpus, args.batch, args.steps
     reshard = f"trainer.reshard_after_forward={args.reshard_after_forward}"
     OVERRIDES.extend(
-        [f"model={args.model}", f"data.seq_len={args.seq_len}", f"trainer.compile={not args.no_compile}".lower()]
+        [
+            f"model={args.model}",
+            f"data.seq_len={args.seq_len}",
+            f"trainer.compile={not args.no_compile}".lower(),
+            f"trainer.step_impl={args.step_impl}",
+        ]
     )
     OVERRIDES.extend(args.set)
-    header = {
-        "card": card(),
-        "gpus": n,
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
+    header = {**meta(), "gpus": n, "step_impl": args.step_impl}
     if args.profile_only:
         profiles = profile_runs(root, n, b, reshard)
         if args.out:
@@ -139,7 +143,7 @@ def main() -> None:
     many = run(n, root / "many", b, steps, reshard, save=not args.skip_resume)
     print(f"{n} GPUs x {b} rows: {[round(r['loss'], 4) for r in many]}", flush=True)
     for label, records in (("1 GPU", one), (f"{n} GPUs", many)):
-        print(f"{label}: {median_after_warmup(records, 'tokens_per_s'):.0f} tokens/s", flush=True)
+        print(f"{label}: {steady(records, 'tokens_per_s'):.0f} tokens/s", flush=True)
     middle = root / "many" / "checkpoints" / f"step_{steps // 2:06d}"
     resumed = [] if args.skip_resume else run(n, root / "resumed", b, steps, reshard, f"trainer.resume={middle}")
     shutil.rmtree(root / "many" / "checkpoints")
@@ -152,19 +156,19 @@ def main() -> None:
         key, _, value = args.compare_env.partition("=")
         env_run = run(n, root / "env", b, 20, reshard, save=False, env={key: value})
         shutil.rmtree(root / "env" / "checkpoints", ignore_errors=True)
-        print(f"{n} GPUs x {b} rows, {args.compare_env}: {median_after_warmup(env_run, 'tokens_per_s'):.0f} tokens/s")
+        print(f"{n} GPUs x {b} rows, {args.compare_env}: {steady(env_run, 'tokens_per_s'):.0f} tokens/s")
 
     scaling_more = {}
     for m in more:
         records = run(m, root / f"more_{m}", n * b // m, steps, reshard)
         shutil.rmtree(root / f"more_{m}" / "checkpoints")
         m_diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(one, records, strict=True)]
-        tps = median_after_warmup(records, "tokens_per_s")
+        tps = steady(records, "tokens_per_s")
         scaling_more[m] = {
             "rows_per_rank": n * b // m,
             "tokens_per_s": tps,
-            "scaling": tps / median_after_warmup(one, "tokens_per_s"),
-            "mfu": median_after_warmup(records, "mfu"),
+            "scaling": tps / steady(one, "tokens_per_s"),
+            "mfu": steady(records, "mfu"),
             "loss_max_abs_diff": max(m_diffs),
             "loss_last5_mean_diff": statistics.mean(m_diffs[-5:]),
             "losses": [r["loss"] for r in records],
@@ -177,8 +181,8 @@ def main() -> None:
     resume_diffs = (
         [abs(x["loss"] - y["loss"]) for x, y in zip(many[steps // 2 :], resumed, strict=True)] if resumed else []
     )
-    tps_one = median_after_warmup(one, "tokens_per_s")
-    tps_many = median_after_warmup(many, "tokens_per_s")
+    tps_one = steady(one, "tokens_per_s")
+    tps_many = steady(many, "tokens_per_s")
     result = {
         **header,
         "loss_max_abs_diff": max(diffs),
@@ -188,13 +192,13 @@ def main() -> None:
         "tokens_per_s_n_gpus": tps_many,
         "scaling": tps_many / tps_one,
         "reshard_after_forward": args.reshard_after_forward,
-        "tokens_per_s_n_gpus_other_reshard": median_after_warmup(other, "tokens_per_s") if other else None,
-        "mfu_one": median_after_warmup(one, "mfu"),
-        "mfu_n": median_after_warmup(many, "mfu"),
+        "tokens_per_s_n_gpus_other_reshard": steady(other, "tokens_per_s") if other else None,
+        "mfu_one": steady(one, "mfu"),
+        "mfu_n": steady(many, "mfu"),
         "peak_mem_gib_one": max(r.get("peak_mem_gib", 0.0) for r in one),
         "peak_mem_gib_n": max(r.get("peak_mem_gib", 0.0) for r in many),
         "compare_env": args.compare_env,
-        "tokens_per_s_n_gpus_compare_env": median_after_warmup(env_run, "tokens_per_s") if env_run else None,
+        "tokens_per_s_n_gpus_compare_env": steady(env_run, "tokens_per_s") if env_run else None,
         "resume_max_abs_diff": max(resume_diffs) if resume_diffs else None,
         "profiles": profiles or None,
         "more_gpus": scaling_more or None,

@@ -1,14 +1,16 @@
 """Flex attention kernel options at the training workload's attention shape, through nemo_lite's own
-FlexAttention (bf16, one GPU): torch's default Triton configuration for the card against candidate
-block sizes, warps, stages and TMA, forward and forward+backward.
+FlexAttention (bf16, one GPU): torch's default Triton configuration for the card and nemo_lite's tuned
+options (``kernel_options="auto"``) against candidate block sizes, warps and stages, forward and
+forward+backward.
 
     python scripts/bench_flex_options.py [--iters 20] [--rounds 3] [--out results.json] [--best best.json]
 
 Shape: 2 x 4096 tokens, 32 query / 8 KV heads, head_dim 64 (Llama-3.2-1B), block_causal over EOS-delimited
-documents with log-normal lengths (mean 600, sigma 1). Each candidate compiles flex_attention again; the
-candidates are timed in turn, ``--rounds`` times, so clock drift hits them all alike. ``--best`` writes
-the fastest fwd+bwd kernel options for ``bench_train.py --flex-kernel-options``, or
-{} when it beats torch's defaults by less than the spread of the default's rounds (or 2%).
+documents with log-normal lengths (mean 600, sigma 1). Each candidate is its own
+``FlexAttention(kernel_options=...)`` and compiles flex_attention again; the candidates are timed in turn,
+``--rounds`` times, so clock drift hits them all alike. ``--best`` writes the fastest fwd+bwd kernel options
+(an entry for ``TUNED_KERNEL_OPTIONS`` in ``nemo_lite/components/attention/flex_attention.py``), or {} when
+it beats torch's defaults by less than the spread of the default's rounds (or 2%).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_attention import EOS, cuda_time_ms, packed_ids
+from bench_attention import EOS, packed_ids
+from bench_utils import cuda_time_ms, meta
 
-from nemo_lite.components.attention.flex_attention import FlexAttention
+from nemo_lite.components.attention.flex_attention import FlexAttention, tuned_kernel_options
 
 
 def fwd(block_m: int, block_n: int, warps: int, stages: int) -> dict:
@@ -45,8 +47,11 @@ def bwd(block_m1: int, block_n1: int, warps: int, stages: int) -> dict:
 
 # BlockMask tiles other than torch's 128 (64, or 128 x 64 with matching kernel tiles) do not compile in
 # torch 2.11 (inductor: "NoValidChoicesError"), so only the kernel's own tiles are varied here.
-CANDIDATES: dict[str, dict] = {
-    "default": {},
+# Each candidate is FlexAttention's ``kernel_options``: "torch" (torch's defaults for the card), "auto"
+# (nemo_lite's measured options for the card and head_dim, torch's defaults where it has none) or a dict.
+CANDIDATES: dict[str, str | dict] = {
+    "default": "torch",
+    "nemo_lite auto": "auto",
     "fwd 64x64": fwd(64, 64, 4, 3),
     "fwd 128x64 w8 s2": fwd(128, 64, 8, 2),
     "bwd 64/64": bwd(64, 64, 4, 3),
@@ -73,32 +78,36 @@ def main() -> None:
     shapes = [(batch, h, seq_len, head_dim) for h in (h_q, h_kv, h_kv)]
     q, k, v = (torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=g) for s in shapes)
     grad = torch.randn_like(q)
-    attention = FlexAttention(attn_mask_type="block_causal")
-    mask = attention.build_mask(ids, EOS)
+    attentions = {
+        name: FlexAttention(attn_mask_type="block_causal", kernel_options=options)
+        for name, options in CANDIDATES.items()
+    }
+    mask = attentions["default"].build_mask(ids, EOS)
     with torch.no_grad():  # float32 reference with torch's defaults
-        ref = attention(q.float(), k.float(), v.float(), enable_gqa=True, attention_mask=mask)
+        ref = attentions["default"](q.float(), k.float(), v.float(), enable_gqa=True, attention_mask=mask)
     times: dict[str, dict[str, list[float]]] = {name: {"fwd": [], "fwd_bwd": []} for name in CANDIDATES}
     errors: dict[str, str] = {}
     max_err: dict[str, float] = {}
     for _ in range(args.rounds):
-        for name, options in CANDIDATES.items():
+        for name, attention in attentions.items():
             if name in errors:
                 continue
-            FlexAttention.kernel_options = options or None
             kw = {"enable_gqa": True, "attention_mask": mask}
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
-            def fwd_bwd(leaves=leaves, kw=kw):
+            def forward(attention=attention, kw=kw):
+                return attention(q, k, v, **kw)
+
+            def fwd_bwd(attention=attention, leaves=leaves, kw=kw):
                 attention(*leaves, **kw).backward(grad)
 
             try:
                 with torch.no_grad():
-                    times[name]["fwd"].append(cuda_time_ms(lambda kw=kw: attention(q, k, v, **kw), args.iters))
-                    max_err[name] = float((attention(q, k, v, **kw).float() - ref).abs().max())
+                    times[name]["fwd"].append(cuda_time_ms(forward, args.iters))
+                    max_err[name] = float((forward().float() - ref).abs().max())
                 times[name]["fwd_bwd"].append(cuda_time_ms(fwd_bwd, args.iters))
             except Exception as err:  # an invalid combination for this card: record it and go on
                 errors[name] = f"{type(err).__name__}: {str(err)[:200]}"
-    FlexAttention.kernel_options = None
     rows = []
     for name, options in CANDIDATES.items():
         row = {"candidate": name, "options": options}
@@ -119,16 +128,15 @@ def main() -> None:
     winner = min(ok, key=lambda r: r["fwd_bwd_ms"])
     better = default["fwd_bwd_ms"] - winner["fwd_bwd_ms"] > max(spread, 0.02 * default["fwd_bwd_ms"])
     chosen = winner["options"] if better else {}
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
+    if isinstance(chosen, str):  # "auto" won: the options it stands for on this card
+        chosen = tuned_kernel_options("cuda", head_dim) or {}
+    where = {
+        **meta(),
         "shape": f"{batch}x{seq_len}, {h_q}/{h_kv} heads, d{head_dim}, log-normal docs mean 600",
         "default_spread_ms": spread,
         "chosen": chosen,
     }
-    print(f"\n{meta}\n")
+    print(f"\n{where}\n")
     print("| candidate | fwd ms | fwd+bwd ms (median of rounds) | rounds | max abs err vs fp32 |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -141,7 +149,7 @@ def main() -> None:
                 f"{r['max_abs_err_vs_fp32']:.2e} |"
             )
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"meta": where, "rows": rows}, indent=1))
     if args.best:
         Path(args.best).write_text(json.dumps(chosen))
 

@@ -1,7 +1,8 @@
 """The head loss alone at the training shape of Llama-3.2-1B (8,192 tokens, hidden 2048, 128,256 classes,
-bf16 autocast over float32 weights): the compiled torch path against nemo_lite's Triton kernel
-(``trainer.loss_kernel``), forward + backward, and the kernel's row pass alone over a sweep of block
-sizes and warps. Last, the two paths' loss and gradients are compared.
+bf16 autocast over float32 weights): the compiled torch path (the plain step's) against nemo_lite's Triton
+kernel (the fast step's, ``cross_entropy_sum(kernel="triton")``), forward + backward, and the kernel's row
+pass alone, at the kernel's own block size and warps (``cross_entropy_kernel.BLOCK``, ``NUM_WARPS``). Last,
+the two paths' loss and gradients are compared.
 
     python scripts/bench_loss.py [--iters 20] [--out r.json]
 
@@ -15,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date
 
 import torch
-from bench_attention import cuda_time_ms
+from bench_utils import cuda_time_ms, meta
 
 TOKENS, HIDDEN, VOCAB = 8192, 2048, 128256
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_loss.py needs a CUDA GPU")
-    from nemo_lite.training import cross_entropy_kernel as kernel
+    from nemo_lite.training.fast import cross_entropy_kernel as kernel
     from nemo_lite.training.loss import cross_entropy_sum
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -57,15 +57,10 @@ def main() -> None:
     logits = hidden.detach().reshape(TOKENS, HIDDEN).bfloat16() @ weight_bf16.detach().t()
     flat = labels.reshape(-1)
     least_bytes = 2 * logits.numel() * logits.element_size()
-    for block in (2048, 4096, 8192, 16384):
-        for warps in (4, 8, 16, 32):
-            kernel.BLOCK, kernel.NUM_WARPS = block, warps
-            ms = cuda_time_ms(lambda: kernel.cross_entropy_rows_(logits, flat, scale), iters=args.iters)
-            rows.append(
-                {"what": "row pass", "block": block, "warps": warps, "ms": ms, "gb_per_s": least_bytes / ms / 1e6}
-            )
-            print(f"row pass, block {block}, {warps} warps: {ms:.3f} ms ({rows[-1]['gb_per_s']:.0f} GB/s)", flush=True)
-    kernel.BLOCK, kernel.NUM_WARPS = 8192, 16
+    ms = cuda_time_ms(lambda: kernel.cross_entropy_rows_(logits, flat, scale), iters=args.iters)
+    block, warps = kernel.BLOCK, kernel.NUM_WARPS
+    rows.append({"what": "row pass", "block": block, "warps": warps, "ms": ms, "gb_per_s": least_bytes / ms / 1e6})
+    print(f"row pass, block {block}, {warps} warps: {ms:.3f} ms ({rows[-1]['gb_per_s']:.0f} GB/s)", flush=True)
 
     results = {}
     for name, kwargs in [("torch", dict(compiled=True)), ("triton", dict(kernel="triton", grad_scale=scale))]:
@@ -76,18 +71,10 @@ def main() -> None:
         for what, a, b in zip(("loss", "grad hidden", "grad weight"), results["triton"], results["torch"], strict=True)
     }
     print(json.dumps(agreement, indent=1))
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": str(date.today()),
-        "tokens": TOKENS,
-        "hidden": HIDDEN,
-        "vocab": VOCAB,
-        "iters": args.iters,
-    }
+    where = {**meta(), "tokens": TOKENS, "hidden": HIDDEN, "vocab": VOCAB, "iters": args.iters}
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "agreement": agreement}, f, indent=1)
+            json.dump({"meta": where, "rows": rows, "agreement": agreement}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """The AdamW update alone on the Llama-3.2-1B parameters: torch's fused kernel against nemo_lite's
-Triton kernel (block sizes and warps swept), time per step and the memory traffic it reaches.
+Triton kernel, time per step and the memory traffic it reaches.
 
     python scripts/bench_optimizer.py [--steps 20] [--out r.json] [--norm-only] [--norm-baseline old_kernel.py]
 
 Every parameter is float32 with a float32 gradient, ``exp_avg`` and ``exp_avg_sq``: the update reads
 16 bytes and writes 12 per parameter (torch's kernel writes 16: the unscaled gradient goes back too).
-The gradients are divided by a clip scale inside the kernel, as in training. Both kernels also run
-three steps from the same start and their results are compared. Last, the Triton kernel as training
-runs it with bf16 weight copies (``optim.weight_copies``): bf16 gradients and copies for the matrices,
-the tied embedding's two gradients added. The gradient norm over the same bf16 gradients is timed too,
-and with ``--norm-baseline`` also that of another version of ``adamw_kernel.py`` (e.g. ``git show
-<commit>:nemo_lite/training/adamw_kernel.py > old.py``), alternating the two.
+The gradients are divided by a clip scale inside the kernel, as in training (``FusedAdamW.step(grad_scale=...)``
+for torch's kernel, ``adamw_kernel.adamw_(grad_scale=...)`` for nemo_lite's). Both kernels also run three
+steps from the same start and their results are compared. Last, the Triton kernel as the fast step runs
+it with bf16 weight copies: bf16 gradients and copies for the matrices, the tied embedding's two gradients
+added. The kernel runs with its own block size and warps (``adamw_kernel.BLOCK``, ``NUM_WARPS``, recorded in
+the output). The gradient norm over the same bf16 gradients is timed too, and with ``--norm-baseline`` also
+that of another version of the kernel's file (e.g. ``git show <commit>:nemo_lite/training/fast/adamw_kernel.py
+> old.py``; ``nemo_lite/training/adamw_kernel.py`` before the move), alternating the two.
 """
 
 from __future__ import annotations
@@ -18,20 +20,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date
 
 import torch
-from bench_attention import cuda_time_ms
+from bench_utils import cuda_time_ms, meta
 
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
 
 # Bytes moved per parameter: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq;
 # torch's kernel also writes the unscaled gradient back when given a grad_scale.
 BYTES_PER_PARAM = {"torch fused AdamW": 32, "triton": 28, "triton + bf16 copies": 28}
+HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def torch_adamw(params: list[torch.nn.Parameter], lr: float):
+    """torch's fused AdamW (nemo_lite's FusedAdamW with kernel="torch"), one param group."""
+    from nemo_lite.training.fast.optim import FusedAdamW
+
+    return FusedAdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, kernel="torch")
 
 
 def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
-    from nemo_lite.training import adamw_kernel
+    from nemo_lite.training.fast import adamw_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen) * 0.02) for s in shapes]
@@ -39,10 +48,8 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
         p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
     n = sum(p.numel() for p in params)
     scale = torch.tensor(1.7, device="cuda")
-    hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
-    torch_opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    torch_opt.grad_scale = scale
+    torch_opt = torch_adamw(params, lr=1e-4)
 
     state = [(torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")) for p in params]
     grads = [p.grad for p in params]
@@ -58,22 +65,18 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
             [s[1] for s in state],
             [s[2] for s in state],
             grad_scale=scale,
-            table=table,  # rebuilt when the block size changes, outside the timed steps (warm-up)
-            **hyper,
+            table=table,  # built on the first (warm-up) step, outside the timed steps
+            **HYPER,
         )
 
-    rows = [{"kernel": "torch fused AdamW", "ms": cuda_time_ms(torch_opt.step, steps)}]
-    default = adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS
-    for block in (512, 1024, 2048):
-        for warps in (4, 8):
-            adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = block, warps
-            row = {"kernel": "triton", "block": block, "num_warps": warps, "default": (block, warps) == default}
-            rows.append(row | {"ms": cuda_time_ms(triton_step, steps)})
-    adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = default
+    rows = [
+        {"kernel": "torch fused AdamW", "ms": cuda_time_ms(lambda: torch_opt.step(grad_scale=scale), steps)},
+        {"kernel": "triton", "ms": cuda_time_ms(triton_step, steps)},
+    ]
 
-    # With bf16 weight copies (optim.weight_copies), as in training: the decoder's matrices read a bf16
-    # gradient and write a bf16 copy (28 bytes per parameter, as without copies); the tied embedding adds its
-    # float32 lookup gradient and the head's bf16 one and writes a copy (32 bytes); the norm weights as above.
+    # With bf16 weight copies, as the fast step runs it: the decoder's matrices read a bf16 gradient and
+    # write a bf16 copy (28 bytes per parameter, as without copies); the tied embedding adds its float32
+    # lookup gradient and the head's bf16 one and writes a copy (32 bytes); the norm weights as above.
     # One launch for each of the three lists.
     embedding = [0]
     matrices = [i for i, p in enumerate(params) if p.dim() == 2 and i != 0]
@@ -98,16 +101,10 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
                 copies=[copies[i] for i in index] if bf16 else None,
                 bf16_grads=[bf16_grads[i] for i in index] if bf16 else None,
                 table=tables.get(key),
-                **hyper,
+                **HYPER,
             )
 
-    for block, warps in ((1024, 8), (1024, 4), (2048, 8)):
-        adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = block, warps
-        tables.clear()
-        row = {"kernel": "triton + bf16 copies", "block": block, "num_warps": warps}
-        row["default"] = (block, warps) == default
-        rows.append(row | {"ms": cuda_time_ms(copies_step, steps)})
-    adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = default
+    rows.append({"kernel": "triton + bf16 copies", "ms": cuda_time_ms(copies_step, steps)})
     n_embedding = params[0].numel()
     for row in rows:
         extra = 4 * n_embedding if row["kernel"] == "triton + bf16 copies" else 0  # the embedding's second gradient
@@ -121,7 +118,7 @@ def time_norms(shapes: list[torch.Size], steps: int, baseline: str | None) -> li
     copies), this kernel and ``baseline``'s, alternated three times."""
     import importlib.util
 
-    from nemo_lite.training import adamw_kernel
+    from nemo_lite.training.fast import adamw_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [(torch.randn(s, device="cuda", generator=gen) * 1e-3).bfloat16() for s in shapes]
@@ -146,20 +143,19 @@ def time_norms(shapes: list[torch.Size], steps: int, baseline: str | None) -> li
 
 def agreement(shapes: list[torch.Size]) -> tuple[float, float]:
     """Three steps of each kernel from the same parameters and zero state: largest differences."""
-    from nemo_lite.training import adamw_kernel
+    from nemo_lite.training.fast import adamw_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     scale = torch.tensor(1.7, device="cuda")
     ref = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen) * 0.02) for s in shapes]
-    ref_opt = torch.optim.AdamW(ref, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    ref_opt = torch_adamw(ref, lr=1e-3)
     mine = [p.detach().clone() for p in ref]
     mine_state = [(torch.zeros_like(t), torch.zeros_like(t), torch.zeros((), device="cuda")) for t in mine]
     for _ in range(3):
         gs = [torch.randn(s, device="cuda", generator=gen) * 1e-3 for s in shapes]
         for p, g in zip(ref, gs, strict=True):
             p.grad = g.clone()  # torch's fused kernel writes the unscaled gradient back
-        ref_opt.grad_scale = scale
-        ref_opt.step()
+        ref_opt.step(grad_scale=scale)
         adamw_kernel.adamw_(
             mine,
             gs,
@@ -167,11 +163,7 @@ def agreement(shapes: list[torch.Size]) -> tuple[float, float]:
             [s[1] for s in mine_state],
             [s[2] for s in mine_state],
             grad_scale=scale,
-            lr=1e-3,
-            beta1=0.9,
-            beta2=0.95,
-            eps=1e-8,
-            weight_decay=0.1,
+            **(HYPER | {"lr": 1e-3}),
         )
     max_abs = max((a.detach() - b).abs().max().item() for a, b in zip(ref, mine, strict=True))
     max_rel = max(
@@ -194,22 +186,22 @@ def main() -> None:
     rows = [] if args.norm_only else time_kernels(shapes, args.steps)
     rows += time_norms(shapes, args.steps, args.norm_baseline)
     max_abs, max_rel = (None, None) if args.norm_only else agreement(shapes)
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
+    from nemo_lite.training.fast import adamw_kernel
+
+    where = {
+        **meta(),
         "params": sum(s.numel() for s in shapes),
+        "triton_block": adamw_kernel.BLOCK,
+        "triton_num_warps": adamw_kernel.NUM_WARPS,
         "agreement_after_3_steps": {"max_abs": max_abs, "max_rel": max_rel},
     }
-    print(json.dumps(meta))
-    print("| kernel | block | warps | ms per step | TB/s |\n|---|---|---|---|---|")
+    print(json.dumps(where))
+    print("| kernel | ms per step | TB/s |\n|---|---|---|")
     for r in rows:
-        block, warps = r.get("block", "-"), r.get("num_warps", "-")
-        print(f"| {r['kernel']} | {block} | {warps} | {r['ms']:.3f} | {r['tb_per_s']:.2f} |")
+        print(f"| {r['kernel']} | {r['ms']:.3f} | {r['tb_per_s']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": where, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

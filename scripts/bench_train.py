@@ -3,10 +3,10 @@ same model shape, same packed batches, same optimizer, in the same process on th
 
     python scripts/bench_train.py [--steps 50] [--configs flex-compile,flex,sdpa,hf-sdpa,hf-flex] [--out r.json]
 
-Workload (issue "one-GPU performance"): Llama-3.2-1B shape, random init, 2 x 4096 tokens per step of
+Workload: Llama-3.2-1B shape, random init, 2 x 4096 tokens per step of
 EOS-delimited documents with fixed-seed log-normal lengths (mean ~600; every step a new layout),
-bf16 autocast over float32 master weights, AdamW (fused: nemo_lite's Triton kernel unless the config
-says torch's; transformers always runs torch's). Reported per config: median tokens/s over
+bf16 autocast over float32 master weights, AdamW (nemo_lite's fast step unless the config says plain;
+transformers runs torch's fused AdamW). Reported per config: median tokens/s over
 the steps after warm-up, MFU (6 x params x tokens + the attention FLOPs of the actual document mask,
 against 989 TFLOP/s bf16 dense), peak memory, mask-build share of the step, and the number of
 graphs compiled after the second step (recompilations).
@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch._dynamo
+from bench_utils import median_after_warmup, meta
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 
@@ -48,23 +47,12 @@ def run_nemo(
     *,
     backend: str,
     compile: bool,
-    chunk: int,
-    ac: bool,
+    chunk: int = 0,
+    ac: bool = False,
+    step_impl: str = "auto",
+    options: dict | None = None,
     profile: bool = False,
-    host_sync: bool = True,
-    device_step: bool = True,
-    tuned: bool = False,
-    adam_kernel: str = "auto",
-    weight_copies: str = "auto",
-    lookup_gradient: str = "auto",
-    loss_kernel: str = "auto",
-    flex_options: str = "auto",
-    time_update_alone: bool = False,
-    time_update_in_loop: bool = False,
 ) -> dict:
-    import torch._dynamo
-
-    from nemo_lite.components.attention.flex_attention import FlexAttention
     from nemo_lite.training.config import RecipeConfig
     from nemo_lite.training.trainer import Trainer
 
@@ -73,27 +61,18 @@ def run_nemo(
     cfg.model.preset = "llama-3.2-1b"
     cfg.model.vocab_from_tokenizer = False
     cfg.attention.backend = backend
+    cfg.attention.options = dict(options or {})
     cfg.data.seq_len, cfg.data.batch_size = 4096, 2
     t = cfg.trainer
     t.max_steps, t.compile, t.loss_chunk_size, t.activation_checkpointing = steps, compile, chunk, ac
+    t.step_impl = step_impl
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
     cfg.optim.warmup_steps = 5
-    cfg.optim.kernel = adam_kernel
-    cfg.optim.weight_copies = weight_copies
-    cfg.optim.lookup_gradient = lookup_gradient
-    t.loss_kernel = loss_kernel
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
-    cfg.attention.flex_kernel_options = flex_options
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
-    if tuned:  # --flex-kernel-options, over whatever the trainer set
-        FlexAttention.kernel_options = FLEX_KERNEL_OPTIONS or None
-    if not device_step:  # the clip pass + host check before a plain fused step (the trainer's unfused path)
-        trainer._device_step = False
-    if not host_sync:  # varlen's sync-free segments (a backend option the recipes do not expose)
-        trainer.raw_model.attention_backend.host_sync = False
     torch.cuda.reset_peak_memory_stats()
     records = []
     graphs_after_2 = None
@@ -105,9 +84,7 @@ def run_nemo(
             graphs_after_2 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     trainer.hooks["after_step"] = after_step
-    launch_events = watch_update(trainer) if time_update_in_loop and trainer.optimizer.kernel == "triton" else None
     trainer.fit()
-    update_timing = time_update(trainer) if time_update_alone and trainer.optimizer.kernel == "triton" else None
     kernel_summary = None
     if profile:
         kernel_summary = json.loads((Path(cfg.run_dir) / "profile" / "summary.json").read_text())
@@ -115,95 +92,29 @@ def run_nemo(
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         print(f"graph breaks: {sum(breaks.values())} {breaks}", file=sys.stderr)
     graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    steady = records[6 + PROFILED_STEPS :] if profile else records[5:]
+    skip = 6 + PROFILED_STEPS if profile else 5
     result = {
         "config": name,
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        "mfu": statistics.median(r["mfu"] for r in steady),
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), skip),
+        "mfu": median_after_warmup((r["mfu"] for r in records), skip),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "mask_ms": statistics.median(r["mask_ms"] for r in steady),
-        "step_ms": statistics.median(r["step_ms"] for r in steady),
+        "mask_ms": median_after_warmup((r["mask_ms"] for r in records), skip),
+        "step_ms": median_after_warmup((r["step_ms"] for r in records), skip),
         "recompiles_after_step_2": (graphs_end - graphs_after_2) if graphs_after_2 is not None else None,
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
         "params": trainer.n_params,
-        "adamw_kernel": trainer.optimizer.kernel,
-        "weight_copies": trainer.weight_copies,
-        "lookup_gradient": trainer.lookup_gradient,
-        "loss_kernel": trainer.loss_kernel,
-        "flex_kernel_options": FlexAttention.kernel_options,
+        "step": trainer.step_impl.description,
+        "attention_options": cfg.attention.options,
     }
     result["mask_share"] = result["mask_ms"] / result["step_ms"]
     if kernel_summary is not None:
         result["profile"] = kernel_summary
-    if update_timing is not None:
-        result["update_alone"] = update_timing
-    if launch_events is not None:
-        result["update_in_loop"] = update_in_loop(launch_events, skip=5)
-    FlexAttention.kernel_options = None
     del trainer
     return result
 
 
-def watch_update(trainer) -> list:
-    """CUDA events around each launch of the update and of the gradient norm during training (no sync)."""
-    opt, events = trainer.optimizer, []
-
-    def timed(fn, kind):
-        def wrapper(*args, **kwargs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(*args, **kwargs)
-            end.record()
-            events.append((trainer.step, kind, start, end))
-            return out
-
-        return wrapper
-
-    opt._launch = timed(opt._launch, "update launch")
-    opt.grad_norm = timed(opt.grad_norm, "gradient norm")
-    return events
-
-
-def update_in_loop(events: list, skip: int) -> dict:
-    """Median per step (after ``skip`` steps) of the update's launches and of the gradient norm."""
-    torch.cuda.synchronize()
-    per_step: dict[tuple[int, str], float] = {}
-    for step, kind, start, end in events:
-        if step >= skip:
-            per_step[step, kind] = per_step.get((step, kind), 0.0) + start.elapsed_time(end)
-    kinds = sorted({kind for _, kind in per_step})
-    return {kind: statistics.median(v for (_, k), v in per_step.items() if k == kind) for kind in kinds}
-
-
-def time_update(trainer) -> dict:
-    """After training: one more forward and backward, then the gradient norm, the whole update, and each
-    of its launches timed alone (CUDA events, 10 repeats); then the update again with every gradient
-    moved to a fresh allocation (is the time in the kernel or in where the gradients lie?)."""
-    from bench_attention import cuda_time_ms
-
-    opt = trainer.optimizer
-    batch = trainer._to_device(next(trainer._train_iter))
-    trainer._loss_sum(batch, trainer._build_mask(batch["input_ids"])).backward()
-    out = {"grad_norm_ms": cuda_time_ms(opt.grad_norm, 10), "update_ms": cuda_time_ms(opt.step, 10)}
-    for key, steps, prepared in opt._prepare():
-        n = int(prepared.table.numel.sum())
-        ms = cuda_time_ms(lambda k=key, s=steps, p=prepared: opt._launch(k, s, p), 10)
-        out[f"launch {key}"] = {"params": n, "ms": ms}
-    for p in trainer.raw_model.parameters():
-        if p.grad is not None:
-            p.grad = p.grad.clone()
-    for copy in getattr(opt, "_copies", {}).values():
-        if copy.grad is not None:
-            copy.grad = copy.grad.clone()
-    out["update_ms_fresh_grads"] = cuda_time_ms(opt.step, 10)
-    opt.zero_grad()
-    print(json.dumps(out), file=sys.stderr)
-    return out
-
-
 PROFILED_STEPS = 3
-FLEX_KERNEL_OPTIONS: dict = {}  # --flex-kernel-options: flex kernel options for the "-tuned" configs
 
 
 def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) -> dict:
@@ -246,13 +157,12 @@ def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) ->
                 "step_ms": 1000 * dt,
             }
         )
-    steady = records[5:]
     result = {
         "config": name,
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        "mfu": statistics.median(r["mfu"] for r in steady),
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), 5),
+        "mfu": median_after_warmup((r["mfu"] for r in records), 5),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "step_ms": statistics.median(r["step_ms"] for r in steady),
+        "step_ms": median_after_warmup((r["step_ms"] for r in records), 5),
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
         "params": n_params,
@@ -263,23 +173,15 @@ def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) ->
 
 CONFIGS = {
     # name: (kind, kwargs)
-    "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048, ac=False)),
-    "flex-compile": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False)),
-    "flex-compile-torchadam": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, adam_kernel="torch")),
-    "flex-compile-nocopies": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, weight_copies="false")),
-    "flex-compile-denselookup": (
-        "nemo",
-        dict(backend="flex", compile=True, chunk=0, ac=False, lookup_gradient="dense"),
-    ),
-    "flex-compile-torchflex": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, flex_options="torch")),
-    "flex-compile-torchloss": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, loss_kernel="torch")),
-    "flex-compile-tuned": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, tuned=True)),
-    "flex-compile-hoststep": ("nemo", dict(backend="flex", compile=True, chunk=0, ac=False, device_step=False)),
-    "flex": ("nemo", dict(backend="flex", compile=False, chunk=0, ac=False)),
-    "varlen-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False)),
-    "varlen-nosync-compile": ("nemo", dict(backend="varlen", compile=True, chunk=0, ac=False, host_sync=False)),
-    "sdpa-compile": ("nemo", dict(backend="sdpa", compile=True, chunk=0, ac=False)),
-    "sdpa": ("nemo", dict(backend="sdpa", compile=False, chunk=0, ac=False)),
+    "flex-compile": ("nemo", dict(backend="flex", compile=True)),
+    "flex-compile-plain": ("nemo", dict(backend="flex", compile=True, step_impl="plain")),
+    "flex-compile-chunk": ("nemo", dict(backend="flex", compile=True, chunk=2048)),
+    "flex-compile-torchflex": ("nemo", dict(backend="flex", compile=True, options={"kernel_options": "torch"})),
+    "flex": ("nemo", dict(backend="flex", compile=False)),
+    "varlen-compile": ("nemo", dict(backend="varlen", compile=True)),
+    "varlen-nosync-compile": ("nemo", dict(backend="varlen", compile=True, options={"host_sync": False})),
+    "sdpa-compile": ("nemo", dict(backend="sdpa", compile=True)),
+    "sdpa": ("nemo", dict(backend="sdpa", compile=False)),
     "hf-sdpa": ("hf", dict(attn_implementation="sdpa", compile=False)),
     "hf-flex": ("hf", dict(attn_implementation="flex_attention", compile=False)),
     "hf-flex-compile": ("hf", dict(attn_implementation="flex_attention", compile=True)),
@@ -292,16 +194,10 @@ def main() -> None:
     parser.add_argument("--configs", default="hf-sdpa,hf-flex,flex,flex-compile,flex-compile-chunk,varlen-compile")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default="", help="comma-separated nemo_lite configs to profile (steps 7-9)")
-    parser.add_argument("--time-update", action="store_true", help="after training, time the update alone")
-    parser.add_argument("--time-update-in-loop", action="store_true", help="time the update's launches in training")
-    parser.add_argument("--adamw-block", default=None, help="BLOCK,NUM_WARPS of the triton AdamW kernel")
     parser.add_argument(
         "--inductor-config", default="", help="comma-separated torch._inductor.config settings, e.g. max_autotune=True"
     )
-    parser.add_argument("--flex-kernel-options", default=None, help="JSON file of flex kernel options (-tuned configs)")
     args = parser.parse_args()
-    if args.flex_kernel_options:
-        FLEX_KERNEL_OPTIONS.update(json.loads(Path(args.flex_kernel_options).read_text()))
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
     for setting in filter(None, args.inductor_config.split(",")):
@@ -315,10 +211,6 @@ def main() -> None:
         if section is None or not hasattr(section, name):
             sys.exit(f"torch._inductor.config has no {key!r}")
         setattr(section, name, json.loads(value.lower()))
-    if args.adamw_block:
-        from nemo_lite.training import adamw_kernel
-
-        adamw_kernel.BLOCK, adamw_kernel.NUM_WARPS = map(int, args.adamw_block.split(","))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # several models and kernel options in one process
     results = []
@@ -329,14 +221,7 @@ def main() -> None:
         try:
             if kind == "nemo":
                 profile = name in args.profile.split(",")
-                row = run_nemo(
-                    name,
-                    args.steps,
-                    profile=profile,
-                    time_update_alone=args.time_update,
-                    time_update_in_loop=args.time_update_in_loop,
-                    **kwargs,
-                )
+                row = run_nemo(name, args.steps, profile=profile, **kwargs)
             else:
                 row = run_hf(name, args.steps, **kwargs)
         except torch.OutOfMemoryError:
@@ -364,18 +249,6 @@ def main() -> None:
             f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
             f"{r['peak_mem_gib']:.1f} | {mask} | {r.get('recompiles_after_step_2', '-')} |"
         )
-
-
-def meta() -> dict:
-    import transformers
-
-    return {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
-    }
 
 
 if __name__ == "__main__":

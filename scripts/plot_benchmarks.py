@@ -113,7 +113,6 @@ def plot_scaling(h100_path: Path, h200_path: Path, out: Path) -> None:
 
 def main() -> None:
     IMG.mkdir(parents=True, exist_ok=True)
-    plot_train(RESULTS / "bench_train_h100.json", IMG / "bench_train_h100.png")
     plot_train(RESULTS / "bench_train_current_h100.json", IMG / "bench_train_current_h100.png")
     plot_attention(RESULTS / "bench_attention_h100.json", IMG / "bench_attention_h100.png")
     plot_scaling(

@@ -1,45 +1,61 @@
-"""nemo_lite's Triton AdamW kernel gives torch's fused AdamW (to float32 rounding), clip included, and
-the optimizer picks it only where it can run. On CPU the kernel runs in Triton's interpreter."""
+"""nemo_lite's Triton AdamW kernel (FusedAdamW(kernel="triton"), the fast step's) gives torch's fused
+AdamW (to float32 rounding), clip and skip included; with bf16 weight copies it gives the update of
+autocast's float32 gradients bit for bit. On CPU the kernel runs in Triton's interpreter. Which step runs
+where: tests/test_step.py."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 from kernel_utils import interpreted
 
-from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig, validate
-from nemo_lite.training.optim import AdamW, attach_weight_copies, build_optimizer, clipped_step
+from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 
-ADAMW_KERNEL = "nemo_lite.training.adamw_kernel"
+ADAMW_KERNEL = "nemo_lite.training.fast.adamw_kernel"
+
+
+def torch_step(opt: torch.optim.AdamW, grad_norm: torch.Tensor, max_norm: float, found_inf: float) -> None:
+    """One step of torch's own fused AdamW, clipped inside its kernel and skipped through ``found_inf`` as
+    AMP's GradScaler does: it reads both as attributes of the optimizer."""
+    opt.grad_scale = clip_factor(grad_norm, max_norm) if max_norm > 0 else None
+    opt.found_inf = torch.tensor(found_inf, device=grad_norm.device)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+
+
+def fused_step(opt: FusedAdamW, grad_norm: torch.Tensor, max_norm: float, found_inf: float) -> None:
+    """The same step of FusedAdamW, which takes them as arguments (as FastStep.apply passes them)."""
+    scale = clip_factor(grad_norm, max_norm) if max_norm > 0 else None
+    opt.step(grad_scale=scale, found_inf=torch.tensor(found_inf, device=grad_norm.device))
 
 
 def steps_of_both(device: str, steps: int = 4) -> tuple[list, list, dict, dict, list]:
     """Two groups (decayed matrices, undecayed vectors), odd sizes that leave partial blocks, a
-    clipped step and a skipped one; torch's fused AdamW against nemo_lite's AdamW(kernel="triton")."""
+    clipped step and a skipped one; torch's fused AdamW against FusedAdamW(kernel="triton")."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(37, 41), (300,), (1,), (2, 1500)]
     init = [torch.randn(s, generator=gen).to(device) for s in shapes]
     grads = [[(3 * torch.randn(s, generator=gen)).to(device) for s in shapes] for _ in range(steps)]
 
-    def run(cls, **kwargs):
+    def run(make, step):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         groups = [
             {"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        opt = cls(groups, lr=1e-2, betas=(0.9, 0.95), fused=True, **kwargs)
+        opt = make(groups, lr=1e-2, betas=(0.9, 0.95))
         for i, step_grads in enumerate(grads):
             for param, grad in zip(params, step_grads, strict=True):
                 param.grad = grad.clone()
             norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in step_grads]))
-            # Step 2 is clipped (norm ~ 130); step 3 is skipped through found_inf, as AMP's GradScaler does.
-            opt.found_inf = torch.tensor(float(i == 2), device=device)
-            clipped_step(opt, norm, 5.0 if i == 1 else 0.0)
-            del opt.found_inf
+            # Step 2 is clipped (norm ~ 130); step 3 is skipped through found_inf.
+            step(opt, norm, 5.0 if i == 1 else 0.0, float(i == 2))
         return [p.detach() for p in params], opt.state_dict()["state"]
 
-    want, want_state = run(torch.optim.AdamW)
-    got, got_state = run(AdamW, kernel="triton")
+    want, want_state = run(lambda *a, **kw: torch.optim.AdamW(*a, fused=True, **kw), torch_step)
+    got, got_state = run(lambda *a, **kw: FusedAdamW(*a, kernel="triton", **kw), fused_step)
     return got, want, got_state, want_state, init
 
 
@@ -65,18 +81,38 @@ def test_triton_kernel_on_a_gpu_matches_torchs_fused_adamw():
     assert_close_to_torch(*steps_of_both("cuda"))
 
 
-def test_kernel_choice_is_checked():
-    cfg = RecipeConfig()
-    cfg.optim.kernel = "cuda"
-    with pytest.raises(ConfigError, match="optim.kernel='cuda' is not valid; choose one of: auto, torch, triton"):
-        validate(cfg)
-    cfg.optim.kernel, cfg.optim.fused = "triton", "false"
-    with pytest.raises(ConfigError, match="optim.kernel=triton is a fused step"):
-        validate(cfg)
-    model = torch.nn.Linear(4, 4)
-    with pytest.raises(ConfigError, match="optim.kernel=triton runs on a GPU"):
-        build_optimizer(model, OptimSection(kernel="triton", fused="true"))
-    assert build_optimizer(model, OptimSection(fused="true")).kernel == "torch"  # auto on CPU
+def test_the_kernel_choice_is_checked(monkeypatch):
+    """FusedAdamW names a kernel it does not have, and the triton kernel without triton; the copies and
+    the rows need the triton kernel. (Which kernel the fast step picks where: tests/test_step.py.)"""
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="kernel='cuda' is not valid; choose torch or triton"):
+        FusedAdamW([param], kernel="cuda")
+    opt = FusedAdamW([param])
+    assert opt.kernel == "torch" and opt.param_groups[0]["fused"]
+    with pytest.raises(ValueError, match="bf16 weight copies are written by the triton AdamW kernel"):
+        opt.keep_weight_copies([(param, torch.zeros(4, 4, dtype=torch.bfloat16, requires_grad=True))])
+    with pytest.raises(ValueError, match="grad_norm runs the triton kernels; with kernel=torch use"):
+        opt.grad_norm()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="the triton AdamW kernel needs the triton package"):
+        FusedAdamW([param], kernel="triton")
+
+
+def test_triton_kernel_refuses_what_it_does_not_support():
+    pytest.importorskip("triton")
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = FusedAdamW([param], kernel="triton")
+    not_a_leaf = torch.zeros(4, 4, requires_grad=True).bfloat16()
+    for bad in (torch.zeros(4, 4), torch.zeros(4, 5, dtype=torch.bfloat16), not_a_leaf):
+        with pytest.raises(ValueError, match=r"a weight copy must be a bf16 leaf tensor shaped like its parameter"):
+            opt.keep_weight_copies([(param, bad)])
+    amsgrad = FusedAdamW([torch.nn.Parameter(torch.zeros(2))], kernel="triton", amsgrad=True)
+    with pytest.raises(ValueError, match="grad_scale and found_inf need the fused step"):
+        amsgrad.step(found_inf=torch.tensor(0.0))
+    param.grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"supports plain AdamW only \(float lr, no maximize/amsgrad\)"):
+        FusedAdamW([param], kernel="triton", maximize=True).step()
 
 
 def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
@@ -84,7 +120,7 @@ def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
     is named, not misread."""
     interpreted(monkeypatch, ADAMW_KERNEL)
     param = torch.nn.Parameter(torch.randn(6, 4))
-    opt = AdamW([param], lr=1e-2, fused=True, kernel="triton")
+    opt = FusedAdamW([param], lr=1e-2, kernel="triton")
     param.grad = torch.randn(6, 4)
     opt.step()
     for bad in (torch.randn(4, 6).t(), torch.randn(25)[1:].view(6, 4)):
@@ -95,14 +131,14 @@ def test_triton_kernel_refuses_a_gradient_it_cannot_read(monkeypatch):
         assert torch.equal(param, before)
 
 
-# ---- bf16 weight copies (optim.weight_copies) ---------------------------------------------------
+# ---- bf16 weight copies (the fast step's CopyLinear swap) -----------------------------------------
 
 
 KINDS = {(37, 41): "copy", (300,): "plain", (2, 1500): "copy", (50, 24): "tied"}
 
 
 def steps_with_and_without_copies(device: str, steps: int = 4):
-    """The same AdamW(kernel="triton") steps twice: with bf16 copies whose bf16 gradients the kernel
+    """The same FusedAdamW(kernel="triton") steps twice: with bf16 copies whose bf16 gradients the kernel
     reads (a "tied" matrix has a float32 gradient of its own as well, as a tied embedding), and without
     copies, fed what autocast hands a float32 master: the bf16 gradient upcast, added to the float32
     one. A clipped step and a skipped one included."""
@@ -122,7 +158,7 @@ def steps_with_and_without_copies(device: str, steps: int = 4):
             {"params": [p for p in params if p.dim() == 2], "weight_decay": 0.1},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        opt = AdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=True, kernel="triton")
+        opt = FusedAdamW(groups, lr=1e-2, betas=(0.9, 0.95), kernel="triton")
         copies = {i: torch.empty_like(p, dtype=torch.bfloat16).requires_grad_() for i, p in enumerate(params)}
         copies = {i: c for i, c in copies.items() if list(KINDS.values())[i] != "plain"}
         if with_copies:
@@ -144,11 +180,9 @@ def steps_with_and_without_copies(device: str, steps: int = 4):
             if not with_copies:  # torch's kernels (the torch path) agree
                 foreach = torch.nn.utils.get_total_norm([p.grad for p in params])
                 torch.testing.assert_close(foreach.double(), want, rtol=1e-6, atol=0)
-            opt.found_inf = torch.tensor(float(step == 2), device=device)
             # The clip factor from the same float64 norm in both runs: the kernels' sums of squares group the
-            # elements by launch, so with and without copies they differ in the last bits.
-            clipped_step(opt, want.float(), 5.0 if step == 1 else 0.0)
-            del opt.found_inf
+            # elements by launch, so with and without copies they differ in the last bits. Step 3 is skipped.
+            fused_step(opt, want.float(), 5.0 if step == 1 else 0.0, float(step == 2))
             opt.zero_grad()
             assert all(c.grad is None for c in copies.values()) and all(p.grad is None for p in params)
             history.append(([p.detach().clone() for p in params], {i: c.detach().clone() for i, c in copies.items()}))
@@ -182,29 +216,30 @@ def test_weight_copies_on_a_gpu_give_the_same_update_bit_for_bit():
     assert_copies_change_nothing(*steps_with_and_without_copies("cuda"))
 
 
-def test_a_model_with_weight_copies_computes_what_autocast_computes():
-    """Under bf16 autocast a model whose blocks multiply by bf16 copies gives autocast's loss, and
-    gradients equal to autocast's float32 ones, bit for bit; outside autocast it uses its float32 weights."""
+def test_the_optimizer_adds_up_what_autograd_adds_up_under_autocast():
+    """A model converted as the fast step converts it (CopyLinear, the output projection's copy): under
+    bf16 autocast, the gradients the optimizer reads for each parameter (bf16 on the copy, the embedding's
+    own float32 one as well) add up to autocast's float32 gradient, bit for bit. (The converters
+    themselves: tests/test_step.py.)"""
     pytest.importorskip("triton")
     from model_utils import tiny_twins
 
+    from nemo_lite.training.fast.converters import convert_to_weight_copies
     from nemo_lite.training.loss import cross_entropy_sum
 
     plain, copied = tiny_twins()
     config = plain.config
-    opt = AdamW(copied.parameters(), fused=True, kernel="triton")
-    n = attach_weight_copies(copied, opt)
-    assert n == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the (tied) output projection
-    assert set(copied.state_dict()) == set(plain.state_dict())  # the copies are not state
+    opt = FusedAdamW(copied.parameters(), kernel="triton")
+    copies = convert_to_weight_copies(copied, copied.output_weight)
+    opt.keep_weight_copies(list(copies.items()))
+    assert len(copies) == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the (tied) head
+    for param, weight_copy in copies.items():
+        assert torch.equal(weight_copy, param.to(torch.bfloat16))  # filled by the optimizer
     ids = torch.randint(3, config.vocab_size, (2, 48))
     ids[:, [10, 30]] = config.eos_token_id
-
-    def loss(model):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            weight = model.output_projection_weight("cpu")
-            return cross_entropy_sum(model.forward_hidden(ids), weight, ids)
-
-    want, got = loss(plain), loss(copied)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = cross_entropy_sum(plain.forward_hidden(ids), plain.output_weight, ids)
+        got = cross_entropy_sum(copied.forward_hidden(ids), copies[copied.output_weight], ids)
     assert torch.equal(got, want)
     want.backward()
     got.backward()
@@ -219,31 +254,8 @@ def test_a_model_with_weight_copies_computes_what_autocast_computes():
             assert kinds == [torch.float32], name
         total = grads[0].float() if len(grads) == 1 else grads[0] + grads[1].float()
         assert torch.equal(total, param.grad), name  # what autograd added up under autocast
-    with torch.no_grad():
-        assert torch.equal(copied(ids), plain(ids))  # float32 outside autocast: the masters
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(copied(ids), plain(ids))  # the logits too, through the head's copy
-
-
-def test_weight_copies_need_a_gpu_and_the_triton_kernel(tmp_path):
-    from nemo_lite.training.trainer import Trainer
-
-    cfg = RecipeConfig()
-    cfg.optim.weight_copies = "sometimes"
-    with pytest.raises(ConfigError, match="optim.weight_copies='sometimes' is not valid; choose one of: auto, true"):
-        validate(cfg)
-    cfg.optim.weight_copies = False  # a bool from the command line
-    validate(cfg)
-    assert cfg.optim.weight_copies == "false"
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU refusal")
-    cfg = RecipeConfig()
-    cfg.run_dir = str(tmp_path)
-    cfg.model.overrides = {"num_hidden_layers": 1}
-    cfg.optim.weight_copies = "true"
-    trainer = Trainer(cfg)
-    with pytest.raises(ConfigError, match=r"optim.weight_copies=true needs bf16 autocast on a GPU .* and the triton"):
-        trainer.setup()
+    opt.zero_grad()
+    assert all(c.grad is None for c in copies.values()) and all(p.grad is None for p in copied.parameters())
 
 
 def test_a_step_prepared_before_the_sync_is_the_same_step(monkeypatch):
@@ -257,7 +269,7 @@ def test_a_step_prepared_before_the_sync_is_the_same_step(monkeypatch):
 
     def run(prepare: bool):
         param = torch.nn.Parameter(init.clone())
-        opt = AdamW([param], lr=1e-2, fused=True, kernel="triton")
+        opt = FusedAdamW([param], lr=1e-2, kernel="triton")
         history = []
         for i, grad in enumerate(grads):
             param.grad = (2 * grad if i == 1 else grad).clone() if not prepare else grad.clone()
@@ -285,7 +297,7 @@ def test_the_one_shot_update_is_the_optimizers_step(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     init, grad = torch.randn(9, 5, generator=gen), torch.randn(9, 5, generator=gen)
     param = torch.nn.Parameter(init.clone())
-    opt = AdamW([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True, kernel="triton")
+    opt = FusedAdamW([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, kernel="triton")
     param.grad = grad.clone()
     opt.step()
     state = opt.state[param]

@@ -193,6 +193,15 @@ def test_block_causal_without_a_step_mask_is_an_error(backend_name):
         backend(q, k, v)
 
 
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_mask_of_another_batch_is_refused(backend_name):
+    backend = get_attention_backend(backend_name)(attn_mask_type="block_causal")
+    mask = backend.build_mask(packed_rows(), EOS)  # two rows
+    q, k, v = qkv(1, 24, 2, 2)
+    with pytest.raises(ValueError, match="attention_mask is for batch_size=2, q has 1"):
+        backend(q, k, v, attention_mask=mask)
+
+
 def test_mask_of_another_backend_is_refused():
     ids = packed_rows()
     mask = get_attention_backend("eager")(attn_mask_type="block_causal").build_mask(ids, EOS)

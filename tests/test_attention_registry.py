@@ -7,7 +7,9 @@ import torch
 
 from nemo_lite.components.attention import (
     AttentionBackend,
+    AttentionConfigError,
     attention_math,
+    build_attention_backend,
     get_attention_backend,
     list_attention_backends,
     register_attention_backend,
@@ -69,14 +71,103 @@ def test_backend_registered_in_a_test_is_selectable(doubling_backend):
     assert doubling_backend.calls == 1
 
 
-def test_flex_kernel_options_are_a_choice_and_only_tuned_for_gpus():
-    from nemo_lite.components.attention.flex_attention import tuned_kernel_options
-    from nemo_lite.training.config import ConfigError, RecipeConfig, validate
+def test_unknown_option_is_refused_with_the_valid_names():
+    cases = [
+        ("flex", {"host_sync": False}, "attention=flex has no option 'host_sync'; its options: kernel_options"),
+        (
+            "varlen",
+            {"kernel_options": "torch"},
+            "attention=varlen has no option 'kernel_options'; its options: host_sync",
+        ),
+        ("sdpa", {"host_sync": False}, "attention=sdpa has no option 'host_sync'; it takes no options"),
+    ]
+    for name, options, message in cases:
+        with pytest.raises(AttentionConfigError) as info:
+            build_attention_backend(name, options=options)
+        assert str(info.value) == message
+        assert isinstance(info.value, ValueError)
 
+
+def test_bad_option_values_name_the_valid_ones():
+    with pytest.raises(AttentionConfigError) as info:
+        build_attention_backend("flex", options={"kernel_options": "fast"})
+    assert str(info.value) == (
+        "attention=flex option kernel_options='fast' is not valid; choose one of: auto, torch, "
+        "or a dict of flex_attention kernel_options"
+    )
+    with pytest.raises(AttentionConfigError, match="host_sync='no' is not valid; choose true or false"):
+        build_attention_backend("varlen", options={"host_sync": "no"})
+    with pytest.raises(AttentionConfigError, match="kernel_options=7"):  # the constructor checks too
+        get_attention_backend("flex")(kernel_options=7)
+
+
+def test_options_reach_the_backend():
+    assert get_attention_backend("flex").option_names() == ("kernel_options",)
+    assert get_attention_backend("varlen").option_names() == ("host_sync",)
+    assert get_attention_backend("eager").option_names() == ()
+    varlen = build_attention_backend(
+        "varlen", attn_mask_type="block_causal", fixed_block_size=4, options={"host_sync": False}
+    )
+    assert (varlen.attn_mask_type, varlen.fixed_block_size, varlen.host_sync) == ("block_causal", 4, False)
+    assert build_attention_backend("varlen").host_sync is True
+    assert build_attention_backend("sdpa", options={}).attn_mask_type == "causal"
+
+
+def test_flex_kernel_options_belong_to_the_instance():
+    from nemo_lite.components.attention.flex_attention import FlexAttention, tuned_kernel_options
+
+    tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}
+    tuned = build_attention_backend("flex", options={"kernel_options": "auto"})
+    plain = build_attention_backend("flex", options={"kernel_options": "torch"})
+    given = build_attention_backend("flex", options={"kernel_options": tiles})
+    assert (tuned.kernel_options, plain.kernel_options, given.kernel_options) == ("auto", "torch", tiles)
+    assert get_attention_backend("flex")().kernel_options == "auto"  # the default
+    assert "kernel_options" not in vars(FlexAttention)  # no class-wide switch
+    q = torch.randn(1, 2, 8, 16)
+    assert plain._kernel_options_for(q) is None
+    assert given._kernel_options_for(q) == tiles
     assert tuned_kernel_options("cpu", 64) is None  # torch's defaults off the GPU
-    cfg = RecipeConfig()
-    cfg.attention.flex_kernel_options = "fast"
-    with pytest.raises(
-        ConfigError, match="attention.flex_kernel_options='fast' is not valid; choose one of: auto, torch"
-    ):
-        validate(cfg)
+
+
+def test_check_run_refuses_what_the_backend_cannot_serve():
+    flex = get_attention_backend("flex")
+    with pytest.raises(AttentionConfigError) as info:
+        flex.check_run(seq_len=1000, device_type="cuda", options={})
+    assert str(info.value) == (
+        "attention=flex on GPU needs data.seq_len to be a multiple of 128 (its BlockMask block size) so shapes "
+        "stay static; got 1000: use data.seq_len=1024, or another backend"
+    )
+    flex.check_run(seq_len=1000, device_type="cpu")  # CPU: any length
+    flex.check_run(seq_len=1024, device_type="cuda", options={"kernel_options": "torch"})
+    with pytest.raises(AttentionConfigError, match="has no option 'host_sync'"):
+        flex.check_run(seq_len=1024, device_type="cuda", options={"host_sync": True})
+    for name in list_attention_backends():
+        if name != "flex":
+            get_attention_backend(name).check_run(seq_len=1000, device_type="cuda", options=None)
+
+
+def test_describe_is_one_line_per_backend():
+    for name in list_attention_backends():
+        backend = get_attention_backend(name)(attn_mask_type="block_causal")
+        for device_type in ("cpu", "cuda"):
+            line = backend.describe(device_type)
+            assert line.startswith(f"{name}: ") and "\n" not in line and len(line) < 200, line
+    assert "math path" in get_attention_backend("varlen")().describe("cpu")
+    assert "is_causal=True" in get_attention_backend("sdpa")().describe("cuda")
+
+
+def test_a_backend_registered_outside_declares_its_options():
+    @register_attention_backend("test_scaled")
+    class ScaledAttention(AttentionBackend):
+        def __init__(self, attn_mask_type="causal", fixed_block_size=None, *, temperature: float = 1.0):
+            super().__init__(attn_mask_type, fixed_block_size)
+            self.temperature = temperature
+
+    try:
+        assert ScaledAttention.option_names() == ("temperature",)
+        assert build_attention_backend("test_scaled", options={"temperature": 2.0}).temperature == 2.0
+        with pytest.raises(AttentionConfigError, match="has no option 'temp'; its options: temperature"):
+            build_attention_backend("test_scaled", options={"temp": 2.0})
+        assert get_attention_backend("test_scaled")().describe("cpu") == "test_scaled: ScaledAttention"
+    finally:
+        unregister_attention_backend("test_scaled")

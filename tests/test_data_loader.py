@@ -223,10 +223,11 @@ def test_bad_rank_and_bad_state():
 def test_import_needs_torch_alone():
     code = (
         "import sys\n"
-        "for m in ('datasets', 'transformers', 'tokenizers', 'pyarrow'):\n"
+        "for m in ('datasets', 'transformers', 'tokenizers', 'pyarrow', 'omegaconf', 'hydra'):\n"
         "    sys.modules[m] = None\n"
         "import nemo_lite.components.datasets as d\n"
         "rows = list(d.pack_documents([[1, 2, 3]], seq_len=2, eos_id=0))\n"
         "assert len(rows) == 1\n"
+        "d.resolve_data_config(d.DataConfig(source='a.jsonl,b.jsonl'), pretrained_path=None, pin_memory=False)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

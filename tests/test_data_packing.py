@@ -22,8 +22,8 @@ def stream_of(docs: list[list[int]]) -> list[int]:
     return [t for d in docs if d for t in [*d, EOS]]
 
 
-def doc_ids_design(stream: list[int]) -> list[int]:
-    """design.md: a document ends at (and includes) each EOS."""
+def doc_ids_reference(stream: list[int]) -> list[int]:
+    """The mask rules (docs/attention.md): a document ends at (and includes) each EOS."""
     out, doc = [], 0
     for t in stream:
         out.append(doc)
@@ -57,7 +57,7 @@ def test_positions_restart_exactly_at_document_starts(docs, seq_len):
     rows = list(pack_documents(docs, seq_len=seq_len, eos_id=EOS))
     stream = stream_of(docs)
     positions = [p for r in rows for p in r.positions[:-1]]
-    doc_of = doc_ids_design(stream)
+    doc_of = doc_ids_reference(stream)
     for i, p in enumerate(positions):
         first = i == 0 or doc_of[i] != doc_of[i - 1]
         assert (p == 0) == first, (i, p)
@@ -106,7 +106,7 @@ def test_empty_documents_are_skipped_and_counted():
 
 
 def test_eos_inside_a_document_starts_a_new_one():
-    # design.md: documents end at every EOS; positions must agree with the attention mask.
+    # docs/attention.md: documents end at every EOS; positions must agree with the attention mask.
     rows = list(pack_documents([[3, EOS, 4, 5]], seq_len=4, eos_id=EOS))
     assert rows[0].tokens == [3, EOS, 4, 5, EOS]
     assert rows[0].positions == [0, 1, 0, 1, 2]

@@ -47,6 +47,7 @@ def config(tmp_path, source, **kw) -> DataConfig:
     kw.setdefault("batch_size", 2)
     kw.setdefault("shuffle", False)
     kw.setdefault("prefetch", 0)
+    kw.setdefault("validation_fraction", 0.0)  # the whole source is the train split unless a test says
     return DataConfig(source=source, cache_dir=str(tmp_path / "hf_cache"), **kw)
 
 

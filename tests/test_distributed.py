@@ -87,13 +87,15 @@ def test_resume_with_another_number_of_ranks_is_refused(runs):
 
 
 def test_clipping_inside_fused_adamw_under_fsdp2(tmp_path):
-    """Clipping inside fused AdamW (its grad_scale), run on the local shards of the DTensor parameters,
-    gives the losses of a separate clip pass and unfused AdamW in one process; its state, still on the
-    DTensors, goes through a sharded checkpoint and resumes exactly."""
+    """The fast step (clipping inside fused AdamW, run on the local shards of the DTensor parameters) gives
+    the losses of the plain step (a separate clip pass, unfused AdamW) in one process; its state, still on
+    the DTensors, goes through a sharded checkpoint and resumes exactly."""
     common = ["data.batch_size=2", "trainer.sample_tokens=0", "trainer.clip_grad_norm=0.05"]
-    host = launch(1, *common, "data.batch_size=4", "trainer.save_every=0", "optim.fused=false", f"run_dir={tmp_path}/h")
+    host = launch(
+        1, *common, "data.batch_size=4", "trainer.save_every=0", "trainer.step_impl=plain", f"run_dir={tmp_path}/h"
+    )
     assert host.returncode == 0, host.stderr[-2000:]
-    device = launch(2, *common, "optim.fused=true", f"run_dir={tmp_path}/device")
+    device = launch(2, *common, "trainer.step_impl=fast", f"run_dir={tmp_path}/device")
     assert device.returncode == 0, device.stderr[-2000:]
     one, two = losses(tmp_path / "h"), losses(tmp_path / "device")
     assert len(one) == len(two) == 6
@@ -101,7 +103,7 @@ def test_clipping_inside_fused_adamw_under_fsdp2(tmp_path):
     grad_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "device")]
     assert min(grad_norms) > 0.05  # clipping was active on every step
     ckpt = tmp_path / "device" / "checkpoints" / "step_000003"
-    resumed = launch(2, *common, "optim.fused=true", f"run_dir={tmp_path}/resumed", f"trainer.resume={ckpt}")
+    resumed = launch(2, *common, "trainer.step_impl=fast", f"run_dir={tmp_path}/resumed", f"trainer.resume={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "resumed") == two[3:]
 

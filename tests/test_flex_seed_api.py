@@ -9,7 +9,7 @@ import torch
 from attention_reference import reference_allowed, reference_attention
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from nemo_lite.components.attention import base
+from nemo_lite.components.attention import flex_attention
 from nemo_lite.components.attention.flex_attention import FLEX_ATTN_MASK_T, FlexAttention
 
 EOS = 0
@@ -88,27 +88,73 @@ def test_sinks_honour_scale():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_training_warns_once_and_uses_the_mask_function(monkeypatch):
-    monkeypatch.setattr(base, "_warned", set())
+def test_stored_mask_must_fit_the_batch():
+    """A stored block_causal mask describes one batch's documents: another batch must not borrow its rows."""
+    layer = FlexAttention(attn_mask_type="block_causal")
+    FlexAttention.init_attention_mask(ids_with_docs(), EOS)  # a batch of 2 rows of 12 tokens
+    q = torch.randn(1, 2, 12, 8)
+    with torch.no_grad(), pytest.raises(ValueError) as info:
+        layer(q, q, q)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "is for a batch of shape [2, 12] but q has batch 1 and seq_len 12" in message
+    assert "call FlexAttention.init_attention_mask(batch, eos_id) with this batch" in message
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\[2, 12\] but q has batch 2 and seq_len 6"):
+        layer(torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8))
+    FlexAttention.init_attention_mask(ids_with_docs()[:1], EOS)  # re-initialised for the new batch: fine
+    with torch.no_grad():
+        out = layer(q, q, q)
+    ref = reference_attention(q, q, q, reference_allowed(ids_with_docs()[:1], EOS, "block_causal"))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_training_runs_the_math_path_on_the_mask_function_silently(monkeypatch):
+    from nemo_lite.components.attention import flex_attention as flex_module
+
+    calls = []
+    real = flex_module.attention_math
+
+    def spy(q, k, v, allowed, **kwargs):
+        calls.append(allowed)
+        return real(q, k, v, allowed, **kwargs)
+
+    monkeypatch.setattr(flex_module, "attention_math", spy)
     layer = FlexAttention(attn_mask_type="block_causal")
     ids = ids_with_docs()
     mask = layer.build_mask(ids, EOS)
     q = torch.randn(2, 2, 12, 8, requires_grad=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing printed into the middle of a progress bar
         for _ in range(3):
             layer(q, q, q, attention_mask=mask).sum().backward()
-    assert sum("no backward on CPU" in str(w.message) for w in caught) == 1
-    assert ("dense", ("block_causal", None)) in mask.masks  # built once for the step, then reused
+    dense = mask.masks[("dense", ("block_causal", None))]  # built once for the step, then reused
+    assert len(calls) == 3 and all(c is dense for c in calls)
+    assert torch.equal(dense[:, 0], reference_allowed(ids, EOS, "block_causal"))
+    sinks = torch.zeros(2, requires_grad=True)
+    out = layer(q, q, q, sink_weights=sinks, attention_mask=mask)
+    out.sum().backward()
+    ref = reference_attention(q, q, q, reference_allowed(ids, EOS, "block_causal"), sink_weights=sinks)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_describe_says_where_flex_runs():
+    layer = FlexAttention(attn_mask_type="block_causal")
+    assert layer.describe("cpu").startswith("flex: training runs the math path on the same mask, densely")
+    assert "tuned tiles" in layer.describe("cuda")
+    assert "torch's default tiles" in FlexAttention(kernel_options="torch").describe("cuda")
 
 
 @pytest.mark.gpu
 def test_gpu_compiles_once_per_process():
+    from torch._dynamo.utils import counters
+
     layer = FlexAttention(attn_mask_type="block_causal")
     ids = ids_with_docs().repeat(1, 32).cuda()  # 384 tokens
     q = torch.randn(2, 4, 384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(q, q, q, attention_mask=layer.build_mask(ids, EOS)).sum().backward()
-    compiled = FlexAttention._compiled_flex, FlexAttention._compiled_create_block_mask
-    assert all(c is not None for c in compiled)
-    layer(q, q, q, attention_mask=layer.build_mask(ids.flip(1), EOS)).sum().backward()
-    assert (FlexAttention._compiled_flex, FlexAttention._compiled_create_block_mask) == compiled
+    compiled = flex_attention.compiled_flex_attention(), flex_attention.compiled_create_block_mask()
+    graphs = counters["stats"]["unique_graphs"]
+    other = FlexAttention(attn_mask_type="block_causal")  # another instance, another step's documents
+    other(q, q, q, attention_mask=other.build_mask(ids.flip(1), EOS)).sum().backward()
+    assert (flex_attention.compiled_flex_attention(), flex_attention.compiled_create_block_mask()) == compiled
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled

@@ -79,8 +79,8 @@ def test_bf16_matches_float32_reference(backend_name, mask_type, fixed, window, 
 
 
 def test_flex_kernel_options_keep_the_result():
-    """Other Triton tiles for the flex kernels (a speed choice), nemo_lite's tuned ones included, compute the
-    same attention."""
+    """Other Triton tiles for the flex kernels (a speed choice, per instance), nemo_lite's tuned ones included,
+    compute the same attention."""
     flex = get_attention_backend("flex")
     batch, seq_len, h_q, h_kv, head_dim = 2, 1024, 8, 2, 64
     ids = packed_ids(batch, seq_len, mean_doc=150)
@@ -89,17 +89,34 @@ def test_flex_kernel_options_keep_the_result():
     grad_out = torch.randn_like(q)
     tiles = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64}
     results = []
-    for options in (None, {**tiles, "bwd_BLOCK_N2": 64}, TUNED_KERNEL_OPTIONS[9, 64]):
-        flex.kernel_options = options
-        try:
-            backend = flex(attn_mask_type="block_causal")
-            mask = backend.build_mask(ids, EOS)
-            leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-            out = backend(*leaves, enable_gqa=True, attention_mask=mask)
-            out.backward(grad_out.bfloat16())
-            results.append([out, *(t.grad for t in leaves)])
-        finally:
-            flex.kernel_options = None
+    for options in ("torch", {**tiles, "bwd_BLOCK_N2": 64}, TUNED_KERNEL_OPTIONS[9, 64], "auto"):
+        backend = flex(attn_mask_type="block_causal", kernel_options=options)
+        mask = backend.build_mask(ids, EOS)
+        leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+        out = backend(*leaves, enable_gqa=True, attention_mask=mask)
+        out.backward(grad_out.bfloat16())
+        results.append([out, *(t.grad for t in leaves)])
     for other in results[1:]:
         for a, b in zip(other, results[0], strict=True):
             assert rel(a, b) <= 1e-2
+
+
+def test_flex_auto_kernel_options_resolve_per_instance_inside_a_compiled_model():
+    """kernel_options="auto" is resolved from q's card and head_dim at the first forward, also when that
+    forward is being compiled (one graph, no break), and kept on the instance."""
+    flex = get_attention_backend("flex")
+    batch, seq_len, heads = 2, 256, 4
+    ids = packed_ids(batch, seq_len, mean_doc=60)
+    for head_dim in (64, 32):
+        backend = flex(attn_mask_type="block_causal")
+        mask = backend.build_mask(ids, EOS)
+        q = torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        layer = torch.compile(lambda t, m=mask, b=backend: b(t, t, t, attention_mask=m), fullgraph=True)
+        out = layer(q)
+        out.sum().backward()
+        expected = TUNED_KERNEL_OPTIONS.get((torch.cuda.get_device_capability()[0], head_dim))
+        assert backend._resolved_kernel_options == {(q.device, head_dim): expected}
+        with torch.no_grad():
+            assert rel(out, backend(q, q, q, attention_mask=mask)) <= 1e-2  # eager, the options already resolved
+    other = flex(attn_mask_type="block_causal", kernel_options="torch")
+    assert other._resolved_kernel_options == {}  # nothing shared between instances

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from kernel_utils import interpreted
 
-from nemo_lite.training.config import ConfigError, RecipeConfig
-from nemo_lite.training.lookup_gradient import LookupGradient, lookup
-from nemo_lite.training.optim import AdamW, attach_lookup_gradient, attach_weight_copies
+from nemo_lite.training.fast.converters import RowsEmbedding, convert_to_lookup_rows, convert_to_weight_copies
+from nemo_lite.training.fast.lookup_gradient import LookupGradient, lookup
+from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 
-ADAMW_KERNEL = "nemo_lite.training.adamw_kernel"
+ADAMW_KERNEL = "nemo_lite.training.fast.adamw_kernel"
 
 
 def lookups_of(device: str, vocab: int = 37, hidden: int = 41, micro_batches: int = 2):
@@ -66,7 +66,7 @@ def test_a_lookup_gradient_must_fit_its_matrix():
 
 def test_the_norm_names_a_gradient_it_cannot_read():
     pytest.importorskip("triton")
-    from nemo_lite.training import adamw_kernel
+    from nemo_lite.training.fast import adamw_kernel
 
     strided = torch.zeros(8, 6, dtype=torch.bfloat16).t()
     with pytest.raises(ValueError, match=r"contiguous, 16-byte aligned torch.bfloat16 bf16 gradient; got a strided"):
@@ -78,7 +78,7 @@ def test_the_norm_names_a_gradient_it_cannot_read():
 
 def update_with_rows_and_dense(device: str, bf16: bool, hidden: int = 41):
     """One clipped AdamW step over [a lookup's rows | the same gradient dense] (+ a bf16 gradient)."""
-    from nemo_lite.training import adamw_kernel
+    from nemo_lite.training.fast import adamw_kernel
 
     sink, _, _ = lookups_of(device, hidden=hidden)
     row_slot, rows = sink.rows()
@@ -150,6 +150,19 @@ def test_on_a_gpu_the_rows_are_the_same_every_time():
     torch.testing.assert_close(sink.dense(), want, rtol=1e-5, atol=1e-5)
 
 
+def converted(model: torch.nn.Module, rows: bool = True) -> tuple[FusedAdamW, torch.Tensor, dict]:
+    """``model`` converted and its optimizer set up as the fast step does it: bf16 weight copies, and
+    (``rows``) the embedding's gradient as rows. Returns the optimizer, the output projection's copy (what
+    the fast step's head loss multiplies by under autocast) and the rows."""
+    opt = FusedAdamW(model.parameters(), lr=1e-2, kernel="triton")
+    copies = convert_to_weight_copies(model, model.output_weight)
+    opt.keep_weight_copies(list(copies.items()))
+    lookups = convert_to_lookup_rows(model) if rows else {}
+    for param, sink in lookups.items():
+        opt.keep_lookup_gradient(param, sink)
+    return opt, copies[model.output_weight], lookups
+
+
 def test_a_model_with_copies_and_a_lookup_gradient_gets_autocasts_gradients():
     """Under bf16 autocast the tied embedding's gradient is the lookup's rows plus the head copy's bf16
     gradient: autograd's float32 sum, bit for bit."""
@@ -160,15 +173,15 @@ def test_a_model_with_copies_and_a_lookup_gradient_gets_autocasts_gradients():
 
     plain, model = tiny_twins()
     config = plain.config
-    opt = AdamW(model.parameters(), fused=True, kernel="triton")
-    attach_weight_copies(model, opt)
-    sink = attach_lookup_gradient(model, opt)
+    opt, head, lookups = converted(model)
+    embed = model.embed_tokens.weight
+    assert isinstance(model.embed_tokens, RowsEmbedding) and list(lookups) == [embed]
+    sink = lookups[embed]
     ids = torch.randint(3, config.vocab_size, (2, 48))
     ids[:, [10, 30]] = config.eos_token_id
-    for m in (plain, model):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            cross_entropy_sum(m.forward_hidden(ids), m.output_projection_weight("cpu"), ids).backward()
-    embed = model.embed_tokens.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cross_entropy_sum(plain.forward_hidden(ids), plain.output_weight, ids).backward()
+        cross_entropy_sum(model.forward_hidden(ids), head, ids).backward()
     assert embed.grad is None and sink
     rows, bf16 = opt.gradients(embed)
     assert rows is sink.rows()[1] and bf16.dtype == torch.bfloat16
@@ -181,30 +194,34 @@ def test_a_model_with_copies_and_a_lookup_gradient_gets_autocasts_gradients():
         opt.gradients(embed)
 
 
-def test_rows_need_the_weight_copies(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU refusal")
-    from nemo_lite.training.trainer import Trainer
-
-    cfg = RecipeConfig()
-    cfg.run_dir = str(tmp_path)
-    cfg.model.overrides = {"num_hidden_layers": 1}
-    cfg.optim.lookup_gradient = "rows"
-    with pytest.raises(ConfigError, match=r"optim.lookup_gradient=rows needs the weight copies"):
-        Trainer(cfg).setup()
-    cfg.optim.lookup_gradient = "sparse"
-    with pytest.raises(ConfigError, match="optim.lookup_gradient='sparse' is not valid; choose one of: auto, rows"):
-        Trainer(cfg).setup()
+def test_rows_are_refused_where_the_kernel_cannot_read_them():
+    """The rows are read by the triton kernel only, for a parameter of the optimizer of their shape; the
+    swap takes a plain embedding only. (The fast step keeps them on only with the weight copies, which
+    take the tied head's gradient off the embedding's .grad: tests/test_step.py.)"""
+    weight = torch.nn.Parameter(torch.zeros(10, 4))
+    with pytest.raises(
+        ValueError, match="a lookup gradient is read by the triton AdamW kernel: it needs kernel='triton'"
+    ):
+        FusedAdamW([weight]).keep_lookup_gradient(weight, LookupGradient(weight))
+    pytest.importorskip("triton")
+    opt = FusedAdamW([weight], kernel="triton")
+    with pytest.raises(ValueError, match=r"the lookup gradient \(10, 5\) is not for a \(10, 4\) parameter"):
+        opt.keep_lookup_gradient(weight, LookupGradient(torch.zeros(10, 5)))
+    other = torch.nn.Parameter(torch.zeros(10, 4))
+    with pytest.raises(ValueError, match=r"is not for a \(10, 4\) parameter of this optimizer"):
+        opt.keep_lookup_gradient(other, LookupGradient(other))
+    for embedding in (torch.nn.Embedding(10, 4, padding_idx=0), torch.nn.Embedding(10, 4, max_norm=1.0)):
+        with pytest.raises(ValueError, match="lookup rows support a plain embedding"):
+            RowsEmbedding(embedding)
 
 
 def test_an_optimizer_step_with_the_rows_is_the_step_with_the_dense_gradient(monkeypatch):
     """Two steps of a tied model with weight copies, the lookup's gradient as rows against dense, through
-    the trainer's calls (prepare_step, grad_norm, the clipped step): the same weights, bit for bit."""
+    the fast step's calls (prepare_step, grad_norm, the clipped step): the same weights, bit for bit."""
     interpreted(monkeypatch, ADAMW_KERNEL)
     from model_utils import tiny_twins
 
     from nemo_lite.training.loss import cross_entropy_sum
-    from nemo_lite.training.optim import clipped_step
 
     models = tiny_twins(num_hidden_layers=1)
     start = {k: v.clone() for k, v in models[0].state_dict().items()}
@@ -212,18 +229,16 @@ def test_an_optimizer_step_with_the_rows_is_the_step_with_the_dense_gradient(mon
     batches = [torch.randint(3, models[0].config.vocab_size, (2, 32), generator=gen) for _ in range(2)]
     norms = []
     for model, rows in zip(models, (True, False), strict=True):
-        opt = AdamW(model.parameters(), lr=1e-2, fused=True, kernel="triton")
-        attach_weight_copies(model, opt)
-        if rows:
-            attach_lookup_gradient(model, opt)
+        opt, head, _ = converted(model, rows)
         for ids in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                cross_entropy_sum(model.forward_hidden(ids), model.output_projection_weight("cpu"), ids).backward()
+                cross_entropy_sum(model.forward_hidden(ids), head, ids).backward()
             assert (model.embed_tokens.weight.grad is None) == rows
             opt.prepare_step()
             norm = opt.grad_norm()
             norms.append(norm)
-            clipped_step(opt, norm, 1e6)  # not binding: the norms differ in the last bit (blocks cut at rows)
+            # not binding: the norms differ in the last bit (blocks cut at rows)
+            opt.step(grad_scale=clip_factor(norm, 1e6), found_inf=torch.zeros(()))
             opt.zero_grad()
     torch.testing.assert_close(norms[:2], norms[2:], rtol=1e-6, atol=0)
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):

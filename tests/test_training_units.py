@@ -11,10 +11,11 @@ from attention_reference import reference_allowed
 from nemo_lite.components.attention import get_attention_backend
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.training import checkpoint as ckpt
-from nemo_lite.training.config import ConfigError, DataSection, RecipeConfig, validate
+from nemo_lite.training.config import ConfigError, RecipeConfig, validate
+from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 from nemo_lite.training.launch import check_overrides
 from nemo_lite.training.metrics import allowed_pairs
-from nemo_lite.training.optim import AdamW, clipped_step, lr_factor
+from nemo_lite.training.optim import lr_factor
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -35,9 +36,8 @@ def test_attention_flops_count_the_pairs_the_mask_allows(mask_type, fixed, windo
     assert int(allowed_pairs(mask, window)) == expected
 
 
-def test_every_data_key_reaches_the_data_pipeline():
-    fields = {f.name for f in dataclasses.fields(DataConfig)}
-    assert {f.name for f in dataclasses.fields(DataSection)} <= fields
+def test_the_recipe_data_section_is_the_loaders_schema():
+    assert dataclasses.fields(RecipeConfig().data) == dataclasses.fields(DataConfig)
 
 
 def test_validate_names_the_bad_value_and_the_choices():
@@ -121,7 +121,9 @@ def test_chunked_head_loss_equals_the_plain_one_with_gradients():
 
 def _two_adamw_steps(step_fn, grads, fused: bool):
     param = torch.nn.Parameter(torch.zeros(grads[0].shape, dtype=torch.float64))
-    opt = (AdamW if fused else torch.optim.AdamW)([param], lr=0.1, weight_decay=0.1, fused=fused or None)
+    opt = (
+        FusedAdamW([param], lr=0.1, weight_decay=0.1) if fused else torch.optim.AdamW([param], lr=0.1, weight_decay=0.1)
+    )
     for grad in grads:
         param.grad = grad.clone()
         step_fn(opt, param)
@@ -142,8 +144,7 @@ def test_fused_step_clips_like_clip_grad_norm(max_norm):
 
     def on_device(opt, param):
         norm = torch.linalg.vector_norm(param.grad)
-        clipped_step(opt, norm, max_norm)
-        assert not hasattr(opt, "grad_scale")  # a later plain step() is not scaled
+        opt.step(grad_scale=clip_factor(norm, max_norm) if max_norm > 0 else None)
 
     expected = _two_adamw_steps(reference, grads, fused=False)
     got = _two_adamw_steps(on_device, grads, fused=True)
@@ -153,8 +154,8 @@ def test_fused_step_clips_like_clip_grad_norm(max_norm):
 
 
 def test_adamw_steps_exactly_like_torchs_fused_adamw():
-    """nemo_lite's AdamW (which hands the fused kernel plain local tensors) gives torch's fused update
-    bit for bit: two groups, weight decay on one, a step with a grad_scale (the in-kernel clip)."""
+    """FusedAdamW (which hands the fused kernel plain local tensors) gives torch's fused update bit for
+    bit: two groups, weight decay on one, a step with a grad_scale (the in-kernel clip), a skipped step."""
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(8, 4, generator=gen), torch.randn(4, generator=gen)]
     grads = [[torch.randn(t.shape, generator=gen) for t in init] for _ in range(3)]
@@ -162,17 +163,27 @@ def test_adamw_steps_exactly_like_torchs_fused_adamw():
     def run(cls):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
-        opt = cls(groups, lr=1e-2, fused=True)
+        opt = cls(groups, lr=1e-2) if cls is FusedAdamW else cls(groups, lr=1e-2, fused=True)
         for i, step_grads in enumerate(grads):
             for param, grad in zip(params, step_grads, strict=True):
                 param.grad = grad.clone()
-            if i == 1:
-                opt.grad_scale = torch.tensor(3.0)
-            opt.step()
-            opt.__dict__.pop("grad_scale", None)
+            kwargs = {"grad_scale": torch.tensor(3.0)} if i == 1 else {}
+            if i == 2:
+                kwargs["found_inf"] = torch.tensor(0.0)
+            if cls is FusedAdamW:
+                opt.step(**kwargs)
+            else:  # torch's own fused AdamW reads them as attributes of the optimizer
+                opt.grad_scale, opt.found_inf = kwargs.get("grad_scale"), kwargs.get("found_inf")
+                opt.step()
+        skipped = [p.detach().clone() for p in params]
+        for param, grad in zip(params, grads[0], strict=True):
+            param.grad = grad.clone()
+        if cls is FusedAdamW:
+            opt.step(found_inf=torch.tensor(1.0))
+            assert all(torch.equal(a, b) for a, b in zip(params, skipped, strict=True))
         return params, opt.state_dict()["state"]
 
-    (got, got_state), (want, want_state) = run(AdamW), run(torch.optim.AdamW)
+    (got, got_state), (want, want_state) = run(FusedAdamW), run(torch.optim.AdamW)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     for i in want_state:
@@ -180,16 +191,16 @@ def test_adamw_steps_exactly_like_torchs_fused_adamw():
             assert torch.equal(got_state[i][key], want_state[i][key]), key
 
 
-def test_clipped_step_refuses_an_unfused_optimizer():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False)
-    with pytest.raises(ValueError, match="fused AdamW"):
-        clipped_step(opt, torch.tensor(1.0), 1.0)
+def test_grad_scale_needs_the_fused_step():
+    opt = FusedAdamW([torch.nn.Parameter(torch.ones(2))], amsgrad=True)
+    with pytest.raises(ValueError, match="need the fused step"):
+        opt.step(grad_scale=torch.tensor(2.0))
 
 
-@pytest.mark.parametrize("given", [False, "False", True, "True"])
-def test_optim_fused_given_as_a_bool_on_the_command_line_is_accepted(given):
-    """`optim.fused=false` reaches the string field as "False" through Hydra/OmegaConf."""
+def test_step_impl_names_the_bad_value_and_the_choices():
     cfg = RecipeConfig()
-    cfg.optim.fused = given
-    validate(cfg)
-    assert cfg.optim.fused == str(given).lower()
+    cfg.trainer.step_impl = "fastest"
+    with pytest.raises(
+        ConfigError, match=r"trainer.step_impl='fastest' is not valid; choose one of: auto, fast, plain"
+    ):
+        validate(cfg)

@@ -125,9 +125,11 @@ def save_checkpoint(
     return final
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """``false`` -> None; ``true`` -> the latest checkpoint of run_dir (None if there is none yet);
+def resolve_resume(resume: bool | str | None, run_dir: Path) -> Path | None:
+    """``False`` -> None; ``True`` -> the latest checkpoint of run_dir (None if there is none yet);
     a path -> that checkpoint, or the latest inside that run/checkpoints directory (error if none)."""
+    if resume is None or isinstance(resume, bool):
+        return latest_checkpoint(run_dir / "checkpoints") if resume else None
     value = str(resume).strip()
     if value.lower() in ("false", "no", "0", "none", ""):
         return None

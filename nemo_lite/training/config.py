@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemo_lite.components.datasets.config import DataConfig
+
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names it and what would be right."""
@@ -36,40 +38,9 @@ class AttentionSection:
     attn_mask_type: str = "block_causal"
     # Optional extra cut every n tokens (n > 0).
     fixed_block_size: int | None = None
-    # flex on a GPU: "auto" = nemo_lite's measured kernel options where it has some for the card and head_dim
-    # (TUNED_KERNEL_OPTIONS in nemo_lite/components/attention/flex_attention.py), "torch" = torch's defaults.
-    flex_kernel_options: str = "auto"
-
-
-@dataclass
-class DataSection:
-    """The recipe's ``data:`` keys. Each is forwarded by name to
-    ``nemo_lite.components.datasets.DataConfig``, whose comments document them (docs/data.md)."""
-
-    # "default" (the offline corpus), a file/glob, several separated by commas, or a hub dataset name.
-    source: str = "default"
-    data_format: str | None = None
-    text_field: str = "text"
-    text_sample_by: str = "line"
-    # Fine-tuning pairs: both set -> documents are prompt + response; prompt labels -100.
-    prompt_field: str | None = None
-    response_field: str | None = None
-    mask_prompt_labels: bool = True
-    validation_source: str | None = None
-    validation_fraction: float = 0.02
-    streaming: bool = False
-    # "default" (the offline BPE), a directory/tokenizer.json/hub name, or "model" (the checkpoint's own).
-    tokenizer: str = "default"
-    eos_id: int | None = None
-    num_proc: int | None = None
-    seq_len: int = 256
-    batch_size: int = 8
-    position_ids: bool = True
-    mask_cross_document_labels: bool = False
-    shuffle: bool = True
-    seed: int = 0
-    num_epochs: int | None = None
-    prefetch: int = 2
+    # The backend's own options, passed to it by name; it refuses one it does not know (docs/attention.md).
+    # flex: kernel_options (auto | torch); varlen: host_sync (true | false).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,19 +52,6 @@ class OptimSection:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    # fused AdamW on GPU; "auto" = fused when the parameters are on CUDA.
-    fused: str = "auto"
-    # The fused step's kernel: "torch" (torch's multi-tensor kernel), "triton" (nemo_lite's, all tensors in
-    # one launch, faster: docs/benchmarks.md), "auto" = triton on one GPU when triton is installed.
-    kernel: str = "auto"
-    # bf16 copies of the decoder blocks' weight matrices, written by the triton kernel after each update, that
-    # the blocks multiply by under bf16 autocast (their gradients arrive as bf16): the same values as
-    # autocast's casts, without the casts. "auto" = on when the kernel is triton and autocast is bf16 on one GPU.
-    weight_copies: str = "auto"
-    # The token embedding's float32 gradient: "rows" (one row per distinct token of the step, read by the
-    # triton kernel; no dense [vocab, hidden] matrix to zero and read), "dense" (embed_tokens.weight.grad).
-    # "auto" = rows whenever the weight copies are on (docs/recipes.md).
-    lookup_gradient: str = "auto"
 
 
 @dataclass
@@ -106,6 +64,10 @@ class TrainerSection:
     device: str = "auto"
     # Autocast dtype on GPU ("bfloat16" | "float32"); master weights stay float32. CPU runs float32.
     autocast_dtype: str = "bfloat16"
+    # The step's implementation: "plain" (torch's AdamW and cross-entropy, the reference), "fast" (fused
+    # kernels and converters, nemo_lite.training.fast; refused where it cannot run) or "auto" (fast where it
+    # can run). Which parts run is printed in one line before training.
+    step_impl: str = "auto"
     # torch.compile each decoder block.
     compile: bool = False
     activation_checkpointing: bool = False
@@ -119,18 +81,14 @@ class TrainerSection:
     # Tokens per chunk of the output projection + cross-entropy, recomputed in backward so only one
     # chunk's logits exist at a time (0 = all tokens at once).
     loss_chunk_size: int = 0
-    # The head loss: "torch" (the projection and cross-entropy as torch ops, compiled with trainer.compile),
-    # "triton" (nemo_lite's kernel: one pass per row that writes the logits' gradient in forward; a CUDA
-    # device, not chunked). "auto" = triton on one GPU when triton is there and the loss is not chunked.
-    loss_kernel: str = "auto"
     log_every: int = 1
     val_every: int = 50
     val_batches: int = 4
     # Checkpoints: every N steps (0 = only at the end), keep the last K, under <run_dir>/checkpoints.
     save_every: int = 100
     keep_last: int = 2
-    # false | true (latest in run_dir) | a checkpoint directory or run directory.
-    resume: str = "false"
+    # false | true (the latest checkpoint in run_dir) | a checkpoint directory or run directory (a path).
+    resume: Any = False
     # Stop after this many consecutive non-finite losses/gradients (their updates are skipped).
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
@@ -156,7 +114,7 @@ class RecipeConfig:
     run_dir: str = "runs/${recipe}"
     model: ModelSection = field(default_factory=ModelSection)
     attention: AttentionSection = field(default_factory=AttentionSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logger: LoggerSection = field(default_factory=LoggerSection)
@@ -191,23 +149,7 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
-    if isinstance(cfg.optim.fused, bool) or cfg.optim.fused in ("True", "False"):
-        cfg.optim.fused = str(cfg.optim.fused).lower()  # optim.fused=false on the command line is a bool to Hydra
-    _choice("optim.fused", cfg.optim.fused, ["auto", "true", "false"])
-    _choice("optim.kernel", cfg.optim.kernel, ["auto", "torch", "triton"])
-    _choice("trainer.loss_kernel", cfg.trainer.loss_kernel, ["auto", "torch", "triton"])
-    _choice("attention.flex_kernel_options", cfg.attention.flex_kernel_options, ["auto", "torch"])
-    if cfg.trainer.loss_kernel == "triton" and cfg.trainer.loss_chunk_size > 0:
-        raise ConfigError(
-            f"trainer.loss_kernel=triton is not chunked; got trainer.loss_chunk_size={cfg.trainer.loss_chunk_size}: "
-            "use trainer.loss_chunk_size=0, or trainer.loss_kernel=torch"
-        )
-    if isinstance(cfg.optim.weight_copies, bool) or cfg.optim.weight_copies in ("True", "False"):
-        cfg.optim.weight_copies = str(cfg.optim.weight_copies).lower()
-    _choice("optim.weight_copies", cfg.optim.weight_copies, ["auto", "true", "false"])
-    _choice("optim.lookup_gradient", cfg.optim.lookup_gradient, ["auto", "rows", "dense"])
-    if cfg.optim.kernel == "triton" and cfg.optim.fused == "false":
-        raise ConfigError("optim.kernel=triton is a fused step: it needs optim.fused=true or auto")
+    _choice("trainer.step_impl", cfg.trainer.step_impl, ["auto", "fast", "plain"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):
@@ -237,10 +179,12 @@ def validate(cfg: RecipeConfig) -> None:
 
 
 def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:
-    """Checks that depend on where the run happens."""
-    if device_type == "cuda" and cfg.attention.backend == "flex" and cfg.data.seq_len % 128:
-        up = 128 * -(-cfg.data.seq_len // 128)
-        raise ConfigError(
-            f"attention=flex on GPU needs data.seq_len to be a multiple of 128 (its BlockMask block size) so "
-            f"shapes stay static; got {cfg.data.seq_len}: use data.seq_len={up}, or another backend"
+    """Checks that depend on where the run happens; the attention backend checks its own."""
+    from nemo_lite.components.attention import AttentionConfigError, get_attention_backend
+
+    try:
+        get_attention_backend(cfg.attention.backend).check_run(
+            seq_len=cfg.data.seq_len, device_type=device_type, options=cfg.attention.options
         )
+    except AttentionConfigError as err:
+        raise ConfigError(str(err)) from None

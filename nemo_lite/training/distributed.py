@@ -1,8 +1,8 @@
 """Data-parallel training under torchrun: process group, FSDP2 sharding, sharded checkpoints.
 
 One process per GPU (``torchrun --nproc-per-node N recipes/pretrain.py ...``); without torchrun's
-environment nothing here runs and training is single-process as before. Each decoder block is sharded
-with ``fully_shard`` (bf16 compute, float32 gradient reduction on GPU), then the root module.
+environment nothing here runs and training is single-process. The model family says how its model is
+sharded (``ModelFamily.shard``: for Llama one ``fully_shard`` unit per decoder block, then the root).
 Checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shards) into a temporary
 directory that rank 0 renames once every rank has finished.
 """
@@ -50,23 +50,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> None:
-    """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, norm, head).
-
-    ``reshard_after_forward=False`` keeps each block's gathered bf16 parameters from its forward to its
-    backward: one all-gather fewer per block and step, for the memory of the unsharded blocks.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def shard_model(family, model: torch.nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> None:
+    """FSDP2 by the model family's plan, computing in bf16 and reducing gradients in float32 on GPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mp_policy": policy} if policy is not None else {}
-    for block in model.layers:
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
-    # trainer's head loss reads the full output weight after forward_hidden returns.
-    fully_shard(model, **kwargs)
-    # The trainer calls forward_hidden (then the fused head loss), not forward: gather around it too.
-    register_fsdp_forward_method(model, "forward_hidden")
+    family.shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (a view of its storage); any other tensor as it is."""
+    return getattr(tensor, "_local_tensor", tensor)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -6,16 +6,17 @@ writes float32 logits, a float32 log-softmax, and a dense one-hot gradient, each
 Compiled (``trainer.compile=true``), the projection, the float32 upcast, the log-sum-exp and its
 gradient fuse, and float32 logits never reach memory. ``trainer.loss_chunk_size`` additionally cuts
 the tokens into chunks recomputed in backward, so only one chunk's logits exist at a time.
-``kernel="triton"`` (``trainer.loss_kernel``) runs :mod:`nemo_lite.training.cross_entropy_kernel`
-instead: one pass per row that writes the logits' gradient in forward, over bf16 logits under autocast.
+The fast step can replace it with a Triton kernel (:mod:`nemo_lite.training.fast`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -48,27 +49,10 @@ def cross_entropy_sum(
     *,
     chunk_tokens: int = 0,
     compiled: bool = False,
-    kernel: str = "torch",
-    grad_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed token loss of ``hidden @ weight^T`` against ``labels``; chunked when ``chunk_tokens > 0``.
-
-    ``kernel="triton"`` (not chunked): the fused Triton loss, given ``grad_scale``, the gradient the sum
-    will receive (a float32 0-d tensor), so the logits' gradient it writes in forward is autograd's."""
+    """Summed token loss of ``hidden @ weight^T`` against ``labels``; chunked when ``chunk_tokens > 0``."""
     hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
     labels_T = labels_BS.reshape(-1)
-    if kernel == "triton":
-        if chunk_tokens > 0:
-            raise ValueError("the triton loss kernel is not chunked: use chunk_tokens=0 or kernel='torch'")
-        from nemo_lite.training.cross_entropy_kernel import linear_cross_entropy_sum
-
-        device_type = hidden_TH.device.type
-        if torch.is_autocast_enabled(device_type):  # the projection autocast would run: in its dtype
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden_TH, weight_VH = hidden_TH.to(dtype), weight_VH.to(dtype)
-        return linear_cross_entropy_sum(hidden_TH, weight_VH, labels_T, grad_scale, ignore_index=IGNORE_INDEX)
-    if kernel != "torch":
-        raise ValueError(f"kernel={kernel!r} is not valid; choose torch or triton")
     loss_fn = head_loss_fn(compiled)
     if chunk_tokens <= 0 or chunk_tokens >= hidden_TH.shape[0]:
         return loss_fn(hidden_TH, weight_VH, labels_T)
@@ -77,3 +61,8 @@ def cross_entropy_sum(
         sl = slice(start, start + chunk_tokens)
         total = total + checkpoint(loss_fn, hidden_TH[sl], weight_VH, labels_T[sl], use_reentrant=False)
     return total
+
+
+def forward_hidden(model: nn.Module, batch: dict[str, torch.Tensor], mask: Any) -> torch.Tensor:
+    """The batch's final hidden states ``[B, S, hidden]``."""
+    return model.forward_hidden(batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=mask)

@@ -1,15 +1,16 @@
 """Step metrics: FLOPs of the actual mask, MFU, and where they are written (jsonl, wandb).
 
-MFU counts 6 x (non-embedding-lookup) parameters x tokens for the matmuls of forward and backward,
-plus the attention FLOPs of the pairs the step's mask really allows: for each layer and query head,
-``4 * head_dim`` per allowed (query, key) pair forward (QK^T and PV), times 3 for forward + backward.
-A block-causal step with short documents therefore counts far fewer attention FLOPs than a causal one.
+MFU counts the matmul FLOPs per token that the model family gives (``ModelFamily.flops_per_token``: 6 x
+the parameters that multiply each token), plus the attention FLOPs of the pairs the step's mask really
+allows (``ModelFamily.attention_flops_per_pair`` x :func:`allowed_pairs`). A block-causal step with short
+documents therefore counts far fewer attention FLOPs than a causal one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,6 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul per token: all but the input embedding lookup
-    (a tied output projection is counted once, as the output projection)."""
-    total = sum(p.numel() for p in model.parameters())
-    embed = getattr(model, "embed_tokens", None)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if embed is not None and not tied:
-        total -= embed.weight.numel()
-    return total
-
-
 def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
     """Number of (query, key) pairs the step's mask allows, summed over the batch (a device scalar).
 
@@ -58,9 +48,39 @@ def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
     return visible_BS.sum()
 
 
-def attention_flops(mask: AttentionMask, *, layers: int, q_heads: int, head_dim: int) -> torch.Tensor:
-    """Forward + backward attention FLOPs of the step's mask (device scalar, float)."""
-    return allowed_pairs(mask).double() * (3 * 4 * head_dim * q_heads * layers)
+class DeviceTimer:
+    """Adds up the time of the blocks it times: CUDA events on a GPU (read once, after the step's host sync),
+    the host clock elsewhere.
+
+        timer = DeviceTimer(device)
+        with timer:
+            ...
+        timer.seconds()
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_seconds = 0.0
+
+    def __enter__(self) -> DeviceTimer:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self._start, end))
+        else:
+            self.host_seconds += time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        return self.host_seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
 
 
 class MetricsWriter:

@@ -1,381 +1,46 @@
-"""AdamW (fused on GPU) with linear warmup and cosine decay to a floor."""
+"""AdamW's parameter groups and state loading, and the learning-rate schedule (linear warmup, then cosine
+decay to a floor). Each training step builds its own optimizer (:mod:`nemo_lite.training.step`)."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import operator
+from typing import Any
 
 import torch
 from torch import nn
 
-from nemo_lite.training.config import ConfigError, OptimSection
-from nemo_lite.training.lookup_gradient import LookupGradient, lookup
+from nemo_lite.training.config import OptimSection
 
 
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's shard on this rank (a view of its storage); any other tensor as it is."""
-    return getattr(tensor, "_local_tensor", tensor)
+class OwnKernelFlags:
+    """An optimizer mixin: a loaded state dict keeps this optimizer's kernel flags (``fused``, ``foreach``,
+    ``capturable``), which torch would take from the saved groups, and each ``step`` count goes where this
+    kernel reads it. So a checkpoint of the plain step resumes under the fast one, and the other way round."""
 
-
-class AdamW(torch.optim.AdamW):
-    """torch's AdamW, whose fused step runs on the local shards of FSDP2's DTensor parameters, with
-    torch's multi-tensor kernel (``kernel="torch"``) or nemo_lite's Triton kernel (``kernel="triton"``,
-    :mod:`nemo_lite.training.adamw_kernel`: the same arithmetic; 12.0 vs 15.3 ms for the 1B update on an H100).
-
-    FSDP2 shards every parameter on dim 0, so AdamW, an elementwise update, on each rank's shards is
-    the update of the whole tensors. Handing the fused kernel the plain local tensors skips DTensor's
-    dispatch, which cost ~4 ms of host time per step on the 1B model while the GPU waited. State
-    (``exp_avg``, ``exp_avg_sq``, ``step``) stays on the DTensors torch created, so state dicts and
-    ``torch.distributed.checkpoint`` see the usual optimizer, whichever kernel wrote it.
-
-    With the Triton kernel the optimizer can also keep bf16 weight copies up to date
-    (:meth:`keep_weight_copies`, :func:`attach_weight_copies`) and compute the gradient norm over its
-    launches' block tables (:meth:`grad_norm`).
-    """
-
-    def __init__(self, params, *args, kernel: str = "torch", **kwargs) -> None:
-        if kernel not in ("torch", "triton"):
-            raise ValueError(f"kernel={kernel!r} is not valid; choose torch or triton")
-        super().__init__(params, *args, **kwargs)
-        self.kernel = kernel
-        self._kernel_tables: dict = {}  # per launch: the Triton kernel's block table (sizes only)
-        self._copies: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> bf16 weight copy (keep_weight_copies)
-        self._lookups: dict[torch.Tensor, LookupGradient] = {}  # parameter -> its lookups' rows (keep_lookup_gradient)
-        self._prepared: tuple | None = None  # prepare_step's work for the next step
-        if kernel == "triton":
-            if not all(g["fused"] for g in self.param_groups):
-                raise ValueError("the triton AdamW kernel is a fused step: it needs fused=True")
-            if importlib.util.find_spec("triton") is None:
-                raise ValueError("the triton AdamW kernel needs the triton package (CUDA builds of torch ship it)")
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None or not all(g["fused"] and not g["amsgrad"] for g in self.param_groups):
-            return super().step(closure)
-        if self.kernel == "triton":
-            self._triton_step()
-            return None
-        from torch.optim.adam import adam
-
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-            beta1, beta2 = group["betas"]
-            adam(
-                [local_shard(t) for t in params],
-                [local_shard(t) for t in grads],
-                [local_shard(t) for t in exp_avgs],
-                [local_shard(t) for t in exp_avg_sqs],
-                [],
-                steps,  # plain device tensors
-                amsgrad=False,
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                fused=True,
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-            )
-        return None
-
-    # ---- bf16 weight copies (optim.weight_copies) ------------------------------------------------
-
-    def keep_weight_copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """From now on each ``(param, copy)`` pair's gradient is read from the bf16 ``copy`` (the layer
-        multiplies by it), and every step writes the updated parameter into the copy as well. The
-        parameters stay what state dicts and checkpoints hold; see :func:`attach_weight_copies`."""
-        if self.kernel != "triton":
-            raise ValueError("bf16 weight copies are written by the triton AdamW kernel: it needs kernel='triton'")
-        for param, copy in pairs:
-            if copy.dtype != torch.bfloat16 or copy.shape != param.shape or not copy.is_leaf:
-                shape = tuple(param.shape)
-                raise ValueError(f"a weight copy must be a bf16 leaf tensor shaped like its parameter, {shape}")
-        self._copies = dict(pairs)
-        self._kernel_tables.clear()
-        self.refresh_weight_copies()
-
-    @torch.no_grad()
-    def refresh_weight_copies(self) -> None:
-        """Round every parameter into its copy again (after anything but a step changed the parameters)."""
-        if self._copies:
-            torch._foreach_copy_(list(self._copies.values()), list(self._copies))
-
-    def keep_lookup_gradient(self, param: torch.Tensor, lookups: LookupGradient) -> None:
-        """From now on ``param``'s float32 gradient is read from ``lookups``, the rows of its embedding
-        lookups (:mod:`nemo_lite.training.lookup_gradient`), instead of ``param.grad``."""
-        if self.kernel != "triton":
-            raise ValueError("a lookup gradient is read by the triton AdamW kernel: it needs kernel='triton'")
-        if lookups.shape != tuple(param.shape) or not any(param is p for g in self.param_groups for p in g["params"]):
-            raise ValueError(
-                f"the lookup gradient {lookups.shape} is not for a {tuple(param.shape)} parameter of this optimizer"
-            )
-        self._lookups[param] = lookups
-        self._kernel_tables.clear()
-
-    def _grad32(self, param: torch.Tensor) -> torch.Tensor | None:
-        """``param``'s float32 gradient: ``param.grad``, or its lookups' rows (then ``param.grad`` must be None)."""
-        lookups = self._lookups.get(param)
-        if lookups is None or not lookups:
-            return param.grad
-        if param.grad is not None:
-            raise ValueError(
-                f"a {tuple(param.shape)} parameter has a dense gradient and a lookup gradient: its lookups' rows "
-                "replace param.grad, so nothing else may write param.grad"
-            )
-        return lookups.rows()[1]
-
-    def gradients(self, param: torch.Tensor) -> list[torch.Tensor]:
-        """The gradients this optimizer adds up for ``param``: its own (float32; its lookups' rows when it
-        has them) and its copy's (bf16)."""
-        copy = self._copies.get(param)
-        return [g for g in (self._grad32(param), None if copy is None else copy.grad) if g is not None]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        self._prepared = None
-        for lookups in self._lookups.values():
-            lookups.clear()
-        for copy in self._copies.values():
-            if set_to_none:
-                copy.grad = None
-            elif copy.grad is not None:
-                copy.grad.zero_()
-
-    def _triton_lists(self, init_state: bool) -> dict[tuple, dict[str, list[torch.Tensor]]]:
-        """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy, or
-        both, as a tied embedding has) and whether there is a copy to write, the lists of tensors."""
-        copies, lookups = self._copies, self._lookups
-        out: dict[tuple, dict[str, list[torch.Tensor]]] = {}
-        kinds = ("params", "grads", "bf16_grads", "copies", "row_slots", "state")
-        for index, group in enumerate(self.param_groups):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        kept = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flags in zip(self.param_groups, kept, strict=True):
+            group.update(flags)
+            on_device = bool(group["fused"] or group["capturable"])
             for param in group["params"]:
-                copy = copies.get(param)
-                bf16_grad = None if copy is None else copy.grad
-                grad = self._grad32(param)
-                if grad is None and bf16_grad is None:
-                    continue
-                rows = param in lookups and bool(lookups[param])
-                key = (index, grad is not None, bf16_grad is not None, copy is not None, rows)
-                lists = out.setdefault(key, {k: [] for k in kinds})
-                lists["params"].append(local_shard(param))
-                if grad is not None:
-                    lists["grads"].append(local_shard(grad))
-                if rows:
-                    lists["row_slots"].append(lookups[param].rows()[0])
-                if copy is not None:
-                    lists["copies"].append(copy)
-                if bf16_grad is not None:
-                    lists["bf16_grads"].append(bf16_grad)
-                if init_state:
-                    state = self.state[param]
-                    if not state:  # torch's fused AdamW state, so checkpoints do not depend on the kernel
-                        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    lists["state"].append(state)
-        return out
-
-    def grad_norm(self) -> torch.Tensor:
-        """The 2-norm of the gradients this optimizer will use (a copy's added to its parameter's own), from
-        the kernel's block tables: one launch per list, float32 sums of squares summed in a fixed order."""
-        from nemo_lite.training import adamw_kernel
-
-        if self.kernel != "triton":
-            raise ValueError("grad_norm runs the triton kernels; with kernel=torch use torch.nn.utils.get_total_norm")
-        total = None
-        if self._prepared is not None and self._prepared_is_current():  # the update's own address tables
-            for _, _, prepared in self._prepared[2]:
-                squares = adamw_kernel.prepared_sum_of_squares(prepared)
-                total = squares if total is None else total + squares
-            return torch.zeros(()) if total is None else total.sqrt()
-        for key, lists in self._triton_lists(init_state=False).items():
-            squares, self._kernel_tables[key] = adamw_kernel.sum_of_squares(
-                lists["grads"] or None,
-                lists["bf16_grads"] or None,
-                table=self._kernel_tables.get(key),
-                params=lists["params"],
-                row_slots=lists["row_slots"] or None,
-            )
-            total = squares if total is None else total + squares
-        if total is None:
-            return torch.zeros(())
-        return total.sqrt()
-
-    def prepare_step(self) -> None:
-        """Do the next triton step's host work now: its launch lists, block tables and address tables,
-        copied to the device without blocking. The trainer calls it before the step's one host sync, so
-        that after the sync only the launches remain while the GPU waits; :meth:`grad_norm` reads the
-        same tables. :meth:`step` redoes the work if any gradient tensor was replaced in between;
-        :meth:`zero_grad` drops it."""
-        if self.kernel == "triton":
-            copies = self._copies
-            holders = [(p, copies.get(p)) for g in self.param_groups for p in g["params"]]
-            self._prepared = (holders, self._holders_grads(holders), self._prepare())
-
-    def _holders_grads(self, holders: list) -> list:
-        return [self._grad32(p) if self._lookups else p.grad for p, _ in holders] + [
-            c.grad for _, c in holders if c is not None
-        ]
-
-    def _prepared_is_current(self) -> bool:
-        """Every gradient tensor is still the one :meth:`prepare_step` read the address of."""
-        holders, grads, _ = self._prepared
-        return all(map(operator.is_, self._holders_grads(holders), grads))
-
-    def _prepare(self) -> list:
-        from nemo_lite.training import adamw_kernel
-
-        out = []
-        for key, lists in self._triton_lists(init_state=True).items():
-            states = lists["state"]
-            steps = [s["step"] for s in states]
-            prepared = adamw_kernel.prepare(
-                lists["params"],
-                lists["grads"] or None,
-                [local_shard(s["exp_avg"]) for s in states],
-                [local_shard(s["exp_avg_sq"]) for s in states],
-                steps,
-                copies=lists["copies"] or None,
-                bf16_grads=lists["bf16_grads"] or None,
-                row_slots=lists["row_slots"] or None,
-                table=self._kernel_tables.get(key),
-            )
-            self._kernel_tables[key] = prepared.table
-            out.append((key, steps, prepared))
-        return out
-
-    def _triton_step(self) -> None:
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            if group["maximize"] or group["amsgrad"] or group["differentiable"] or torch.is_tensor(group["lr"]):
-                raise ValueError("the triton AdamW kernel supports plain AdamW only (float lr, no maximize/amsgrad)")
-        current = self._prepared is not None and self._prepared_is_current()
-        ahead, self._prepared = self._prepared, None
-        for key, steps, prepared in ahead[2] if current else self._prepare():
-            self._launch(key, steps, prepared, grad_scale, found_inf)
-
-    def _launch(self, key: tuple, steps: list[torch.Tensor], prepared, grad_scale=None, found_inf=None) -> None:
-        """One launch of the update kernel, for one of :meth:`_prepare`'s entries."""
-        from nemo_lite.training import adamw_kernel
-
-        group = self.param_groups[key[0]]
-        beta1, beta2 = group["betas"]
-        adamw_kernel.launch(
-            prepared,
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
+                state = self.state.get(param, {})
+                if "step" in state:
+                    where = param.device if on_device else torch.device("cpu")
+                    state["step"] = state["step"].to(device=where, dtype=torch.float32)
 
 
-def attach_weight_copies(model: nn.Module, optimizer: AdamW) -> int:
-    """Give every :class:`~nemo_lite.components.models.llama.Linear` in ``model.layers``, and the output
-    projection (``model.output_weight``, the embedding matrix when tied), a bf16 copy of its weight,
-    rewritten by ``optimizer``'s kernel after every update (``optim.weight_copies``). Under bf16 autocast
-    the model then multiplies by the copies and their gradients arrive as bf16 on the copies: the values
-    autocast would give, without casting every weight down and every weight gradient up each step. A
-    tied embedding's lookup still reads the float32 matrix; the kernel adds its float32 gradient to the
-    copy's (kept as rows with :func:`attach_lookup_gradient`). Returns the number of weights given a copy."""
-    from nemo_lite.components.models.llama import Linear
-
-    pairs = []
-    for module in model.layers.modules():
-        if isinstance(module, Linear) and module.weight.requires_grad:
-            module.weight_copy = torch.empty_like(module.weight, dtype=torch.bfloat16).requires_grad_()
-            pairs.append((module.weight, module.weight_copy))
-    if model.output_weight.requires_grad:
-        model.output_weight_copy = torch.empty_like(model.output_weight, dtype=torch.bfloat16).requires_grad_()
-        pairs.append((model.output_weight, model.output_weight_copy))
-    optimizer.keep_weight_copies(pairs)
-    return len(pairs)
+class AdamW(OwnKernelFlags, torch.optim.AdamW):
+    """torch's AdamW, whose loaded state keeps its own kernel flags (:class:`OwnKernelFlags`)."""
 
 
-def attach_lookup_gradient(model: nn.Module, optimizer: AdamW) -> LookupGradient | None:
-    """Route the float32 gradient of ``model``'s token lookup to a :class:`LookupGradient` that
-    ``optimizer``'s kernel reads as rows, instead of a dense ``[vocab, hidden]`` matrix in
-    ``embed_tokens.weight.grad``. Returns it (None when the embedding is frozen)."""
-    weight = model.embed_tokens.weight
-    if not weight.requires_grad:
-        return None
-    lookups = LookupGradient(weight)
-    optimizer.keep_lookup_gradient(weight, lookups)
-    model.embedding_lookup = functools.partial(lookup, sink=lookups)
-    return lookups
-
-
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
-    fused = on_cuda if cfg.fused == "auto" else cfg.fused == "true"
-    kernel = cfg.kernel
-    if kernel == "auto":  # the Triton kernel on one GPU when triton is there (FSDP2 keeps torch's unless asked)
-        sharded = any(hasattr(p, "_local_tensor") for p in decay + no_decay)
-        kernel = "triton" if fused and on_cuda and not sharded and importlib.util.find_spec("triton") else "torch"
-    elif kernel == "triton" and not on_cuda:
-        raise ConfigError("optim.kernel=triton runs on a GPU; on CPU use optim.kernel=auto or torch")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None, kernel=kernel)
-
-
-def steps_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused AdamW can clip inside its kernel (``grad_scale``)."""
-    return all(group.get("fused") for group in optimizer.param_groups)
-
-
-def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """torch's ``clip_grad_norm_`` factor as a divisor, ``max(1, (grad_norm + 1e-6) / max_norm)``: a float32
-    device tensor, no host sync."""
-    return torch.clamp((grad_norm.detach().float() + 1e-6) / max_norm, min=1.0)
-
-
-def clipped_step(
-    optimizer: torch.optim.Optimizer,
-    grad_norm: torch.Tensor,
-    max_norm: float,
-    factor: torch.Tensor | None = None,
-    *,
-    found_inf: torch.Tensor | None = None,
-) -> None:
-    """One fused AdamW step with the gradients clipped inside the update kernel.
-
-    The kernel divides each gradient by :func:`clip_factor` (``factor`` when the caller computed it
-    already), so clipping costs no extra pass over the gradients and no host sync. ``max_norm <= 0``
-    turns clipping off. ``found_inf``: a float32 device scalar; 1.0 skips the step inside the kernel
-    (no parameter, moment or step count changes), as torch's ``GradScaler`` does with fused AdamW.
-    """
-    if not steps_on_device(optimizer):
-        raise ValueError("clipped_step needs fused AdamW (optim.fused=true, or auto on a GPU)")
-    given = {}
-    if max_norm > 0:
-        given["grad_scale"] = factor if factor is not None else clip_factor(grad_norm, max_norm)
-    if found_inf is not None:
-        given["found_inf"] = found_inf
-    for name, value in given.items():
-        setattr(optimizer, name, value)
-    try:
-        optimizer.step()
-    finally:
-        for name in given:
-            delattr(optimizer, name)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

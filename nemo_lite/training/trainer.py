@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import math
 import os
 import resource
@@ -26,24 +25,16 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nemo_lite.components.attention.flex_attention import FlexAttention, tuned_kernel_options
-from nemo_lite.components.models import LlamaForCausalLM, get_preset
-from nemo_lite.components.models.config import config_fields
+from nemo_lite.components.attention import build_attention_backend
+from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
 from nemo_lite.training.distributed import DistInfo
-from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
-from nemo_lite.training.metrics import MetricsWriter, attention_flops, matmul_params, peak_flops
-from nemo_lite.training.optim import (
-    attach_lookup_gradient,
-    attach_weight_copies,
-    build_optimizer,
-    build_scheduler,
-    clipped_step,
-    local_shard,
-    steps_on_device,
-)
+from nemo_lite.training.loss import IGNORE_INDEX
+from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
+from nemo_lite.training.optim import build_scheduler
+from nemo_lite.training.step import TrainStep, build_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,9 +70,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
-    """Recompute each decoder block in backward. Wraps ``forward`` in place so parameter names stay."""
-    for block in model.layers:
+def apply_activation_checkpointing(blocks) -> None:
+    """Recompute each block in backward. Wraps ``forward`` in place so parameter names stay."""
+    for block in blocks:
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
@@ -124,74 +115,39 @@ class Trainer:
                 )
         self._build_data()
         self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step_impl: TrainStep = build_step(
+            self.model,
+            cfg.optim,
+            impl=cfg.trainer.step_impl,
+            device=self.device,
+            distributed=self.dist.enabled,
+            autocast_bf16=self._autocast_dtype() == torch.bfloat16,
+            compile=cfg.trainer.compile,
+            loss_chunk_size=cfg.trainer.loss_chunk_size,
+        )
+        self.optimizer = self.step_impl.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        self._device_step = steps_on_device(self.optimizer)
         self.step = 0
         self.nonfinite_total = 0
         if resume_from is not None:
             self._load(resume_from)
-        self.loss_kernel = self._loss_kernel()
-        self.weight_copies = self._weight_copies()
-        if self.weight_copies:  # after a resume: the copies start from the loaded weights
-            n = attach_weight_copies(self.raw_model, self.optimizer)
-            self._log(f"bf16 weight copies for {n} weight matrices (optim.weight_copies)")
-        self.lookup_gradient = self._lookup_gradient()
-        if self.lookup_gradient == "rows":
-            attach_lookup_gradient(self.raw_model, self.optimizer)
+        self._log(self.step_impl.description)
+        att = cfg.attention
+        backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
+        self._log(backend.describe(self.device.type))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
 
-    def _loss_kernel(self) -> str:
-        """The head loss's kernel: trainer.loss_kernel, with auto resolved (triton on one GPU, unchunked)."""
-        setting = self.cfg.trainer.loss_kernel
-        if setting == "triton" and self.device.type != "cuda":
-            raise ConfigError(
-                f"trainer.loss_kernel=triton runs on a GPU; this run is on {self.device.type}: "
-                "use trainer.loss_kernel=auto or torch"
-            )
-        if setting == "triton" and importlib.util.find_spec("triton") is None:
-            raise ConfigError("trainer.loss_kernel=triton needs the triton package (CUDA builds of torch ship it)")
-        if setting != "auto":
-            return setting
-        usable = self.device.type == "cuda" and not self.dist.enabled and self.cfg.trainer.loss_chunk_size == 0
-        return "triton" if usable and importlib.util.find_spec("triton") is not None else "torch"
-
-    def _weight_copies(self) -> bool:
-        """Whether the blocks multiply by bf16 weight copies that the triton AdamW kernel writes."""
-        setting = self.cfg.optim.weight_copies
-        needs = {
-            "bf16 autocast on a GPU (trainer.autocast_dtype=bfloat16)": self.device.type == "cuda"
-            and self.cfg.trainer.autocast_dtype == "bfloat16",
-            "the triton AdamW kernel (optim.kernel=triton or auto)": self.optimizer.kernel == "triton",
-            "one process (under torchrun FSDP2 casts the gathered weights)": not self.dist.enabled,
-        }
-        missing = [what for what, ok in needs.items() if not ok]
-        if setting == "true" and missing:
-            raise ConfigError(f"optim.weight_copies=true needs {' and '.join(missing)}; use optim.weight_copies=auto")
-        return setting != "false" and not missing
-
-    def _lookup_gradient(self) -> str:
-        """How the token embedding's float32 gradient is kept: as rows (read by the triton kernel, with the
-        weight copies, so the tied output projection's gradient goes to its copy) or dense."""
-        setting = self.cfg.optim.lookup_gradient
-        if setting == "rows" and not self.weight_copies:
-            raise ConfigError("optim.lookup_gradient=rows needs the weight copies (optim.weight_copies); use auto")
-        return "rows" if setting != "dense" and self.weight_copies else "dense"
-
     def _data_config(self):
-        from nemo_lite.components.datasets import DataConfig
+        from nemo_lite.components.datasets import resolve_data_config
 
-        values = dataclasses.asdict(self.cfg.data)
-        if values["tokenizer"] == "model":
-            if self.cfg.model.pretrained_path is None:
-                raise ConfigError("data.tokenizer=model needs model.pretrained_path (a directory with a tokenizer)")
-            values["tokenizer"] = str(Path(self.cfg.model.pretrained_path).expanduser())
-        for key in ("source", "validation_source"):  # "a.jsonl,b.jsonl" -> a list of files
-            if values[key] is not None and "," in values[key]:
-                values[key] = [part.strip() for part in values[key].split(",") if part.strip()]
-        return DataConfig(**values, pin_memory=self.device.type == "cuda")
+        try:
+            return resolve_data_config(
+                self.cfg.data, pretrained_path=self.cfg.model.pretrained_path, pin_memory=self.device.type == "cuda"
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _build_data(self) -> None:
         from nemo_lite.components.datasets import build_dataloader
@@ -207,7 +163,8 @@ class Trainer:
         self.eos_id = self.train_loader.eos_id
         self.tokenizer = self.train_loader.tokenizer
         self._train_iter = iter(self.train_loader)
-        if self.cfg.trainer.val_batches > 0 and self.cfg.data.validation_fraction > 0:
+        held_out = self.cfg.data.validation_fraction > 0 or self.cfg.data.validation_source is not None
+        if self.cfg.trainer.val_batches > 0 and held_out:
             try:
                 val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
                 val_iter = iter(val_loader)
@@ -221,45 +178,49 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, att = self.cfg, self.cfg.attention
-        kwargs = dict(attention=att.backend, attn_mask_type=att.attn_mask_type, fixed_block_size=att.fixed_block_size)
+        kwargs = dict(
+            attention=att.backend,
+            attn_mask_type=att.attn_mask_type,
+            fixed_block_size=att.fixed_block_size,
+            attention_options=att.options,
+        )
         if cfg.model.pretrained_path is not None:
-            model = LlamaForCausalLM.from_pretrained(cfg.model.pretrained_path, device=self.device, **kwargs)
+            family = family_of_checkpoint(cfg.model.pretrained_path)
+            model = family.load_pretrained(cfg.model.pretrained_path, device=self.device, **kwargs)
             if model.config.vocab_size < self.train_loader.vocab_size:
                 raise ConfigError(
                     f"the tokenizer has {self.train_loader.vocab_size} ids but the checkpoint's vocabulary has "
                     f"{model.config.vocab_size}: use the checkpoint's tokenizer (data.tokenizer=model)"
                 )
         else:
+            family = family_of_preset(cfg.model.preset)
             overrides = dict(cfg.model.overrides)
-            unknown = sorted(set(overrides) - set(config_fields()))
+            unknown = sorted(set(overrides) - set(family.config_fields()))
             if unknown:
-                raise ConfigError(
-                    f"model.overrides has unknown field(s) {unknown}; valid fields: {', '.join(config_fields())}"
-                )
+                valid = ", ".join(family.config_fields())
+                raise ConfigError(f"model.overrides has unknown field(s) {unknown}; valid fields: {valid}")
             if cfg.model.vocab_from_tokenizer and "vocab_size" not in overrides:
                 overrides["vocab_size"] = 64 * math.ceil(self.train_loader.vocab_size / 64)
             overrides.setdefault("eos_token_id", self.eos_id)
-            model = LlamaForCausalLM(get_preset(cfg.model.preset, **overrides), **kwargs)
+            model = family.build(family.preset(cfg.model.preset, **overrides), **kwargs)
             model.to(self.device)
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
+        self.family: ModelFamily = family
         self.raw_model = model
-        if att.backend == "flex":  # class-wide, like the compiled kernel: set for this run's card and head_dim
-            tuned = att.flex_kernel_options == "auto"
-            FlexAttention.kernel_options = tuned_kernel_options(self.device, model.config.head_dim) if tuned else None
         if cfg.trainer.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(family.blocks(model))
         if cfg.trainer.compile:
-            for block in model.layers:
-                block.compile()
-            model.norm.compile()  # the final norm: eager, it was ~15 small float32 kernels a step
+            for module in family.compile_units(model):
+                module.compile()
         if self.dist.enabled:
-            bf16 = self.device.type == "cuda" and cfg.trainer.autocast_dtype == "bfloat16"
-            distributed.shard_model(model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
+            bf16 = self._autocast_dtype() == torch.bfloat16
+            distributed.shard_model(family, model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.flops_per_token = 6 * matmul_params(model)
+        self.flops_per_token = family.flops_per_token(model)
+        self.attention_flops_per_pair = family.attention_flops_per_pair(model.config)
         self.peak_flops = peak_flops(self.device)
 
     def _save_config(self) -> None:
@@ -321,159 +282,86 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        if getattr(self, "weight_copies", False):
-            self.optimizer.refresh_weight_copies()
+        self.step_impl.weights_changed()
         self._log(f"resumed from {path} at step {self.step}")
 
     # ---- the step ----------------------------------------------------------------------------
-    def _autocast(self):
+    def _autocast_dtype(self) -> torch.dtype | None:
         if self.device.type == "cuda" and self.cfg.trainer.autocast_dtype == "bfloat16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        dtype = self._autocast_dtype()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor], mask, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The batch's summed token loss; ``grad_scale``: the gradient it will receive (the triton loss
-        kernel writes the logits' gradient in forward)."""
-        with self._autocast():
-            hidden = self.model.forward_hidden(
-                batch["input_ids"], position_ids=batch.get("position_ids"), attention_mask=mask
-            )
-            return cross_entropy_sum(
-                hidden,
-                self.raw_model.output_projection_weight(self.device.type),
-                batch["labels"],
-                chunk_tokens=self.cfg.trainer.loss_chunk_size,
-                compiled=self.cfg.trainer.compile,
-                kernel=self.loss_kernel,
-                grad_scale=grad_scale,
-            )
-
-    def _values_to_host(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """``values`` copied into a reused pinned host buffer without blocking, and the event that says
-        the copy is done (None on CPU, where the copy is done on return)."""
-        if values.device.type != "cuda":
-            return values.clone(), None
-        buffer = getattr(self, "_host_values", None)
-        if buffer is None or buffer.shape != values.shape:
-            buffer = self._host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        buffer.copy_(values, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return buffer, ready
 
     def _build_mask(self, input_ids: torch.Tensor):
         return self.raw_model.build_attention_mask(input_ids, self.eos_id)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step over ``micro_batches``. Returns the step's metrics (host values)."""
-        t0 = time.perf_counter()
+        """One optimizer step over ``micro_batches``: forward and backward here, the clip and the update by
+        the step strategy (``trainer.step_impl``). Returns the step's metrics (host values)."""
+        t0, step, mask_timer = time.perf_counter(), self.step_impl, DeviceTimer(self.device)
         n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # CPU tensors: no sync
-        loss_scale = 1.0 / max(n_labels, 1)
+        loss_scale = 1.0 / max(n_labels, 1)  # the summed token losses, scaled to the step's mean
         if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
-            # The global label count stays on the device: no host sync before backward.
             global_labels = torch.full((), float(n_labels), device=self.device, dtype=torch.float64)
-            torch.distributed.all_reduce(global_labels)
+            torch.distributed.all_reduce(global_labels)  # stays on the device: no host sync before backward
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
-        grad_scale = None  # what each micro-batch's loss sum receives in backward, for the triton loss kernel
-        if self.loss_kernel == "triton":
-            grad_scale = (
-                loss_scale
-                if torch.is_tensor(loss_scale)
-                else torch.full((), loss_scale, dtype=torch.float32, device=self.device)
-            )
-        on_cuda = self.device.type == "cuda"
         loss_sum = torch.zeros((), device=self.device)
-        attn_flops = torch.zeros((), device=self.device, dtype=torch.float64)
-        mask_seconds, mask_events = 0.0, []
-        cfg = self.raw_model.config
+        pairs = torch.zeros((), device=self.device, dtype=torch.float64)  # attention pairs, for the FLOPs
         for batch in micro_batches:
             batch = self._to_device(batch)
-            if on_cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                tm = time.perf_counter()
-            mask = self._build_mask(batch["input_ids"])
-            if on_cuda:
-                end.record()
-                mask_events.append((start, end))
-            else:
-                mask_seconds += time.perf_counter() - tm
-            attn_flops += attention_flops(
-                mask, layers=cfg.num_hidden_layers, q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim
-            )
-            loss = self._loss_sum(batch, mask, grad_scale)
+            with mask_timer:
+                mask = self._build_mask(batch["input_ids"])
+            pairs += allowed_pairs(mask)
+            with self._autocast():
+                loss = step.loss(self.model, batch, mask, loss_scale)
             (loss * loss_scale).backward()
             loss_sum += loss.detach()
-        clip = self.cfg.trainer.clip_grad_norm
-        # Under FSDP2 each rank holds a disjoint shard of every gradient: the squared norms of the local
-        # shards add up to the global one, which rides on the all-reduce of the step's totals.
-        triton = self.optimizer.kernel == "triton"
-        params = list(self.model.parameters())
-        if triton:  # one launch per list of the update, over its block tables
-            if self._device_step:  # the update's host work now, in one place; the norm reads its tables
-                self.optimizer.prepare_step()
-            local_norm = self.optimizer.grad_norm()
-        else:
-            local_norm = torch.nn.utils.get_total_norm([local_shard(p.grad) for p in params if p.grad is not None])
+        grad_norm = step.grad_norm()  # this rank's (its shards' under FSDP2)
         stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
-        if self.dist.enabled:  # global loss, FLOPs and gradient norm; a signal on any rank stops every rank
-            totals = torch.stack([loss_sum, attn_flops.float(), stop, local_norm.float().square()])
-            torch.distributed.all_reduce(totals)
+        totals = torch.stack([loss_sum, pairs.float(), stop])
+        if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
+            totals = torch.cat([totals, grad_norm.float().square().view(1)])
+            torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
             totals, grad_norm = totals[:3], totals[3].sqrt()
-        else:
-            totals, grad_norm = torch.stack([loss_sum, attn_flops.float(), stop]), local_norm
-        host = [totals.double(), grad_norm.double().view(1)] + ([global_labels.view(1)] if self.dist.enabled else [])
-        if self._device_step:
-            # The update is queued before the host reads anything: a non-finite step is skipped inside the
-            # fused kernel (found_inf), and the step's values reach the host on an event recorded before
-            # the update, so the host waits only for them and goes on to the next batch, its mask and
-            # its forward while the GPU runs the update.
-            found_inf = (~(torch.isfinite(totals[0]) & torch.isfinite(grad_norm))).float()
-            values, ready = self._values_to_host(torch.cat(host))
-            clipped_step(self.optimizer, grad_norm, clip, found_inf=found_inf)
-            if ready is not None:
-                ready.synchronize()
-            loss_total, attn_value, stop_any, grad_value, *labels = values.tolist()
-        else:
-            loss_total, attn_value, stop_any, grad_value, *labels = torch.cat(host).tolist()  # the one host sync
-        loss_value = loss_total / max(labels[0] if labels else n_labels, 1)
+        labels = [global_labels.view(1)] if self.dist.enabled else []
+        report = torch.cat([totals[:1].double(), grad_norm.double().view(1), totals[1:].double(), *labels])
+        loss_total, grad_value, pair_count, stop_any, *n_global = step.apply(
+            report, grad_norm, self.cfg.trainer.clip_grad_norm
+        )
         self._stop_requested = stop_any > 0
-        finite = math.isfinite(loss_value) and math.isfinite(grad_value)
+        loss_value = loss_total / max(n_global[0] if n_global else n_labels, 1)
+        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, pair_count)
+
+    def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, pairs: float):
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # what the step's update went by
         if finite:
-            if not self._device_step:
-                if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
-                    grads = [g for p in params for g in (self.optimizer.gradients(p) if triton else [p.grad])]
-                    local_grads = [local_shard(g) for g in grads if g is not None]
-                    torch._foreach_mul_(local_grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
-                self.optimizer.step()
             self._consecutive_nonfinite = 0
         else:
             self.nonfinite_total += 1
             self._consecutive_nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        if on_cuda:
-            mask_seconds = sum(s.elapsed_time(e) for s, e in mask_events) / 1000.0
         step_seconds = time.perf_counter() - t0
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.world_size
-        flops = self.flops_per_token * tokens + attn_value
+        flops = self.flops_per_token * tokens + self.attention_flops_per_pair * pairs
         metrics = {
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
-            "grad_norm": grad_value,
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens / step_seconds,
             "step_ms": 1000 * step_seconds,
-            "mask_ms": 1000 * mask_seconds,
+            "mask_ms": 1000 * mask_timer.seconds(),
             "mfu": flops / step_seconds / (self.peak_flops * self.world_size) if self.peak_flops else None,
             "skipped_nonfinite": not finite,
             "nonfinite_total": self.nonfinite_total,
         }
-        if on_cuda:
+        if self.device.type == "cuda":
             metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -487,7 +375,9 @@ class Trainer:
         total, count = 0.0, 0
         for batch in self.val_batches:
             batch = self._to_device(batch)
-            total += float(self._loss_sum(batch, self._build_mask(batch["input_ids"])))
+            with self._autocast():
+                loss = self.step_impl.loss(self.model, batch, self._build_mask(batch["input_ids"]))
+            total += float(loss)
             count += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
         if self.dist.enabled:
@@ -611,24 +501,25 @@ class Trainer:
                     result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, plain)
         return result
 
-    def _plain_model(self) -> LlamaForCausalLM:
+    def _plain_model(self):
         """The trained model as one unsharded module (the model itself when not distributed)."""
         if not self.dist.enabled:
             return self.raw_model
         full = distributed.full_state_dict(self.model)
         att = self.cfg.attention
-        plain = LlamaForCausalLM(
+        plain = self.family.build(
             self.raw_model.config,
             attention=att.backend,
             attn_mask_type=att.attn_mask_type,
             fixed_block_size=att.fixed_block_size,
+            attention_options=att.options,
         )
         plain.tokenizer_dir = self.raw_model.tokenizer_dir
         if self.is_main:
             plain.load_state_dict(full)
         return plain.to(self.device)
 
-    def export(self, model: LlamaForCausalLM | None = None) -> Path:
+    def export(self, model=None) -> Path:
         """The final model as a Hugging Face directory (``<run_dir>/hf``), tokenizer included."""
         model = model or self.raw_model
         tokenizer_dir = model.tokenizer_dir
@@ -640,7 +531,7 @@ class Trainer:
         self._log(f"exported a Hugging Face checkpoint to {path}")
         return path
 
-    def sample(self, prompt: str, max_new_tokens: int, model: LlamaForCausalLM | None = None) -> str:
+    def sample(self, prompt: str, max_new_tokens: int, model=None) -> str:
         from nemo_lite.components.models import generate
 
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]

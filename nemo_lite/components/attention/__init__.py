@@ -4,7 +4,7 @@ Importing this package registers the built-in backends: eager, sdpa, flex and va
 """
 
 from nemo_lite.components.attention import eager, flex_attention, sdpa, varlen  # noqa: F401  (registers)
-from nemo_lite.components.attention.base import AttentionBackend, attention_math
+from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError, attention_math
 from nemo_lite.components.attention.masks import (
     FLEX_ATTN_MASK_T,
     MASK_TYPES,
@@ -14,6 +14,7 @@ from nemo_lite.components.attention.masks import (
 )
 from nemo_lite.components.attention.registry import (
     UnknownAttentionBackendError,
+    build_attention_backend,
     get_attention_backend,
     list_attention_backends,
     register_attention_backend,
@@ -24,9 +25,11 @@ __all__ = [
     "FLEX_ATTN_MASK_T",
     "MASK_TYPES",
     "AttentionBackend",
+    "AttentionConfigError",
     "AttentionMask",
     "UnknownAttentionBackendError",
     "attention_math",
+    "build_attention_backend",
     "dense_mask",
     "document_ids",
     "get_attention_backend",

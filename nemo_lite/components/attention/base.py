@@ -7,14 +7,20 @@ A backend is an ``nn.Module`` without parameters, configured once with the mask 
     out_BHSD = backend(q_BHSD, k_BHSD, v_BHSD, attention_mask=mask, enable_gqa=True)  # every layer
 
 ``build_mask`` is the only place a backend's per-step mask is made, so nothing outside the backend
-branches on its name.
+branches on its name. The same holds for everything else that differs between backends:
+
+- its own options are keyword-only ``__init__`` parameters (``option_names``); ``check_options`` refuses
+  an unknown one by name, listing the valid ones;
+- ``check_run(seq_len=..., device_type=..., options=...)`` refuses a run the backend cannot serve
+  before any data or model work;
+- ``describe(device_type)`` is one line saying which kernel runs where, for the run's log.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -29,8 +35,16 @@ from nemo_lite.components.attention.masks import (
 )
 
 
+class AttentionConfigError(ValueError):
+    """A backend option or the run's shape does not suit the backend; one line naming the value and the fix."""
+
+
 class AttentionBackend(nn.Module):
-    """Base class: q/k/v are ``[B, H, S, D]``; the output is ``[B, Hq, S, Dv]`` in q's dtype."""
+    """Base class: q/k/v are ``[B, H, S, D]``; the output is ``[B, Hq, S, Dv]`` in q's dtype.
+
+    A subclass with options of its own declares them as keyword-only ``__init__`` parameters after
+    ``attn_mask_type`` and ``fixed_block_size``; that signature is the list ``check_options`` checks against.
+    """
 
     name: ClassVar[str] = "base"
     supports_sinks: ClassVar[bool] = True
@@ -43,6 +57,32 @@ class AttentionBackend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"attn_mask_type={self.attn_mask_type!r}, fixed_block_size={self.fixed_block_size}"
+
+    # ---- configuration ------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The backend's own options: the keyword-only parameters of its ``__init__``."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> None:
+        """Refuse option names this backend does not have (subclasses also check their values)."""
+        unknown = [key for key in (options or {}) if key not in cls.option_names()]
+        if unknown:
+            bad = ", ".join(repr(key) for key in unknown)
+            valid = ", ".join(cls.option_names())
+            valid = f"its options: {valid}" if valid else "it takes no options"
+            raise AttentionConfigError(f"attention={cls.name} has no option {bad}; {valid}")
+
+    @classmethod
+    def check_run(cls, *, seq_len: int, device_type: str, options: Mapping[str, Any] | None = None) -> None:
+        """Refuse, before any data or model work, a run this backend cannot serve (default: only bad options)."""
+        cls.check_options(options)
+
+    def describe(self, device_type: str) -> str:
+        """One line for the run's log: which kernel computes attention on this device type."""
+        return f"{self.name}: {type(self).__name__}"
 
     # ---- per step -------------------------------------------------------------------------
     def build_mask(
@@ -108,6 +148,8 @@ class AttentionBackend(nn.Module):
             )
         if attention_mask.seq_len != q.shape[-2]:
             raise ValueError(f"attention_mask is for seq_len={attention_mask.seq_len}, q has {q.shape[-2]}")
+        if attention_mask.batch_size != q.shape[0]:
+            raise ValueError(f"attention_mask is for batch_size={attention_mask.batch_size}, q has {q.shape[0]}")
         validate_window(sliding_window)
         key = attention_mask.key(sliding_window)
         if key not in attention_mask.masks:
@@ -177,12 +219,3 @@ def attention_math(
     else:
         probs = torch.softmax(scores_BHSS, dim=-1)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)

@@ -13,6 +13,9 @@ from nemo_lite.components.attention.registry import register_attention_backend
 class EagerAttention(AttentionBackend):
     """Materializes the ``[B, H, S, S]`` scores; every mask rule, sinks and GQA on any device."""
 
+    def describe(self, device_type: str) -> str:
+        return "eager: matmul + softmax written out in float32 (materializes the [B, H, S, S] scores)"
+
     def forward(
         self,
         q: torch.Tensor,

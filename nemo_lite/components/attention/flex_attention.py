@@ -7,18 +7,23 @@ was wrong we do what its documentation promises: the block-causal mask is really
 batches, fixed blocks read document ids at global positions, the sink path honours ``scale``, and the
 step's masks replace the previous step's instead of accumulating per shape.
 
+The class-level state (``used_attn_mask_types``, ``block_masks``) serves only that seed path. The
+training path (``build_mask`` once per step, ``attention_mask=`` in every layer) reads nothing from the
+class: each instance carries its own ``kernel_options``, and the compiled kernels are process-wide caches.
+
 Devices:
-- CUDA: ``flex_attention`` and ``create_block_mask`` are compiled once per process (class attributes).
+- CUDA: ``flex_attention`` and ``create_block_mask`` are compiled once per process.
 - CPU: torch's flex has no backward there. With autograd in play the same mask function is evaluated
-  densely (``create_mask``) and the float32 math path runs (warned once); without it (inference) the
-  uncompiled flex kernel runs.
+  densely (``create_mask``, once per step) and the float32 math path runs with it; without autograd
+  (inference) torch's uncompiled flex kernel runs.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Callable, Iterable
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.attention.flex_attention import (
@@ -30,7 +35,7 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from nemo_lite.components.attention.base import AttentionBackend, attention_math, check_qkv, warn_once
+from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError, attention_math, check_qkv
 from nemo_lite.components.attention.masks import FLEX_ATTN_MASK_T, AttentionMask, document_ids
 from nemo_lite.components.attention.registry import register_attention_backend
 
@@ -39,7 +44,26 @@ try:  # torch >= 2.9: the log-sum-exp is requested through AuxRequest; return_ls
 except ImportError:  # pragma: no cover - older torch
     AuxRequest = None
 
-__all__ = ["FLEX_ATTN_MASK_T", "FlexAttention"]
+__all__ = ["FLEX_ATTN_MASK_T", "KERNEL_OPTIONS_CHOICES", "FlexAttention", "tuned_kernel_options"]
+
+# flex's kernel_options option: "auto" (nemo_lite's measured tiles where it has some, else torch's),
+# "torch" (torch's defaults), or a dict passed to flex_attention as it is.
+KERNEL_OPTIONS_CHOICES = ("auto", "torch")
+
+# Blocks of a BlockMask: on GPU a seq_len that is not a multiple of this makes shapes ragged.
+BLOCK_SIZE = 128
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    """``flex_attention`` compiled once per process (static shapes, so the kernel does not recompile)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def compiled_create_block_mask() -> Callable:
+    """``create_block_mask`` compiled once per process (uncompiled it is 5-9 ms a step on GPU)."""
+    return torch.compile(create_block_mask)
 
 
 @register_attention_backend("flex")
@@ -51,6 +75,10 @@ class FlexAttention(AttentionBackend):
             causal within each document).
         fixed_block_size: if set, each sequence is further cut into blocks of this many tokens and a
             query attends only to keys in its own block.
+        kernel_options: the Triton tiles of the GPU kernels (a speed choice; the result is the same).
+            "auto": nemo_lite's measured ones where ``TUNED_KERNEL_OPTIONS`` has the card and head_dim,
+            resolved at the first CUDA forward, else torch's; "torch": torch's defaults; a dict: passed
+            to ``flex_attention(kernel_options=...)`` as it is.
     """
 
     # Mask types of every FlexAttention built in this process; init_attention_mask builds one mask each.
@@ -58,17 +86,53 @@ class FlexAttention(AttentionBackend):
     # The current step's masks (seed API), replaced by every init_attention_mask call.
     block_masks: ClassVar[dict[FLEX_ATTN_MASK_T, BlockMask]] = {}
     _step_masks: ClassVar[dict[tuple[str, int | None], AttentionMask]] = {}
-    # Triton kernel options for every flex call in this process (block sizes, warps, stages; torch's
-    # ``kernel_options``); None keeps torch's defaults for the card. The trainer sets them from
-    # ``tuned_kernel_options`` (attention.flex_kernel_options=auto). See docs/benchmarks.md for measurements.
-    kernel_options: ClassVar[dict | None] = None
-    # Compiled once per process, on first use on a GPU.
-    _compiled_flex: ClassVar[Callable | None] = None
-    _compiled_create_block_mask: ClassVar[Callable | None] = None
 
-    def __init__(self, attn_mask_type: str = "causal", fixed_block_size: int | None = None) -> None:
+    def __init__(
+        self,
+        attn_mask_type: str = "causal",
+        fixed_block_size: int | None = None,
+        *,
+        kernel_options: str | Mapping[str, Any] = "auto",
+    ) -> None:
         super().__init__(attn_mask_type, fixed_block_size)
+        self.kernel_options = _checked_kernel_options(kernel_options)
+        # "auto" resolved per (device, head_dim) at the first CUDA forward that needs it.
+        self._resolved_kernel_options: dict[tuple[torch.device, int], dict[str, Any] | None] = {}
         FlexAttention.used_attn_mask_types.add((attn_mask_type, fixed_block_size))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel_options={self.kernel_options!r}"
+
+    # ---- configuration ------------------------------------------------------------------------
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> None:
+        super().check_options(options)
+        if options and "kernel_options" in options:
+            _checked_kernel_options(options["kernel_options"])
+
+    @classmethod
+    def check_run(cls, *, seq_len: int, device_type: str, options: Mapping[str, Any] | None = None) -> None:
+        super().check_run(seq_len=seq_len, device_type=device_type, options=options)
+        if device_type == "cuda" and seq_len % BLOCK_SIZE:
+            up = BLOCK_SIZE * -(-seq_len // BLOCK_SIZE)
+            raise AttentionConfigError(
+                f"attention=flex on GPU needs data.seq_len to be a multiple of {BLOCK_SIZE} (its BlockMask block "
+                f"size) so shapes stay static; got {seq_len}: use data.seq_len={up}, or another backend"
+            )
+
+    def describe(self, device_type: str) -> str:
+        if device_type == "cuda":
+            if isinstance(self.kernel_options, dict):
+                tiles = "the given kernel_options"
+            elif self.kernel_options == "auto":
+                tiles = "nemo_lite's tuned tiles where measured for the card and head_dim, else torch's"
+            else:
+                tiles = "torch's default tiles"
+            return f"flex: compiled flex_attention with a BlockMask per step; {tiles}"
+        return (
+            f"flex: training runs the math path on the same mask, densely (no flex backward on {device_type}); "
+            "inference runs torch's flex kernel"
+        )
 
     # ---- mask mods (seed API) -------------------------------------------------------------
     @staticmethod
@@ -121,11 +185,9 @@ class FlexAttention(AttentionBackend):
     def _build_one(self, mask: AttentionMask, sliding_window: int) -> BlockMask:
         mask_mod = self._mask_mod(mask, sliding_window)
         batch = mask.batch_size if mask.doc_ids is not None else None  # causal masks broadcast over B
-        build = create_block_mask
-        if mask.device.type == "cuda":
-            if FlexAttention._compiled_create_block_mask is None:
-                FlexAttention._compiled_create_block_mask = torch.compile(create_block_mask)
-            build = FlexAttention._compiled_create_block_mask
+        build = create_block_mask  # inside a compiled region dynamo captures it as it is
+        if mask.device.type == "cuda" and not torch.compiler.is_compiling():
+            build = compiled_create_block_mask()
         return build(mask_mod, batch, None, mask.seq_len, mask.seq_len, device=mask.device)
 
     @classmethod
@@ -159,17 +221,14 @@ class FlexAttention(AttentionBackend):
         attention_mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         groups = check_qkv(q, k, v, enable_gqa, sink_weights)
-        if attention_mask is None:
+        if attention_mask is None:  # the seed path: the masks init_attention_mask stored for this step
             attention_mask = FlexAttention._step_masks.get((self.attn_mask_type, self.fixed_block_size))
+            if attention_mask is not None:
+                _check_stored_mask_fits(attention_mask, q)
         block_mask = self._mask_for(attention_mask, q, sliding_window)
 
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_weights))
         if q.device.type == "cpu" and needs_grad:
-            warn_once(
-                "flex-cpu-backward",
-                "flex_attention has no backward on CPU: evaluating the same mask densely on the math path "
-                "(correct but O(S^2) memory; use a GPU for speed)",
-            )
             allowed = self._dense(attention_mask, block_mask, sliding_window, q)
             return attention_math(q, k, v, allowed, scale=scale, sink_weights=sink_weights, enable_gqa=enable_gqa)
 
@@ -181,13 +240,23 @@ class FlexAttention(AttentionBackend):
             sink_weights = None if sink_weights is None else sink_weights.detach()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                return _flex(flex_attention, q, k, v, block_mask, scale, sink_weights, groups > 1)
+                return _flex(flex_attention, q, k, v, block_mask, scale, sink_weights, groups > 1, None)
         kernel = flex_attention  # inside a compiled block dynamo captures it as it is
         if q.device.type == "cuda" and not torch.compiler.is_compiling():
-            if FlexAttention._compiled_flex is None:
-                FlexAttention._compiled_flex = torch.compile(flex_attention, dynamic=False)
-            kernel = FlexAttention._compiled_flex
-        return _flex(kernel, q, k, v, block_mask, scale, sink_weights, groups > 1)
+            kernel = compiled_flex_attention()
+        kernel_options = self._kernel_options_for(q) if q.device.type == "cuda" else None
+        return _flex(kernel, q, k, v, block_mask, scale, sink_weights, groups > 1, kernel_options)
+
+    def _kernel_options_for(self, q: torch.Tensor) -> dict[str, Any] | None:
+        """This instance's Triton options for q's device and head_dim (None: torch's defaults)."""
+        if isinstance(self.kernel_options, dict):
+            return self.kernel_options
+        if self.kernel_options == "torch":
+            return None
+        key = (q.device, q.shape[-1])
+        if key not in self._resolved_kernel_options:
+            self._resolved_kernel_options[key] = tuned_kernel_options(q.device, q.shape[-1])
+        return self._resolved_kernel_options[key]
 
     def _dense(self, attention_mask: AttentionMask | None, block_mask: BlockMask, window: int, q) -> torch.Tensor:
         """The step's BlockMask evaluated densely (its own mask_mod), kept for the step."""
@@ -205,9 +274,31 @@ class FlexAttention(AttentionBackend):
         return attention_mask.masks[key]
 
 
+def _check_stored_mask_fits(mask: AttentionMask, q: torch.Tensor) -> None:
+    """The stored step mask describes one batch's documents; another batch would read the wrong ones."""
+    if (mask.batch_size, mask.seq_len) != (q.shape[0], q.shape[-2]):
+        raise ValueError(
+            f"the mask stored by FlexAttention.init_attention_mask is for a batch of shape "
+            f"[{mask.batch_size}, {mask.seq_len}] but q has batch {q.shape[0]} and seq_len {q.shape[-2]}: "
+            "call FlexAttention.init_attention_mask(batch, eos_id) with this batch, or pass attention_mask="
+        )
+
+
+def _checked_kernel_options(value: Any) -> str | dict[str, Any]:
+    """``value`` as FlexAttention keeps it ("auto", "torch" or a dict), or one line saying what is valid."""
+    if isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        return dict(value)
+    if isinstance(value, str) and value in KERNEL_OPTIONS_CHOICES:
+        return value
+    raise AttentionConfigError(
+        f"attention=flex option kernel_options={value!r} is not valid; choose one of: "
+        f"{', '.join(KERNEL_OPTIONS_CHOICES)}, or a dict of flex_attention kernel_options"
+    )
+
+
 # Kernel options measured faster than torch's defaults in training, by (CUDA compute capability major,
 # head_dim). Hopper, head_dim 64 (Llama-3.2-1B): the forward and backward configurations inductor's
-# autotuning picked; flex fwd+bwd 17.7 -> 14.7 ms a step on an H100 (docs/benchmarks.md, item 17).
+# autotuning picked; flex fwd+bwd 17.7 -> 14.7 ms a step on an H100 (docs/benchmarks.md, "Experiments").
 TUNED_KERNEL_OPTIONS: dict[tuple[int, int], dict[str, int]] = {
     (9, 64): {
         "fwd_BLOCK_M": 128,
@@ -229,7 +320,8 @@ def tuned_kernel_options(device: torch.device | str, head_dim: int) -> dict[str,
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
+    # get_device_properties, not get_device_capability: dynamo folds it to a constant inside a compiled model.
+    major = torch.cuda.get_device_properties(device).major
     options = TUNED_KERNEL_OPTIONS.get((major, head_dim))
     return dict(options) if options is not None else None
 
@@ -241,10 +333,10 @@ def _block_causal_from_doc_ids(doc_ids_BS: torch.Tensor) -> _mask_mod_signature:
     return block_causal_mask
 
 
-def _flex(kernel, q, k, v, block_mask, scale, sink_weights, enable_gqa) -> torch.Tensor:
+def _flex(kernel, q, k, v, block_mask, scale, sink_weights, enable_gqa, kernel_options) -> torch.Tensor:
     kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": enable_gqa}
-    if FlexAttention.kernel_options and q.device.type == "cuda":
-        kwargs["kernel_options"] = dict(FlexAttention.kernel_options)
+    if kernel_options:
+        kwargs["kernel_options"] = dict(kernel_options)
     if sink_weights is None:
         return kernel(q, k, v, **kwargs)
     if AuxRequest is not None:

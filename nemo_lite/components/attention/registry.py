@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from nemo_lite.components.attention.base import AttentionBackend
@@ -48,3 +48,20 @@ def get_attention_backend(name: str) -> type[AttentionBackend]:
 
 def list_attention_backends() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def build_attention_backend(
+    name: str,
+    *,
+    attn_mask_type: str = "causal",
+    fixed_block_size: int | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> AttentionBackend:
+    """The backend ``name`` with its own ``options`` (``attention.options`` of a recipe), checked first.
+
+    An unknown name raises :class:`UnknownAttentionBackendError`; an unknown option or a bad value,
+    ``AttentionConfigError`` (one line naming it and the valid ones).
+    """
+    backend_cls = get_attention_backend(name)
+    backend_cls.check_options(options)
+    return backend_cls(attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size, **dict(options or {}))

@@ -24,6 +24,11 @@ from nemo_lite.components.attention.registry import register_attention_backend
 
 @register_attention_backend("sdpa")
 class SDPAAttention(AttentionBackend):
+    def describe(self, device_type: str) -> str:
+        if self.attn_mask_type == "causal" and not self.fixed_block_size:
+            return "sdpa: torch scaled_dot_product_attention with is_causal=True (a dense mask only for windows)"
+        return "sdpa: torch scaled_dot_product_attention with a dense boolean mask per step"
+
     def _build_one(self, mask: AttentionMask, sliding_window: int) -> Any:
         if mask.doc_ids is None and not mask.fixed_block_size and sliding_window == 0:
             return None  # plain causal: is_causal=True, no mask tensor

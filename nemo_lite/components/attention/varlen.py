@@ -6,24 +6,28 @@ every document start (the token after an EOS) and, with ``fixed_block_size n``, 
 ``cu_seqlens`` and the longest segment, built once per step on the ids' device.
 
 Building costs one host sync per step (not per layer): the number of segments and the longest one
-are data-dependent and the kernel takes them as host integers. ``VarlenAttention(host_sync=False)``
-avoids it with a fixed-length ``cu_seqlens`` padded with empty segments.
+are data-dependent and the kernel takes them as host integers. The option ``host_sync=False``
+(``attention.options.host_sync=false``) avoids it with a fixed-length ``cu_seqlens`` padded with empty
+segments.
 
 ``varlen_attn``'s signature moved between releases: torch 2.10 had ``is_causal``; 2.11 added
 ``window_size``; 2.12 added ``enable_gqa``. We use ``window_size`` (so torch >= 2.11 on GPU) and
 pass ``enable_gqa`` where it exists, otherwise expand the KV heads. Where the kernel cannot run (CPU,
-float32, torch without varlen) the same segments are evaluated densely on the math path, warned once.
+float32, torch without varlen) the same segments are evaluated densely on the math path; ``describe``
+says which one a run gets.
 Sinks are not supported by the kernel: a clear error names the backends that have them.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from nemo_lite.components.attention.base import AttentionBackend, attention_math, check_qkv, warn_once
+from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError, attention_math, check_qkv
 from nemo_lite.components.attention.masks import AttentionMask, segment_starts
 from nemo_lite.components.attention.registry import (
     get_attention_backend,
@@ -73,14 +77,22 @@ def build_cu_seqlens(mask: AttentionMask, host_sync: bool = True) -> tuple[torch
     return cu_seqlens, max_seqlen, segment_ids
 
 
-def _kernel_usable(q: torch.Tensor) -> str | None:
-    """None if varlen_attn can run on q, else the reason it cannot."""
+def _kernel_missing(device_type: str) -> str | None:
+    """None if this torch has a usable varlen_attn for the device type, else the reason it has not."""
     if varlen_attn is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     if "window_size" not in _VARLEN_PARAMS:
         return f"torch {torch.__version__}'s varlen_attn has no window_size (needs torch >= 2.11)"
-    if q.device.type != "cuda":
-        return f"varlen_attn needs a CUDA device, got {q.device.type}"
+    if device_type != "cuda":
+        return f"varlen_attn needs CUDA, not {device_type}"
+    return None
+
+
+def _kernel_usable(q: torch.Tensor) -> str | None:
+    """None if varlen_attn can run on q, else the reason it cannot."""
+    missing = _kernel_missing(q.device.type)
+    if missing is not None:
+        return missing
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"varlen_attn needs float16/bfloat16, got {q.dtype}"
     return None
@@ -88,9 +100,9 @@ def _kernel_usable(q: torch.Tensor) -> str | None:
 
 @register_attention_backend("varlen")
 class VarlenAttention(AttentionBackend):
-    """``host_sync=False`` builds the step's segments without a device-to-host sync (fixed-length
-    ``cu_seqlens`` padded with empty segments, longest segment bounded by the row); docs/benchmarks.md
-    compares the two."""
+    """Option ``host_sync``: True (default) builds exactly the step's segments with one device-to-host
+    sync; False builds them without (fixed-length ``cu_seqlens`` padded with empty segments, longest
+    segment bounded by the row); docs/benchmarks.md compares the two."""
 
     supports_sinks = False
 
@@ -98,7 +110,23 @@ class VarlenAttention(AttentionBackend):
         self, attn_mask_type: str = "causal", fixed_block_size: int | None = None, *, host_sync: bool = True
     ) -> None:
         super().__init__(attn_mask_type, fixed_block_size)
-        self.host_sync = host_sync
+        self.host_sync = _checked_host_sync(host_sync)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, host_sync={self.host_sync}"
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any] | None) -> None:
+        super().check_options(options)
+        if options and "host_sync" in options:
+            _checked_host_sync(options["host_sync"])
+
+    def describe(self, device_type: str) -> str:
+        missing = _kernel_missing(device_type)
+        if missing is not None:
+            return f"varlen: the same segments as a dense mask on the math path ({missing})"
+        sync = "one host sync per step" if self.host_sync else "no host sync (padded cu_seqlens)"
+        return f"varlen: FlashAttention varlen_attn over cu_seqlens, {sync}; float32 inputs run the dense math path"
 
     def _build_one(self, mask: AttentionMask, sliding_window: int) -> VarlenMask:
         # Segments do not depend on the window: build them once per step and share them across keys.
@@ -129,11 +157,7 @@ class VarlenAttention(AttentionBackend):
             )
         segments = self._mask_for(attention_mask, q, sliding_window)
         reason = _kernel_usable(q)
-        if reason is not None:
-            warn_once(
-                "varlen-fallback",
-                f"varlen kernel unavailable ({reason}): evaluating the same segments densely on the math path",
-            )
+        if reason is not None:  # the same segments, densely (describe() names this case for the run's log)
             return attention_math(q, k, v, _dense_segments(segments), scale=scale, enable_gqa=enable_gqa)
 
         batch, h_q, seq_len, head_dim = q.shape
@@ -159,3 +183,9 @@ def _dense_segments(segments: VarlenMask) -> torch.Tensor:
     if segments.sliding_window > 0:
         allowed_SS = allowed_SS & (pos[:, None] - pos[None, :] <= segments.sliding_window)
     return (allowed_SS[None] & (seg_BS[:, :, None] == seg_BS[:, None, :]))[:, None]
+
+
+def _checked_host_sync(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise AttentionConfigError(f"attention=varlen option host_sync={value!r} is not valid; choose true or false")
+    return value

@@ -3,6 +3,9 @@
 ``import nemo_lite.components.datasets`` needs torch alone; ``datasets``, ``tokenizers`` and
 ``transformers`` are imported where they are used. See docs/data.md.
 
+``DataConfig`` is also the schema of a recipe's ``data:`` group; the trainer passes the composed
+values through ``resolve_data_config`` (``tokenizer: model``, "a,b" source lists, ``pin_memory``).
+
 The trainer's entry points::
 
     cfg = DataConfig(source="data/*.jsonl", seq_len=4096, batch_size=2)
@@ -12,20 +15,15 @@ The trainer's entry points::
     state = loader.state_dict()  # save with the checkpoint; loader.load_state_dict(state) resumes
 """
 
-from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.config import DataConfig, resolve_data_config
 from nemo_lite.components.datasets.default_corpus import (
     DEFAULT_EOS_TOKEN,
     cache_dir,
     default_corpus_file,
     default_tokenizer_file,
 )
-from nemo_lite.components.datasets.loader import (
-    Document,
-    DocumentSource,
-    ListSource,
-    PackedDataLoader,
-    build_dataloader,
-)
+from nemo_lite.components.datasets.documents import Document, DocumentSource, ListSource
+from nemo_lite.components.datasets.loader import PackedDataLoader, build_dataloader
 from nemo_lite.components.datasets.packing import (
     IGNORE_INDEX,
     DocumentPacker,
@@ -52,5 +50,6 @@ __all__ = [
     "default_corpus_file",
     "default_tokenizer_file",
     "pack_documents",
+    "resolve_data_config",
     "resolve_eos_id",
 ]

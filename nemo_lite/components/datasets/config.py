@@ -1,16 +1,27 @@
 """``DataConfig``: every key of the data pipeline, in one keyword-only dataclass.
 
-The YAML ``data:`` group of a recipe maps onto these fields one to one. Each field's comment says
-what it does; ``docs/data.md`` has the same table with examples.
+It is also the schema of a recipe's ``data:`` group: Hydra composes the YAML onto this class, so
+every field can be set from ``configs/data/*.yaml`` and the command line, and the defaults below are
+the recipe's defaults. Hence only OmegaConf-compatible types (no unions beyond Optional): ``source``
+and ``validation_source`` are ``Any`` (a string or a list of strings, checked in ``__post_init__``).
+Each field's comment says what it does; ``docs/data.md`` has the same table with examples.
+
+:func:`resolve_data_config` turns the recipe-level conveniences (``tokenizer: model``, comma-separated
+sources, ``pin_memory: null``) into what the loader reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 DATA_FORMATS = ("text", "json", "parquet", "csv")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+# `tokenizer: model` in a recipe: the fine-tuned checkpoint's own tokenizer (model.pretrained_path).
+MODEL_TOKENIZER = "model"
 
 
 @dataclass(kw_only=True)
@@ -18,7 +29,9 @@ class DataConfig:
     # --- where the documents come from -------------------------------------------------------
     # "default" (the built-in corpus, see docs/data.md), a local file, directory or glob
     # ("data/*.jsonl"), a list of those, or a Hugging Face hub dataset name ("org/name").
-    source: str | Sequence[str] = "default"
+    # Type: str or list of str (Any only because OmegaConf has no str-or-list type). In a recipe,
+    # "a.jsonl,b.jsonl" is also a list (resolve_data_config splits it).
+    source: Any = "default"
     # Format of local files: one of DATA_FORMATS; None = from the extension (.txt/.md -> text,
     # .json/.jsonl -> json, .parquet -> parquet, .csv -> csv; .gz/.zst/.bz2/.xz are looked through).
     data_format: str | None = None
@@ -39,12 +52,13 @@ class DataConfig:
     # a single split; use validation_source or validation_fraction for them.
     train_split: str = "train"
     validation_split: str = "validation"
-    # Separate validation data (same forms as `source`). Ignored when validation_fraction > 0.
-    validation_source: str | Sequence[str] | None = None
+    # Separate validation data (same forms as `source`). Needs validation_fraction: 0 (setting both
+    # is an error: the two are different validation sets).
+    validation_source: Any = None
     # Hold out this fraction of the source's documents for validation (0 = none). The held-out
     # documents are evenly spaced by their index in the source, so the choice is deterministic
     # and the same in streaming and in-memory mode.
-    validation_fraction: float = 0.0
+    validation_fraction: float = 0.02
     # Stream the source instead of loading it: nothing is cached on disk, documents are
     # tokenized on the fly in the loader's background thread. For data that does not fit.
     streaming: bool = False
@@ -53,7 +67,8 @@ class DataConfig:
 
     # --- tokenization ------------------------------------------------------------------------
     # "default" (the byte-level BPE shipped for the default corpus), a directory with a Hugging
-    # Face tokenizer, a tokenizer.json file, or a hub tokenizer name.
+    # Face tokenizer, a tokenizer.json file, or a hub tokenizer name. In a recipe also "model": the
+    # checkpoint's own tokenizer (model.pretrained_path; resolve_data_config fills in the path).
     tokenizer: str = "default"
     # Id of the token that ends each document; None = the tokenizer's eos_token_id.
     eos_id: int | None = None
@@ -70,9 +85,9 @@ class DataConfig:
     # --- packing -----------------------------------------------------------------------------
     # Tokens per row. Each row is cut from the stream as seq_len + 1 tokens; input_ids are the
     # first seq_len, labels the last seq_len.
-    seq_len: int = 2048
+    seq_len: int = 256
     # Rows per batch, per data-parallel rank.
-    batch_size: int = 1
+    batch_size: int = 8
     # True: position_ids restart at 0 after every EOS (a document cut by a row boundary carries
     # on counting in the next row). False: position_ids are 0..seq_len-1 in every row.
     position_ids: bool = True
@@ -91,12 +106,15 @@ class DataConfig:
     # --- loader ------------------------------------------------------------------------------
     # Batches prepared ahead by the loader's background thread; 0 = build each batch on demand.
     prefetch: int = 2
-    # Put batches in pinned memory (for non_blocking copies to the GPU). Ignored without CUDA.
-    pin_memory: bool = False
+    # Put batches in pinned memory (for non_blocking copies to the GPU); ignored, with a warning,
+    # without CUDA. None = auto: the trainer pins when it trains on CUDA (resolve_data_config), a
+    # loader built directly pins when CUDA is available.
+    pin_memory: bool | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, str) and not self.source:
-            raise ValueError("DataConfig.source is empty; give 'default', a path, a glob or a hub name")
+        _check_source("source", self.source)
+        if self.validation_source is not None:
+            _check_source("validation_source", self.validation_source)
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ValueError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
         if self.text_sample_by not in TEXT_SAMPLE_BY:
@@ -119,9 +137,54 @@ class DataConfig:
             _check_int("eos_id", self.eos_id, 0)
         if not 0.0 <= float(self.validation_fraction) < 1.0:
             raise ValueError(f"DataConfig.validation_fraction={self.validation_fraction!r}; it must be in [0, 1)")
+        if self.validation_source is not None and self.validation_fraction > 0:
+            raise ValueError(
+                f"DataConfig.validation_source={self.validation_source!r} and validation_fraction="
+                f"{self.validation_fraction} both choose validation data; set validation_fraction=0 to "
+                "validate on validation_source"
+            )
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = "an int" if minimum is None else f"an int >= {minimum}"
         raise ValueError(f"DataConfig.{name} must be {bound}, got {value!r}")
+
+
+def _check_source(name: str, value: object) -> None:
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"DataConfig.{name} is empty; give 'default', a path, a glob or a hub name")
+        return
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"DataConfig.{name} must be a string or a list of non-empty strings, got {value!r}")
+    if not value:
+        raise ValueError(f"DataConfig.{name} is an empty list")
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str) and "," in value:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def resolve_data_config(cfg: DataConfig, *, pretrained_path: str | None, pin_memory: bool) -> DataConfig:
+    """The config the loader reads, from a recipe's ``data:`` values (a new DataConfig).
+
+    - ``tokenizer="model"`` -> ``pretrained_path`` (the checkpoint's own tokenizer); ValueError
+      when there is no pretrained path.
+    - ``source`` / ``validation_source`` ``"a.jsonl,b.jsonl"`` -> ``["a.jsonl", "b.jsonl"]``.
+    - ``pin_memory=None`` (auto) -> ``pin_memory``: the trainer passes ``device.type == "cuda"``.
+    """
+    tokenizer = cfg.tokenizer
+    if tokenizer == MODEL_TOKENIZER:
+        if pretrained_path is None:
+            raise ValueError("data.tokenizer=model needs model.pretrained_path (a directory with a tokenizer)")
+        tokenizer = str(Path(pretrained_path).expanduser())
+    return dataclasses.replace(
+        cfg,
+        tokenizer=tokenizer,
+        source=_split_commas(cfg.source),
+        validation_source=_split_commas(cfg.validation_source),
+        pin_memory=pin_memory if cfg.pin_memory is None else cfg.pin_memory,
+    )

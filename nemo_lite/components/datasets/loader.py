@@ -13,19 +13,19 @@ returned by ``state_dict`` is the one after the last batch *handed out*, not the
 from __future__ import annotations
 
 import queue
-import random
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 
-from nemo_lite.components.datasets.packing import DocumentPacker, _as_document, _BufferView, collate_rows
-
-if TYPE_CHECKING:
-    from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.documents import DocumentSource
+from nemo_lite.components.datasets.packing import DocumentPacker, _BufferView, collate_rows
+from nemo_lite.components.datasets.sources import build_document_source
+from nemo_lite.components.datasets.tokenizer import build_tokenizer, resolve_eos_id
 
 STATE_VERSION = 1
 _SUPERSEDED = (
@@ -33,56 +33,6 @@ _SUPERSEDED = (
     "use the newest iterator"
 )
 _STAT_KEYS = ("documents", "empty_documents", "tokens", "replaced_chars")
-
-
-class Document(NamedTuple):
-    ids: list[int]
-    prompt_len: int = 0  # leading prompt tokens (no loss on them); 0 for plain text
-    replaced_chars: int = 0  # U+FFFD characters in the source text (undecodable bytes)
-
-
-class DocumentSource(Protocol):
-    """What the loader reads: documents in a deterministic order per epoch."""
-
-    description: str  # for error messages: "'data/*.jsonl' (3 json files)"
-    has_prompts: bool  # documents carry prompt_len > 0
-
-    def documents(self, epoch: int, start: int) -> Iterator[Document]:
-        """The documents of ``epoch`` in order, from the ``start``-th on."""
-        ...
-
-
-class ListSource:
-    """Documents held in memory: id lists, or ``(ids, prompt_len)`` pairs."""
-
-    def __init__(
-        self,
-        documents: Sequence[Sequence[int] | tuple[Sequence[int], int]],
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        description: str = "in-memory documents",
-    ) -> None:
-        self._docs = [_as_document(d) for d in documents]
-        self.shuffle, self.seed, self.description = shuffle, seed, description
-        self.has_prompts = any(p for _, p in self._docs)
-
-    def documents(self, epoch: int, start: int) -> Iterator[Document]:
-        order = epoch_order(len(self._docs), epoch, self.seed) if self.shuffle else range(len(self._docs))
-        for i in order[start:]:
-            ids, prompt_len = self._docs[i]
-            yield Document(list(ids), prompt_len)
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    """A permutation of ``range(n)`` fixed by (seed, epoch), the same on every machine and version.
-
-    (``random.Random`` seeded with a str hashes it with SHA-512; its shuffle is stable across
-    Python versions, unlike a permutation from torch or numpy.)
-    """
-    order = list(range(n))
-    random.Random(f"nemo_lite/shuffle/{seed}/{epoch}").shuffle(order)
-    return order
 
 
 class _Snapshot(NamedTuple):
@@ -368,10 +318,9 @@ def build_dataloader(cfg: DataConfig, *, split: str = "train", rank: int = 0, wo
     """The loader the trainer iterates: source -> tokenizer -> packer -> ``[B, S]`` batches.
 
     ``split="validation"`` reads the validation documents once, in order (no shuffle, one epoch).
+    ``cfg.pin_memory=None`` pins when CUDA is available. A recipe's values (``tokenizer: model``,
+    comma-separated sources) go through ``resolve_data_config`` first.
     """
-    from nemo_lite.components.datasets.sources import build_document_source
-    from nemo_lite.components.datasets.tokenizer import build_tokenizer, resolve_eos_id
-
     if split not in ("train", "validation"):
         raise ValueError(f"split={split!r}; choose 'train' or 'validation'")
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -390,7 +339,7 @@ def build_dataloader(cfg: DataConfig, *, split: str = "train", rank: int = 0, wo
         mask_cross_document_labels=cfg.mask_cross_document_labels,
         num_epochs=1 if split == "validation" else cfg.num_epochs,
         prefetch=cfg.prefetch,
-        pin_memory=cfg.pin_memory,
+        pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
         tokenizer=tokenizer,
         vocab_size=len(tokenizer),
     )

@@ -9,10 +9,10 @@ Pure Python and torch; no ``datasets``, no tokenizer. The rules (docs/data.md ha
   exactly once and a label exactly once (except the very first token, which is only an input).
   Nothing is dropped or repeated at row boundaries.
 - A document longer than what is left of a row continues in the next row.
-- Document boundaries are the EOS tokens, as in design.md: a document ends at (and includes) its
-  EOS. ``position_ids`` count the distance to the previous EOS (0 after every EOS), so they
-  restart exactly where the attention mask starts a new document, and a document continued from
-  the previous row carries on counting.
+- Document boundaries are the EOS tokens, as in the attention masks (docs/attention.md, "The mask
+  rules"): a document ends at (and includes) its EOS. ``position_ids`` count the distance to the
+  previous EOS (0 after every EOS), so they restart exactly where the attention mask starts a new
+  document, and a document continued from the previous row carries on counting.
 - Labels: the label of an EOS position is the next document's first token. It is kept for
   pretraining and set to -100 with ``mask_cross_document_labels``. Tokens marked untrainable (the
   prompt of a fine-tuning example) get label -100 where they are the target.
@@ -103,7 +103,7 @@ class DocumentPacker:
         eos = self.eos_id
         self._tokens.extend(ids)
         self._tokens.append(eos)
-        if eos in ids:  # an EOS inside the text ends a document there too (design.md's rule)
+        if eos in ids:  # an EOS inside the text ends a document there too (the masks' rule)
             pos = 0
             for t in ids:
                 self._positions.append(pos)

@@ -1,7 +1,7 @@
 """Document sources through Hugging Face ``datasets``: local files or a hub dataset, in memory
 (tokenized ahead, cached on disk) or streamed (tokenized on the fly).
 
-``datasets`` and ``pyarrow`` are imported inside the functions, so the package imports without them.
+``datasets`` and ``pyarrow`` are imported inside the functions, so the package imports with torch alone.
 """
 
 from __future__ import annotations
@@ -9,14 +9,18 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import random
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from nemo_lite.components.datasets.config import DataConfig
-from nemo_lite.components.datasets.loader import Document, epoch_order
+from nemo_lite.components.datasets.default_corpus import default_corpus_file
+from nemo_lite.components.datasets.documents import Document, epoch_order
 
 if TYPE_CHECKING:
     import datasets
@@ -106,8 +110,6 @@ class _Spec:
         self.files: list[str] = []
         self.format = ""
         if isinstance(spec, str) and spec == "default":
-            from nemo_lite.components.datasets.default_corpus import default_corpus_file
-
             self.files, self.format = [str(default_corpus_file())], "json"
             self.description = "the default corpus"
             return
@@ -242,8 +244,6 @@ def _is_held_out(index: int, fraction: Fraction) -> bool:
 def _split_indices(n: int, fraction: Fraction, held_out: bool) -> Sequence[int]:
     if fraction == 0:
         return range(n) if not held_out else []
-    import torch
-
     i = torch.arange(n, dtype=torch.int64)
     p, q = fraction.numerator, fraction.denominator
     mask = ((i + 1) * p) // q != (i * p) // q
@@ -346,8 +346,6 @@ class StreamingSource:
 
 
 def _shuffle_buffer(items: Iterator[Any], size: int, seed: str) -> Iterator[Any]:
-    import random
-
     rng = random.Random(seed)
     buffer: list[Any] = []
     for item in items:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.config import MODEL_TOKENIZER, DataConfig
+from nemo_lite.components.datasets.default_corpus import DEFAULT_EOS_TOKEN, default_tokenizer_file
 
 # Tokens that commonly end a document; only used to suggest an eos_id in an error message.
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
@@ -19,11 +19,14 @@ def build_tokenizer(cfg: DataConfig | str) -> Any:
     corpus), a directory with a saved tokenizer, a ``tokenizer.json`` file, or a hub name.
     """
     spec = cfg if isinstance(cfg, str) else cfg.tokenizer
+    if spec == MODEL_TOKENIZER:
+        raise ValueError(
+            "tokenizer='model' (the checkpoint's own tokenizer) is a recipe value: resolve it with "
+            "resolve_data_config(cfg, pretrained_path=...), or give the checkpoint directory"
+        )
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if spec == "default":
-        from nemo_lite.components.datasets.default_corpus import DEFAULT_EOS_TOKEN, default_tokenizer_file
-
         return PreTrainedTokenizerFast(
             tokenizer_file=str(default_tokenizer_file()), eos_token=DEFAULT_EOS_TOKEN, pad_token=DEFAULT_EOS_TOKEN
         )

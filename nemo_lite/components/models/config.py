@@ -3,8 +3,8 @@
 Field names follow Hugging Face's ``LlamaConfig`` so that a ``config.json`` maps onto them one to one
 (the mapping itself lives in :mod:`nemo_lite.components.models.hf`).
 
-    config = get_preset("llama-3.2-1b")                       # exact name, or an error listing the names
-    config = get_preset("tiny", num_hidden_layers=4)          # a copy with fields replaced
+    config = get_preset("llama-3.2-1b")              # nemo_lite.components.models.get_preset: exact names
+    config = get_preset("tiny", num_hidden_layers=4)   # a copy with fields replaced
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for the rotary embedding, got {self.head_dim}")
 
 
-_PRESETS: dict[str, LlamaConfig] = {
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
     # A test model: runs in milliseconds on a CPU.
     "tiny": LlamaConfig(
         vocab_size=512,
@@ -189,28 +189,9 @@ _PRESETS: dict[str, LlamaConfig] = {
 }
 
 
-class UnknownPresetError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
-
-
-def list_presets() -> list[str]:
-    return sorted(_PRESETS)
-
-
-def get_preset(name: str, **overrides) -> LlamaConfig:
-    """A fresh copy of the preset called exactly ``name``, with ``overrides`` replacing fields."""
-    if name not in _PRESETS:
-        raise UnknownPresetError(f"unknown model preset {name!r}; valid presets: {', '.join(list_presets())}")
-    config = dataclasses.replace(_PRESETS[name], **overrides)
-    if config.rope_scaling is not None and "rope_scaling" not in overrides:
-        config.rope_scaling = dataclasses.replace(config.rope_scaling)  # not shared with the preset
-    return config
-
-
 def config_fields() -> list[str]:
     """Names of every LlamaConfig field, in declaration order."""
     return [f.name for f in dataclasses.fields(LlamaConfig)]
 
 
-__all__ = ["LlamaConfig", "RopeScaling", "UnknownPresetError", "config_fields", "get_preset", "list_presets"]
+__all__ = ["LLAMA_PRESETS", "LlamaConfig", "RopeScaling", "config_fields"]

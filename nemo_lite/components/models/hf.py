@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from nemo_lite.components.models.config import LlamaConfig, RopeScaling
-from nemo_lite.components.models.llama import LlamaForCausalLM
 
 # nemo_lite parameter name -> Hugging Face name; "{i}" is the layer index. Biases appear only when
 # config.attention_bias / config.mlp_bias are set; lm_head.weight only when the embedding is untied.
@@ -252,16 +252,17 @@ def _group_by_file(files: dict[str, Path]) -> dict[Path, list[str]]:
 
 
 def load_pretrained(
-    cls: type[LlamaForCausalLM],
+    cls: type[nn.Module],
     path: str | Path,
     *,
     attention: str = "sdpa",
     attn_mask_type: str = "causal",
     fixed_block_size: int | None = None,
+    attention_options: Any = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> LlamaForCausalLM:
-    """Load a Hugging Face Llama directory into ``cls``.
+) -> nn.Module:
+    """Load a Hugging Face Llama directory into ``cls`` (:class:`~nemo_lite.components.models.llama.LlamaForCausalLM`).
 
     The model is built on the meta device, its storage allocated once in ``dtype`` on ``device``
     (``to_empty``), and each checkpoint tensor is read and copied into place one at a time, so peak
@@ -275,7 +276,13 @@ def load_pretrained(
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     config = read_config(path)
     with torch.device("meta"):
-        model = cls(config, attention=attention, attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size)
+        model = cls(
+            config,
+            attention=attention,
+            attn_mask_type=attn_mask_type,
+            fixed_block_size=fixed_block_size,
+            attention_options=attention_options,
+        )
 
     files = checkpoint_files(path)
     expected = {to_hf_key(name): tuple(t.shape) for name, t in model.state_dict().items()}
@@ -385,7 +392,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 
 def save_pretrained(
-    model: LlamaForCausalLM,
+    model: nn.Module,
     path: str | Path,
     *,
     max_shard_size: int | str = "2GB",

@@ -14,14 +14,15 @@ rotate-half layout (not the interleaved complex layout of Meta's code).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemo_lite.components.attention import AttentionBackend, AttentionMask, get_attention_backend
+from nemo_lite.components.attention import AttentionBackend, AttentionMask, build_attention_backend
 from nemo_lite.components.models.config import LlamaConfig
 
 
@@ -94,26 +95,6 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_B1SD: torch.Tensor, sin_B1SD: torch.T
 # ---- attention, MLP, block ----------------------------------------------------------------------
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that, under autocast, can multiply by a bf16 copy of its weight.
-
-    ``weight`` is the float32 master (what state dicts, checkpoints and exports hold). The trainer may
-    set ``weight_copy``, a bf16 leaf tensor that the optimizer rewrites after every update
-    (``optim.weight_copies``, :func:`nemo_lite.training.optim.attach_weight_copies`): under autocast
-    the layer then multiplies by the copy and the gradient lands on the copy, as bf16, instead of
-    autocast casting the weight down and the gradient up every step. The values are the same, since
-    autocast's cast rounds the same way and its gradient is the bf16 one upcast. Outside autocast
-    the master is used, as by ``nn.Linear``.
-    """
-
-    weight_copy: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_copy is not None and torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.weight_copy, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
 class Attention(nn.Module):
     """Grouped-query attention: q/k/v projections, RoPE on q and k, the backend, the output projection."""
 
@@ -123,10 +104,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.backend = backend  # shared by every layer; it has no parameters
 
     def forward(
@@ -153,9 +134,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -193,6 +174,8 @@ class LlamaForCausalLM(nn.Module):
         attention: name of a registered attention backend ("sdpa", "eager", "flex", ...).
         attn_mask_type: "causal", or "block_causal" for EOS-delimited packed documents.
         fixed_block_size: optionally also restrict attention to blocks of this many tokens.
+        attention_options: the backend's own options (e.g. flex's ``kernel_options``); an unknown one is refused
+            with a one-line ``AttentionConfigError``.
 
     Parameters start with PyTorch's default init; call :meth:`init_weights` before training from
     scratch, or load a checkpoint with :meth:`from_pretrained`.
@@ -200,11 +183,6 @@ class LlamaForCausalLM(nn.Module):
 
     # The sliding windows the layers use (0 = none); every one gets its mask built per step.
     sliding_windows: tuple[int, ...] = (0,)
-    # A bf16 copy of output_weight that the output projection multiplies by under autocast (see Linear).
-    output_weight_copy: torch.Tensor | None = None
-    # The token lookup, ``(weight, ids) -> hidden``, when the trainer replaces ``embed_tokens``' own (its
-    # gradient kept as rows, nemo_lite.training.lookup_gradient); None: ``embed_tokens(ids)``.
-    embedding_lookup: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -213,11 +191,13 @@ class LlamaForCausalLM(nn.Module):
         attention: str = "sdpa",
         attn_mask_type: str = "causal",
         fixed_block_size: int | None = None,
+        attention_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
-        backend_cls = get_attention_backend(attention)
-        self.attention_backend = backend_cls(attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size)
+        self.attention_backend = build_attention_backend(
+            attention, attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size, options=attention_options
+        )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderBlock(config, self.attention_backend) for _ in range(config.num_hidden_layers)
@@ -236,13 +216,6 @@ class LlamaForCausalLM(nn.Module):
         For a chunked cross-entropy: ``logits = hidden @ model.output_weight.T`` chunk by chunk.
         """
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    def output_projection_weight(self, device_type: str) -> torch.Tensor:
-        """What the output projection multiplies by: ``output_weight_copy`` under autocast when the
-        trainer set one (as :class:`Linear` does), else :attr:`output_weight`."""
-        if self.output_weight_copy is not None and torch.is_autocast_enabled(device_type):
-            return self.output_weight_copy
-        return self.output_weight
 
     def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask:
         """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id)."""
@@ -269,10 +242,7 @@ class LlamaForCausalLM(nn.Module):
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
-        if self.embedding_lookup is None:
-            h_BSE = self.embed_tokens(input_ids_BS)
-        else:
-            h_BSE = self.embedding_lookup(self.embed_tokens.weight, input_ids_BS)
+        h_BSE = self.embed_tokens(input_ids_BS)
         for layer in self.layers:
             h_BSE = layer(h_BSE, cos_B1SD, sin_B1SD, attention_mask)
         return self.norm(h_BSE)
@@ -286,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, S, vocab]`` in the parameters' dtype."""
         hidden_BSE = self.forward_hidden(input_ids_BS, position_ids=position_ids, attention_mask=attention_mask)
-        return F.linear(hidden_BSE, self.output_projection_weight(hidden_BSE.device.type))
+        return F.linear(hidden_BSE, self.output_weight)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -327,6 +297,7 @@ class LlamaForCausalLM(nn.Module):
         attention: str = "sdpa",
         attn_mask_type: str = "causal",
         fixed_block_size: int | None = None,
+        attention_options: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> LlamaForCausalLM:
@@ -339,6 +310,7 @@ class LlamaForCausalLM(nn.Module):
             attention=attention,
             attn_mask_type=attn_mask_type,
             fixed_block_size=fixed_block_size,
+            attention_options=attention_options,
             dtype=dtype,
             device=device,
         )

@@ -6,13 +6,12 @@ the lookup's backward keeps the looked-up ids and their output gradients; :meth:
 reduces them, in a fixed order, to ``rows`` (``[n, hidden]`` float32, one row per distinct id, the
 rest unused) and ``row_slot`` (``[vocab]`` int32: the row of ``rows`` that holds a token's gradient,
 -1 for a token the step did not look up). The Triton AdamW kernel reads that pair where it would read
-the dense gradient (:mod:`nemo_lite.training.adamw_kernel`), so the values it sees are the dense
+the dense gradient (:mod:`nemo_lite.training.fast.adamw_kernel`), so the values it sees are the dense
 gradient's: the lookup's rows summed in float32 (by torch's deterministic ``embedding_dense_backward``,
 over ``n`` rows instead of ``vocab``), zero elsewhere.
 
-The trainer uses it with ``optim.weight_copies`` (``optim.lookup_gradient``,
-:func:`nemo_lite.training.optim.attach_lookup_gradient`), where the embedding's other gradient, the tied
-output projection's, arrives as bf16 on its copy.
+The fast step uses it with the bf16 weight copies (:class:`nemo_lite.training.fast.converters.RowsEmbedding`),
+where the embedding's other gradient, the tied output projection's, arrives as bf16 on its copy.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ float32 rounding, not bit for bit (``pow`` and the order of the multiplications 
 Gradients come as float32 (``grads``), as bf16 (``bf16_grads``: the gradient of a bf16 weight copy,
 the same values autocast's float32 gradient has), or both, added in float32 (a tied embedding: its
 lookup's float32 gradient and the output projection's bf16 one, as autograd would add them). The float32
-gradient may also be a lookup's rows (``row_slots``, :mod:`nemo_lite.training.lookup_gradient`): one row
+gradient may also be a lookup's rows (``row_slots``, :mod:`nemo_lite.training.fast.lookup_gradient`): one row
 per looked-up token, zero for the rest, read where the dense matrix would be. With
 ``copies`` the kernel also writes each updated parameter, rounded to bf16, into its copy. Reading a
 bf16 gradient and writing a bf16 copy moves no more bytes than reading a float32 gradient, and saves
@@ -248,7 +248,7 @@ def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: to
             f"the triton AdamW kernel needs a contiguous, {ALIGN}-byte aligned {dtype} {kind}; got a "
             f"{'contiguous' if tensor.is_contiguous() else 'strided'} {tensor.dtype} tensor of shape "
             f"{tuple(tensor.shape)} at address {tensor.data_ptr():#x} for a parameter of shape {tuple(param.shape)}: "
-            "use optim.kernel=torch"
+            "use trainer.step_impl=plain"
         )
     if tensor.numel() != param.numel():
         raise ValueError(f"a {kind} of shape {tuple(tensor.shape)} for a {tuple(param.shape)} parameter")
@@ -256,7 +256,7 @@ def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: to
 
 def check_lookup_rows(rows: torch.Tensor, row_slot: torch.Tensor, param: torch.Tensor) -> None:
     """A lookup's gradient for a ``[vocab, hidden]`` parameter: float32 ``rows`` ``[n, hidden]`` and int32
-    ``row_slot`` ``[vocab]`` (:class:`nemo_lite.training.lookup_gradient.LookupGradient`)."""
+    ``row_slot`` ``[vocab]`` (:class:`nemo_lite.training.fast.lookup_gradient.LookupGradient`)."""
     shape = tuple(param.shape)
     if param.dim() != 2 or rows.dim() != 2 or rows.shape[1] != param.shape[1] or row_slot.shape != param.shape[:1]:
         raise ValueError(
@@ -344,7 +344,7 @@ def prepare(
 ) -> Prepared:
     """Checks, the block table (``table`` when it fits) and the address table, copied to the device
     without blocking: everything :func:`launch` needs but the hyperparameters. With ``row_slots`` each
-    of ``grads`` is a lookup's rows (:mod:`nemo_lite.training.lookup_gradient`), not a dense gradient."""
+    of ``grads`` is a lookup's rows (:mod:`nemo_lite.training.fast.lookup_gradient`), not a dense gradient."""
     if grads is None and bf16_grads is None:
         raise ValueError("adamw_ needs float32 gradients, bf16 gradients, or both")
     if row_slots is not None and grads is None:

@@ -1,0 +1,61 @@
+"""The Llama family's entry: its model, presets, Hugging Face adapter, FSDP2 plan and FLOPs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nemo_lite.components.models import hf
+from nemo_lite.components.models.config import LLAMA_PRESETS, LlamaConfig
+from nemo_lite.components.models.family import ModelFamily, register_model_family
+from nemo_lite.components.models.llama import LlamaForCausalLM
+
+
+def shard(model: LlamaForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True) -> None:
+    """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, final norm, head).
+
+    ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to its
+    backward: one all-gather fewer per block and step, for the memory of the unsharded blocks.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for block in model.layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
+    # head loss reads the full output weight after forward_hidden returns.
+    fully_shard(model, **kwargs)
+    # Training calls forward_hidden (then the head loss), not forward: gather around it too.
+    register_fsdp_forward_method(model, "forward_hidden")
+
+
+def flops_per_token(model: nn.Module) -> int:
+    """6 x the parameters that take part in a matmul per token: all but the input embedding lookup (a tied
+    output projection is counted once, as the output projection)."""
+    total = sum(p.numel() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel()
+    return 6 * total
+
+
+def attention_flops_per_pair(config: LlamaConfig) -> int:
+    """``4 * head_dim`` per allowed (query, key) pair forward (QK^T and PV), x3 with backward, every layer
+    and query head."""
+    return 3 * 4 * config.head_dim * config.num_attention_heads * config.num_hidden_layers
+
+
+LLAMA = register_model_family(
+    ModelFamily(
+        name="llama",
+        model_cls=LlamaForCausalLM,
+        config_cls=LlamaConfig,
+        presets=LLAMA_PRESETS,
+        hf_model_types=hf.SUPPORTED_MODEL_TYPES,
+        load_pretrained=LlamaForCausalLM.from_pretrained,
+        blocks=lambda model: list(model.layers),
+        # The final norm too: eager, it is ~15 small float32 kernels a step.
+        compile_units=lambda model: [*model.layers, model.norm],
+        shard=shard,
+        flops_per_token=flops_per_token,
+        attention_flops_per_pair=attention_flops_per_pair,
+    )
+)

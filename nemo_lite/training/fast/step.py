@@ -1,0 +1,174 @@
+"""The fast step: the plain step's arithmetic with fused kernels, converters and the update queued early.
+
+Each part checks its own preconditions and the step says in one line which are on and why the others
+are off:
+
+- fused AdamW on the local shards (any GPU, FSDP2 included): the clip and the skip of a non-finite step
+  happen inside the kernel (``grad_scale``, ``found_inf``), so the update is queued *before* the host reads
+  the step's values; those travel through a pinned buffer on an event recorded before the update, and the
+  host goes on to the next batch while the GPU updates;
+- the Triton AdamW kernel, one launch for every tensor (one process, triton installed), whose block tables
+  also give the gradient norm;
+- bf16 weight copies (with the Triton kernel and bf16 autocast): the :class:`CopyLinear` swap, and a copy
+  of the output projection that the head loss multiplies by;
+- the embedding's gradient as rows (with the weight copies): the :class:`RowsEmbedding` swap;
+- the Triton head loss (one process, loss not chunked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+from nemo_lite.training.config import OptimSection
+from nemo_lite.training.distributed import local_shard
+from nemo_lite.training.fast.converters import convert_to_lookup_rows, convert_to_weight_copies, converted_weights
+from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
+from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, forward_hidden
+from nemo_lite.training.optim import param_groups
+
+
+def fast_step_missing(device: torch.device) -> str | None:
+    """What the fast step lacks on ``device`` (None: it can run). On a CPU it runs torch's fused AdamW
+    only (its Triton parts need CUDA); ``trainer.step_impl=auto`` keeps the plain step there."""
+    if device.type not in ("cuda", "cpu"):
+        return f"a CUDA device or the CPU (this run is on {device.type})"
+    return None
+
+
+class FastStep:
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimSection,
+        *,
+        device: torch.device,
+        distributed: bool,
+        autocast_bf16: bool,
+        compile: bool = False,
+        loss_chunk_size: int = 0,
+    ) -> None:
+        missing = fast_step_missing(device)
+        if missing:
+            raise ValueError(f"the fast step needs {missing}")
+        triton = "" if importlib.util.find_spec("triton") is not None else "triton"
+        if device.type != "cuda":
+            triton = "a CUDA device"
+        one_process = "one process (FSDP2 shards the weights)" if distributed else ""
+        unchunked = "trainer.loss_chunk_size=0" if loss_chunk_size else ""
+        needs = {  # part -> what it lacks here ("" = it runs)
+            "Triton AdamW": triton or one_process,
+            "bf16 weight copies": triton or one_process or ("" if autocast_bf16 else "bf16 autocast"),
+            "Triton loss": triton or one_process or unchunked,
+        }
+        needs["embedding gradient as rows"] = needs["bf16 weight copies"] and "bf16 weight copies"
+        self.on = {part: not lacks for part, lacks in needs.items()}
+
+        self.device = device
+        groups = param_groups(model, optim.weight_decay)
+        kernel = "triton" if self.on["Triton AdamW"] else "torch"
+        betas = (optim.beta1, optim.beta2)
+        self.optimizer = FusedAdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, kernel=kernel)
+        self.params = [p for p in model.parameters()]
+        taken = converted_weights(
+            model, model.output_weight, copies=self.on["bf16 weight copies"], rows=self.on["embedding gradient as rows"]
+        )
+        self._refuse_gradient_hooks(model, taken)  # before any module is swapped
+        self.copies: dict[torch.Tensor, torch.Tensor] = {}
+        if self.on["bf16 weight copies"]:
+            self.copies = convert_to_weight_copies(model, model.output_weight)
+            self.optimizer.keep_weight_copies(list(self.copies.items()))
+        self.rows = convert_to_lookup_rows(model) if self.on["embedding gradient as rows"] else {}
+        for param, lookups in self.rows.items():
+            self.optimizer.keep_lookup_gradient(param, lookups)
+        self.output_copy = self.copies.get(model.output_weight)
+        self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
+        self._host_values: torch.Tensor | None = None
+        on = ", ".join(p for p, ok in self.on.items() if ok)
+        off = "; ".join(f"{p} (needs {lacks})" for p, lacks in needs.items() if lacks)
+        self.description = f"fast step: fused AdamW ({'on local shards, ' if distributed else ''}{device.type})"
+        self.description += (f", {on}" if on else "") + (f"; off: {off}" if off else "")
+
+    @staticmethod
+    def _refuse_gradient_hooks(model: nn.Module, converted: list[torch.Tensor]) -> None:
+        """A converted parameter's gradient never reaches ``.grad``, so hooks on it would never run."""
+        ids = {id(p) for p in converted}
+        hooked = [
+            name
+            for name, p in model.named_parameters()
+            if id(p) in ids and (p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None))
+        ]
+        if hooked:
+            raise ValueError(
+                f"the fast step keeps the gradients of {', '.join(hooked)} off .grad (bf16 weight copies, lookup "
+                "rows), so their gradient hooks would never run; use trainer.step_impl=plain"
+            )
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], mask: Any, grad_scale: Any = None):
+        hidden_BSH, weight_VH = forward_hidden(model, batch, mask), model.output_weight
+        autocast = torch.is_autocast_enabled(self.device.type)
+        if self.output_copy is not None and autocast:
+            weight_VH = self.output_copy
+        if not self.on["Triton loss"]:
+            return cross_entropy_sum(hidden_BSH, weight_VH, batch["labels"], **self.loss_kw)
+        from nemo_lite.training.fast.cross_entropy_kernel import linear_cross_entropy_sum
+
+        if autocast:  # the projection in the dtype autocast would run it in
+            dtype = torch.get_autocast_dtype(self.device.type)
+            hidden_BSH, weight_VH = hidden_BSH.to(dtype), weight_VH.to(dtype)
+        if grad_scale is not None and not torch.is_tensor(grad_scale):
+            grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=self.device)
+        hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
+        labels_T = batch["labels"].reshape(-1)
+        return linear_cross_entropy_sum(hidden_TH, weight_VH, labels_T, grad_scale, ignore_index=IGNORE_INDEX)
+
+    def grad_norm(self) -> torch.Tensor:
+        if self.optimizer.kernel == "triton":
+            self.optimizer.prepare_step()  # the update's host work now; the norm reads its tables
+            return self.optimizer.grad_norm()
+        return torch.nn.utils.get_total_norm([local_shard(p.grad) for p in self.params if p.grad is not None])
+
+    def apply(self, report: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[float]:
+        # The update is queued before the host reads anything: a non-finite step is skipped inside the
+        # kernel, and the values reach the host on an event recorded before the update, so the host waits
+        # only for them and goes on to the next batch, its mask and its forward while the GPU updates.
+        found_inf = (~(torch.isfinite(report[0]) & torch.isfinite(report[1]))).float()
+        values, ready = self._to_host(report)
+        self.optimizer.step(grad_scale=clip_factor(grad_norm, clip) if clip > 0 else None, found_inf=found_inf)
+        if ready is not None:
+            ready.synchronize()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values.tolist()
+
+    def _to_host(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """``values`` copied into a reused pinned host buffer without blocking, and the event that says the
+        copy is done (None on a CPU, where the copy is done on return)."""
+        if values.device.type != "cuda":
+            return values.clone(), None
+        if self._host_values is None or self._host_values.shape != values.shape:
+            self._host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self._host_values.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return self._host_values, ready
+
+    def weights_changed(self) -> None:
+        self.optimizer.refresh_weight_copies()
+
+    def dense_gradients(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each parameter's gradient as the update will use it, as a dense float32 tensor (a copy's bf16
+        gradient and the rows materialized): for logging and tests; costs a gradient's memory."""
+        out = {}
+        for name, param in model.named_parameters():
+            lookups, copy = self.rows.get(param), self.copies.get(param)
+            grads = [
+                lookups.dense() if lookups else param.grad,
+                None if copy is None or copy.grad is None else copy.grad.float(),
+            ]
+            grads = [g for g in grads if g is not None]
+            if grads:
+                out[name] = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+        return out

@@ -1,0 +1,118 @@
+"""The training step's strategy: how the loss is computed and how the update is applied.
+
+The trainer runs forward and backward through a :class:`TrainStep` and hands it the step's values; the
+step clips, updates (or skips a non-finite step) and brings the values to the host in the step's one
+host sync. :class:`PlainStep` is the reference, plain torch throughout; the fast step
+(:mod:`nemo_lite.training.fast`) computes the same thing with fused kernels and module converters.
+``trainer.step_impl`` picks one: ``plain``, ``fast`` (refused with the reason where it cannot run; on a
+CPU only its fused AdamW runs) or ``auto`` (fast on a GPU, plain elsewhere). The choice, and which fast
+parts run, is printed in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from nemo_lite.training.config import ConfigError, OptimSection
+from nemo_lite.training.distributed import local_shard
+from nemo_lite.training.loss import cross_entropy_sum, forward_hidden
+from nemo_lite.training.optim import AdamW, param_groups
+
+
+class TrainStep(Protocol):
+    optimizer: torch.optim.Optimizer
+    # One line: what this step runs (printed before training).
+    description: str
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], mask: Any, grad_scale: Any = None) -> torch.Tensor:
+        """The batch's summed token loss (forward and head), under the caller's autocast. ``grad_scale``: the
+        gradient the sum will receive in backward, where the caller knows it (a kernel may use it)."""
+
+    def grad_norm(self) -> torch.Tensor:
+        """The 2-norm of this rank's gradients (of its local shards under FSDP2), a device scalar."""
+
+    def apply(self, report: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[float]:
+        """Clip to ``clip`` (0 = off) with the global ``grad_norm``, update, and return ``report`` (a 1-d
+        device tensor that starts with the step's loss sum and gradient norm) as host floats. A step whose
+        loss sum or norm is non-finite changes nothing. The gradients are cleared."""
+
+    def weights_changed(self) -> None:
+        """The parameters were changed outside a step (a checkpoint was loaded)."""
+
+
+class PlainStep:
+    """torch's AdamW and ``clip_grad_norm_``'s arithmetic; the update waits for the host to see the values."""
+
+    def __init__(self, model: nn.Module, optim: OptimSection, *, compile: bool = False, loss_chunk_size: int = 0):
+        self.model = model
+        self.params = [p for p in model.parameters()]
+        betas = (optim.beta1, optim.beta2)
+        self.optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=betas, eps=optim.eps)
+        self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
+        self.description = "plain step: torch AdamW, clip_grad_norm_ arithmetic, torch cross-entropy"
+
+    def loss(self, model, batch, mask, grad_scale=None) -> torch.Tensor:
+        return cross_entropy_sum(
+            forward_hidden(model, batch, mask), model.output_weight, batch["labels"], **self.loss_kw
+        )
+
+    def grad_norm(self) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([local_shard(p.grad) for p in self.params if p.grad is not None])
+
+    def apply(self, report: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[float]:
+        values = report.tolist()  # the one host sync
+        if math.isfinite(values[0]) and math.isfinite(values[1]):
+            if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
+                grads = [local_shard(p.grad) for p in self.params if p.grad is not None]
+                torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values
+
+    def weights_changed(self) -> None:
+        pass
+
+
+STEP_IMPLS = ("auto", "fast", "plain")
+
+
+def build_step(
+    model: nn.Module,
+    optim: OptimSection,
+    *,
+    impl: str,
+    device: torch.device,
+    distributed: bool,
+    autocast_bf16: bool,
+    compile: bool,
+    loss_chunk_size: int,
+) -> TrainStep:
+    """The step ``impl`` names; ``auto`` takes the fast one on a GPU (on a CPU its Triton parts cannot run, and
+    the plain step's numerics are the reference there)."""
+    if impl not in STEP_IMPLS:
+        raise ConfigError(f"trainer.step_impl={impl!r} is not valid; choose one of: {', '.join(STEP_IMPLS)}")
+    plain = lambda: PlainStep(model, optim, compile=compile, loss_chunk_size=loss_chunk_size)
+    if impl == "plain":
+        return plain()
+    from nemo_lite.training.fast import FastStep, fast_step_missing
+
+    missing = fast_step_missing(device)
+    if impl == "fast" and missing:
+        raise ConfigError(f"trainer.step_impl=fast needs {missing}; use trainer.step_impl=auto or plain")
+    if impl == "auto" and device.type != "cuda":
+        step = plain()
+        step.description += f" (auto: the fast step's kernels need a CUDA device; this run is on {device.type})"
+        return step
+    return FastStep(
+        model,
+        optim,
+        device=device,
+        distributed=distributed,
+        autocast_bf16=autocast_bf16,
+        compile=compile,
+        loss_chunk_size=loss_chunk_size,
+    )
