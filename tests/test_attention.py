@@ -202,6 +202,19 @@ def test_mask_of_another_batch_is_refused(backend_name):
         backend(q, k, v, attention_mask=mask)
 
 
+def test_flex_cpu_training_equals_sdpa_with_the_dense_mask():
+    """Without a flex backward on CPU, flex trains through sdpa on the same dense mask: the same numbers."""
+    ids = packed_rows()
+    outs = []
+    for name in ("flex", "sdpa"):
+        backend = get_attention_backend(name)(attn_mask_type="block_causal", fixed_block_size=7)
+        q, k, v = qkv(*ids.shape, 8, 2)
+        out = backend(q, k, v, sliding_window=3, enable_gqa=True, attention_mask=backend.build_mask(ids, EOS))
+        outs.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_mask_of_another_backend_is_refused():
     ids = packed_rows()
     mask = get_attention_backend("eager")(attn_mask_type="block_causal").build_mask(ids, EOS)

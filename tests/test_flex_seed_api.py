@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from attention_reference import reference_allowed, reference_attention
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
@@ -108,17 +109,15 @@ def test_stored_mask_must_fit_the_batch():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_training_runs_the_math_path_on_the_mask_function_silently(monkeypatch):
-    from nemo_lite.components.attention import flex_attention as flex_module
-
+def test_cpu_training_runs_sdpa_on_the_mask_function_silently(monkeypatch):
     calls = []
-    real = flex_module.attention_math
+    real = F.scaled_dot_product_attention
 
-    def spy(q, k, v, allowed, **kwargs):
-        calls.append(allowed)
-        return real(q, k, v, allowed, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(flex_module, "attention_math", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     layer = FlexAttention(attn_mask_type="block_causal")
     ids = ids_with_docs()
     mask = layer.build_mask(ids, EOS)
@@ -130,16 +129,19 @@ def test_cpu_training_runs_the_math_path_on_the_mask_function_silently(monkeypat
     dense = mask.masks[("dense", ("block_causal", None))]  # built once for the step, then reused
     assert len(calls) == 3 and all(c is dense for c in calls)
     assert torch.equal(dense[:, 0], reference_allowed(ids, EOS, "block_causal"))
+
+    calls.clear()  # sinks: sdpa has no sink logit, so the math path runs (same function)
     sinks = torch.zeros(2, requires_grad=True)
     out = layer(q, q, q, sink_weights=sinks, attention_mask=mask)
     out.sum().backward()
+    assert calls == []
     ref = reference_attention(q, q, q, reference_allowed(ids, EOS, "block_causal"), sink_weights=sinks)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_describe_says_where_flex_runs():
     layer = FlexAttention(attn_mask_type="block_causal")
-    assert layer.describe("cpu").startswith("flex: training runs the math path on the same mask, densely")
+    assert layer.describe("cpu").startswith("flex: training runs sdpa on the same mask, densely")
     assert "tuned tiles" in layer.describe("cuda")
     assert "torch's default tiles" in FlexAttention(kernel_options="torch").describe("cuda")
 

@@ -14,8 +14,9 @@ class: each instance carries its own ``kernel_options``, and the compiled kernel
 Devices:
 - CUDA: ``flex_attention`` and ``create_block_mask`` are compiled once per process.
 - CPU: torch's flex has no backward there. With autograd in play the same mask function is evaluated
-  densely (``create_mask``, once per step) and the float32 math path runs with it; without autograd
-  (inference) torch's uncompiled flex kernel runs.
+  densely (``create_mask``, once per step) and ``scaled_dot_product_attention`` runs with it (the math
+  path when there are sinks, which sdpa cannot take); without autograd (inference) torch's
+  uncompiled flex kernel runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import (
     BlockMask,
     _mask_mod_signature,
@@ -130,7 +132,7 @@ class FlexAttention(AttentionBackend):
                 tiles = "torch's default tiles"
             return f"flex: compiled flex_attention with a BlockMask per step; {tiles}"
         return (
-            f"flex: training runs the math path on the same mask, densely (no flex backward on {device_type}); "
+            f"flex: training runs sdpa on the same mask, densely (no flex backward on {device_type}); "
             "inference runs torch's flex kernel"
         )
 
@@ -230,7 +232,9 @@ class FlexAttention(AttentionBackend):
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sink_weights))
         if q.device.type == "cpu" and needs_grad:
             allowed = self._dense(attention_mask, block_mask, sliding_window, q)
-            return attention_math(q, k, v, allowed, scale=scale, sink_weights=sink_weights, enable_gqa=enable_gqa)
+            if sink_weights is not None:  # sdpa has no sink logit
+                return attention_math(q, k, v, allowed, scale=scale, sink_weights=sink_weights, enable_gqa=enable_gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=groups > 1)
 
         if q.device.type == "cpu":
             # torch refuses inputs that require grad even under no_grad; and CPU inference runs torch's
