@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nemo_lite.components.attention import build_attention_backend
-from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset
+from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
@@ -106,13 +106,12 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.trainer.seed)
         resume_from = ckpt.resolve_resume(cfg.trainer.resume, self.run_dir)  # errors before any work
+        self.pretrained_dir = None  # the checkpoint's local directory
         if cfg.model.pretrained_path is not None:
-            path = Path(cfg.model.pretrained_path).expanduser()
-            if not (path / "config.json").is_file():
-                raise ConfigError(
-                    f"model.pretrained_path={str(path)!r} holds no Hugging Face checkpoint (no config.json). "
-                    "For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
-                )
+            try:
+                self.pretrained_dir = resolve_pretrained(cfg.model.pretrained_path)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         self._build_data()
         self._build_model()
         self.step_impl: TrainStep = build_step(
@@ -144,7 +143,7 @@ class Trainer:
 
         try:
             return resolve_data_config(
-                self.cfg.data, pretrained_path=self.cfg.model.pretrained_path, pin_memory=self.device.type == "cuda"
+                self.cfg.data, pretrained_path=self.pretrained_dir, pin_memory=self.device.type == "cuda"
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -184,9 +183,9 @@ class Trainer:
             fixed_block_size=att.fixed_block_size,
             attention_options=att.options,
         )
-        if cfg.model.pretrained_path is not None:
-            family = family_of_checkpoint(cfg.model.pretrained_path)
-            model = family.load_pretrained(cfg.model.pretrained_path, device=self.device, **kwargs)
+        if self.pretrained_dir is not None:
+            family = family_of_checkpoint(self.pretrained_dir)
+            model = family.load_pretrained(self.pretrained_dir, device=self.device, **kwargs)
             if model.config.vocab_size < self.train_loader.vocab_size:
                 raise ConfigError(
                     f"the tokenizer has {self.train_loader.vocab_size} ids but the checkpoint's vocabulary has "

@@ -10,6 +10,7 @@ What training needs of a family is its entry, :class:`ModelFamily` (``get_model_
 from nemo_lite.components.models.config import LlamaConfig, RopeScaling
 from nemo_lite.components.models.family import (
     CausalLM,
+    CheckpointNotFoundError,
     ModelFamily,
     UnknownModelTypeError,
     UnknownPresetError,
@@ -20,6 +21,7 @@ from nemo_lite.components.models.family import (
     get_preset,
     list_presets,
     register_model_family,
+    resolve_pretrained,
 )
 from nemo_lite.components.models.generate import generate
 from nemo_lite.components.models.hf import HF_KEY_MAP, CheckpointError
@@ -30,6 +32,7 @@ __all__ = [
     "HF_KEY_MAP",
     "LLAMA",
     "CausalLM",
+    "CheckpointNotFoundError",
     "CheckpointError",
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -46,6 +49,7 @@ __all__ = [
     "get_preset",
     "list_presets",
     "register_model_family",
+    "resolve_pretrained",
     "rope_inv_freq",
     "rotary_cos_sin",
 ]

@@ -178,6 +178,21 @@ def family_of_model(model: nn.Module) -> ModelFamily:
     raise TypeError(f"{type(model).__qualname__} belongs to no registered model family")
 
 
+class CheckpointNotFoundError(ValueError):
+    pass
+
+
+def resolve_pretrained(path_or_id: str | Path) -> Path:
+    """The local Hugging Face directory (config.json + safetensors) that ``path_or_id`` names."""
+    path = Path(path_or_id).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise CheckpointNotFoundError(
+        f"model.pretrained_path={str(path)!r} holds no Hugging Face checkpoint (no config.json). "
+        "For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
+    )
+
+
 def family_of_checkpoint(path: str | Path) -> ModelFamily:
     """The family of a Hugging Face directory, by ``model_type`` in its config.json."""
     config_path = Path(path).expanduser() / "config.json"
