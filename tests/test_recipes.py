@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_interrupt_and_resume_is_exact(tmp_path, signum):
 
     trainer.hooks["after_step"] = signal_at_6
     first = trainer.fit()
-    assert first.status == "interrupted" and first.steps == 6
+    assert first.status == "interrupted" and first.steps == 6 and first.signal == signum
     assert first.last_checkpoint.name == "step_000006"
 
     interrupted_cfg.trainer.resume = "true"
@@ -144,3 +145,47 @@ def test_missing_finetune_checkpoint_says_how_to_create_it(tmp_path):
     )
     assert proc.returncode != 0
     assert "scripts/convert_smollm2.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_exit_code_tells_interrupted_from_finished_and_a_finished_run_is_not_redone(tmp_path):
+    """SIGTERM -> 143 with a checkpoint saved; the resume finishes -> 0; resuming the finished run says so,
+    exits 0 and repeats nothing (no validation, export or sample)."""
+    args = [
+        "model=tiny",
+        "attention=sdpa",
+        "data.seq_len=64",
+        "trainer.max_steps=400",
+        "trainer.val_every=0",
+        "trainer.save_every=0",
+        "trainer.progress_bar=false",
+        "trainer.sample_tokens=2",
+        f"run_dir={tmp_path}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "recipes" / "pretrain.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err[-2000:]
+    assert "interrupted at step" in err
+    stopped_at = len(metrics.read_text().splitlines())
+
+    finished = run_recipe(*args[:3], "trainer.max_steps=" + str(stopped_at + 2), *args[4:], "trainer.resume=true")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "exported a Hugging Face checkpoint" in finished.stderr
+
+    again = run_recipe(*args[:3], "trainer.max_steps=" + str(stopped_at + 2), *args[4:], "trainer.resume=true")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "the run is finished, nothing to do" in again.stderr
+    assert "exported" not in again.stderr and "validation loss" not in again.stderr and "sample" not in again.stderr

@@ -1,7 +1,8 @@
 """What a recipe entry point runs: check the command line, build the trainer, report errors briefly.
 
-User errors (a bad key or value, a missing file or checkpoint, non-finite training) end the run with
-one line on stderr and exit code 2; set NEMO_LITE_DEBUG=1 to see the traceback. Anything else is a
+Exit codes: 0 finished (or already finished when resumed); 2 a user error (a bad key or value, a missing
+file or checkpoint, non-finite training), with one line on stderr (NEMO_LITE_DEBUG=1 shows the traceback);
+130 or 143 stopped by Ctrl-C or SIGTERM after saving a checkpoint (128 + the signal). Anything else is a
 bug and keeps its traceback.
 """
 
@@ -82,9 +83,42 @@ def run_recipe(cfg: Any) -> int:
         return 2
     finally:
         distributed.shutdown()
-    if result.status == "interrupted":
+    if result.status == "interrupted":  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
         print(f"[nemo_lite] interrupted at step {result.steps}; resume with trainer.resume=true", file=sys.stderr)
+        return 128 + int(result.signal)
     return 0
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """``argv`` with every ``model.overrides.KEY=VALUE`` made add-or-override (``++``): a preset's overrides
+    dict may or may not hold the key already, and the user should not have to know which."""
+    return [f"++{a}" if a.startswith("model.overrides.") and "=" in a else a for a in argv]
+
+
+def compose_errors(config_dir: str, config_name: str, overrides: list[str]) -> str | None:
+    """Compose the config as Hydra will, and turn a composition error into one line (None: it composes)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as err:
+        group, _, choice = (err.missing_cfg_file or "").rpartition("/")
+        options = ", ".join(err.options or [])
+        return f"{group}={choice} is not one of the {group} configs; choose one of: {options}"
+    except OverrideParseException as err:
+        return f"cannot parse the command line: {str(err).splitlines()[0]}"
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        key = getattr(cause, "full_key", None)
+        message = str(getattr(cause, "msg", None) or cause).splitlines()[0]
+        given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), None)
+        if key and given is not None:
+            return f"{key}={given!r} is not valid: {message}"
+        return message
+    return None
 
 
 def main(config_name: str) -> None:
@@ -95,6 +129,7 @@ def main(config_name: str) -> None:
 
     from nemo_lite.training.config import register_schema
 
+    sys.argv[1:] = command_line(sys.argv[1:])
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as err:
@@ -102,6 +137,11 @@ def main(config_name: str) -> None:
         sys.exit(2)
     register_schema()
     config_dir = str(Path(__file__).resolve().parents[2] / "configs")
+    if not any(a in ("-m", "--multirun") for a in sys.argv[1:]):  # a sweep composes once per job
+        problem = compose_errors(config_dir, config_name, [a for a in sys.argv[1:] if not a.startswith("-")])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
     exit_code = 0
 
     @hydra.main(version_base="1.3", config_path=config_dir, config_name=config_name)

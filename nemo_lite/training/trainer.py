@@ -46,8 +46,9 @@ class FitResult:
     steps: int
     losses: list[float]
     run_dir: Path
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "interrupted" | "finished before" (resumed at max_steps: nothing to do)
     last_checkpoint: Path | None = None
+    signal: int | None = None  # what interrupted the run (a signal on another rank counts as SIGTERM)
     hf_dir: Path | None = None
     sample: str | None = None
 
@@ -128,6 +129,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.step = 0
         self.nonfinite_total = 0
+        self.resumed_from = resume_from
         if resume_from is not None:
             self._load(resume_from)
         self._log(self.step_impl.description)
@@ -422,6 +424,12 @@ class Trainer:
         cfg = self.cfg.trainer
         self.last_checkpoint = None
         self._consecutive_nonfinite = 0
+        if self.resumed_from is not None and self.step >= cfg.max_steps:
+            self._log(
+                f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
+                "finished, nothing to do (raise trainer.max_steps to train on)"
+            )
+            return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
         writer = MetricsWriter(self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main)
         losses: list[float] = []
         status = "completed"
@@ -487,7 +495,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             writer.close()
-        result = FitResult(self.step, losses, self.run_dir, status, self.last_checkpoint)
+        stopped_by = (self._stop_signal or signal.SIGTERM) if status == "interrupted" else None
+        result = FitResult(self.step, losses, self.run_dir, status, self.last_checkpoint, signal=stopped_by)
         if status == "completed" and self.step >= cfg.max_steps:
             final = self.evaluate()
             if final:
