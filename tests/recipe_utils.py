@@ -15,6 +15,6 @@ def tiny_config(run_dir: Path, backend: str = "flex", steps: int = 20) -> Recipe
     cfg.data.seq_len, cfg.data.batch_size = 64, 4
     cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 3
     t = cfg.trainer
-    t.max_steps, t.val_every, t.val_batches, t.save_every = steps, 10, 2, 0
+    t.max_steps, t.val_every, t.val_tokens, t.save_every = steps, 10, 512, 0
     t.sample_tokens, t.progress_bar = 8, False
     return cfg

@@ -25,7 +25,7 @@ def finetuned(tmp_path_factory):
     cfg.data.mask_cross_document_labels = True
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = 1e-4, 2, 0.0
     t = cfg.trainer
-    t.max_steps, t.val_every, t.val_batches, t.save_every = 20, 0, 2, 0
+    t.max_steps, t.val_every, t.val_tokens, t.save_every = 20, 0, 2 * 2 * 128, 0
     t.sample_tokens, t.progress_bar = 8, False
     trainer = Trainer(cfg)
     trainer.setup()

@@ -204,3 +204,31 @@ def test_step_impl_names_the_bad_value_and_the_choices():
         ConfigError, match=r"trainer.step_impl='fastest' is not valid; choose one of: auto, fast, plain"
     ):
         validate(cfg)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_validation_reads_the_same_tokens_for_every_batch_size_and_rank_count(batch_size):
+    from nemo_lite.training.trainer import rank_batches
+
+    rows = [{"input_ids": torch.full((4,), i), "labels": torch.full((4,), i)} for i in range(7)]
+    for world_size in (1, 2, 3):
+        shares = [rank_batches(rows, rank=r, world_size=world_size, batch_size=batch_size) for r in range(world_size)]
+        assert len({len(share) for share in shares}) == 1  # every rank runs as many batches
+        assert all(b["labels"].shape == (batch_size, 4) for share in shares for b in share)
+        seen = sorted(int(label) for share in shares for b in share for label in b["labels"][:, 0] if label >= 0)
+        assert seen == list(range(7))  # each row once, the fillers ignored
+
+
+def test_validation_loss_does_not_depend_on_the_batch_size(tmp_path):
+    from recipe_utils import tiny_config
+
+    from nemo_lite.training.trainer import Trainer
+
+    losses = []
+    for batch_size in (4, 3):
+        cfg = tiny_config(tmp_path / str(batch_size), "sdpa", steps=1)
+        cfg.data.batch_size, cfg.trainer.val_tokens = batch_size, 64 * 5
+        trainer = Trainer(cfg)
+        trainer.setup()
+        losses.append(trainer.evaluate()["val_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -83,7 +83,9 @@ class TrainerSection:
     loss_chunk_size: int = 0
     log_every: int = 1
     val_every: int = 50
-    val_batches: int = 4
+    # Validation tokens: the first val_tokens of the held-out split (all of it when smaller), in whole rows,
+    # the same for every batch size and number of ranks (0 = no validation).
+    val_tokens: int = 8192
     # Checkpoints: every N steps (0 = only at the end), keep the last K, under <run_dir>/checkpoints.
     save_every: int = 100
     keep_last: int = 2
@@ -168,6 +170,7 @@ def validate(cfg: RecipeConfig) -> None:
         ("optim.warmup_steps", cfg.optim.warmup_steps),
         ("trainer.save_every", cfg.trainer.save_every),
         ("trainer.val_every", cfg.trainer.val_every),
+        ("trainer.val_tokens", cfg.trainer.val_tokens),
         ("trainer.profile_steps", cfg.trainer.profile_steps),
         ("trainer.profile_start", cfg.trainer.profile_start),
         ("trainer.clip_grad_norm", cfg.trainer.clip_grad_norm),

@@ -71,6 +71,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def rank_batches(
+    rows: list[dict[str, torch.Tensor]], *, rank: int, world_size: int, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """``rank``'s share of ``rows`` (every world_size-th), stacked into batches of ``batch_size``; rows whose
+    labels are all ignored fill the last batches, so every rank runs as many batches, of the training shape."""
+    if not rows:
+        return []
+    n_batches = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
+    mine = rows[rank::world_size]
+    filler = {k: (torch.full_like(v, IGNORE_INDEX) if k == "labels" else v) for k, v in rows[0].items()}
+    mine += [filler] * (n_batches * batch_size - len(mine))
+    return [
+        {k: torch.stack([row[k] for row in mine[i : i + batch_size]]) for k in filler}
+        for i in range(0, len(mine), batch_size)
+    ]
+
+
 def apply_activation_checkpointing(blocks) -> None:
     """Recompute each block in backward. Wraps ``forward`` in place so parameter names stay."""
     for block in blocks:
@@ -165,17 +182,26 @@ class Trainer:
         self.tokenizer = self.train_loader.tokenizer
         self._train_iter = iter(self.train_loader)
         held_out = self.cfg.data.validation_fraction > 0 or self.cfg.data.validation_source is not None
-        if self.cfg.trainer.val_batches > 0 and held_out:
+        if self.cfg.trainer.val_tokens > 0 and held_out:
             try:
-                val_loader = build_dataloader(data_cfg, split="validation", rank=self.rank, world_size=self.world_size)
-                val_iter = iter(val_loader)
-                for _ in range(self.cfg.trainer.val_batches):
-                    self.val_batches.append(next(val_iter))
-            except StopIteration:
-                pass
-            except ValueError as err:  # a held-out split too small for one batch: train without it, say so
-                self.val_batches = []
+                self.val_batches = self._validation_batches(data_cfg)
+            except ValueError as err:  # a held-out split too small for one row: train without it, say so
                 self._log(f"validation disabled: {err}")
+
+    def _validation_batches(self, data_cfg) -> list[dict[str, torch.Tensor]]:
+        """This rank's validation batches: the first ``trainer.val_tokens`` tokens of the held-out split (all of
+        it when smaller), in whole rows, the same rows whatever the batch size and the number of ranks. Each
+        rank takes every world_size-th row; rows of ignored labels fill the last batches, so that every batch
+        has the training shape and every rank runs as many."""
+        from nemo_lite.components.datasets import build_dataloader
+
+        want = math.ceil(self.cfg.trainer.val_tokens / data_cfg.seq_len)
+        rows: list[dict[str, torch.Tensor]] = []
+        for batch in build_dataloader(data_cfg, split="validation", rank=0, world_size=1):
+            rows += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+            if len(rows) >= want:
+                break
+        return rank_batches(rows[:want], rank=self.rank, world_size=self.world_size, batch_size=data_cfg.batch_size)
 
     def _build_model(self) -> None:
         cfg, att = self.cfg, self.cfg.attention
