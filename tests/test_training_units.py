@@ -47,7 +47,7 @@ def test_validate_names_the_bad_value_and_the_choices():
         validate(cfg)
     cfg = RecipeConfig()
     cfg.trainer.max_steps = 0
-    with pytest.raises(ConfigError, match="trainer.max_steps=0 must be > 0"):
+    with pytest.raises(ConfigError, match="trainer.max_steps=0 must be a finite number > 0"):
         validate(cfg)
 
 
@@ -232,3 +232,24 @@ def test_validation_loss_does_not_depend_on_the_batch_size(tmp_path):
         trainer.setup()
         losses.append(trainer.evaluate()["val_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("optim", "lr", float("inf"), "optim.lr=inf must be a finite number > 0"),
+        ("optim", "lr", float("nan"), "optim.lr=nan must be a finite number > 0"),
+        ("optim", "min_lr_ratio", -0.1, r"optim.min_lr_ratio=-0.1 must be in \[0.0, 1.0\]"),
+        ("optim", "weight_decay", -0.1, "optim.weight_decay=-0.1 must be a finite number >= 0"),
+        ("optim", "beta2", 1.0, r"optim.beta2=1.0 must be in \[0.0, 1.0\)"),
+        ("optim", "eps", 0.0, "optim.eps=0.0 must be a finite number > 0"),
+        ("trainer", "clip_grad_norm", float("nan"), "trainer.clip_grad_norm=nan must be a finite number >= 0"),
+        ("trainer", "log_every", 0, "trainer.log_every=0 must be a finite number > 0"),
+        ("trainer", "val_tokens", -1, "trainer.val_tokens=-1 must be a finite number >= 0"),
+    ],
+)
+def test_values_that_make_no_sense_are_refused(section, key, value, message):
+    cfg = RecipeConfig()
+    setattr(getattr(cfg, section), key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)

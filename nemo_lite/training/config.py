@@ -8,6 +8,7 @@ Only OmegaConf-compatible types appear here (no unions beyond Optional).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +136,13 @@ def _choice(name: str, value: Any, choices: list[str]) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    if not (math.isfinite(value) and low <= value and (value < high if high_open else value <= high)):
+        raise ConfigError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
 def validate(cfg: RecipeConfig) -> None:
@@ -162,12 +168,15 @@ def validate(cfg: RecipeConfig) -> None:
         ("data.seq_len", cfg.data.seq_len),
         ("data.batch_size", cfg.data.batch_size),
         ("optim.lr", cfg.optim.lr),
+        ("optim.eps", cfg.optim.eps),
+        ("trainer.log_every", cfg.trainer.log_every),
         ("trainer.keep_last", cfg.trainer.keep_last),
         ("trainer.max_consecutive_nonfinite", cfg.trainer.max_consecutive_nonfinite),
     ]:
         _positive(name, value)
     for name, value in [
         ("optim.warmup_steps", cfg.optim.warmup_steps),
+        ("optim.weight_decay", cfg.optim.weight_decay),
         ("trainer.save_every", cfg.trainer.save_every),
         ("trainer.val_every", cfg.trainer.val_every),
         ("trainer.val_tokens", cfg.trainer.val_tokens),
@@ -177,8 +186,10 @@ def validate(cfg: RecipeConfig) -> None:
         ("trainer.loss_chunk_size", cfg.trainer.loss_chunk_size),
     ]:
         _positive(name, value, allow_zero=True)
-    if not 0.0 <= cfg.data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction={cfg.data.validation_fraction} must be in [0, 1)")
+    _in_range("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 0.0, 1.0)
+    _in_range("optim.beta1", cfg.optim.beta1, 0.0, 1.0, high_open=True)
+    _in_range("optim.beta2", cfg.optim.beta2, 0.0, 1.0, high_open=True)
+    _in_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 1.0, high_open=True)
 
 
 def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:
