@@ -1,6 +1,6 @@
 """An independent float64 reference for the mask rules and attention, written with plain loops.
 
-Nothing here imports nemo_lite: it restates design.md's rules so the backends can be checked against
+Nothing here imports nemo_lite: it restates the mask rules of docs/attention.md so the backends can be checked against
 something that does not share their code.
 """
 

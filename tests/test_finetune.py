@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from nemo_lite.components.models import LlamaForCausalLM
-from nemo_lite.components.models.smollm2_checkpoint import ensure_smollm2
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.trainer import Trainer
 
@@ -15,10 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
+def finetuned(tmp_path_factory, smollm2_dir):
     cfg = RecipeConfig(recipe="finetune")
     cfg.run_dir = str(tmp_path_factory.mktemp("finetune"))
-    cfg.model.pretrained_path = str(ensure_smollm2())
+    cfg.model.pretrained_path = str(smollm2_dir)
     cfg.attention.backend = "sdpa"
     cfg.data.tokenizer = "model"
     cfg.data.seq_len, cfg.data.batch_size = 128, 2

@@ -194,3 +194,9 @@ def test_the_exit_code_tells_interrupted_from_finished_and_a_finished_run_is_not
     assert again.returncode == 0, again.stderr[-2000:]
     assert "the run is finished, nothing to do" in again.stderr
     assert "exported" not in again.stderr and "validation loss" not in again.stderr and "sample" not in again.stderr
+
+
+def test_hydra_flags_with_values_are_not_taken_for_overrides(tmp_path):
+    proc = run_recipe("--cfg", "job", "attention=sdpa", f"run_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "recipe: pretrain" in proc.stdout and "backend: sdpa" in proc.stdout

@@ -95,6 +95,24 @@ def command_line(argv: list[str]) -> list[str]:
     return [f"++{a}" if a.startswith("model.overrides.") and "=" in a else a for a in argv]
 
 
+# Hydra's flags that take a value (``--cfg job``); the rest of a command line is flags and overrides.
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp"}
+HYDRA_VALUE_FLAGS |= {"--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def overrides_only(argv: list[str]) -> list[str]:
+    """The overrides of a command line, without Hydra's flags and their values."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in HYDRA_VALUE_FLAGS
+        else:
+            out.append(arg)
+    return out
+
+
 def compose_errors(config_dir: str, config_name: str, overrides: list[str]) -> str | None:
     """Compose the config as Hydra will, and turn a composition error into one line (None: it composes)."""
     from hydra import compose, initialize_config_dir
@@ -138,7 +156,7 @@ def main(config_name: str) -> None:
     register_schema()
     config_dir = str(Path(__file__).resolve().parents[2] / "configs")
     if not any(a in ("-m", "--multirun") for a in sys.argv[1:]):  # a sweep composes once per job
-        problem = compose_errors(config_dir, config_name, [a for a in sys.argv[1:] if not a.startswith("-")])
+        problem = compose_errors(config_dir, config_name, overrides_only(sys.argv[1:]))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)
