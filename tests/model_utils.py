@@ -108,3 +108,62 @@ def pack(docs_per_row: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Te
         positions.append(torch.cat([torch.arange(len(doc)) for doc in docs]))
         slices.append(row_slices)
     return torch.stack(rows), torch.stack(positions), slices
+
+
+# ---- the other families, as transformers builds them -------------------------------------------------
+
+# Odd shapes on purpose: head_dim 16 != hidden 48 / 6 heads, GQA 3:1 (6 query heads, 2 KV heads).
+FAMILY_TINY = dict(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=EOS,
+)
+# Each family with what sets it apart; "qwen2_window" honours use_sliding_window/max_window_layers
+# (the upper layer slides, the lower does not); Mistral's window (5) is shorter than the test
+# sequences and than most test documents.
+FAMILY_VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, attention_bias=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen2_window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=5)),
+}
+
+
+def family_hf_model(variant: str, seed: int = 0, **overrides):
+    """A random-weight transformers model of the variant (float32, eager attention: the reference)."""
+    import transformers
+
+    config_name, model_name, fields = FAMILY_VARIANTS[variant]
+    config = getattr(transformers, config_name)(**{**FAMILY_TINY, **fields, **overrides})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_name)(config).eval()
+    return randomize_(model, seed)
+
+
+def hf_logits(model, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        if positions is None:
+            return model(ids).logits
+        return model(ids, position_ids=positions.expand(ids.shape[0], -1)).logits
+
+
+def save_default_tokenizer(path) -> int:
+    """The default corpus tokenizer (vocabulary 8192) saved into ``path``; returns its EOS id."""
+    from nemo_lite.components.datasets.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("default")
+    tokenizer.save_pretrained(str(path))
+    return tokenizer.eos_token_id

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_utils import EOS, VARIANTS, hf_model, ours_config, pack, random_ids, randomize_
+from model_utils import EOS, TINY, VARIANTS, hf_model, ours_config, pack, random_ids, randomize_
 from safetensors.torch import load_file, save_file
 
 from nemo_lite.components.attention import list_attention_backends
@@ -143,9 +143,12 @@ def test_presets_have_the_parameter_shapes_of_transformers(preset):
 
 
 def test_key_map_covers_every_parameter_of_every_variant():
+    from nemo_lite.components.models import Qwen3Config, Qwen3ForCausalLM
+
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**TINY))
     used = set()
-    for variant in VARIANTS:
-        for name in LlamaForCausalLM(ours_config(variant)).state_dict():
+    for model in [*(LlamaForCausalLM(ours_config(variant)) for variant in VARIANTS), qwen3]:  # qwen3: q/k norms
+        for name in model.state_dict():
             to_hf_key(name)
             used.add(name.replace("layers.0.", "layers.{i}.").replace("layers.1.", "layers.{i}."))
     assert used == set(HF_KEY_MAP)  # no dead entries either
@@ -236,8 +239,8 @@ def test_unsupported_rope_type_and_activation_are_refused():
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
     }
-    with pytest.raises(CheckpointError, match="rope_type='yarn' is not supported"):
-        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(CheckpointError, match="rope_type='longrope' is not supported; supported: default, linear"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}})
     with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
         config_from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(CheckpointError, match="lacks required keys: vocab_size"):

@@ -10,7 +10,9 @@ family is one module that builds a :class:`ModelFamily` and calls :func:`registe
     family.shard(model, mp_policy=..., reshard_after_forward=True)   # FSDP2
 
 Presets are looked up by exact name across families; a Hugging Face directory picks its family by
-``model_type`` in config.json.
+``model_type`` in config.json, which is what :class:`AutoModelForCausalLM` does:
+
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B", attention="flex")   # or a directory
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from nemo_lite.components.attention import AttentionMask
+from nemo_lite.components.models.hub import CheckpointNotFoundError, resolve_pretrained
 
 
 class CausalLM(Protocol):
@@ -171,26 +174,12 @@ def family_of_preset(name: str) -> ModelFamily:
 
 
 def family_of_model(model: nn.Module) -> ModelFamily:
-    """The family whose model class ``model`` is (or derives from)."""
-    for family in _FAMILIES.values():
-        if isinstance(model, family.model_cls):
-            return family
+    """The family whose model class ``model`` is (or, failing that, derives from most closely)."""
+    for cls in type(model).__mro__:
+        for family in _FAMILIES.values():
+            if family.model_cls is cls:
+                return family
     raise TypeError(f"{type(model).__qualname__} belongs to no registered model family")
-
-
-class CheckpointNotFoundError(ValueError):
-    pass
-
-
-def resolve_pretrained(path_or_id: str | Path) -> Path:
-    """The local Hugging Face directory (config.json + safetensors) that ``path_or_id`` names."""
-    path = Path(path_or_id).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    raise CheckpointNotFoundError(
-        f"model.pretrained_path={str(path)!r} holds no Hugging Face checkpoint (no config.json). "
-        "For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
-    )
 
 
 def family_of_checkpoint(path: str | Path) -> ModelFamily:
@@ -205,5 +194,54 @@ def family_of_checkpoint(path: str | Path) -> ModelFamily:
             return family
     supported = sorted(t for f in _FAMILIES.values() for t in f.hf_model_types)
     raise UnknownModelTypeError(
-        f"{config_path}: model_type={model_type!r} is not supported; supported: {', '.join(supported)}"
+        f"{config_path}: model_type={model_type!r} is not supported; supported: {', '.join(supported)} "
+        "(another architecture needs its own registered ModelFamily)"
     )
+
+
+class AutoModelForCausalLM:
+    """Loads any registered family's checkpoint, the family chosen by ``model_type`` in its config.json."""
+
+    @staticmethod
+    def from_pretrained(
+        path_or_hub_id: str | Path,
+        *,
+        revision: str | None = None,
+        attention: str = "sdpa",
+        attn_mask_type: str = "causal",
+        fixed_block_size: int | None = None,
+        attention_options: Mapping[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> nn.Module:
+        """A local directory (config.json + safetensors) or a hub id (``org/name``, ``org/name@revision``
+        or ``revision=``) resolved through the Hugging Face cache (:func:`resolve_pretrained`)."""
+        path = resolve_pretrained(path_or_hub_id, revision=revision)
+        return family_of_checkpoint(path).load_pretrained(
+            path,
+            attention=attention,
+            attn_mask_type=attn_mask_type,
+            fixed_block_size=fixed_block_size,
+            attention_options=attention_options,
+            dtype=dtype,
+            device=device,
+        )
+
+
+__all__ = [
+    "AutoModelForCausalLM",
+    "CausalLM",
+    "CheckpointNotFoundError",
+    "ModelFamily",
+    "UnknownModelTypeError",
+    "UnknownPresetError",
+    "copy_config",
+    "family_of_checkpoint",
+    "family_of_model",
+    "family_of_preset",
+    "get_model_family",
+    "get_preset",
+    "list_presets",
+    "register_model_family",
+    "resolve_pretrained",
+]

@@ -1,7 +1,9 @@
-"""Hugging Face Llama checkpoints <-> :class:`LlamaForCausalLM`: the key map, config.json, safetensors.
+"""Hugging Face checkpoints <-> the decoder's families: the key map, config.json, safetensors.
 
-Everything Hugging Face-specific is in this file: the one parameter-name table (:data:`HF_KEY_MAP`),
-the config.json translation (both the ``rope_scaling`` form and transformers 5's ``rope_parameters``),
+Everything Hugging Face-specific is in this file (and in ``hub.py``, which finds a hub id in the cache):
+the one parameter-name table (:data:`HF_KEY_MAP`), shared by Llama, Qwen2, Qwen3 and Mistral; the
+config.json translation of each ``model_type`` (:data:`HF_CONFIG_CLASSES`; both the ``rope_scaling``
+form and transformers 5's ``rope_parameters``),
 loading (meta-device construction, then each tensor read once with safetensors straight into the
 target dtype and device; pickle files are never read) and saving (sharded safetensors written into
 a temporary directory that replaces the target in one rename).
@@ -9,6 +11,7 @@ a temporary directory that replaces the target in one rename).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,10 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from nemo_lite.components.models.config import LlamaConfig, RopeScaling
+from nemo_lite.components.models.config import (
+    ROPE_FIELDS,
+    ROPE_TYPES,
+    DecoderConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+    RopeScaling,
+)
+from nemo_lite.components.models.hub import (
+    CONFIG_NAME,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    resolve_pretrained,
+)
 
-# nemo_lite parameter name -> Hugging Face name; "{i}" is the layer index. Biases appear only when
-# config.attention_bias / config.mlp_bias are set; lm_head.weight only when the embedding is untied.
+# nemo_lite parameter name -> Hugging Face name; "{i}" is the layer index. Biases appear only where the
+# config puts them (qkv_bias, o_bias, mlp_bias), q_norm/k_norm only with qk_norm (Qwen3), lm_head.weight
+# only when the embedding is untied.
 HF_KEY_MAP: dict[str, str] = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
@@ -38,6 +58,8 @@ HF_KEY_MAP: dict[str, str] = {
     "layers.{i}.attention.v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
     "layers.{i}.attention.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "layers.{i}.attention.o_proj.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "layers.{i}.attention.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.attention.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
     "layers.{i}.mlp_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "layers.{i}.mlp.gate_proj.bias": "model.layers.{i}.mlp.gate_proj.bias",
@@ -53,21 +75,42 @@ TIED_OUTPUT_KEY = "lm_head.weight"
 # Buffers that checkpoints written by old transformers versions contain; they hold no weights.
 IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
+# config.json model_type -> our config class, and the architectures entry transformers loads it with.
+HF_CONFIG_CLASSES: dict[str, type[DecoderConfig]] = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+}
+HF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+SUPPORTED_MODEL_TYPES = tuple(HF_CONFIG_CLASSES)
+SUPPORTED_ROPE_TYPES = ("default", *ROPE_TYPES)
+
+# transformers' value of each optional key a config.json may lack, per model_type (its config classes'
+# defaults), so that both libraries read the same file the same way.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096, max_window_layers=28),
+    "qwen3": dict(max_position_embeddings=32768, sliding_window=4096, max_window_layers=28, head_dim=128),
+    "mistral": dict(max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, sliding_window=4096),
+}
+_COMMON_DEFAULTS: dict[str, Any] = dict(
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None
 )
-CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+# Keys written to config.json for transformers' sake: nothing here reads them.
+_HF_EXTRAS: dict[str, dict[str, Any]] = {
+    "llama": dict(attention_dropout=0.0, pretraining_tp=1, use_cache=True),
+    "qwen2": dict(attention_dropout=0.0, use_cache=True),
+    "qwen3": dict(attention_dropout=0.0, use_cache=True),
+    "mistral": dict(attention_dropout=0.0, use_cache=True),
+}
+# The keys of rope_parameters / rope_scaling each rope_type reads (besides rope_type/type and rope_theta).
+_ROPE_KEYS: dict[str, tuple[str, ...]] = {"default": (), **ROPE_FIELDS}
 
 _LAYER_PREFIX = re.compile(r"^layers\.(\d+)\.")
 
@@ -88,13 +131,65 @@ def to_hf_key(name: str) -> str:
 # ---- config.json -----------------------------------------------------------------------------------
 
 
-def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
-    """Our config from a Hugging Face ``config.json`` dict; missing optional keys take transformers'
-    LlamaConfig defaults, so both sides read the same file the same way."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+def model_type_of(config: DecoderConfig) -> str:
+    """The config.json ``model_type`` of one of our configs."""
+    for model_type, cls in HF_CONFIG_CLASSES.items():
+        if type(config) is cls:
+            return model_type
+    raise TypeError(f"{type(config).__name__} has no Hugging Face model_type; known: {', '.join(HF_CONFIG_CLASSES)}")
+
+
+def _rope_from_hf(hf: dict[str, Any], max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, rope_scaling)`` from either config form. transformers >= 5 writes "rope_parameters"
+    (with rope_theta inside); older versions write a top-level "rope_theta" and "rope_scaling" (null for
+    the default rope). "rope_scaling" wins when both are present, as in transformers."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", "default")
+    rope.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        raise CheckpointError(f"partial_rotary_factor={partial!r} is not supported; only 1.0 (every dimension rotates)")
+    if rope_type == "yarn" and rope.get("mscale") and rope.get("mscale_all_dim"):
         raise CheckpointError(
-            f"model_type={model_type!r} is not supported; accepted model_type: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            "yarn rope with mscale and mscale_all_dim (DeepSeek's attention factor) is not supported; "
+            "give attention_factor instead"
+        )
+    # Keys this rope_type does not read are ignored, as transformers ignores them.
+    rope = {key: value for key, value in rope.items() if key in _ROPE_KEYS[rope_type]}
+    if rope_type == "default":
+        return rope_theta, None
+    if rope_type in ("llama3", "yarn"):
+        # As transformers: a top-level original_max_position_embeddings wins, then the rope dict's, then
+        # max_position_embeddings.
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = int(original or max_position_embeddings)
+    if rope_type == "yarn":
+        if rope.get("factor") is None:  # transformers: the ratio of the two context lengths
+            rope["factor"] = max_position_embeddings / rope["original_max_position_embeddings"]
+        for key in ("beta_fast", "beta_slow"):  # null or 0 means the default, as in transformers
+            if not rope.get(key):
+                rope.pop(key, None)
+    if "factor" not in rope:
+        raise CheckpointError(f"{rope_type} rope scaling needs a factor; config.json has none")
+    try:
+        return rope_theta, RopeScaling(rope_type=rope_type, **rope)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"rope scaling {rope_type}: {err}") from None
+
+
+def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> DecoderConfig:
+    """Our config from a Hugging Face ``config.json`` dict, the class chosen by ``model_type`` (one of
+    ``model_types``). Missing optional keys take transformers' defaults for that model_type, so both
+    sides read the same file the same way."""
+    model_type = hf.get("model_type")
+    if model_type not in model_types:
+        others = sorted(set(SUPPORTED_MODEL_TYPES) - set(model_types))
+        hint = f" (AutoModelForCausalLM also loads {', '.join(others)})" if others and model_type in others else ""
+        raise CheckpointError(
+            f"model_type={model_type!r} is not supported; accepted model_type: {', '.join(model_types)}{hint}"
         )
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [key for key in required if key not in hf]
@@ -102,111 +197,77 @@ def config_from_hf(hf: dict[str, Any]) -> LlamaConfig:
         raise CheckpointError(f"config.json lacks required keys: {', '.join(missing)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; the MLP is SwiGLU (silu)")
-
-    # transformers >= 5 writes "rope_parameters" (with rope_theta inside); older versions write a
-    # top-level "rope_theta" and "rope_scaling" (null for the default rope). "rope_scaling" wins when
-    # both are present, as in transformers.
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise CheckpointError(f"rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
-            ),
+    if hf.get("attention_dropout") or hf.get("mlp_dropout"):
+        raise CheckpointError(
+            f"attention_dropout={hf.get('attention_dropout')!r} is not supported (nemo_lite has no dropout): "
+            "set it to 0.0 in config.json"
         )
+    if hf.get("quantization_config"):
+        raise CheckpointError(
+            "quantization_config is not supported: the weights must be plain float tensors (load an "
+            "unquantized checkpoint)"
+        )
+    if model_type == "mistral" and hf.get("layer_types") is not None:
+        raise CheckpointError(
+            "layer_types is not supported in a mistral config.json (transformers' Mistral ignores it too: every "
+            "layer uses sliding_window); remove it"
+        )
+    config_cls = HF_CONFIG_CLASSES[model_type]
+    defaults = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type]}
+    values = {}
+    for field in dataclasses.fields(config_cls):
+        if field.name in ("rope_theta", "rope_scaling"):
+            continue
+        if field.name in hf:
+            values[field.name] = hf[field.name]
+        elif field.name in defaults:
+            values[field.name] = defaults[field.name]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents
+        if isinstance(values.get(key), list):
+            values[key] = values[key][0] if values[key] else None
+    values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, values["max_position_embeddings"])
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"model_type={model_type!r}: {err}") from None
 
-    def first(token_id):  # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents
-        if isinstance(token_id, list):
-            return token_id[0] if token_id else None
-        return token_id
 
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False),
-        bos_token_id=first(hf.get("bos_token_id", 1)),
-        eos_token_id=first(hf.get("eos_token_id", 2)),
-        pad_token_id=first(hf.get("pad_token_id")),
-        initializer_range=hf.get("initializer_range", 0.02),
-    )
-
-
-def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A ``config.json`` dict that transformers 4.x and 5.x both read as this model."""
-    scaling = config.rope_scaling
-    rope_scaling = None
-    if scaling is not None:
-        rope_scaling = {
-            "rope_type": scaling.rope_type,
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position_embeddings,
-        }
+def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers 4.x and 5.x both read as this model, every field
+    of the config under its Hugging Face name."""
+    model_type = model_type_of(config)
+    out: dict[str, Any] = {"architectures": [HF_ARCHITECTURES[model_type]], "model_type": model_type}
+    for field in dataclasses.fields(config):
+        if field.name != "rope_scaling":
+            out[field.name] = getattr(config, field.name)
+    rope_scaling = None if config.rope_scaling is None else config.rope_scaling.fields_of_type()
     dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
+    out.update(
+        hidden_act="silu",
         # Both rope forms: transformers < 5 reads rope_theta/rope_scaling, >= 5 reads rope_parameters.
-        "rope_theta": config.rope_theta,
-        "rope_scaling": rope_scaling,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta}
+        rope_scaling=rope_scaling,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}
         if rope_scaling is None
         else {**rope_scaling, "rope_theta": config.rope_theta},
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": config.attention_bias,
-        "attention_dropout": 0.0,
-        "mlp_bias": config.mlp_bias,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "initializer_range": config.initializer_range,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
-    }
+        torch_dtype=dtype_name,
+        dtype=dtype_name,
+        **_HF_EXTRAS[model_type],
+    )
+    return out
 
 
 # ---- load ------------------------------------------------------------------------------------------
 
 
-def read_config(path: str | Path) -> LlamaConfig:
+def read_config(path: str | Path, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> DecoderConfig:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: not a Hugging Face model directory")
     with open(config_file) as f:
         hf = json.load(f)
     try:
-        return config_from_hf(hf)
+        return config_from_hf(hf, model_types)
     except CheckpointError as e:
         raise CheckpointError(f"{config_file}: {e}") from None
 
@@ -262,7 +323,9 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Load a Hugging Face Llama directory into ``cls`` (:class:`~nemo_lite.components.models.llama.LlamaForCausalLM`).
+    """Load a Hugging Face directory (or a hub id, see :func:`~nemo_lite.components.models.hub.resolve_pretrained`)
+    into ``cls``, a family's model class (:class:`~nemo_lite.components.models.llama.LlamaForCausalLM`, ...),
+    whose ``config_class`` decides the model_types it accepts.
 
     The model is built on the meta device, its storage allocated once in ``dtype`` on ``device``
     (``to_empty``), and each checkpoint tensor is read and copied into place one at a time, so peak
@@ -271,10 +334,12 @@ def load_pretrained(
     """
     from safetensors import safe_open
 
-    path = Path(path).expanduser()
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-    config = read_config(path)
+    path = resolve_pretrained(path)
+    config_class = getattr(cls, "config_class", DecoderConfig)
+    model_types = tuple(t for t, c in HF_CONFIG_CLASSES.items() if issubclass(c, config_class))
+    config = read_config(path, model_types)
     with torch.device("meta"):
         model = cls(
             config,
@@ -320,11 +385,12 @@ def load_pretrained(
     return model
 
 
-def config_summary(config: LlamaConfig) -> str:
+def config_summary(config: DecoderConfig) -> str:
     return (
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, heads {config.num_attention_heads}/"
-        f"{config.num_key_value_heads}, head_dim {config.head_dim}, vocab {config.vocab_size}, "
-        f"tied={config.tie_word_embeddings}, attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias}"
+        f"{model_type_of(config)}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, heads "
+        f"{config.num_attention_heads}/{config.num_key_value_heads}, head_dim {config.head_dim}, vocab "
+        f"{config.vocab_size}, tied={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, "
+        f"o_bias={config.o_bias}, mlp_bias={config.mlp_bias}, qk_norm={config.qk_norm}"
     )
 
 
@@ -398,7 +464,8 @@ def save_pretrained(
     max_shard_size: int | str = "2GB",
     tokenizer_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``model`` as a Hugging Face Llama directory: config.json, safetensors (sharded with an
+    """Write ``model`` as a Hugging Face directory of its family (config.json with the model_type and
+    architectures transformers loads it as), safetensors (sharded with an
     index beyond ``max_shard_size``) and the tokenizer files of ``tokenizer_dir`` (default: the
     directory the model was loaded from). Atomic: see :func:`atomic_directory`. Returns the path.
     """

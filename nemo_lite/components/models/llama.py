@@ -2,9 +2,15 @@
 
 The architecture only; it reads top to bottom. Attention runs through a registered backend
 (``nemo_lite.components.attention``) whose per-step mask is built once by
-:meth:`LlamaForCausalLM.build_attention_mask` and handed to every layer. Hugging Face import and
+:meth:`DecoderForCausalLM.build_attention_mask` and handed to every layer. Hugging Face import and
 export live in :mod:`nemo_lite.components.models.hf`; ``from_pretrained``/``save_pretrained`` below
 only forward to it.
+
+Llama, Qwen2, Qwen3 and Mistral are this one decoder; their configs (``config.py``) say what differs:
+biases on q/k/v and on o (``qkv_bias``, ``o_bias``, ``mlp_bias``), an RMSNorm on each head of q and k
+before the rotary embedding (``qk_norm``, Qwen3), each layer's sliding window (``layer_windows()``,
+Mistral and Qwen's optional windows; the backend applies it), and the rotary scaling (``rope_scaling``).
+Each family has its own class at the end of the file, so that a model says which family it is.
 
 Numerics follow transformers' ``modeling_llama.py`` so that checkpoints give the same logits:
 RMSNorm in float32 then cast back before the weight; the rotary embedding in Hugging Face's
@@ -23,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemo_lite.components.attention import AttentionBackend, AttentionMask, build_attention_backend
-from nemo_lite.components.models.config import LlamaConfig
+from nemo_lite.components.models.config import (
+    DecoderConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 class RMSNorm(nn.Module):
@@ -46,14 +58,26 @@ class RMSNorm(nn.Module):
 # ---- rotary embedding ---------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]`` in float32, op for op as transformers computes them."""
+def rope_inv_freq(
+    config: DecoderConfig, device: torch.device | str | None = None, seq_len: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` in float32, op for op as transformers computes them.
+
+    ``seq_len`` (a 0-d tensor: the longest position of the forward + 1) matters only to ``dynamic``
+    scaling, which is the default rope up to ``max_position_embeddings`` (None: not beyond it).
+    """
     dim = config.head_dim
     arange = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float()
     inv_freq = 1.0 / (config.rope_theta ** (arange / dim))
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":  # positions / factor, folded into the frequencies
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "dynamic":
+        return inv_freq if seq_len is None else _dynamic_inv_freq(config, inv_freq, arange, seq_len)
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(config, arange)
     # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
     # Same formula and op order as transformers' _compute_llama3_parameters (bitwise equal on CPU).
     factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
@@ -68,17 +92,69 @@ def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None)
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
-def rotary_cos_sin(config: LlamaConfig, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _dynamic_inv_freq(
+    config: DecoderConfig, inv_freq: torch.Tensor, arange: torch.Tensor, seq_len: torch.Tensor
+) -> torch.Tensor:
+    """NTK scaling for sequences longer than max_position_embeddings (transformers'
+    _compute_dynamic_ntk_parameters), chosen on the device: no host sync."""
+    dim, limit, factor = config.head_dim, config.max_position_embeddings, config.rope_scaling.factor
+    longest = torch.maximum(seq_len, torch.tensor(limit, dtype=seq_len.dtype, device=seq_len.device))
+    base = config.rope_theta * ((factor * longest / limit) - (factor - 1)) ** (dim / (dim - 2))
+    scaled = 1.0 / (base ** (arange / dim))
+    return torch.where(seq_len > limit, scaled, inv_freq)
+
+
+def _yarn_inv_freq(config: DecoderConfig, arange: torch.Tensor) -> torch.Tensor:
+    """YaRN (transformers' _compute_yarn_parameters, same op order): each frequency is blended between
+    kept (extrapolation) and divided by factor (interpolation) by a linear ramp over the dimensions."""
+    scaling, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+
+    def correction_dim(num_rotations: float) -> float:  # the dimension that turns this often in the context
+        context = scaling.original_max_position_embeddings
+        return (dim * math.log(context / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # prevent a division by zero, as transformers does
+    pos_freqs = base ** (arange / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (scaling.factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=arange.device) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    return inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+
+
+def rope_attention_factor(config: DecoderConfig) -> float:
+    """The multiplier of cos and sin: YaRN's attention factor, 1 for every other rope."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    return 1.0 if scaling.factor <= 1 else 0.1 * math.log(scaling.factor) + 1.0
+
+
+def rotary_cos_sin(config: DecoderConfig, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin ``[B, 1, S, head_dim]`` in float32 for the given positions (computed once per forward).
 
     The inverse frequencies are recomputed here (a handful of ops on ``head_dim // 2`` numbers)
     rather than kept in a buffer, so meta-device construction, ``to_empty`` and ``.to(bfloat16)``
     can never leave them uninitialized or rounded.
     """
-    inv_freq_D2 = rope_inv_freq(config, position_ids_BS.device)
+    seq_len = None
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "dynamic":
+        seq_len = position_ids_BS.max() + 1  # stays on the device
+    inv_freq_D2 = rope_inv_freq(config, position_ids_BS.device, seq_len)
     freqs_BSD2 = position_ids_BS[..., None].float() * inv_freq_D2
     emb_BSD = torch.cat((freqs_BSD2, freqs_BSD2), dim=-1)
-    return emb_BSD.cos()[:, None], emb_BSD.sin()[:, None]
+    cos_BSD, sin_BSD = emb_BSD.cos(), emb_BSD.sin()
+    attention_factor = rope_attention_factor(config)
+    if attention_factor != 1.0:
+        cos_BSD, sin_BSD = cos_BSD * attention_factor, sin_BSD * attention_factor
+    return cos_BSD[:, None], sin_BSD[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,18 +172,24 @@ def apply_rotary(x_BHSD: torch.Tensor, cos_B1SD: torch.Tensor, sin_B1SD: torch.T
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: q/k/v projections, RoPE on q and k, the backend, the output projection."""
+    """Grouped-query attention: q/k/v projections, (per-head q/k norm,) RoPE on q and k, the backend
+    (within this layer's sliding window, if any), the output projection."""
 
-    def __init__(self, config: LlamaConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, sliding_window: int = 0) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        bias = config.attention_bias
+        bias = config.qkv_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        # Qwen3: each head of q and k is RMS-normalized (one weight of head_dim shared by the heads).
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # nemo_lite's convention: a query sees keys with q - k <= sliding_window (0 = no window).
+        self.sliding_window = sliding_window
         self.backend = backend  # shared by every layer; it has no parameters
 
     def forward(
@@ -118,20 +200,30 @@ class Attention(nn.Module):
         attention_mask: AttentionMask,
     ) -> torch.Tensor:
         batch, seq_len, _ = x_BSE.shape
-        q_BHSD = self.q_proj(x_BSE).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BKSD = self.k_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_BKSD = self.v_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSD = apply_rotary(q_BHSD, cos_B1SD, sin_B1SD)
-        k_BKSD = apply_rotary(k_BKSD, cos_B1SD, sin_B1SD)
+        q_BSHD = self.q_proj(x_BSE).view(batch, seq_len, self.num_heads, self.head_dim)
+        k_BSKD = self.k_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v_BSKD = self.v_proj(x_BSE).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
+        q_BHSD = apply_rotary(q_BSHD.transpose(1, 2), cos_B1SD, sin_B1SD)
+        k_BKSD = apply_rotary(k_BSKD.transpose(1, 2), cos_B1SD, sin_B1SD)
+        v_BKSD = v_BSKD.transpose(1, 2)
         # KV heads are not repeated here: the backend reads KV head h // (H / K) for query head h.
-        out_BHSD = self.backend(q_BHSD, k_BKSD, v_BKSD, enable_gqa=True, attention_mask=attention_mask)
+        out_BHSD = self.backend(
+            q_BHSD,
+            k_BKSD,
+            v_BKSD,
+            sliding_window=self.sliding_window,
+            enable_gqa=True,
+            attention_mask=attention_mask,
+        )
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -145,10 +237,10 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm residual block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``."""
 
-    def __init__(self, config: LlamaConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: DecoderConfig, backend: AttentionBackend, sliding_window: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, backend)
+        self.attention = Attention(config, backend, sliding_window)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -166,11 +258,14 @@ class DecoderBlock(nn.Module):
 # ---- decoder ------------------------------------------------------------------------------------
 
 
-class LlamaForCausalLM(nn.Module):
+class DecoderForCausalLM(nn.Module):
     """Token embedding, ``layers`` (an ``nn.ModuleList`` of :class:`DecoderBlock`), final norm, output.
 
+    Build a family's own class (:class:`LlamaForCausalLM`, :class:`Qwen2ForCausalLM`, ...), which
+    takes that family's config.
+
     Args:
-        config: the architecture.
+        config: the architecture (an instance of the class's ``config_class``).
         attention: name of a registered attention backend ("sdpa", "eager", "flex", ...).
         attn_mask_type: "causal", or "block_causal" for EOS-delimited packed documents.
         fixed_block_size: optionally also restrict attention to blocks of this many tokens.
@@ -181,12 +276,12 @@ class LlamaForCausalLM(nn.Module):
     scratch, or load a checkpoint with :meth:`from_pretrained`.
     """
 
-    # The sliding windows the layers use (0 = none); every one gets its mask built per step.
-    sliding_windows: tuple[int, ...] = (0,)
+    # The config class this model class takes (each family's class sets its own).
+    config_class: type[DecoderConfig] = DecoderConfig
 
     def __init__(
         self,
-        config: LlamaConfig,
+        config: DecoderConfig,
         *,
         attention: str = "sdpa",
         attn_mask_type: str = "causal",
@@ -194,14 +289,19 @@ class LlamaForCausalLM(nn.Module):
         attention_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got a {type(config).__name__}"
+            )
         self.config = config
         self.attention_backend = build_attention_backend(
             attention, attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size, options=attention_options
         )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderBlock(config, self.attention_backend) for _ in range(config.num_hidden_layers)
-        )
+        windows = config.layer_windows()
+        self.layers = nn.ModuleList(DecoderBlock(config, self.attention_backend, window) for window in windows)
+        # The distinct sliding windows of the layers (0 = none): each gets its mask built once per step.
+        self.sliding_windows: tuple[int, ...] = tuple(sorted(set(windows)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied: the output projection *is* the embedding matrix, so there is no second parameter to tie.
         tied = config.tie_word_embeddings
@@ -300,8 +400,10 @@ class LlamaForCausalLM(nn.Module):
         attention_options: Mapping[str, Any] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> LlamaForCausalLM:
-        """Load a Hugging Face Llama directory (config.json + safetensors); see ``hf.load_pretrained``."""
+    ) -> DecoderForCausalLM:
+        """Load a Hugging Face directory of this class's family (config.json + safetensors), or a hub
+        id (``org/name`` or ``org/name@revision``, through the Hugging Face cache); see
+        ``hf.load_pretrained``. For any family: ``AutoModelForCausalLM.from_pretrained``."""
         from nemo_lite.components.models import hf
 
         return hf.load_pretrained(
@@ -318,7 +420,34 @@ class LlamaForCausalLM(nn.Module):
     def save_pretrained(
         self, path: str | Path, *, max_shard_size: int | str = "2GB", tokenizer_dir: str | Path | None = None
     ) -> Path:
-        """Write a Hugging Face Llama directory atomically; see ``hf.save_pretrained``."""
+        """Write a Hugging Face directory of this model's family atomically; see ``hf.save_pretrained``."""
         from nemo_lite.components.models import hf
 
         return hf.save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
+
+
+# ---- the families: the same decoder, each with its own config ------------------------------------
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    """Llama: biases on q/k/v/o and on the MLP if the config says so (``attention_bias``, ``mlp_bias``)."""
+
+    config_class = LlamaConfig
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    """Qwen2 and Qwen2.5: biases on q, k and v; optional sliding windows in the upper layers."""
+
+    config_class = Qwen2Config
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    """Qwen3: per-head RMSNorm on q and k before the rotary embedding; optional sliding windows."""
+
+    config_class = Qwen3Config
+
+
+class MistralForCausalLM(DecoderForCausalLM):
+    """Mistral: every layer attends within ``config.sliding_window`` tokens (when set)."""
+
+    config_class = MistralConfig

@@ -1,16 +1,21 @@
-"""The Llama family's entry: its model, presets, Hugging Face adapter, FSDP2 plan and FLOPs."""
+"""The Llama family's entry: its model, presets, Hugging Face adapter, FSDP2 plan and FLOPs.
+
+Qwen2, Qwen3 and Mistral are the same decoder (``llama.py``) with other configs, so their entries
+(``qwen2_family.py``, ...) are built by :func:`decoder_family` with the same plan and FLOPs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
-from nemo_lite.components.models import hf
-from nemo_lite.components.models.config import LLAMA_PRESETS, LlamaConfig
+from nemo_lite.components.models.config import LLAMA_PRESETS, DecoderConfig
 from nemo_lite.components.models.family import ModelFamily, register_model_family
-from nemo_lite.components.models.llama import LlamaForCausalLM
+from nemo_lite.components.models.llama import DecoderForCausalLM, LlamaForCausalLM
 
 
-def shard(model: LlamaForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True) -> None:
+def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True) -> None:
     """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, final norm, head).
 
     ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to its
@@ -30,27 +35,35 @@ def shard(model: LlamaForCausalLM, *, mp_policy=None, reshard_after_forward: boo
 
 def flops_per_token(model: nn.Module) -> int:
     """6 x the parameters that take part in a matmul per token: all but the input embedding lookup (a tied
-    output projection is counted once, as the output projection)."""
+    output projection is counted once, as the output projection). Norm weights and biases (a few per
+    thousand of the total) are counted too."""
     total = sum(p.numel() for p in model.parameters())
     if not model.config.tie_word_embeddings:
         total -= model.embed_tokens.weight.numel()
     return 6 * total
 
 
-def attention_flops_per_pair(config: LlamaConfig) -> int:
+def attention_flops_per_pair(config: DecoderConfig) -> int:
     """``4 * head_dim`` per allowed (query, key) pair forward (QK^T and PV), x3 with backward, every layer
     and query head."""
     return 3 * 4 * config.head_dim * config.num_attention_heads * config.num_hidden_layers
 
 
-LLAMA = register_model_family(
-    ModelFamily(
-        name="llama",
-        model_cls=LlamaForCausalLM,
-        config_cls=LlamaConfig,
-        presets=LLAMA_PRESETS,
-        hf_model_types=hf.SUPPORTED_MODEL_TYPES,
-        load_pretrained=LlamaForCausalLM.from_pretrained,
+def decoder_family(
+    name: str,
+    model_cls: type[DecoderForCausalLM],
+    presets: Mapping[str, DecoderConfig],
+    hf_model_types: tuple[str, ...],
+) -> ModelFamily:
+    """The entry of a family of the shared decoder: its own class, config and presets; the decoder's
+    blocks, FSDP2 plan and FLOPs."""
+    return ModelFamily(
+        name=name,
+        model_cls=model_cls,
+        config_cls=model_cls.config_class,
+        presets=presets,
+        hf_model_types=hf_model_types,
+        load_pretrained=model_cls.from_pretrained,
         blocks=lambda model: list(model.layers),
         # The final norm too: eager, it is ~15 small float32 kernels a step.
         compile_units=lambda model: [*model.layers, model.norm],
@@ -58,4 +71,6 @@ LLAMA = register_model_family(
         flops_per_token=flops_per_token,
         attention_flops_per_pair=attention_flops_per_pair,
     )
-)
+
+
+LLAMA = register_model_family(decoder_family("llama", LlamaForCausalLM, LLAMA_PRESETS, ("llama",)))
