@@ -1,8 +1,12 @@
-"""Loss curve of a run directory: python scripts/plot_loss.py runs/pretrain docs/img/pretrain_loss.png"""
+"""Loss curve of a run directory (its metrics.jsonl):
+
+python scripts/plot_loss.py runs/pretrain docs/img/pretrain_loss.png
+python scripts/plot_loss.py runs/pretrain          # -> runs/pretrain/loss.png
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -31,4 +35,10 @@ def main(run_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description="Plot the train and validation loss of a run directory.")
+    parser.add_argument("run_dir", help="a run directory holding metrics.jsonl (e.g. runs/pretrain)")
+    parser.add_argument("out", nargs="?", default=None, help="the image to write (default: RUN_DIR/loss.png)")
+    args = parser.parse_args()
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        parser.error(f"{args.run_dir} has no metrics.jsonl (give the run_dir of a training run)")
+    main(args.run_dir, args.out or str(Path(args.run_dir) / "loss.png"))

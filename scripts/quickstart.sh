@@ -21,6 +21,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q "${PIP_TORCH:-torch==2.13.0}"
   "$VENV/bin/python" -m pip install -q -e ".[dev,hf]"
   touch "$STAMP"
+  echo "[quickstart] installed; for the README's python lines: source $VENV/bin/activate (or call $VENV/bin/python)"
 fi
 
 cmd="${1:-}"; shift || true

