@@ -278,3 +278,14 @@ def test_generate_is_greedy_and_stops_at_eos():
     first = out[0, 5].item()
     stopped = generate(model, ids[:1], 6, eos_token_id=first)
     assert stopped.shape == (1, 6)
+
+
+def test_a_preset_reshaped_by_overrides_derives_head_dim_again():
+    """The default `small` model is `tiny` with hidden 256 and 8 heads: head_dim 32, not tiny's 16."""
+    from nemo_lite.components.models import get_preset
+
+    assert get_preset("tiny", hidden_size=256, num_attention_heads=8).head_dim == 32
+    assert get_preset("tiny", hidden_size=96, num_attention_heads=4, head_dim=16).head_dim == 16  # a choice
+    assert get_preset("qwen3-0.6b", hidden_size=512).head_dim == 128  # the preset chose it apart from its shape
+    with pytest.raises(ValueError, match="hidden_size=100 is not divisible by num_attention_heads=8: set head_dim"):
+        get_preset("tiny", hidden_size=100, num_attention_heads=8)

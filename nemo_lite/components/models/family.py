@@ -99,7 +99,13 @@ class ModelFamily:
         unknown = sorted(set(overrides) - set(self.config_fields()))
         if unknown:
             raise ValueError(f"unknown {self.name} config field(s) {unknown}; valid: {', '.join(self.config_fields())}")
-        return copy_config(self.presets[name], **overrides)
+        base = self.presets[name]
+        # head_dim the preset derived from its shape is derived again from the new one; a head_dim the
+        # preset chose apart from its shape (Qwen3) stays, unless overridden too.
+        reshaped = {"hidden_size", "num_attention_heads"} & set(overrides) and "head_dim" not in overrides
+        if reshaped and getattr(base, "head_dim", None) == base.hidden_size // base.num_attention_heads:
+            overrides["head_dim"] = None
+        return copy_config(base, **overrides)
 
     def config_fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_cls)]
