@@ -200,3 +200,12 @@ def test_hydra_flags_with_values_are_not_taken_for_overrides(tmp_path):
     proc = run_recipe("--cfg", "job", "attention=sdpa", f"run_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "recipe: pretrain" in proc.stdout and "backend: sdpa" in proc.stdout
+
+
+def test_a_model_shape_that_does_not_add_up_is_refused_before_the_data_are_built(tmp_path):
+    proc = run_recipe("model.overrides.hidden_size=100", f"run_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: model.preset=tiny with model.overrides: hidden_size=100 is not divisible by num_attention_heads=8: "
+        "set head_dim explicitly\n"
+    )

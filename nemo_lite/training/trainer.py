@@ -130,6 +130,8 @@ class Trainer:
                 self.pretrained_dir = resolve_pretrained(cfg.model.pretrained_path)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if cfg.model.pretrained_path is None:
+            self._preset_overrides()  # a bad model shape stops the run before the data are built
         self._build_data()
         self._build_model()
         self.step_impl: TrainStep = build_step(
@@ -203,6 +205,20 @@ class Trainer:
                 break
         return rank_batches(rows[:want], rank=self.rank, world_size=self.world_size, batch_size=data_cfg.batch_size)
 
+    def _preset_overrides(self) -> tuple[ModelFamily, dict[str, Any]]:
+        """The preset's family and ``model.overrides``, checked: the preset builds with them (a bad field or
+        shape is refused here, before the data are built)."""
+        family, overrides = family_of_preset(self.cfg.model.preset), dict(self.cfg.model.overrides)
+        unknown = sorted(set(overrides) - set(family.config_fields()))
+        if unknown:
+            valid = ", ".join(family.config_fields())
+            raise ConfigError(f"model.overrides has unknown field(s) {unknown}; valid fields: {valid}")
+        try:
+            family.preset(self.cfg.model.preset, **overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.preset={self.cfg.model.preset} with model.overrides: {err}") from None
+        return family, overrides
+
     def _build_model(self) -> None:
         cfg, att = self.cfg, self.cfg.attention
         kwargs = dict(
@@ -220,12 +236,7 @@ class Trainer:
                     f"{model.config.vocab_size}: use the checkpoint's tokenizer (data.tokenizer=model)"
                 )
         else:
-            family = family_of_preset(cfg.model.preset)
-            overrides = dict(cfg.model.overrides)
-            unknown = sorted(set(overrides) - set(family.config_fields()))
-            if unknown:
-                valid = ", ".join(family.config_fields())
-                raise ConfigError(f"model.overrides has unknown field(s) {unknown}; valid fields: {valid}")
+            family, overrides = self._preset_overrides()
             if cfg.model.vocab_from_tokenizer and "vocab_size" not in overrides:
                 overrides["vocab_size"] = 64 * math.ceil(self.train_loader.vocab_size / 64)
             overrides.setdefault("eos_token_id", self.eos_id)
