@@ -102,6 +102,25 @@ class TrainerSection:
 
 
 @dataclass
+class PeftSection:
+    # "none" (every weight trains) or "lora" (adapters through PEFT; configs/peft/lora.yaml, docs/finetuning.md).
+    method: str = "none"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class Float8Section:
+    # Float8 training linears through torchao (pip install nemo_lite[float8]; a Hopper GPU or newer).
+    enabled: bool = False
+    # torchao's scaling recipe: tensorwise | rowwise.
+    recipe: str = "tensorwise"
+
+
+@dataclass
 class LoggerSection:
     # "jsonl" (always written) or "wandb" (jsonl plus Weights & Biases).
     name: str = "jsonl"
@@ -120,6 +139,8 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    float8: Float8Section = field(default_factory=Float8Section)
     logger: LoggerSection = field(default_factory=LoggerSection)
 
 

@@ -30,6 +30,7 @@ from nemo_lite.components.models import ModelFamily, family_of_checkpoint, famil
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
+from nemo_lite.training.converters import build_converters
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
 from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
@@ -247,6 +248,10 @@ class Trainer:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
         self.family: ModelFamily = family
         self.raw_model = model
+        self.converters = build_converters(cfg)
+        for converter in self.converters:  # before activation checkpointing, compile and sharding
+            converter.convert(model, family)
+            self._log(converter.description)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
         if cfg.trainer.compile:
