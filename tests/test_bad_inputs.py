@@ -148,3 +148,127 @@ def test_validation_split_smaller_than_one_batch_disables_validation_and_says_so
     assert result.status == "completed" and result.steps == 2
     assert trainer.val_batches == []
     assert "validation disabled" in capsys.readouterr().err + capsys.readouterr().out
+
+
+# ---- damaged Hugging Face files: one CheckpointError naming the file ----------------------------------------
+
+
+def _load(path):
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("truncated", r"model.safetensors is not a readable safetensors file \(.*\): fetch or convert"),
+        ("lying header", r"model.safetensors is not a readable safetensors file"),
+        ("pickle", r"model.safetensors is not a readable safetensors file"),
+    ],
+)
+def test_a_damaged_safetensors_file_is_named(tiny_hf_checkpoint, damage, match):
+    import pickle
+    import struct
+
+    from nemo_lite.components.models import CheckpointError
+
+    file = tiny_hf_checkpoint / "model.safetensors"
+    data = file.read_bytes()
+    if damage == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif damage == "lying header":  # a header that claims more bytes than the file holds
+        (n,) = struct.unpack("<Q", data[:8])
+        file.write_bytes(struct.pack("<Q", n + 10**6) + data[8:])
+    else:
+        file.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match=match):
+        _load(tiny_hf_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[1, 2, 3]", r"config.json holds a JSON list, not an object"),
+        ('{"model_type": "llama",', r"config.json is not valid JSON \(Expecting .* at line 1, column \d+\)"),
+    ],
+)
+def test_a_config_json_that_is_not_an_object_is_named(tiny_hf_checkpoint, text, match):
+    from nemo_lite.components.models import CheckpointError
+
+    (tiny_hf_checkpoint / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        _load(tiny_hf_checkpoint)
+
+
+def test_a_string_where_config_json_needs_a_number_names_the_file_and_key(tiny_hf_checkpoint):
+    from nemo_lite.components.models import CheckpointError
+
+    config = json.loads((tiny_hf_checkpoint / "config.json").read_text())
+    config["rms_norm_eps"] = "1e-5"
+    (tiny_hf_checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"ckpt/config.json: rms_norm_eps='1e-5' must be a number$"):
+        _load(tiny_hf_checkpoint)
+
+
+def test_a_tied_checkpoint_with_a_distinct_lm_head_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from nemo_lite.components.models import CheckpointError, LlamaForCausalLM, get_preset
+
+    model = LlamaForCausalLM(get_preset("tiny", vocab_size=512, tie_word_embeddings=True))
+    model.init_weights(0)
+    path = model.save_pretrained(tmp_path / "tied")
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    _load(path)  # the embedding's copy: skipped, as transformers does
+    tensors["lm_head.weight"] = torch.randn_like(tensors["lm_head.weight"])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=true but lm_head.weight differs"):
+        _load(path)
+
+
+# ---- the launcher: one line for a user error, a traceback for a bug ------------------------------------------
+
+
+def test_the_launcher_keeps_the_traceback_of_a_bug(monkeypatch):
+    from nemo_lite.training import launch
+    from nemo_lite.training.trainer import Trainer
+
+    def buggy_fit(self):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(Trainer, "__init__", lambda self, cfg, dist_info=None: None)
+    monkeypatch.setattr(Trainer, "fit", buggy_fit)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        launch.run_recipe(object())
+
+
+def test_the_launcher_gives_one_line_for_each_known_error_family(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from nemo_lite.training import launch
+    from nemo_lite.training.trainer import Trainer
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+    read_only = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run"))
+    damaged = SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
+    expected = {
+        full: f"error: the disk is full: writing {tmp_path}/run/metrics.jsonl failed; free some space or choose",
+        read_only: f"error: cannot write {tmp_path}/run (Permission denied): choose a writable run_dir",
+        damaged: "error: a safetensors file cannot be read (Error while deserializing header: Metadata",
+    }
+    monkeypatch.setattr(Trainer, "__init__", lambda self, cfg, dist_info=None: None)
+    for err, line in expected.items():
+
+        def fit(self, err=err):
+            raise err
+
+        monkeypatch.setattr(Trainer, "fit", fit)
+        assert launch.run_recipe(object()) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), lines

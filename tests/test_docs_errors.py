@@ -203,6 +203,12 @@ def _load_models_md_example(tmp):  # docs/models.md's example of one CheckpointE
     LlamaForCausalLM.from_pretrained(_tiny_checkpoint(tmp, edit))
 
 
+def _load_models_md_example_config(tmp, **values):
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(_tiny_checkpoint(tmp, config_edit=lambda c: c.update(values)))
+
+
 def _sharded_checkpoint(tmp: Path, world_size: int = 2) -> Path:
     """What a torchrun run leaves: meta.json and a dcp/ directory (enough for the checks that refuse it)."""
     path = tmp / "checkpoints" / "step_000003"
@@ -286,6 +292,174 @@ def _no_eos_tokenizer(tmp):
     return str(default_tokenizer_file())  # a bare tokenizer.json names no EOS
 
 
+def _quick_trainer(run_dir: Path, steps: int = 4, **trainer_settings):
+    """The tiny model on synthetic batches (nothing to tokenize), saving every 2 steps."""
+    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(run_dir, "sdpa", steps=steps)
+    t = cfg.trainer
+    t.save_every, t.keep_last, t.val_every, t.sample_tokens, t.export_hf = 2, 10, 0, 0, False
+    for key, value in trainer_settings.items():
+        setattr(t, key, value)
+    return Trainer(cfg, train_loader=SyntheticPackedLoader(4, 64, vocab_size=512, eos_id=0, seed=1, learnable=True))
+
+
+def _run_dir_in_use(tmp):
+    run = tmp / "run"
+    run.mkdir()
+    code = "import sys, time; from nemo_lite.training.run_dir import RunLock; RunLock(sys.argv[1]); print(1, flush=1)"
+    holder = subprocess.Popen([sys.executable, "-c", f"{code}; time.sleep(60)", str(run)], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        _quick_trainer(run).fit()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _fresh_run_over_checkpoints(tmp):
+    from nemo_lite.training.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp / "run" / "checkpoints", 2, torch.nn.Linear(2, 2), {"step": 2}, keep_last=2)
+    _quick_trainer(tmp / "run").fit()
+
+
+def _run_dir_is_a_file(tmp):
+    (tmp / "run").write_text("")
+    _quick_trainer(tmp / "run").fit()
+
+
+def _read_only_run_dir(tmp):
+    import errno
+    from unittest import mock
+
+    def refuse(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    with mock.patch("nemo_lite.training.run_dir.Path.write_bytes", refuse):
+        _quick_trainer(tmp / "run").fit()
+
+
+def _small_disk(tmp):
+    from unittest import mock
+
+    import nemo_lite.training.run_dir as rundir
+
+    usage = rundir.shutil.disk_usage(tmp)._replace(free=1_000_000)
+    with mock.patch.object(rundir.shutil, "disk_usage", lambda path: usage):
+        _quick_trainer(tmp / "run").fit()
+
+
+def _poisoned_update(tmp):
+    trainer = _quick_trainer(tmp / "run", steps=8)
+    trainer.setup()
+    real_step = trainer.step_impl.optimizer.step
+
+    def step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        if trainer.step + 1 == 5:
+            with torch.no_grad():
+                next(trainer.raw_model.parameters()).view(-1)[0] = float("inf")
+
+    trainer.step_impl.optimizer.step = step
+    trainer.fit()
+
+
+def _disk_full_during_a_save(tmp):
+    import errno
+
+    trainer = _quick_trainer(tmp / "run", steps=6)
+    trainer.setup()
+
+    def full(name):
+        if trainer.step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer.hooks["checkpoint"] = {"after_file": full}
+    trainer.fit()
+
+
+def _disk_full_elsewhere(tmp):
+    import errno
+
+    from nemo_lite.training.launch import user_error_line
+
+    raise RuntimeError(user_error_line(OSError(errno.ENOSPC, "No space left", str(tmp / "run" / "metrics.jsonl"))))
+
+
+def _damaged_newest_checkpoint(tmp) -> list[str]:
+    import contextlib
+    import io
+
+    _quick_trainer(tmp / "run").fit()
+    model_file = tmp / "run" / "checkpoints" / "step_000004" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        _quick_trainer(tmp / "run", resume="true").setup()
+    return [line.removeprefix("[nemo_lite] ") for line in stderr.getvalue().splitlines()]
+
+
+def _no_usable_checkpoint(tmp):
+    _quick_trainer(tmp / "run").fit()
+    for step in ("step_000002", "step_000004"):
+        (tmp / "run" / "checkpoints" / step / "train_state.pt").write_bytes(b"")
+    _quick_trainer(tmp / "run", resume="true").fit()
+
+
+def _resume_with_another_shape(tmp):
+    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.training.trainer import Trainer
+
+    _quick_trainer(tmp / "run").fit()
+    cfg = tiny_config(tmp / "other", "sdpa", steps=6)
+    cfg.trainer.resume, cfg.model.overrides, cfg.data.seq_len = str(tmp / "run"), {"num_hidden_layers": 3}, 32
+    Trainer(cfg, train_loader=SyntheticPackedLoader(4, 32, vocab_size=512, eos_id=0, seed=1)).fit()
+
+
+def _truncated_safetensors(tmp):
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    path = _tiny_checkpoint(tmp)
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    LlamaForCausalLM.from_pretrained(path)
+
+
+def _config_json_list(tmp):
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    path = _tiny_checkpoint(tmp)
+    (path / "config.json").write_text("[1, 2, 3]")
+    LlamaForCausalLM.from_pretrained(path)
+
+
+def _tied_with_a_distinct_lm_head(tmp):
+    from safetensors.torch import save_file
+
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+
+    model = LlamaForCausalLM(get_preset("tiny", vocab_size=512, tie_word_embeddings=True))
+    path = model.save_pretrained(tmp / "tied")
+    tensors = {"lm_head.weight": torch.ones(512, 64), **{k: v for k, v in _load_file(path).items()}}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    LlamaForCausalLM.from_pretrained(path)
+
+
+def _load_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _lr_inf(tmp):
+    from nemo_lite.training.config import RecipeConfig, validate
+
+    cfg = RecipeConfig()
+    cfg.optim.lr = float("inf")
+    validate(cfg)
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
@@ -344,6 +518,27 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
     "was saved by a torchrun run": fit_error({"trainer.resume": lambda tmp: str(_sharded_checkpoint(tmp))}),
     "was saved by 2 ranks and this run has 4": call_error(_sharded_under_more_ranks),
+    # run directory, checkpoints and weights (docs/reliability.md)
+    "is in use by another run": call_error(_run_dir_in_use),
+    "already holds checkpoints of an earlier run": call_error(_fresh_run_over_checkpoints),
+    "is a file, not a directory": call_error(_run_dir_is_a_file),
+    "is not writable (Read-only file system)": call_error(_read_only_run_dir),
+    "the checkpoints need about": call_error(_small_disk),
+    "whose training state needs about": fit_error({"model.overrides": {"num_hidden_layers": 5_000_000}}),
+    "the model's vocabulary has 256": fit_error({"model.overrides": {"vocab_size": 256}}),
+    "optim.lr=inf must be a finite number": call_error(_lr_inf),
+    "the update left NaN or Inf in the weights": call_error(_poisoned_update),
+    "the partial checkpoint was removed": call_error(_disk_full_during_a_save),
+    "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),
+    "resuming from the one before it": _damaged_newest_checkpoint,
+    "no usable checkpoint in": call_error(_no_usable_checkpoint),
+    "it was saved by a run of another shape": call_error(_resume_with_another_shape),
+    "is not a readable safetensors file": call_error(_truncated_safetensors),
+    "holds a JSON list, not an object": call_error(_config_json_list),
+    "rms_norm_eps='1e-5' must be a number": call_error(
+        lambda tmp: _load_models_md_example_config(tmp, rms_norm_eps="1e-5")
+    ),
+    "lm_head.weight differs from model.embed_tokens.weight": call_error(_tied_with_a_distinct_lm_head),
 }
 
 

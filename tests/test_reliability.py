@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import signal
@@ -14,7 +16,7 @@ from recipe_utils import tiny_config
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate_for_device
 from nemo_lite.training.metrics import read_metrics
-from nemo_lite.training.trainer import NonFiniteLossError, Trainer
+from nemo_lite.training.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer
 
 KILL_TRIALS = 20  # quoted in docs/reliability.md
 NAN_STEPS = (3, 4)
@@ -79,6 +81,8 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_checkpoint_intact
 
 
 def _fresh_model(cfg):
+    """A model of ``cfg``'s shape, built by a trainer in a run directory of its own."""
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir + "-fresh")
     trainer = Trainer(cfg)
     trainer.setup()
     return trainer.raw_model
@@ -153,6 +157,9 @@ def test_training_state_is_loaded_without_unpickling_objects(tmp_path):
     model = torch.nn.Linear(2, 2)
     path = ckpt.save_checkpoint(tmp_path, 1, model, {"step": 1}, keep_last=1)
     torch.save({"step": 1, "payload": _NotData()}, path / ckpt.STATE_FILE)  # a tampered state file
+    meta = json.loads((path / ckpt.META_FILE).read_text())  # whose tamperer fixed the checksum too
+    meta["files"][ckpt.STATE_FILE] = ckpt.file_record(path / ckpt.STATE_FILE)
+    (path / ckpt.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(Exception, match="weights_only"):
         ckpt.load_checkpoint(path, torch.nn.Linear(2, 2))
 
@@ -174,3 +181,38 @@ def test_logger_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, monke
         Trainer(cfg).fit()
     cfg.logger.name = "jsonl"  # everything but that logger works
     assert Trainer(cfg).fit().status == "completed"
+
+
+def poison_weights_after_update(trainer: Trainer, step: int) -> None:
+    """The optimizer's update of (1-based) ``step`` leaves an Inf in a weight, as an overflowing update would."""
+    optimizer = trainer.step_impl.optimizer
+    real_step = optimizer.step
+
+    def step_then_poison(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if trainer.step + 1 == step:
+            with torch.no_grad():
+                next(trainer.raw_model.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    optimizer.step = step_then_poison
+
+
+# step 5: found by the weight check that rides with step 6's values; step 4: found by the check before the save
+@pytest.mark.parametrize(("step_impl", "poisoned", "last_good"), [("plain", 5, 4), ("fast", 5, 4), ("plain", 4, 2)])
+def test_non_finite_weights_stop_the_run_and_are_never_saved(tmp_path, step_impl, poisoned, last_good):
+    cfg = tiny_config(tmp_path, "sdpa", steps=8)
+    cfg.trainer.step_impl, cfg.trainer.save_every, cfg.trainer.keep_last = step_impl, 2, 10
+    trainer = Trainer(cfg)
+    trainer.setup()
+    poison_weights_after_update(trainer, poisoned)
+    with pytest.raises(NonFiniteWeightsError, match=rf"NaN or Inf in the weights.*step_{last_good:06d}$"):
+        trainer.fit()
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [ckpt.step_of(p) for p in saved] == list(range(2, last_good + 1, 2))
+    for path in saved:
+        state = ckpt.load_checkpoint(path, _fresh_model(cfg))
+        assert all(torch.isfinite(t).all() for t in state["optimizer"]["state"][0].values())
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for p in saved for t in load_file(p / ckpt.MODEL_FILE).values())

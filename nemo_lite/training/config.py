@@ -92,6 +92,9 @@ class TrainerSection:
     keep_last: int = 2
     # false | true (the latest checkpoint in run_dir) | a checkpoint directory or run directory (a path).
     resume: Any = False
+    # A fresh run (resume=false) in a run_dir that holds an earlier run's checkpoints is refused; true moves
+    # that run's checkpoints, metrics.jsonl and config.yaml into <run_dir>/replaced-<time> first.
+    overwrite: bool = False
     # Stop after this many consecutive non-finite losses/gradients (their updates are skipped).
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
@@ -205,6 +208,8 @@ def validate(cfg: RecipeConfig) -> None:
         ("trainer.profile_start", cfg.trainer.profile_start),
         ("trainer.clip_grad_norm", cfg.trainer.clip_grad_norm),
         ("trainer.loss_chunk_size", cfg.trainer.loss_chunk_size),
+        ("trainer.sample_tokens", cfg.trainer.sample_tokens),
+        ("trainer.seed", cfg.trainer.seed),
     ]:
         _positive(name, value, allow_zero=True)
     _in_range("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 0.0, 1.0)

@@ -1,7 +1,8 @@
 """What a recipe entry point runs: check the command line, build the trainer, report errors briefly.
 
 Exit codes: 0 finished (or already finished when resumed); 2 a user error (a bad key or value, a missing
-file or checkpoint, non-finite training), with one line on stderr (NEMO_LITE_DEBUG=1 shows the traceback);
+or damaged file or checkpoint, a run directory in use or unwritable, a full disk, non-finite training), with
+one line on stderr (NEMO_LITE_DEBUG=1 shows the traceback; :func:`user_error_line` lists the families);
 130 or 143 stopped by Ctrl-C or SIGTERM after saving a checkpoint (128 + the signal). Anything else is a
 bug and keeps its traceback.
 """
@@ -9,6 +10,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import typing
@@ -53,33 +55,74 @@ def check_overrides(argv: list[str]) -> None:
                 node = typing.get_type_hints(RecipeConfig).get(part, node)
 
 
-def run_recipe(cfg: Any) -> int:
-    """Train with the composed Hydra config. Returns the process exit code."""
-    from nemo_lite.components.attention import UnknownAttentionBackendError
-    from nemo_lite.components.models import CheckpointError, UnknownPresetError
-    from nemo_lite.training import distributed
-    from nemo_lite.training.checkpoint import CheckpointNotFoundError
-    from nemo_lite.training.trainer import NonFiniteLossError, Trainer
+def user_error_line(err: BaseException) -> str | None:
+    """One line for an error the user can fix (None: a bug, which keeps its traceback).
 
-    user_errors = (
+    The project's own refusals carry their message. A few families from libraries are mapped here: a
+    disk that is full or a path that cannot be written (OS errors naming a file), and a damaged
+    safetensors file. Anything else, a ValueError or a RuntimeError included, is taken for a bug.
+    """
+    from safetensors import SafetensorError
+
+    from nemo_lite.components.attention import AttentionConfigError, UnknownAttentionBackendError
+    from nemo_lite.components.models import CheckpointError, UnknownPresetError
+    from nemo_lite.components.models.family import UnknownModelTypeError
+    from nemo_lite.training.checkpoint import (
+        CheckpointDamagedError,
+        CheckpointNotFoundError,
+        CheckpointWriteError,
+        ResumeError,
+    )
+    from nemo_lite.training.run_dir import RunDirError, disk_full
+    from nemo_lite.training.trainer import NonFiniteLossError
+
+    own = (
         ConfigError,
         CheckpointError,
         CheckpointNotFoundError,
+        CheckpointDamagedError,
+        CheckpointWriteError,
+        ResumeError,
+        RunDirError,
         NonFiniteLossError,
+        AttentionConfigError,
         UnknownAttentionBackendError,
+        UnknownModelTypeError,
         UnknownPresetError,
-        FileNotFoundError,
-        ValueError,
-        ImportError,
+        FileNotFoundError,  # a data file or directory that is not there (the message names it)
+        ImportError,  # an optional package that is not installed (the message says how to get it)
     )
+    if isinstance(err, own):
+        return str(err)
+    if isinstance(err, OSError) and err.filename is not None:
+        where = err.filename
+        if disk_full(err):
+            return f"the disk is full: writing {where} failed; free some space or choose another run_dir"
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write {where} ({err.strerror}): choose a writable run_dir"
+        if err.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+            return f"{where}: {err.strerror}; choose another run_dir"
+    if isinstance(err, OSError) and disk_full(err):
+        return "the disk is full; free some space or choose another run_dir"
+    if isinstance(err, SafetensorError):
+        return f"a safetensors file cannot be read ({err}): replace the damaged file"
+    return None
+
+
+def run_recipe(cfg: Any) -> int:
+    """Train with the composed Hydra config. Returns the process exit code."""
+    from nemo_lite.training import distributed
+    from nemo_lite.training.trainer import Trainer
+
     info = distributed.init_distributed()
     try:
         result = Trainer(cfg, dist_info=info).fit()
-    except user_errors as err:
-        if os.environ.get("NEMO_LITE_DEBUG"):
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None or os.environ.get("NEMO_LITE_DEBUG"):
             raise
         if info.rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()

@@ -84,14 +84,22 @@ class DeviceTimer:
 
 
 class MetricsWriter:
-    """Writes every step's metrics to ``metrics.jsonl`` (line-buffered, flushed) and, if asked, wandb."""
+    """Writes every step's metrics to ``metrics.jsonl`` (line-buffered, flushed) and, if asked, wandb.
 
-    def __init__(self, run_dir: Path, logger_cfg: Any, config: dict[str, Any], enabled: bool = True) -> None:
+    A run resumed at step ``resumed_step`` first cuts the file back to the records of steps up to that one
+    (the records of the steps it is about to run again, and a line cut short by a crash, are dropped), so the
+    file holds one record per step and a plot of it one curve.
+    """
+
+    def __init__(
+        self, run_dir: Path, logger_cfg: Any, config: dict[str, Any], enabled: bool = True, resumed_step: int = 0
+    ) -> None:
         self.enabled = enabled
         self.wandb_run = None
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
+        truncate_metrics(self.path, resumed_step)
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if logger_cfg.name == "wandb":
             try:
@@ -123,6 +131,29 @@ class MetricsWriter:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of ``path`` up to ``last_step`` (replacing the file in one rename). Returns how many
+    records were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= last_step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

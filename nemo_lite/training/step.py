@@ -43,6 +43,17 @@ class TrainStep(Protocol):
     def weights_changed(self) -> None:
         """The parameters were changed outside a step (a checkpoint was loaded)."""
 
+    def nonfinite_weights(self) -> torch.Tensor:
+        """A device scalar, 1.0 if the last update left a NaN or Inf in this rank's parameters, else 0.0. Read
+        with the next step's values (no host sync of its own), and before every save."""
+
+
+def nonfinite_flag(params: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 (a float32 device scalar) if any of ``params`` (their local shards) holds a NaN or Inf. One fused
+    max-abs pass over the weights, queued on the device: nothing waits for it."""
+    norms = torch._foreach_norm([local_shard(p.detach()) for p in params], float("inf"))
+    return (~torch.isfinite(torch.stack([n.to(torch.float32) for n in norms]).max())).float()
+
 
 class PlainStep:
     """torch's AdamW and ``clip_grad_norm_``'s arithmetic; the update waits for the host to see the values."""
@@ -54,6 +65,7 @@ class PlainStep:
         self.optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=betas, eps=optim.eps)
         self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
         self.description = "plain step: torch AdamW, clip_grad_norm_ arithmetic, torch cross-entropy"
+        self._weights_bad: torch.Tensor | None = None
 
     def loss(self, model, batch, mask, grad_scale=None) -> torch.Tensor:
         return cross_entropy_sum(
@@ -70,11 +82,17 @@ class PlainStep:
                 grads = [local_shard(p.grad) for p in self.params if p.grad is not None]
                 torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
             self.optimizer.step()
+            self._weights_bad = nonfinite_flag(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         return values
 
     def weights_changed(self) -> None:
-        pass
+        self._weights_bad = nonfinite_flag(self.params)
+
+    def nonfinite_weights(self) -> torch.Tensor:
+        if self._weights_bad is None:
+            self._weights_bad = nonfinite_flag(self.params)
+        return self._weights_bad
 
 
 STEP_IMPLS = ("auto", "fast", "plain")

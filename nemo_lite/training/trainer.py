@@ -29,6 +29,7 @@ from nemo_lite.components.attention import build_attention_backend
 from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
+from nemo_lite.training import run_dir as rundir
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
 from nemo_lite.training.converters import build_converters
 from nemo_lite.training.distributed import DistInfo
@@ -40,6 +41,10 @@ from nemo_lite.training.step import TrainStep, build_step
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """An update left NaN or Inf in the weights; they are never saved."""
 
 
 @dataclasses.dataclass
@@ -117,11 +122,19 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         validate_for_device(self.cfg, self.device.type)
         self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
+        self._lock: rundir.RunLock | None = None
         self._stop_signal: int | None = None
         self._stop_requested = False
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
+        try:
+            self._setup()
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.trainer.seed)
         resume_from = ckpt.resolve_resume(cfg.trainer.resume, self.run_dir)  # errors before any work
@@ -133,8 +146,12 @@ class Trainer:
                 raise ConfigError(str(err)) from None
         if cfg.model.pretrained_path is None:
             self._preset_overrides()  # a bad model shape stops the run before the data are built
+        self._claim_run_dir(fresh=resume_from is None)  # before the data and the model are built
         self._build_data()
         self._build_model()
+        if self.is_main and not self.dist.enabled:  # again, the parameters counted (the vocabulary is known now)
+            need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params)
+            rundir.check_free_space(self.run_dir, need)
         self.step_impl: TrainStep = build_step(
             self.model,
             cfg.optim,
@@ -149,16 +166,72 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
         self.step = 0
         self.nonfinite_total = 0
-        self.resumed_from = resume_from
-        if resume_from is not None:
-            self._load(resume_from)
+        self.resumed_from = self._resume(resume_from) if resume_from is not None else None
         self._log(self.step_impl.description)
         att = cfg.attention
         backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
         self._log(backend.describe(self.device.type))
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_config()
+
+    def _claim_run_dir(self, *, fresh: bool) -> None:
+        """Rank 0 checks the run directory (a directory, writable, room for the checkpoints), locks it for this
+        run, and for a fresh run makes sure no earlier run's checkpoints are there (or, with trainer.overwrite,
+        moves them aside). Every rank gets rank 0's verdict."""
+        problem = ""
+        if self.is_main:
+            try:
+                config = self._model_config_estimate()
+                if config is not None:
+                    what = f"model.pretrained_path={self.cfg.model.pretrained_path}"
+                    if self.pretrained_dir is None:
+                        what = f"model.preset={self.cfg.model.preset} with model.overrides"
+                    rundir.check_model_fits(
+                        config,
+                        what=what,
+                        device_type=self.device.type,
+                        device_index=self.device.index,
+                        world_size=self.world_size,
+                    )
+                n_params = rundir.estimate_parameters(config) if config is not None else 0
+                need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(n_params)
+                rundir.check_writable(self.run_dir, need)
+                self._lock = rundir.RunLock(self.run_dir)
+                if fresh:
+                    has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
+                    aside = rundir.claim_for_fresh_run(
+                        self.run_dir, overwrite=self.cfg.trainer.overwrite, has_checkpoints=has_checkpoints
+                    )
+                    if aside is not None:
+                        self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
+            except (rundir.RunDirError, ConfigError) as err:
+                if not self.dist.enabled:
+                    raise
+                problem = f"{type(err).__name__}\0{err}"
+        if self.dist.enabled:
+            problem = distributed.broadcast_str(problem)
+        if problem:
+            kind, message = problem.split("\0", 1)
+            raise (ConfigError if kind == "ConfigError" else rundir.RunDirError)(message)
+
+    def _model_config_estimate(self):
+        """The model's config as far as it is known before the data (None: a checkpoint the loader will refuse)."""
+        if self.pretrained_dir is not None:
+            from nemo_lite.components.models import CheckpointError
+            from nemo_lite.components.models.hf import read_config
+
+            try:
+                return read_config(self.pretrained_dir)
+            except CheckpointError:
+                return None  # reported by the model's loading, with the family's own message
+        family, overrides = self._preset_overrides()
+        return family.preset(self.cfg.model.preset, **overrides)
+
+    def release_run_dir(self) -> None:
+        """Give up the run directory's lock (the end of fit() does; so does the process's end)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _data_config(self):
         from nemo_lite.components.datasets import resolve_data_config
@@ -180,7 +253,8 @@ class Trainer:
             self._train_iter = iter(self.train_loader)
             return
         data_cfg = self._data_config()
-        self.train_loader = build_dataloader(data_cfg, split="train", rank=self.rank, world_size=self.world_size)
+        with data_errors():
+            self.train_loader = build_dataloader(data_cfg, split="train", rank=self.rank, world_size=self.world_size)
         self.eos_id = self.train_loader.eos_id
         self.tokenizer = self.train_loader.tokenizer
         self._train_iter = iter(self.train_loader)
@@ -241,7 +315,14 @@ class Trainer:
             if cfg.model.vocab_from_tokenizer and "vocab_size" not in overrides:
                 overrides["vocab_size"] = 64 * math.ceil(self.train_loader.vocab_size / 64)
             overrides.setdefault("eos_token_id", self.eos_id)
-            model = family.build(family.preset(cfg.model.preset, **overrides), **kwargs)
+            config = family.preset(cfg.model.preset, **overrides)
+            if config.vocab_size < self.train_loader.vocab_size:
+                raise ConfigError(
+                    f"the tokenizer has {self.train_loader.vocab_size} ids but the model's vocabulary has "
+                    f"{config.vocab_size}: set model.overrides.vocab_size to at least {self.train_loader.vocab_size},"
+                    " or leave it out with model.vocab_from_tokenizer=true"
+                )
+            model = family.build(config, **kwargs)
             model.to(self.device)
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
@@ -285,7 +366,28 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
         }
 
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed by this run: the model's shape and the data's."""
+        model = {f"model.{key}": value for key, value in dataclasses.asdict(self.raw_model.config).items()}
+        data = {"data.seq_len": self.cfg.data.seq_len, "data.batch_size": self.cfg.data.batch_size}
+        return {**model, **data, "tokenizer.vocab_size": self.train_loader.vocab_size}
+
+    def _check_weights_finite(self) -> None:
+        """Stop, naming the last good checkpoint, if the last update left NaN or Inf in the weights."""
+        bad = self.step_impl.nonfinite_weights()
+        if self.dist.enabled:
+            bad = distributed.all_reduce_sum([float(bad)], self.device)[0]
+        if float(bad) > 0:
+            raise NonFiniteWeightsError(
+                f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
+                f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
+            )
+
+    def _last_good(self) -> Path | None:
+        return getattr(self, "last_checkpoint", None) or self.resumed_from
+
     def save(self) -> Path:
+        self._check_weights_finite()  # a checkpoint is never written from non-finite weights
         if self.dist.enabled:
             state = self._train_state()
             del state["optimizer"]  # sharded through DCP with the model
@@ -307,17 +409,50 @@ class Trainer:
             self._train_state(),
             keep_last=self.cfg.trainer.keep_last,
             hooks=self.hooks.get("checkpoint"),
+            layout=self._layout(),
         )
         self.last_checkpoint = path
         return path
 
+    def _resume(self, newest: Path) -> Path:
+        """Load ``newest``, or when it is damaged the newest complete checkpoint before it (unless
+        trainer.resume named that one checkpoint). Returns the checkpoint loaded."""
+        if self.dist.enabled or ckpt.is_sharded(newest):
+            self._load(newest)
+            return newest
+        exact = ckpt.named_exactly(self.cfg.trainer.resume)
+        candidates = [newest] if exact else [newest, *ckpt.earlier_checkpoints(newest)]
+        problems = []
+        for path in candidates:
+            try:
+                self._load(path)
+                return path
+            except ckpt.CheckpointDamagedError as err:
+                problems.append(f"{path.name}: {err}")
+                if path is not candidates[-1]:
+                    self._log(f"checkpoint {path} is damaged ({err}); resuming from the one before it")
+        if exact:
+            raise ckpt.ResumeError(
+                f"cannot resume from {newest}: it is damaged ({problems[0].split(': ', 1)[1]}); name another "
+                "checkpoint in trainer.resume, or pass trainer.resume=true for the newest usable one"
+            )
+        raise ckpt.ResumeError(
+            f"no usable checkpoint in {newest.parent} ({'; '.join(problems)}): start fresh with "
+            "trainer.resume=false trainer.overwrite=true (moves them aside), or in another run_dir"
+        )
+
     def _load(self, path: Path) -> None:
         if self.dist.enabled:
-            state = distributed.load_sharded(path, self.model, self.optimizer, self.dist)
+            try:
+                state = distributed.load_sharded(path, self.model, self.optimizer, self.dist)
+            except ValueError as err:  # its refusals: a single-process checkpoint, another number of ranks
+                raise ckpt.ResumeError(str(err)) from None
         else:
             if ckpt.is_sharded(path):
-                raise ValueError(f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks")
-            state = ckpt.load_checkpoint(path, self.raw_model, device=self.device)
+                raise ckpt.ResumeError(
+                    f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks"
+                )
+            state = ckpt.load_checkpoint(path, self.raw_model, device=self.device, layout=self._layout())
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["data"])
@@ -367,16 +502,22 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = step.grad_norm()  # this rank's (its shards' under FSDP2)
         stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
-        totals = torch.stack([loss_sum, pairs.float(), stop])
+        # The previous update's weight check rides with this step's values: no host sync of its own.
+        totals = torch.stack([loss_sum, pairs.float(), stop, step.nonfinite_weights()])
         if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
             totals = torch.cat([totals, grad_norm.float().square().view(1)])
             torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
-            totals, grad_norm = totals[:3], totals[3].sqrt()
+            totals, grad_norm = totals[:4], totals[4].sqrt()
         labels = [global_labels.view(1)] if self.dist.enabled else []
         report = torch.cat([totals[:1].double(), grad_norm.double().view(1), totals[1:].double(), *labels])
-        loss_total, grad_value, pair_count, stop_any, *n_global = step.apply(
+        loss_total, grad_value, pair_count, stop_any, bad_weights, *n_global = step.apply(
             report, grad_norm, self.cfg.trainer.clip_grad_norm
         )
+        if bad_weights > 0:
+            raise NonFiniteWeightsError(
+                f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
+                f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
+            )
         self._stop_requested = stop_any > 0
         loss_value = loss_total / max(n_global[0] if n_global else n_labels, 1)
         return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, pair_count)
@@ -433,7 +574,8 @@ class Trainer:
         out = []
         for _ in range(self.cfg.trainer.grad_accum):
             try:
-                out.append(next(self._train_iter))
+                with data_errors():
+                    out.append(next(self._train_iter))
             except StopIteration:
                 break
         return out
@@ -463,6 +605,12 @@ class Trainer:
     def fit(self) -> FitResult:
         if not hasattr(self, "model"):
             self.setup()
+        try:
+            return self._fit()
+        finally:
+            self.release_run_dir()
+
+    def _fit(self) -> FitResult:
         cfg = self.cfg.trainer
         self.last_checkpoint = None
         self._consecutive_nonfinite = 0
@@ -472,7 +620,9 @@ class Trainer:
                 "finished, nothing to do (raise trainer.max_steps to train on)"
             )
             return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
-        writer = MetricsWriter(self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main)
+        writer = MetricsWriter(
+            self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main, resumed_step=self.step
+        )
         losses: list[float] = []
         status = "completed"
         self._log(
@@ -511,7 +661,7 @@ class Trainer:
                             raise NonFiniteLossError(
                                 f"{self._consecutive_nonfinite} non-finite steps in a row (limit "
                                 f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
-                                f"stopping. The last good checkpoint is {self.last_checkpoint or 'none'}"
+                                f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
                             )
                     if cfg.val_every and self.step % cfg.val_every == 0:
                         metrics.update(self.evaluate() or {})
@@ -591,6 +741,18 @@ class Trainer:
         text = self.tokenizer.decode(out[0].tolist())
         self._log(f"sample (greedy, {max_new_tokens} tokens): {text!r}")
         return text
+
+
+@contextlib.contextmanager
+def data_errors():
+    """The data package refuses bad data (no documents, a missing field, a tokenizer without EOS) with a
+    ValueError that names the file and the fix: a user error, raised as a ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def threading_main() -> bool:

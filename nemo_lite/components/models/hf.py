@@ -70,7 +70,8 @@ HF_KEY_MAP: dict[str, str] = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-# A tied checkpoint may carry a copy of the embedding as lm_head.weight; it is not read.
+# A tied checkpoint may carry a copy of the embedding as lm_head.weight; it is not read (a distinct one is
+# refused: see _check_tied_copy).
 TIED_OUTPUT_KEY = "lm_head.weight"
 # Buffers that checkpoints written by old transformers versions contain; they hold no weights.
 IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -213,6 +214,7 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_
             "layer uses sliding_window); remove it"
         )
     config_cls = HF_CONFIG_CLASSES[model_type]
+    _check_field_types(hf, config_cls)
     defaults = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type]}
     values = {}
     for field in dataclasses.fields(config_cls):
@@ -260,12 +262,54 @@ def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> d
 # ---- load ------------------------------------------------------------------------------------------
 
 
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a CheckpointError naming the file."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not a text file: replace it with the model's JSON") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): fix it or fetch it again"
+        ) from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(value).__name__}, not an object: fix it or fetch it again")
+    return value
+
+
+def _check_field_types(hf: dict[str, Any], config_cls: type) -> None:
+    """A config.json value of the wrong JSON type (a string where a number belongs) names its key."""
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if field.name not in hf or hf[field.name] is None:
+            continue
+        value, hint = hf[field.name], hints.get(field.name)
+        args = set(typing.get_args(hint)) or {hint}
+        if bool in args:
+            ok = isinstance(value, bool)
+            want = "true or false"
+        elif float in args:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+        elif int in args:
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                field.name.endswith("_token_id") and isinstance(value, list)
+            )
+            want = "an integer"
+        else:
+            continue
+        if not ok:
+            raise CheckpointError(f"{field.name}={value!r} must be {want}")
+
+
 def read_config(path: str | Path, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> DecoderConfig:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: not a Hugging Face model directory")
-    with open(config_file) as f:
-        hf = json.load(f)
+    hf = read_json_object(config_file)
     try:
         return config_from_hf(hf, model_types)
     except CheckpointError as e:
@@ -274,32 +318,45 @@ def read_config(path: str | Path, model_types: tuple[str, ...] = SUPPORTED_MODEL
 
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Hugging Face tensor name -> the safetensors file that holds it (single file or index)."""
-    from safetensors import safe_open
 
     path = Path(path)
     if (path / INDEX_FILE).is_file():
-        with open(path / INDEX_FILE) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / INDEX_FILE} has no weight_map object: fix it or fetch it again")
         files = {name: path / file for name, file in weight_map.items()}
         absent = sorted({str(file) for file in files.values() if not file.is_file()})
         if absent:
             raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {', '.join(absent)}")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, framework="pt") as f:
+        with _safetensors(path / SINGLE_FILE) as f:
             return dict.fromkeys(f.keys(), path / SINGLE_FILE)
     raise CheckpointError(
         f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (only safetensors are read; pickle .bin files are not)"
     )
 
 
+@contextmanager
+def _safetensors(file: Path) -> Iterator[Any]:
+    """``safe_open(file)``, where a damaged file (cut short, a header that lies, a pickle under a safetensors
+    name) is a CheckpointError naming it, raised on opening it or on reading a tensor from it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({err}): fetch or convert the checkpoint again"
+        ) from None
+
+
 def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     """Shapes from the safetensors headers, without reading any tensor data."""
-    from safetensors import safe_open
-
     shapes = {}
     for file, names in _group_by_file(files).items():
-        with safe_open(file, framework="pt") as f:
+        with _safetensors(file) as f:
             for name in names:
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
@@ -332,8 +389,6 @@ def load_pretrained(
     memory is the model plus one tensor. Every missing, unexpected and mis-shaped tensor is reported
     in one :class:`CheckpointError`.
     """
-    from safetensors import safe_open
-
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     path = resolve_pretrained(path)
@@ -353,6 +408,7 @@ def load_pretrained(
     expected = {to_hf_key(name): tuple(t.shape) for name, t in model.state_dict().items()}
     skipped = {name for name in files if IGNORED_HF_KEYS.fullmatch(name)}
     if config.tie_word_embeddings and TIED_OUTPUT_KEY in files:
+        _check_tied_copy(path, files)
         skipped.add(TIED_OUTPUT_KEY)
     shapes = _tensor_shapes({name: file for name, file in files.items() if name in expected})
     missing = sorted(set(expected) - set(files))
@@ -378,11 +434,29 @@ def load_pretrained(
     targets = {to_hf_key(name): t for name, t in model.state_dict().items()}
     with torch.no_grad():
         for file, names in _group_by_file({n: files[n] for n in targets}).items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with _safetensors(file) as f:
                 for name in names:
                     targets[name].copy_(f.get_tensor(name))
     model.tokenizer_dir = path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
     return model
+
+
+def _check_tied_copy(path: Path, files: dict[str, Path]) -> None:
+    """A tied checkpoint's lm_head.weight is skipped, which is right only when it is the embedding's copy: a
+    distinct one would be dropped, so it is refused (config.json and the weights disagree)."""
+    embed_key = to_hf_key("embed_tokens.weight")
+    if embed_key not in files:
+        return  # reported as a missing tensor
+    with _safetensors(files[TIED_OUTPUT_KEY]) as f:
+        head = f.get_tensor(TIED_OUTPUT_KEY)
+    with _safetensors(files[embed_key]) as f:
+        embed = f.get_tensor(embed_key)
+    if head.shape != embed.shape or not torch.equal(head, embed):
+        raise CheckpointError(
+            f"{path}: config.json has tie_word_embeddings=true but {TIED_OUTPUT_KEY} differs from {embed_key}, "
+            "so it would be dropped: set tie_word_embeddings to false in config.json to train both, or remove "
+            f"{TIED_OUTPUT_KEY} from the checkpoint to use the embedding"
+        )
 
 
 def config_summary(config: DecoderConfig) -> str:

@@ -29,6 +29,7 @@ from nemo_lite.training.fast.converters import convert_to_lookup_rows, convert_t
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, forward_hidden
 from nemo_lite.training.optim import param_groups
+from nemo_lite.training.step import nonfinite_flag
 
 
 def fast_step_missing(device: torch.device) -> str | None:
@@ -87,6 +88,7 @@ class FastStep:
         self.output_copy = self.copies.get(model.output_weight)
         self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
         self._host_values: torch.Tensor | None = None
+        self._weights_bad: torch.Tensor | None = None
         on = ", ".join(p for p, ok in self.on.items() if ok)
         off = "; ".join(f"{p} (needs {lacks})" for p, lacks in needs.items() if lacks)
         self.description = f"fast step: fused AdamW ({'on local shards, ' if distributed else ''}{device.type})"
@@ -138,6 +140,7 @@ class FastStep:
         found_inf = (~(torch.isfinite(report[0]) & torch.isfinite(report[1]))).float()
         values, ready = self._to_host(report)
         self.optimizer.step(grad_scale=clip_factor(grad_norm, clip) if clip > 0 else None, found_inf=found_inf)
+        self._weights_bad = nonfinite_flag(self.params)  # queued behind the update; read with the next step
         if ready is not None:
             ready.synchronize()
         self.optimizer.zero_grad(set_to_none=True)
@@ -157,6 +160,12 @@ class FastStep:
 
     def weights_changed(self) -> None:
         self.optimizer.refresh_weight_copies()
+        self._weights_bad = nonfinite_flag(self.params)
+
+    def nonfinite_weights(self) -> torch.Tensor:
+        if self._weights_bad is None:
+            self._weights_bad = nonfinite_flag(self.params)
+        return self._weights_bad
 
     def dense_gradients(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Each parameter's gradient as the update will use it, as a dense float32 tensor (a copy's bf16
