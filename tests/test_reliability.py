@@ -216,3 +216,23 @@ def test_non_finite_weights_stop_the_run_and_are_never_saved(tmp_path, step_impl
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for p in saved for t in load_file(p / ckpt.MODEL_FILE).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step_impl", ["plain", "fast"])
+def test_non_finite_weights_stop_the_run_on_the_gpu(tmp_path, step_impl):
+    """On a GPU the weight check is queued behind the update (the fast step's Triton AdamW included) and
+    read with the next step's values; the run stops before any save from those weights."""
+    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+
+    cfg = tiny_config(tmp_path, "sdpa", steps=8)
+    t = cfg.trainer
+    t.step_impl, t.save_every, t.keep_last, t.val_every, t.sample_tokens, t.export_hf = step_impl, 2, 10, 0, 0, False
+    loader = SyntheticPackedLoader(4, 64, vocab_size=512, eos_id=0, seed=1, learnable=True)
+    trainer = Trainer(cfg, train_loader=loader)
+    trainer.setup()
+    assert trainer.device.type == "cuda"
+    poison_weights_after_update(trainer, 5)
+    with pytest.raises(NonFiniteWeightsError, match=r"^step 5: .*step_000004$"):
+        trainer.fit()
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
