@@ -259,7 +259,7 @@ def test_the_launcher_gives_one_line_for_each_known_error_family(tmp_path, capsy
     damaged = SafetensorError("Error while deserializing header: MetadataIncompleteBuffer")
     expected = {
         full: f"error: the disk is full: writing {tmp_path}/run/metrics.jsonl failed; free some space or choose",
-        read_only: f"error: cannot write {tmp_path}/run (Permission denied): choose a writable run_dir",
+        read_only: f"error: cannot access {tmp_path}/run (Permission denied): check its permissions",
         damaged: "error: a safetensors file cannot be read (Error while deserializing header: Metadata",
     }
     monkeypatch.setattr(Trainer, "__init__", lambda self, cfg, dist_info=None: None)

@@ -99,7 +99,7 @@ def user_error_line(err: BaseException) -> str | None:
         if disk_full(err):
             return f"the disk is full: writing {where} failed; free some space or choose another run_dir"
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"cannot write {where} ({err.strerror}): choose a writable run_dir"
+            return f"cannot access {where} ({err.strerror}): check its permissions (a run_dir must be writable)"
         if err.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
             return f"{where}: {err.strerror}; choose another run_dir"
     if isinstance(err, OSError) and disk_full(err):
