@@ -68,6 +68,7 @@ def run_nemo(
     t.step_impl = step_impl
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
+    t.overwrite = True  # a benchmark run again replaces the last one's run_dir
     cfg.optim.warmup_steps = 5
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
