@@ -378,10 +378,13 @@ class Trainer:
         if self.dist.enabled:
             bad = distributed.all_reduce_sum([float(bad)], self.device)[0]
         if float(bad) > 0:
-            raise NonFiniteWeightsError(
-                f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
-                f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
-            )
+            raise self._nonfinite_weights_error()
+
+    def _nonfinite_weights_error(self) -> NonFiniteWeightsError:
+        return NonFiniteWeightsError(
+            f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
+            f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
+        )
 
     def _last_good(self) -> Path | None:
         return getattr(self, "last_checkpoint", None) or self.resumed_from
@@ -514,10 +517,7 @@ class Trainer:
             report, grad_norm, self.cfg.trainer.clip_grad_norm
         )
         if bad_weights > 0:
-            raise NonFiniteWeightsError(
-                f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
-                f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
-            )
+            raise self._nonfinite_weights_error()
         self._stop_requested = stop_any > 0
         loss_value = loss_total / max(n_global[0] if n_global else n_labels, 1)
         return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, pair_count)
