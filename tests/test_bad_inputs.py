@@ -272,3 +272,37 @@ def test_the_launcher_gives_one_line_for_each_known_error_family(tmp_path, capsy
         assert launch.run_recipe(object()) == 2
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_the_recipe_refuses_a_fresh_run_over_checkpoints_in_one_line(tmp_path):
+    """Through the command line: exit 2, one error line, no traceback, the earlier checkpoint untouched."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from nemo_lite.training.checkpoint import save_checkpoint
+
+    earlier = save_checkpoint(tmp_path / "checkpoints", 7, torch.nn.Linear(2, 2), {"step": 7}, keep_last=2)
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "NEMO_LITE_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout
+    proc = subprocess.run(
+        [sys.executable, "recipes/pretrain.py", f"run_dir={tmp_path}", "trainer.max_steps=1"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert errors == [
+        f"error: run_dir {tmp_path} already holds checkpoints of an earlier run: pass trainer.resume=true to "
+        "continue it, choose another run_dir, or pass trainer.overwrite=true to move them aside (into "
+        f"{tmp_path}/replaced-<time>) and start fresh"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert (earlier / "meta.json").is_file()
