@@ -133,3 +133,17 @@ def test_truncating_metrics_keeps_the_resumed_steps_and_drops_a_torn_line(tmp_pa
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
     assert truncate_metrics(path, 3) == 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_named_in_trainer_resume_is_not_replaced_by_another(tmp_path):
+    quick_trainer(quick_config(tmp_path)).fit()
+    named = tmp_path / "checkpoints" / "step_000004"
+    (named / ckpt.META_FILE).write_text("{")
+    cfg = quick_config(tmp_path / "next", steps=6)
+    cfg.trainer.resume = str(named)
+    with pytest.raises(ckpt.ResumeError, match=r"step_000004: it is damaged \(meta.json cannot be read .*\); name"):
+        quick_trainer(cfg).fit()
+    cfg.trainer.resume = str(tmp_path)  # the run directory: its newest usable checkpoint
+    trainer = quick_trainer(cfg)
+    trainer.setup()
+    assert trainer.resumed_from == tmp_path / "checkpoints" / "step_000002"
