@@ -266,3 +266,7 @@ def test_float8_checkpoints_and_export_stay_plain_and_resume_is_exact(tmp_path, 
     cfg.trainer.resume = "true"
     resumed = Trainer(cfg, train_loader=loader())
     assert stopped.losses + resumed.fit().losses == straight.losses  # exact, not approximate
+
+    cfg.float8.enabled, cfg.trainer.max_steps = False, 8  # the same checkpoint goes on in high precision
+    plain_again = Trainer(cfg, train_loader=loader())
+    assert plain_again.fit().steps == 8 and not plain_again.converters
