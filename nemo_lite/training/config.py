@@ -182,6 +182,7 @@ def validate(cfg: RecipeConfig) -> None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
     _choice("trainer.step_impl", cfg.trainer.step_impl, ["auto", "fast", "plain"])
+    _choice("float8.recipe", cfg.float8.recipe, ["tensorwise", "rowwise"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):

@@ -368,6 +368,25 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=128000,
         eos_token_id=128001,
     ),
+    # meta-llama/Llama-3.2-3B
+    "llama-3.2-3b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # meta-llama/Meta-Llama-3-8B
     "llama-3-8b": LlamaConfig(
         vocab_size=128256,

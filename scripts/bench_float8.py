@@ -1,0 +1,223 @@
+"""Float8 training (torchao) against bf16 on one GPU, in two modes, each meant for one call of under ~9 minutes.
+
+    python scripts/bench_float8.py throughput [--shapes 1b,3b] [--recipes bf16,tensorwise,rowwise] [--steps 25]
+        [--out float8_throughput.json]
+    python scripts/bench_float8.py curves [--steps 300] [--workloads corpus,synthetic]
+        [--runs bf16-a,bf16-b,tensorwise] [--out float8_curves.json]
+
+throughput: the workload of scripts/bench_train.py (2 x 4096 tokens per step of EOS-delimited random
+documents, log-normal lengths, a new layout every step; the preset's 128256 vocabulary), with its best
+config (flex attention, trainer.compile=true, the fast step), for the Llama-3.2-1B and -3B shapes, bf16
+autocast against float8 tensorwise and rowwise. Per row: median tokens/s after 5 warm-up steps, MFU
+counted against the bf16 dense peak (989 TFLOP/s on H100/H200) and against the float8 dense peak (twice
+that), peak memory, and which linears were converted. Every row is written as it finishes.
+
+curves: per-step losses over --steps steps of the 1B shape, on the default corpus (its 8192-id tokenizer,
+with validation every 50 steps) and on the learnable synthetic documents (each document counts up from a
+random token; 8192 ids), for bf16 with initialization seed 0 ("bf16-a") and seed 1 ("bf16-b": their gap
+is bf16's run-to-run noise) and float8 with seed 0 (the recipes named in --runs). Same data order in
+every run of a workload. No run keeps a checkpoint (the disk holds one 3B checkpoint at most).
+
+scripts/plot_float8.py draws docs/img/float8_*.png from the two JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import time
+
+import torch
+import torch._dynamo
+from bench_utils import median_after_warmup, meta
+
+from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from nemo_lite.training.config import RecipeConfig
+from nemo_lite.training.metrics import PEAK_BF16_FLOPS
+from nemo_lite.training.trainer import Trainer
+
+SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
+RECIPES = ("bf16", "tensorwise", "rowwise")
+EOS, VOCAB = 128001, 128256
+WARMUP = 5
+RUN_ROOT = "/tmp/bench_float8"
+
+
+def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0) -> RecipeConfig:
+    cfg = RecipeConfig()
+    cfg.run_dir = f"{RUN_ROOT}/{name}"
+    cfg.model.preset = preset
+    cfg.attention.backend = "flex"
+    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
+    cfg.float8.enabled = recipe != "bf16"
+    cfg.float8.recipe = recipe if recipe != "bf16" else "tensorwise"
+    t = cfg.trainer
+    t.max_steps, t.compile, t.seed = steps, True, seed
+    t.val_every = t.save_every = t.sample_tokens = 0
+    t.export_hf = t.progress_bar = False
+    cfg.optim.warmup_steps = 5
+    return cfg
+
+
+def fit(cfg: RecipeConfig, train_loader=None) -> tuple[Trainer, list[dict]]:
+    """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    trainer = Trainer(cfg, train_loader=train_loader)
+    trainer.setup()
+    trainer.save = lambda: None  # a benchmark keeps no checkpoint (a 3B one is ~38 GB)
+    torch.cuda.reset_peak_memory_stats()
+    records: list[dict] = []
+    trainer.hooks["after_step"] = lambda tr, metrics: records.append({"step": tr.step, **metrics})
+    trainer.fit()
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    return trainer, records
+
+
+def float8_description(trainer: Trainer) -> str:
+    return next((c.description for c in trainer.converters), "bf16 autocast throughout")
+
+
+def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
+    t0 = time.perf_counter()
+    loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
+    cfg = config(f"{shape}-{recipe}", SHAPES[shape], recipe, steps)
+    cfg.model.vocab_from_tokenizer = False
+    trainer, records = fit(cfg, loader)
+    mfu = median_after_warmup((r["mfu"] for r in records), WARMUP) if peak else None
+    return {
+        "shape": shape,
+        "recipe": recipe,
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
+        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
+        "mfu_bf16_peak": mfu,
+        "mfu_fp8_peak": mfu / 2 if mfu is not None else None,  # Hopper's float8 dense peak is twice bf16's
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "params": trainer.n_params,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "converted": float8_description(trainer),
+        "step": trainer.step_impl.description,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def throughput(args) -> None:
+    peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+    rows = []
+    for shape in args.shapes.split(","):
+        for recipe in args.recipes.split(","):
+            try:
+                row = measure(shape, recipe, args.steps, peak)
+            except torch.OutOfMemoryError:
+                row = {"shape": shape, "recipe": recipe, "error": "OOM"}
+            except Exception as err:  # record it and go on with the other rows
+                row = {"shape": shape, "recipe": recipe, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+            with open(args.out, "w") as f:  # after every row, so a time-out keeps what finished
+                json.dump({"meta": meta(), "steps": args.steps, "warmup": WARMUP, "rows": rows}, f, indent=1)
+    print(f"\n{meta()}\n")
+    print("| shape | recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['recipe']} | {r['error']} | | | | |")
+            continue
+        base = next((b for b in rows if b["shape"] == r["shape"] and b["recipe"] == "bf16" and "error" not in b), None)
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        mfu = (f"{100 * r['mfu_bf16_peak']:.1f}%", f"{100 * r['mfu_fp8_peak']:.1f}%") if r["mfu_bf16_peak"] else "--"
+        print(f"| {r['shape']} | {r['recipe']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | "
+              f"{r['peak_mem_gib']:.1f} |")  # fmt: skip
+
+
+def curves(args) -> None:
+    out = {"meta": meta(), "steps": args.steps, "shape": "llama-3.2-1b", "workloads": {}}
+    for workload in args.workloads.split(","):
+        if workload not in ("corpus", "synthetic"):
+            sys.exit(f"unknown workload {workload!r}; choose corpus or synthetic")
+        runs = {}
+        for run in args.runs.split(","):
+            runs[run] = curve(workload, run, args.steps)
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(json.dumps({"workload": workload, "run": run, **{k: v for k, v in runs[run].items() if k != "loss"}}),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            out["workloads"][workload] = runs
+            with open(args.out, "w") as f:
+                json.dump(out, f)
+        summarize(workload, runs)
+
+
+def curve(workload: str, run: str, steps: int) -> dict:
+    recipe = "bf16" if run.startswith("bf16") else run
+    seed = 1 if run == "bf16-b" else 0
+    t0 = time.perf_counter()
+    cfg = config(f"{workload}-{run}", "llama-3.2-1b", recipe, steps, seed=seed)
+    if workload == "corpus":  # the default corpus and tokenizer (8192 ids), held-out loss every 50 steps
+        cfg.trainer.val_every, cfg.trainer.val_tokens = 50, 65536
+        loader = None
+    else:
+        cfg.model.vocab_from_tokenizer = False
+        cfg.model.overrides = {"vocab_size": 8192}
+        loader = SyntheticPackedLoader(
+            2, 4096, vocab_size=8192, eos_id=3, mean_doc=600.0, seed=0, pin_memory=True, learnable=True
+        )
+    trainer, records = fit(cfg, loader)
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "loss": [r["loss"] for r in records],
+        "val": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
+        "converted": float8_description(trainer),
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def summarize(workload: str, runs: dict) -> None:
+    """The mean absolute gap of each run's loss to bf16-a's over the last 100 steps (and the whole curve)."""
+
+    def gap(a, b, last=None):
+        pairs = list(zip(a, b, strict=False))[-last:] if last else list(zip(a, b, strict=False))
+        return sum(abs(x - y) for x, y in pairs) / max(len(pairs), 1)
+
+    if "bf16-a" not in runs:
+        return
+    ref = runs["bf16-a"]["loss"]
+    for run, r in runs.items():
+        if run != "bf16-a":
+            print(f"{workload} {run}: mean |loss - bf16-a| {gap(r['loss'], ref):.4f} (last 100 steps "
+                  f"{gap(r['loss'], ref, 100):.4f}); final loss {r['loss'][-1]:.4f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--shapes", default="1b,3b")
+    p.add_argument("--recipes", default="bf16,tensorwise,rowwise")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--out", default="float8_throughput.json")
+    c = sub.add_parser("curves")
+    c.add_argument("--steps", type=int, default=300)
+    c.add_argument("--workloads", default="corpus,synthetic")
+    c.add_argument("--runs", default="bf16-a,bf16-b,tensorwise")
+    c.add_argument("--out", default="float8_curves.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_float8.py needs a CUDA GPU")
+    for name in getattr(args, "recipes", "").split(",") + getattr(args, "runs", "").split(","):
+        if name and name not in (*RECIPES, "bf16-a", "bf16-b"):
+            sys.exit(f"unknown recipe or run {name!r}; choose from bf16, tensorwise, rowwise (runs: bf16-a, bf16-b)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # several models and recipes in one process
+    throughput(args) if args.mode == "throughput" else curves(args)
+
+
+if __name__ == "__main__":
+    main()
