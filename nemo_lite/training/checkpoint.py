@@ -81,7 +81,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     train_state: dict[str, Any],
     *,
     keep_last: int,
@@ -90,9 +90,10 @@ def save_checkpoint(
     """Write ``step_{step}`` atomically and prune to the last ``keep_last``. Returns its path.
 
     ``hooks`` is for fault-injection tests: a callable under "after_file" is called with each
-    file's name once it is written (before the rename).
+    file's name once it is written (before the rename). ``model`` may be the tensors to save instead of a
+    module (a LoRA run saves its adapters only).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob(TMP_PREFIX + "*"):
@@ -101,7 +102,10 @@ def save_checkpoint(
     tmp = ckpt_root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     after_file = (hooks or {}).get("after_file", lambda name: None)
-    save_model(model, str(tmp / MODEL_FILE))
+    if isinstance(model, torch.nn.Module):
+        save_model(model, str(tmp / MODEL_FILE))
+    else:
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     _fsync_file(tmp / MODEL_FILE)
     after_file(MODEL_FILE)
     torch.save(train_state, tmp / STATE_FILE)
@@ -153,14 +157,16 @@ def is_sharded(path: Path) -> bool:
     return (path / "dcp").is_dir()
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load weights into ``model`` (strict) and return the train state (optimizer, loader, ...)."""
+def load_checkpoint(path: Path, model: torch.nn.Module | None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load weights into ``model`` (strict) and return the train state (optimizer, loader, ...). ``model=None``
+    leaves the weights file to the caller (a LoRA run loads its adapters itself)."""
     from safetensors.torch import load_model
 
     missing = [name for name in (MODEL_FILE, STATE_FILE, META_FILE) if not (path / name).is_file()]
     if missing:
         raise CheckpointNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+    if model is not None:
+        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
     # The train state stays on the CPU: RNG states must be CPU byte tensors, and the optimizer's
     # load_state_dict moves its state to each parameter's device itself.
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
