@@ -197,7 +197,8 @@ def holds_adapters(weights_file: Path) -> bool:
     if not weights_file.is_file():
         return False
     with safe_open(str(weights_file), framework="pt") as f:
-        return any(is_adapter_name(name) for name in f.keys())
+        names = f.keys()  # a safetensors handle is not iterable
+    return any(is_adapter_name(name) for name in names)
 
 
 def load_adapters(model: nn.Module, weights_file: Path) -> None:
