@@ -142,7 +142,7 @@ def file_record(path: Path) -> dict[str, int]:
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     train_state: dict[str, Any],
     *,
     keep_last: int,
@@ -154,9 +154,10 @@ def save_checkpoint(
     meta.json with each file's size and CRC-32.
 
     ``hooks`` is for fault-injection tests: a callable under "after_file" is called with each
-    file's name once it is written (before the rename).
+    file's name once it is written (before the rename). ``model`` may be the tensors to save instead of a
+    module (a LoRA run saves its adapters only).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(ckpt_root)
@@ -165,7 +166,11 @@ def save_checkpoint(
     tmp.mkdir()
     after_file = (hooks or {}).get("after_file", lambda name: None)
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        if isinstance(model, torch.nn.Module):
+            save_model(model, str(tmp / MODEL_FILE))
+        else:
+            tensors = {k: v.contiguous() for k, v in model.items()}
+            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_FILE)
         after_file(MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
@@ -291,14 +296,15 @@ def layout_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def load_checkpoint(
     path: Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     device: torch.device | str = "cpu",
     *,
     layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Verify ``path`` (:func:`verify_checkpoint`), load its weights into ``model`` (strict) and return the
     train state (optimizer, loader, ...). Raises CheckpointDamagedError for a damaged checkpoint and
-    ResumeError for one of another shape (``layout``: this run's, compared with the saved one's)."""
+    ResumeError for one of another shape (``layout``: this run's, compared with the saved one's). ``model=None``
+    leaves the weights file to the caller (a LoRA run loads its adapters itself)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -310,7 +316,8 @@ def load_checkpoint(
             "resume with the settings it was saved with, or start fresh in another run_dir"
         )
     try:
-        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+        if model is not None:
+            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
     except SafetensorError as err:
         raise CheckpointDamagedError(f"{MODEL_FILE} cannot be read ({_first_line(err)})") from None
     except RuntimeError as err:  # strict loading: other tensor names or shapes

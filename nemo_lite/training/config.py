@@ -169,6 +169,25 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
         raise ConfigError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
+PEFT_METHODS = ("none", "lora")
+
+
+def check_peft_section(peft: PeftSection) -> None:
+    """The ``peft`` section's own values (a converter built outside a recipe checks them too)."""
+    _choice("peft.method", peft.method, list(PEFT_METHODS))
+    if peft.method == "none":
+        return
+    if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
+        raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
+    _positive("peft.alpha", peft.alpha)
+    _in_range("peft.dropout", peft.dropout, 0.0, 1.0, high_open=True)
+    targets = list(peft.target_modules)
+    if not targets:
+        raise ConfigError("peft.target_modules is empty; give module names (q_proj, v_proj, ...) or [all-linear]")
+    if "all-linear" in targets and len(targets) > 1:
+        raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Checks the schema's types cannot express. Raises ConfigError naming the bad value."""
     from nemo_lite.components.attention import MASK_TYPES, list_attention_backends
@@ -217,6 +236,17 @@ def validate(cfg: RecipeConfig) -> None:
     _in_range("optim.beta1", cfg.optim.beta1, 0.0, 1.0, high_open=True)
     _in_range("optim.beta2", cfg.optim.beta2, 0.0, 1.0, high_open=True)
     _in_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 1.0, high_open=True)
+    check_peft_section(cfg.peft)
+    if cfg.peft.method == "lora":
+        import importlib.util
+
+        if cfg.model.pretrained_path is None:
+            raise ConfigError(
+                "peft=lora adapts a pretrained model, but model.pretrained_path is not set: give a checkpoint "
+                "(a from-scratch model has nothing worth freezing; train it fully with peft=none)"
+            )
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("peft=lora needs the peft package: pip install 'nemo_lite[peft]'")
 
 
 def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:

@@ -75,22 +75,33 @@ def broadcast_str(value: str) -> str:
     return box[0]
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded float32 weights on CPU (a collective: every rank calls it; rank 0 gets them all)."""
+def full_state_dict(model: torch.nn.Module, *, only_trainable: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded float32 weights on CPU (a collective: every rank calls it; rank 0 gets them all);
+    ``only_trainable``: without the frozen parameters (a LoRA run's adapters only)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=only_trainable)
+    return get_model_state_dict(model, options=options)
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
 
 
 def save_sharded(
-    ckpt_root: Path, step: int, model, optimizer, extra_per_rank: dict[str, Any], info: DistInfo, keep_last: int
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    extra_per_rank: dict[str, Any],
+    info: DistInfo,
+    keep_last: int,
+    *,
+    only_trainable: bool = False,
 ) -> Path:
-    """Model and optimizer through DCP (sharded), per-rank extras (data, RNG) beside them."""
+    """Model and optimizer through DCP (sharded), per-rank extras (data, RNG) beside them.
+    ``only_trainable``: the frozen parameters are left out (a LoRA run saves its adapters only)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from nemo_lite.training.checkpoint import TMP_PREFIX, list_checkpoints
 
@@ -101,7 +112,8 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=only_trainable)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     torch.save(extra_per_rank, tmp / f"rank{info.rank:05d}.pt")
     dist.barrier()
@@ -116,11 +128,13 @@ def save_sharded(
     return final
 
 
-def load_sharded(path: Path, model, optimizer, info: DistInfo) -> dict[str, Any]:
+def load_sharded(path: Path, model, optimizer, info: DistInfo, *, only_trainable: bool = False) -> dict[str, Any]:
+    """Load what :func:`save_sharded` wrote; every tensor asked for must be in the checkpoint (with
+    ``only_trainable`` the frozen ones are not asked for)."""
     import json
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("format") != "dcp":
@@ -133,8 +147,11 @@ def load_sharded(path: Path, model, optimizer, info: DistInfo) -> dict[str, Any]
             f"{path} was saved by {meta['world_size']} ranks and this run has {info.world_size}: resume with "
             f"--nproc-per-node {meta['world_size']} (the data-loader state is per rank)"
         )
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(ignore_frozen_params=only_trainable, strict=not only_trainable)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
     return torch.load(path / f"rank{info.rank:05d}.pt", weights_only=True)

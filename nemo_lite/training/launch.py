@@ -18,7 +18,7 @@ from typing import Any
 
 from nemo_lite.training.config import ConfigError, RecipeConfig
 
-CONFIG_GROUPS = ("model", "attention", "data", "optim", "logger")
+CONFIG_GROUPS = ("model", "attention", "data", "optim", "logger", "peft")
 
 
 def _fields(cls) -> dict[str, Any]:

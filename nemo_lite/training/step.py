@@ -60,7 +60,7 @@ class PlainStep:
 
     def __init__(self, model: nn.Module, optim: OptimSection, *, compile: bool = False, loss_chunk_size: int = 0):
         self.model = model
-        self.params = [p for p in model.parameters()]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # not the frozen (LoRA base)
         betas = (optim.beta1, optim.beta2)
         self.optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=betas, eps=optim.eps)
         self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}

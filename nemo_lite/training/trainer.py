@@ -329,10 +329,13 @@ class Trainer:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
         self.family: ModelFamily = family
         self.raw_model = model
-        self.converters = build_converters(cfg)
+        self.converters = build_converters(cfg, autocast_dtype=self._autocast_dtype())
         for converter in self.converters:  # before activation checkpointing, compile and sharding
             converter.convert(model, family)
             self._log(converter.description)
+        from nemo_lite.training.converters.lora import LoraConverter
+
+        self.lora = next((c for c in self.converters if isinstance(c, LoraConverter)), None)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
         if cfg.trainer.compile:
@@ -344,6 +347,9 @@ class Trainer:
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = family.flops_per_token(model)
+        if self.lora is not None:  # a frozen weight gets no weight gradient: 4 FLOPs per parameter, not 6
+            frozen = self.flops_per_token // 6 - sum(p.numel() for p in model.parameters() if p.requires_grad)
+            self.flops_per_token -= 2 * frozen
         self.attention_flops_per_pair = family.attention_flops_per_pair(model.config)
         self.peak_flops = peak_flops(self.device)
 
@@ -365,6 +371,16 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "nonfinite_total": self.nonfinite_total,
         }
+
+    def _peft_record(self) -> dict[str, Any] | None:
+        """A LoRA run's checkpoints say which adapters they hold and which base they belong to."""
+        if self.lora is None:
+            return None
+        if not hasattr(self, "_lora_record"):
+            from nemo_lite.training.converters import lora
+
+            self._lora_record = lora.peft_record(self.lora, self.pretrained_dir)
+        return self._lora_record
 
     def _layout(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed by this run: the model's shape and the data's."""
@@ -390,10 +406,13 @@ class Trainer:
         return getattr(self, "last_checkpoint", None) or self.resumed_from
 
     def save(self) -> Path:
+        """A checkpoint of the step; a LoRA run's holds the adapters (the base is model.pretrained_path)."""
         self._check_weights_finite()  # a checkpoint is never written from non-finite weights
         if self.dist.enabled:
             state = self._train_state()
             del state["optimizer"]  # sharded through DCP with the model
+            if self.lora is not None:
+                state["peft"] = self._peft_record()
             path = distributed.save_sharded(
                 self.run_dir / "checkpoints",
                 self.step,
@@ -402,14 +421,20 @@ class Trainer:
                 state,
                 self.dist,
                 self.cfg.trainer.keep_last,
+                only_trainable=self.lora is not None,
             )
             self.last_checkpoint = path
             return path
+        state, weights = self._train_state(), self.raw_model
+        if self.lora is not None:
+            from nemo_lite.training.converters import lora
+
+            state["peft"], weights = self._peft_record(), lora.adapter_tensors(self.raw_model)
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
-            self.raw_model,
-            self._train_state(),
+            weights,
+            state,
             keep_last=self.cfg.trainer.keep_last,
             hooks=self.hooks.get("checkpoint"),
             layout=self._layout(),
@@ -445,9 +470,17 @@ class Trainer:
         )
 
     def _load(self, path: Path) -> None:
+        from nemo_lite.training.converters import lora
+
         if self.dist.enabled:
+            peek = path / f"rank{self.rank:05d}.pt"
+            saved = torch.load(peek, weights_only=True).get("peft") if peek.is_file() else None
+            lora.check_resume(path, saved, self._peft_record())
+            only_trainable = self.lora is not None
             try:
-                state = distributed.load_sharded(path, self.model, self.optimizer, self.dist)
+                state = distributed.load_sharded(
+                    path, self.model, self.optimizer, self.dist, only_trainable=only_trainable
+                )
             except ValueError as err:  # its refusals: a single-process checkpoint, another number of ranks
                 raise ckpt.ResumeError(str(err)) from None
         else:
@@ -455,7 +488,12 @@ class Trainer:
                 raise ckpt.ResumeError(
                     f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks"
                 )
-            state = ckpt.load_checkpoint(path, self.raw_model, device=self.device, layout=self._layout())
+            if self.lora is None and not lora.holds_adapters(path / ckpt.MODEL_FILE):
+                state = ckpt.load_checkpoint(path, self.raw_model, device=self.device, layout=self._layout())
+            else:
+                state = ckpt.load_checkpoint(path, None, layout=self._layout())
+                lora.check_resume(path, state.get("peft"), self._peft_record())
+                lora.load_adapters(self.raw_model, path / ckpt.MODEL_FILE)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["data"])
@@ -694,15 +732,22 @@ class Trainer:
             if final:
                 self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
             if cfg.export_hf or cfg.sample_tokens > 0:
-                plain = self._plain_model()  # a collective under torchrun
+                # a collective under torchrun; a LoRA run merges only for the export (or to sample under torchrun)
+                wanted = self.lora is None or cfg.export_hf or self.dist.enabled
+                plain = self._plain_model() if wanted else None
                 if self.is_main and cfg.export_hf:
                     result.hf_dir = self.export(plain)
                 if self.is_main and cfg.sample_tokens > 0:
-                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, plain)
+                    on_device = self.lora is None or self.dist.enabled  # a LoRA run's merged model is on the CPU
+                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, plain if on_device else None)
         return result
 
     def _plain_model(self):
-        """The trained model as one unsharded module (the model itself when not distributed)."""
+        """The trained model as one unsharded module (the model itself when not distributed). A LoRA run's is the
+        base read from disk again with the adapters merged in (on the CPU; on the device under torchrun, where it
+        also serves the sample); only rank 0 gets it."""
+        if self.lora is not None:
+            return self._merged_model()
         if not self.dist.enabled:
             return self.raw_model
         full = distributed.full_state_dict(self.model)
@@ -719,8 +764,45 @@ class Trainer:
             plain.load_state_dict(full)
         return plain.to(self.device)
 
+    def _merged_model(self):
+        from nemo_lite.training.converters import lora
+
+        if self.dist.enabled:
+            adapters = distributed.full_state_dict(self.model, only_trainable=True)  # a collective
+        else:
+            adapters = lora.adapter_tensors(self.raw_model)
+        if not self.is_main:
+            return None
+        self._final_adapters = {name: t.detach().float().cpu() for name, t in adapters.items()}
+        att = self.cfg.attention
+        merged = lora.merged_model(
+            self.family,
+            self.pretrained_dir,
+            self._final_adapters,
+            section=self.cfg.peft,
+            target_names=self.lora.target_names,
+            attention=att.backend,
+            attn_mask_type=att.attn_mask_type,
+            fixed_block_size=att.fixed_block_size,
+            attention_options=att.options,
+        )
+        return merged.to(self.device) if self.dist.enabled else merged
+
     def export(self, model=None) -> Path:
-        """The final model as a Hugging Face directory (``<run_dir>/hf``), tokenizer included."""
+        """The final model as a Hugging Face directory (``<run_dir>/hf``), tokenizer included; a LoRA run also
+        writes its adapters as a PEFT directory (``<run_dir>/adapter``) and ``hf`` holds the merged model."""
+        if self.lora is not None:
+            from nemo_lite.training.converters import lora
+
+            model = model or self._merged_model()
+            path = lora.save_adapter(
+                self._final_adapters,
+                self.run_dir / "adapter",
+                section=self.cfg.peft,
+                target_names=self.lora.target_names,
+                base_model_name_or_path=str(self.cfg.model.pretrained_path),
+            )
+            self._log(f"exported the LoRA adapters (PEFT) to {path}")
         model = model or self.raw_model
         tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):

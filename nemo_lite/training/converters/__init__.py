@@ -25,14 +25,15 @@ class ModelConverter(Protocol):
         """Change ``model`` in place (a family's :class:`~nemo_lite.components.models.CausalLM`)."""
 
 
-def build_converters(cfg: Any) -> list[ModelConverter]:
+def build_converters(cfg: Any, *, autocast_dtype: Any = None) -> list[ModelConverter]:
     """The converters ``cfg`` (a :class:`~nemo_lite.training.config.RecipeConfig`) asks for, in the order they
-    are applied. Each one checks its own section and refuses contradictory options in one line."""
+    are applied. Each one checks its own section and refuses contradictory options in one line.
+    ``autocast_dtype``: the dtype the run's matmuls autocast to (None: no autocast)."""
     converters: list[ModelConverter] = []
     if cfg.peft.method != "none":
         from nemo_lite.training.converters.lora import LoraConverter
 
-        converters.append(LoraConverter(cfg.peft))
+        converters.append(LoraConverter(cfg.peft, frozen_dtype=autocast_dtype))
     if cfg.float8.enabled:
         from nemo_lite.training.converters.float8 import Float8Converter
 

@@ -73,7 +73,7 @@ class FastStep:
         kernel = "triton" if self.on["Triton AdamW"] else "torch"
         betas = (optim.beta1, optim.beta2)
         self.optimizer = FusedAdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, kernel=kernel)
-        self.params = [p for p in model.parameters()]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # not the frozen (LoRA base)
         taken = converted_weights(
             model, model.output_weight, copies=self.on["bf16 weight copies"], rows=self.on["embedding gradient as rows"]
         )

@@ -1,0 +1,314 @@
+"""LoRA through PEFT: low-rank adapters on the decoder's linears; only the adapters train.
+
+``peft=lora`` (configs/peft/lora.yaml) sets the rank, alpha, dropout and the target modules by their
+Hugging Face names (``q_proj`` ... ``down_proj``, or ``all-linear``: every linear of the decoder blocks,
+not the output head). PEFT's own layers are injected into nemo_lite's model (:func:`peft.inject_adapter_in_model`
+with the targets spelled as full module paths, since PEFT's ``all-linear`` only knows transformers models); every
+other parameter is frozen, so the optimizer, the gradient norm and the fast step's converters see only the
+adapters.
+
+What this module also owns, because only it knows the adapters' names:
+
+- :func:`adapter_tensors`: what a training checkpoint holds (the adapters; the base comes from
+  ``model.pretrained_path`` again on resume, checked against :func:`base_fingerprint`);
+- :func:`save_adapter`: ``run_dir/adapter``, a PEFT adapter directory under the Hugging Face key names
+  (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), as ``PeftModel.save_pretrained`` writes it
+  for a transformers model;
+- :func:`merged_model`: the base read again from disk in float32 plus ``scaling * B @ A`` (PEFT's merge), for
+  ``run_dir/hf``. The base checkpoint on disk is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nemo_lite.training.config import ConfigError, PeftSection, check_peft_section
+
+ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of any exported key
+ALL_LINEAR = "all-linear"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
+    """Every ``nn.Linear`` inside the family's decoder blocks: full module path -> leaf name (``q_proj``)."""
+    in_blocks = {id(m) for block in family.blocks(model) for m in block.modules()}
+    return {
+        name: name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) in in_blocks
+    }
+
+
+class LoraConverter:
+    """Injects PEFT LoRA layers into the targeted linears and freezes everything else.
+
+    ``frozen_dtype`` (e.g. ``torch.bfloat16`` when the run autocasts to bf16 on a GPU) stores the frozen
+    linears' weights in that dtype: autocast would round them to it before every matmul anyway, so the
+    values the model computes with do not change, and the float32 copies (and their casts) are gone.
+    The merged export reads the float32 base from disk again, so nothing is lost.
+    """
+
+    def __init__(self, section: PeftSection, *, frozen_dtype: torch.dtype | None = None) -> None:
+        check_peft_section(section)
+        self.section = section
+        self.frozen_dtype = frozen_dtype
+        self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
+        self.target_names: list[str] = []  # leaf names adapted (q_proj, ...), set by convert
+        self.module_paths: list[str] = []
+
+    def convert(self, model: nn.Module, family: Any) -> None:
+        import peft
+
+        linears = block_linears(model, family)
+        existing = sorted(set(linears.values()))
+        wanted = list(self.section.target_modules)
+        if ALL_LINEAR in wanted:
+            wanted = existing
+        unknown = [name for name in wanted if name not in existing]
+        if unknown:
+            raise ConfigError(
+                f"peft.target_modules {unknown} match(es) no module of this model; its decoder linears are: "
+                f"{', '.join(existing)} (or all-linear)"
+            )
+        self.target_names = sorted(set(wanted))
+        self.module_paths = [path for path, leaf in linears.items() if leaf in self.target_names]
+        for param in model.parameters():
+            param.requires_grad_(False)
+        config = lora_config(self.section, self.module_paths)
+        peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        for module in model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                # PEFT casts a layer's input to the adapters' dtype (float32) before A; under autocast the
+                # matmul casts it back to the same bf16 values, so the cast only costs a saved copy per layer.
+                module.cast_input_dtype_enabled = False
+        if self.frozen_dtype is not None:
+            for module in model.modules():
+                if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                    module.to(self.frozen_dtype)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self.description += (
+            f", on {', '.join(self.target_names)} ({len(self.module_paths)} linears): {trainable / 1e6:.3g}M "
+            f"trainable of {total / 1e6:.4g}M parameters"
+        )
+        if self.frozen_dtype is not None:
+            self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
+
+
+def lora_config(section: PeftSection, target_modules: list[str], **extra: Any):
+    import peft
+
+    return peft.LoraConfig(
+        r=int(section.r),
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        **extra,
+    )
+
+
+# ---- training checkpoints: the adapters only -----------------------------------------------------
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors (the adapters), by nemo_lite's parameter names; what a checkpoint holds."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def is_adapter_name(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def base_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Where the base came from and a cheap fingerprint of it: sha256 of config.json, and of each
+    safetensors file's size, header and three 1 MiB samples of its data (a few MiB read whatever the
+    model's size). A different checkpoint, or the same one changed, gives a different digest."""
+    path = Path(path).expanduser().resolve()
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors"))
+    for file in [path / "config.json", *files]:
+        digest.update(file.name.encode())
+        size = file.stat().st_size
+        digest.update(size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            if file.suffix != ".safetensors":
+                digest.update(f.read())
+                continue
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            data_start, sample = 8 + header_len, 2**20
+            for offset in (data_start, (data_start + size) // 2, size - sample):
+                f.seek(max(data_start, offset))
+                digest.update(f.read(sample))
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def peft_record(converter: LoraConverter, base_dir: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about its adapters: the settings and the base they belong to."""
+    s = converter.section
+    return {
+        "method": s.method,
+        "r": int(s.r),
+        "alpha": float(s.alpha),
+        "targets": list(converter.target_names),
+        "base": base_fingerprint(base_dir),
+    }
+
+
+def check_resume(path: Path, saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
+    """Refuse, in one line, a resume whose checkpoint does not fit this run's adapters or base."""
+    if saved is None and current is None:
+        return
+    if saved is None:
+        raise ConfigError(
+            f"{path} is a full-model checkpoint and this run trains LoRA adapters (peft=lora): resume it with "
+            "peft=none, or start the LoRA run fresh"
+        )
+    if current is None:
+        raise ConfigError(
+            f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with peft=lora "
+            "and the same model.pretrained_path"
+        )
+    for key in ("r", "targets"):
+        if saved[key] != current[key]:
+            raise ConfigError(
+                f"{path} has adapters with peft {key}={saved[key]} and this run asks for {current[key]}: resume "
+                "with the checkpoint's peft settings"
+            )
+    if saved["base"]["sha256"] != current["base"]["sha256"]:
+        raise ConfigError(
+            f"{path} was trained on the base {saved['base']['path']} and this run's model.pretrained_path "
+            f"{current['base']['path']} is a different checkpoint (fingerprint differs): resume with that base"
+        )
+
+
+def holds_adapters(weights_file: Path) -> bool:
+    """Whether a checkpoint's weights file holds LoRA adapters (read from its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights_file.is_file():
+        return False
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            names = f.keys()  # a safetensors handle is not iterable
+    except (SafetensorError, OSError):  # damaged: the checkpoint's own verification says how
+        return False
+    return any(is_adapter_name(name) for name in names)
+
+
+def load_adapters(model: nn.Module, weights_file: Path) -> None:
+    """Copy a checkpoint's adapters into ``model``'s; the names must be exactly the model's adapters."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights_file))
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ConfigError(
+            f"{weights_file} does not hold this run's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+
+def hf_adapter_key(name: str) -> str:
+    """``layers.0.attention.q_proj.lora_A.default.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.
+    lora_A.weight``: the key PEFT writes for a transformers model (adapter name dropped)."""
+    from nemo_lite.components.models.hf import to_hf_key
+
+    module, rest = name.split(".lora_", 1)
+    which, adapter, tensor = rest.split(".")
+    if adapter != ADAPTER_NAME:
+        raise KeyError(f"{name!r} belongs to adapter {adapter!r}, not {ADAPTER_NAME!r}")
+    hf_module = to_hf_key(f"{module}.weight").removesuffix(".weight")
+    return f"base_model.model.{hf_module}.lora_{which}.{tensor}"
+
+
+def save_adapter(
+    adapters: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    section: PeftSection,
+    target_names: list[str],
+    base_model_name_or_path: str | None,
+) -> Path:
+    """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
+    ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads. Atomic (``atomic_directory``)."""
+    from safetensors.torch import save_file
+
+    from nemo_lite.components.models.hf import atomic_directory
+
+    tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
+    config = lora_config(section, target_names, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
+    config.inference_mode = True
+    with atomic_directory(path) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(path).expanduser().absolute()
+
+
+@torch.no_grad()
+def merged_model(
+    family: Any,
+    base_dir: str | Path,
+    adapters: Mapping[str, torch.Tensor],
+    *,
+    section: PeftSection,
+    target_names: list[str],
+    **load_kwargs: Any,
+) -> nn.Module:
+    """The base read from ``base_dir`` in float32 on the CPU, the adapters added and merged into its weights by
+    PEFT (``W + alpha / r * B @ A``): a plain model of the family again, as full fine-tuning leaves it."""
+    from peft.tuners.lora import LoraModel
+
+    model = family.load_pretrained(base_dir, dtype=torch.float32, device="cpu", **load_kwargs)
+    paths = [path for path, leaf in block_linears(model, family).items() if leaf in target_names]
+    tuner = LoraModel(model, lora_config(section, paths), ADAPTER_NAME)
+    state = {name: t.detach().float().cpu() for name, t in adapters.items()}
+    missing, unexpected = tuner.model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if is_adapter_name(name)]
+    if missing or unexpected:
+        raise ValueError(f"the adapters do not fit {base_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    merged = tuner.merge_and_unload()
+    merged.tokenizer_dir = model.tokenizer_dir
+    for param in merged.parameters():
+        param.requires_grad_(True)
+    return merged
+
+
+def read_adapter_dir(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(adapter_config.json, tensor names) of an adapter directory (for tests and checks)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
+        return config, sorted(f.keys())
+
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LoraConverter",
+    "adapter_tensors",
+    "base_fingerprint",
+    "block_linears",
+    "check_resume",
+    "hf_adapter_key",
+    "merged_model",
+    "peft_record",
+    "save_adapter",
+]

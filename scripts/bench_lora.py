@@ -1,0 +1,231 @@
+"""LoRA on one GPU: nemo_lite's peft=lora against nemo_lite's full fine-tuning and against transformers + PEFT,
+same checkpoint, same packed batches, in one process on one card.
+
+    python scripts/bench_lora.py [--steps 30] [--configs nemo-lora,nemo-full,hf-peft] [--out results.json]
+
+Workload: a Llama-3.2-1B-shaped checkpoint with random weights (seed 0; written once as a Hugging Face
+directory, bf16 safetensors, under --ckpt-dir), 2 x 4096 tokens per step of EOS-delimited documents with
+fixed-seed log-normal lengths (mean ~600), every row packed. LoRA: r=16, alpha=32, no dropout, on every linear
+of the decoder blocks (q, k, v, o, gate, up, down; not the output head), AdamW at lr 2e-4.
+
+Precision, the same for every config: float32 master weights read from the checkpoint, matmuls under bf16
+autocast, the loss in float32. nemo_lite stores its *frozen* linears in bf16 (the values autocast would
+compute with; the merged export reads the float32 base from disk again); transformers + PEFT keeps the model
+as loaded (float32), with ``--hf-base-dtype bfloat16`` loading its base in bf16 instead (PEFT then keeps the
+adapters in float32), the way its documentation suggests for memory. nemo_lite runs flex attention compiled
+(trainer.compile=true) and its fast step; transformers runs the best attention available
+(flash_attention_2 if the flash_attn package is installed, else sdpa; --hf-attn picks one), packed rows
+told apart by position_ids, uncompiled, torch's fused AdamW.
+
+Reported per config: median tokens/s over the steps after warm-up (5), peak memory (allocated, after the
+model is built), first and last loss; and the issue's two ratios: LoRA's peak memory over full fine-tuning's
+(goal <= 0.45) and LoRA's tokens/s over transformers + PEFT's (goal >= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+from bench_utils import median_after_warmup, meta
+
+from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+
+EOS = 128001
+VOCAB = 128256
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA, LORA_LR, FULL_LR = 16, 32.0, 2e-4, 3e-5
+WARMUP = 5
+
+
+def loader(seed: int = 0):
+    return SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, seed=seed, pin_memory=True)
+
+
+def write_checkpoint(path: Path) -> Path:
+    """The random Llama-3.2-1B-shaped checkpoint every config starts from (written once)."""
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+
+    if (path / "config.json").is_file():
+        return path
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(get_preset("llama-3.2-1b", eos_token_id=EOS))
+    model.init_weights(seed=0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def run_nemo(name: str, steps: int, ckpt: Path, *, lora: bool) -> dict:
+    from nemo_lite.training.config import RecipeConfig
+    from nemo_lite.training.trainer import Trainer
+
+    class BenchTrainer(Trainer):
+        def _save_config(self) -> None:  # config.yaml needs omegaconf, which a bare GPU machine may lack
+            if importlib.util.find_spec("omegaconf") is not None:
+                super()._save_config()
+
+    cfg = RecipeConfig(recipe="finetune")
+    cfg.run_dir = f"/tmp/bench_lora/{name}"
+    cfg.model.pretrained_path = str(ckpt)
+    cfg.attention.backend = "flex"
+    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = (LORA_LR if lora else FULL_LR), 5, 0.0
+    if lora:
+        cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.target_modules = "lora", RANK, ALPHA, ["all-linear"]
+    t = cfg.trainer
+    t.max_steps, t.compile = steps, True
+    t.val_every = t.save_every = 0
+    t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
+    trainer = BenchTrainer(cfg, train_loader=loader())
+    trainer.setup()
+    torch.cuda.reset_peak_memory_stats()
+    records = []
+    trainer.hooks["after_step"] = lambda tr, metrics: records.append(metrics)
+    trainer.fit()
+    trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+    result = {
+        "config": name,
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
+        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "params": trainer.n_params,
+        "trainable_params": trainable,
+        "step": trainer.step_impl.description,
+        "converters": [c.description for c in trainer.converters],
+    }
+    del trainer
+    return result
+
+
+def hf_attention(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+
+
+def run_hf_peft(name: str, steps: int, ckpt: Path, *, attn: str, base_dtype: torch.dtype) -> dict:
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=base_dtype, attn_implementation=attn)
+    model = peft.get_peft_model(
+        model.cuda(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LORA_LR, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    batches = iter(loader())
+    torch.cuda.reset_peak_memory_stats()
+    records = []
+    model.train()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = {k: v.cuda(non_blocking=True) for k, v in next(batches).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        dt = time.perf_counter() - t0
+        records.append({"tokens_per_s": batch["input_ids"].numel() / dt, "step_ms": 1000 * dt, "loss": loss_value})
+    result = {
+        "config": name,
+        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
+        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "attn_implementation": attn,
+        "base_dtype": str(base_dtype).removeprefix("torch."),
+    }
+    del model, opt
+    return result
+
+
+def summary(rows: list[dict]) -> dict:
+    by_name = {r["config"]: r for r in rows if "error" not in r}
+    lora, full = by_name.get("nemo-lora"), by_name.get("nemo-full")
+    hf = [r for name, r in by_name.items() if name.startswith("hf-peft")]
+    out = {}
+    if lora and full:
+        out["lora_memory_over_full"] = lora["peak_mem_gib"] / full["peak_mem_gib"]
+        out["memory_goal_met (<= 0.45)"] = out["lora_memory_over_full"] <= 0.45
+    if lora and hf:
+        best = max(hf, key=lambda r: r["tokens_per_s"])
+        out["best_hf_peft"] = best["config"]
+        out["lora_tokens_per_s_over_hf_peft"] = lora["tokens_per_s"] / best["tokens_per_s"]
+        out["speed_goal_met (>= 1.3)"] = out["lora_tokens_per_s_over_hf_peft"] >= 1.3
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--configs", default="nemo-lora,nemo-full,hf-peft,hf-peft-bf16")
+    parser.add_argument("--hf-attn", default="auto", help="auto | sdpa | flash_attention_2 | flex_attention")
+    parser.add_argument("--ckpt-dir", default="/tmp/bench_lora/llama-3.2-1b-random")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_lora.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # two models compiled in one process
+    ckpt = write_checkpoint(Path(args.ckpt_dir))
+    attn = hf_attention(args.hf_attn)
+    runs = {
+        "nemo-lora": lambda: run_nemo("nemo-lora", args.steps, ckpt, lora=True),
+        "nemo-full": lambda: run_nemo("nemo-full", args.steps, ckpt, lora=False),
+        "hf-peft": lambda: run_hf_peft("hf-peft", args.steps, ckpt, attn=attn, base_dtype=torch.float32),
+        "hf-peft-bf16": lambda: run_hf_peft("hf-peft-bf16", args.steps, ckpt, attn=attn, base_dtype=torch.bfloat16),
+    }
+    rows = []
+    for name in args.configs.split(","):
+        if name not in runs:
+            sys.exit(f"unknown config {name!r}; choose from {', '.join(runs)}")
+        t0 = time.perf_counter()
+        try:
+            row = runs[name]()
+        except torch.OutOfMemoryError:
+            row = {"config": name, "error": "OOM"}
+        except Exception as err:  # record it and go on with the other configs
+            row = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
+        row["seconds"] = time.perf_counter() - t0
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if args.out:  # after every config, so a time-out keeps what finished
+            Path(args.out).write_text(json.dumps({"meta": meta(), "rows": rows, "summary": summary(rows)}, indent=1))
+    print(f"\n{meta()}\n")
+    print("| config | tokens/s | peak GiB | trainable | first -> last loss |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['config']} | {r['error']} | | | |")
+            continue
+        print(
+            f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['peak_mem_gib']:.1f} | {r['trainable_params'] / 1e6:.1f}M "
+            f"| {r['first_loss']:.3f} -> {r['last_loss']:.3f} |"
+        )
+    print(json.dumps(summary(rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
