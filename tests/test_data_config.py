@@ -29,6 +29,8 @@ PRETRAIN_DATA = {
     "prompt_field": None,
     "response_field": None,
     "mask_prompt_labels": True,
+    "messages_field": None,
+    "chat_template": None,
     "text_sample_by": "line",
     "hub_config": None,
     "train_split": "train",
@@ -97,13 +99,23 @@ def test_the_defaults_are_the_recipe_defaults():
     assert dataclasses.asdict(DataConfig()) == PRETRAIN_DATA
 
 
+# Conversations exclude prompt/response pairs: their keys are set on their own.
+CHAT_FIELDS_YAML = """
+messages_field: conversation
+chat_template: template.jinja
+"""
+
+
 def test_every_field_is_settable_from_yaml():
     values = OmegaConf.to_container(OmegaConf.create(EVERY_FIELD_YAML))
-    assert set(values) == {f.name for f in dataclasses.fields(DataConfig)}, "give every field a value above"
-    assert all(values[k] != v for k, v in PRETRAIN_DATA.items())
+    chat = OmegaConf.to_container(OmegaConf.create(CHAT_FIELDS_YAML))
+    assert set(values) | set(chat) == {f.name for f in dataclasses.fields(DataConfig)}, "give every field a value"
+    assert all((values | chat)[k] != v for k, v in PRETRAIN_DATA.items())
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(CHAT_FIELDS_YAML))
+    assert {k: getattr(OmegaConf.to_object(merged), k) for k in chat} == chat
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(EVERY_FIELD_YAML))
     cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, DataConfig) and dataclasses.asdict(cfg) == values
+    assert isinstance(cfg, DataConfig) and dataclasses.asdict(cfg) == values | dict.fromkeys(chat)
     assert type(cfg.source) is list  # a plain list, not an OmegaConf ListConfig
 
 

@@ -43,6 +43,14 @@ class DataConfig:
     response_field: str | None = None
     # With prompt/response fields: the prompt tokens get label -100 (no loss on the prompt).
     mask_prompt_labels: bool = True
+    # Conversations: a column of messages ([{"role": ..., "content": ...}, ...], the Hugging Face chat
+    # format), rendered with the tokenizer's chat template. Loss on the assistant's tokens only; each
+    # conversation whole in one row, cut at seq_len - 1 tokens (docs/finetuning.md). Excludes
+    # prompt_field/response_field; text_field is then unused.
+    messages_field: str | None = None
+    # With messages_field: a Jinja chat template file that replaces the tokenizer's own; None = the
+    # tokenizer's.
+    chat_template: str | None = None
     # Text files: one document per "line", per "paragraph" (blank-line separated) or per file
     # ("document").
     text_sample_by: str = "line"
@@ -70,7 +78,8 @@ class DataConfig:
     # Face tokenizer, a tokenizer.json file, or a hub tokenizer name. In a recipe also "model": the
     # checkpoint's own tokenizer (model.pretrained_path; resolve_data_config fills in the path).
     tokenizer: str = "default"
-    # Id of the token that ends each document; None = the tokenizer's eos_token_id.
+    # Id of the token that ends each document; None = the tokenizer's eos_token_id. With
+    # messages_field: None = a token the chat template never writes (docs/finetuning.md has the rule).
     eos_id: int | None = None
     # Treat special-token strings in the text ("<|im_start|>", "<|endoftext|>") as special tokens.
     # Off by default: raw text is text, so a literal "<|endoftext|>" cannot end a document early.
@@ -123,6 +132,15 @@ class DataConfig:
             raise ValueError(
                 "DataConfig.prompt_field and response_field go together: set both (fine-tuning data) "
                 f"or neither, got prompt_field={self.prompt_field!r}, response_field={self.response_field!r}"
+            )
+        if self.messages_field is not None and self.prompt_field is not None:
+            raise ValueError(
+                f"DataConfig.messages_field={self.messages_field!r} (conversations) and prompt_field/response_field "
+                "(prompt/response pairs) are two kinds of fine-tuning data; set one of them"
+            )
+        if self.chat_template is not None and self.messages_field is None:
+            raise ValueError(
+                f"DataConfig.chat_template={self.chat_template!r} renders conversations; set messages_field too"
             )
         _check_int("seq_len", self.seq_len, 1)
         _check_int("batch_size", self.batch_size, 1)

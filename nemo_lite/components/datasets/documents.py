@@ -17,13 +17,17 @@ class Document(NamedTuple):
     ids: list[int]
     prompt_len: int = 0  # leading prompt tokens (no loss on them); 0 for plain text
     replaced_chars: int = 0  # U+FFFD characters in the source text (undecodable bytes)
+    # Per token: 1 = may be a loss target, 0 = never (a conversation's non-assistant tokens); None = use prompt_len
+    trainable: list[int] | None = None
 
 
 class DocumentSource(Protocol):
     """What the loader reads: documents in a deterministic order per epoch."""
 
     description: str  # for error messages: "'data/*.jsonl' (3 json files)"
-    has_prompts: bool  # documents carry prompt_len > 0
+    has_prompts: bool  # documents carry prompt_len > 0 or a trainable mask
+    # Optional (False when absent): no document is cut by a row boundary (the packer pads the row instead).
+    whole_documents: bool
 
     def documents(self, epoch: int, start: int) -> Iterator[Document]:
         """The documents of ``epoch`` in order, from the ``start``-th on."""
@@ -55,6 +59,7 @@ class ListSource:
         self._docs = [_as_document(d) for d in documents]
         self.shuffle, self.seed, self.description = shuffle, seed, description
         self.has_prompts = any(p for _, p in self._docs)
+        self.whole_documents = False
 
     def documents(self, epoch: int, start: int) -> Iterator[Document]:
         order = epoch_order(len(self._docs), epoch, self.seed) if self.shuffle else range(len(self._docs))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from nemo_lite.components.datasets.chat import chat_delimiter_id, chat_template_of
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import DocumentSource
 from nemo_lite.components.datasets.packing import DocumentPacker, _BufferView, collate_rows
@@ -189,7 +190,11 @@ class PackedDataLoader:
     def _produce(self, start: _Snapshot) -> Iterator[tuple[dict[str, torch.Tensor], _Snapshot]]:
         stats = dict(start.stats)
         packer = DocumentPacker(
-            seq_len=self.seq_len, eos_id=self.eos_id, track_prompts=self.source.has_prompts, stats=stats
+            seq_len=self.seq_len,
+            eos_id=self.eos_id,
+            track_prompts=self.source.has_prompts,
+            whole_documents=getattr(self.source, "whole_documents", False),  # optional in DocumentSource
+            stats=stats,
         )
         if start.buffer is not None:
             buf = start.buffer.to_state() if isinstance(start.buffer, _BufferView) else start.buffer
@@ -220,7 +225,7 @@ class PackedDataLoader:
                     continue
                 doc += 1
                 stats["replaced_chars"] += document.replaced_chars
-                packed_this_epoch += packer.push(document.ids, document.prompt_len)
+                packed_this_epoch += packer.push(document.ids, document.prompt_len, document.trainable)
             own = []
             for i in range(rows_per_step):
                 if i % world == rank:
@@ -326,7 +331,11 @@ def build_dataloader(cfg: DataConfig, *, split: str = "train", rank: int = 0, wo
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     tokenizer = build_tokenizer(cfg)
-    eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
+    if cfg.messages_field is not None:  # conversations are delimited by a token their template never writes
+        tokenizer.chat_template = chat_template_of(tokenizer, cfg.chat_template)  # the one samples use too
+        eos_id = chat_delimiter_id(tokenizer, tokenizer.chat_template, cfg.eos_id)
+    else:
+        eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
     source = build_document_source(cfg, tokenizer, split=split)
     return PackedDataLoader(
         source,

@@ -15,7 +15,11 @@ Pure Python and torch; no ``datasets``, no tokenizer. The rules (docs/data.md ha
   document, and a document continued from the previous row carries on counting.
 - Labels: the label of an EOS position is the next document's first token. It is kept for
   pretraining and set to -100 with ``mask_cross_document_labels``. Tokens marked untrainable (the
-  prompt of a fine-tuning example) get label -100 where they are the target.
+  prompt of a fine-tuning example, a conversation's non-assistant tokens) get label -100 where they
+  are the target.
+- ``whole_documents`` (conversations): a document that does not fit in what is left of the row
+  starts the next row instead; the rest of the row is filled with EOS tokens (one-token documents,
+  never a target). A document and its EOS must then fit in ``seq_len`` tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class DocumentPacker:
     """Incremental packer: ``push`` documents, ``pop_row`` rows while ``rows_ready``.
 
     ``stats`` counts ``documents`` (packed), ``empty_documents`` (skipped) and ``tokens`` (packed,
-    EOS included). With ``track_prompts`` the packer also keeps which tokens are prompt tokens.
+    EOS included, row padding too). With ``track_prompts`` the packer also keeps which tokens are
+    prompt tokens; ``whole_documents`` implies it.
     """
 
     def __init__(
@@ -71,12 +76,15 @@ class DocumentPacker:
         seq_len: int,
         eos_id: int,
         track_prompts: bool = False,
+        whole_documents: bool = False,
         stats: dict[str, int] | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = seq_len
         self.eos_id = eos_id
+        self.whole_documents = whole_documents
+        track_prompts = track_prompts or whole_documents  # the row padding is never a target
         self.track_prompts = track_prompts
         self.stats = stats if stats is not None else {}
         for key in ("documents", "empty_documents", "tokens"):
@@ -87,19 +95,27 @@ class DocumentPacker:
         self._start = 0  # index of the first token not yet consumed (the next row starts here)
 
     # -- input --------------------------------------------------------------------------------
-    def push(self, ids: Sequence[int], prompt_len: int = 0) -> bool:
-        """Append one document and its EOS. Returns False (and counts it) if it is empty."""
+    def push(self, ids: Sequence[int], prompt_len: int = 0, trainable: Sequence[int] | None = None) -> bool:
+        """Append one document and its EOS. Returns False (and counts it) if it is empty.
+
+        ``trainable`` (one 0/1 per token) marks the tokens that may be loss targets; its EOS is not one.
+        Without it, the first ``prompt_len`` tokens are not targets and the rest and the EOS are.
+        """
         if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
         n = len(ids)
         if n == 0:
             self.stats["empty_documents"] += 1
             return False
-        if prompt_len:
+        if prompt_len or trainable is not None:
             if self._trainable is None:
-                raise ValueError("push(prompt_len>0) needs a DocumentPacker(track_prompts=True)")
+                raise ValueError("push(prompt_len>0 or trainable) needs a DocumentPacker(track_prompts=True)")
             if not 0 <= prompt_len <= n:
                 raise ValueError(f"prompt_len={prompt_len} is outside the document's {n} tokens")
+            if trainable is not None and len(trainable) != n:
+                raise ValueError(f"trainable has {len(trainable)} entries for a document of {n} tokens")
+        if self.whole_documents:
+            self._start_row_if_needed(n)
         eos = self.eos_id
         self._tokens.extend(ids)
         self._tokens.append(eos)
@@ -111,12 +127,32 @@ class DocumentPacker:
             self._positions.append(pos)
         else:
             self._positions.extend(range(n + 1))
-        if self._trainable is not None:
+        if trainable is not None:
+            self._trainable.extend(trainable)
+            self._trainable.append(0)
+        elif self._trainable is not None:
             self._trainable.extend([0] * prompt_len)
             self._trainable.extend([1] * (n - prompt_len + 1))
         self.stats["documents"] += 1
         self.stats["tokens"] += n + 1
         return True
+
+    def _start_row_if_needed(self, n: int) -> None:
+        """Pad the current row with EOS when a document of ``n`` tokens + EOS does not fit in it."""
+        if n + 1 > self.seq_len:
+            raise ValueError(
+                f"a document of {n} tokens and its EOS do not fit in one row of seq_len={self.seq_len} "
+                "(whole_documents packing); cut it first"
+            )
+        used = (len(self._tokens) - self._start) % self.seq_len  # tokens already in the row being filled
+        if used == 0 or used + n + 1 <= self.seq_len:
+            return
+        pad = self.seq_len - used
+        self._tokens.extend([self.eos_id] * pad)
+        # After the previous document's EOS every pad token is a document of its own: position 0.
+        self._positions.extend([0] * pad)
+        self._trainable.extend([0] * pad)
+        self.stats["tokens"] += pad
 
     # -- output -------------------------------------------------------------------------------
     @property

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id, chat_template_of
 from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.components.datasets.default_chat import DEFAULT_CHAT_SOURCE, default_chat_file
 from nemo_lite.components.datasets.default_corpus import default_corpus_file
 from nemo_lite.components.datasets.documents import Document, epoch_order
 
@@ -113,6 +115,10 @@ class _Spec:
             self.files, self.format = [str(default_corpus_file())], "json"
             self.description = "the default corpus"
             return
+        if isinstance(spec, str) and spec == DEFAULT_CHAT_SOURCE:
+            self.files, self.format = [str(default_chat_file())], "json"
+            self.description = "the default conversation set"
+            return
         specs = [spec] if isinstance(spec, str) else list(spec)
         if not specs:
             raise ValueError("DataConfig.source is an empty list")
@@ -175,7 +181,12 @@ def _column_texts(column: Any) -> list[str]:
 
 
 class _Encoder:
-    """Text columns -> (ids, prompt_len, replaced_chars) per document. Picklable (datasets.map)."""
+    """Text columns -> (ids, prompt_len, replaced_chars) per document. Picklable (datasets.map).
+
+    The sources read an encoder through ``fields``, ``columns`` (a table's values), ``documents``
+    (records -> Documents, streaming), ``__call__`` (datasets.map), ``features``, ``cache_key`` and
+    ``report``; ``chat.ChatEncoder`` is the other one (conversations).
+    """
 
     def __init__(self, tokenizer: Any, fields: list[str], *, parse_special_tokens: bool, mask_prompt: bool) -> None:
         self.tokenizer = tokenizer
@@ -202,9 +213,40 @@ class _Encoder:
         prompt_lens = [len(p) if self.mask_prompt else 0 for p in prompts]
         return ids, prompt_lens, replaced
 
-    def __call__(self, table: Any) -> dict[str, list]:
-        ids, prompt_lens, replaced = self.encode_columns([_column_texts(table.column(f)) for f in self.fields])
+    def columns(self, table: Any) -> list[list[str]]:
+        return [_column_texts(table.column(f)) for f in self.fields]
+
+    def documents(self, records: Sequence[tuple[str, ...]], indices: Sequence[int]) -> list[Document]:
+        ids, prompt_lens, replaced = self.encode_columns([list(c) for c in zip(*records, strict=True)])
+        return [Document(ids[k], prompt_lens[k], replaced[k]) for k in range(len(ids))]
+
+    def __call__(self, table: Any, indices: list[int]) -> dict[str, list]:
+        ids, prompt_lens, replaced = self.encode_columns(self.columns(table))
         return {"input_ids": ids, "prompt_len": prompt_lens, "replaced_chars": replaced}
+
+    def features(self) -> Any:
+        import datasets
+
+        return datasets.Features(
+            {
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "prompt_len": datasets.Value("int32"),
+                "replaced_chars": datasets.Value("int32"),
+            }
+        )
+
+    def cache_key(self) -> str:
+        return "\n".join([_TOKENIZED_VERSION, repr(self.fields), repr((self.parse_special_tokens, self.mask_prompt))])
+
+    def report(self, tokenized: Any, description: str) -> None:
+        import pyarrow.compute as pc
+
+        replaced = pc.sum(tokenized.data.column("replaced_chars")).as_py() or 0
+        if replaced:
+            warnings.warn(
+                f"{description}: {replaced} characters are U+FFFD (undecodable bytes replaced, or already in the text)",
+                stacklevel=3,
+            )
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -228,6 +270,24 @@ def _check_fields(columns: Iterable[str] | None, features: Any, fields: list[str
         dtype = getattr(feature, "dtype", "string")
         if dtype not in ("string", "large_string"):
             raise ValueError(f"field {f!r} of {description} holds {feature}, not text")
+
+
+def _check_messages_field(columns: Iterable[str] | None, features: Any, fields: list[str], description: str) -> None:
+    """The messages column exists and holds lists (each conversation's messages are checked when encoded)."""
+    if columns is None:
+        return
+    columns = list(columns)
+    field = fields[0]
+    if field not in columns:
+        raise ValueError(
+            f"field {field!r} is not in {description}; its fields are {columns}. Set DataConfig.messages_field to "
+            "the field that holds each conversation's messages"
+        )
+    feature = features[field] if features is not None else None
+    if feature is not None and not isinstance(feature, list) and not hasattr(feature, "feature"):
+        raise ValueError(
+            f"field {field!r} of {description} holds {feature}, not lists of {{'role', 'content'}} messages"
+        )
 
 
 # -- held-out validation documents ------------------------------------------------------------
@@ -263,12 +323,14 @@ class TokenizedSource:
         seed: int,
         description: str,
         has_prompts: bool,
+        whole_documents: bool = False,
     ) -> None:
         self._ds = tokenized.with_format("arrow")
         self._indices = indices
         self.shuffle, self.seed = shuffle, seed
         self.description = description
         self.has_prompts = has_prompts
+        self.whole_documents = whole_documents
         self._order_cache: tuple[int, Sequence[int]] | None = None
 
     @property
@@ -292,6 +354,10 @@ class TokenizedSource:
             else:
                 table = self._ds[list(chunk)]
             ids = table.column("input_ids").to_pylist()
+            if "trainable" in table.column_names:  # conversations
+                for doc_ids, trainable in zip(ids, table.column("trainable").to_pylist(), strict=True):
+                    yield Document(doc_ids, 0, 0, trainable)
+                continue
             prompt_lens = table.column("prompt_len").to_pylist()
             replaced = table.column("replaced_chars").to_pylist()
             for k in range(len(ids)):
@@ -309,7 +375,7 @@ class StreamingSource:
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        encoder: _Encoder,
+        encoder: Any,
         *,
         held_out: tuple[Fraction, bool],
         shuffle: bool,
@@ -317,6 +383,7 @@ class StreamingSource:
         seed: int,
         description: str,
         has_prompts: bool,
+        whole_documents: bool = False,
     ) -> None:
         self._stream = stream.with_format("arrow")
         self._encoder = encoder
@@ -324,25 +391,24 @@ class StreamingSource:
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.description = description
         self.has_prompts = has_prompts
+        self.whole_documents = whole_documents
 
-    def _records(self) -> Iterator[tuple[str, ...]]:
+    def _records(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(index in the source, the record's field values)."""
         index = 0
         for table in self._stream.iter(batch_size=_READ_CHUNK):
-            columns = [_column_texts(table.column(f)) for f in self._encoder.fields]
-            for record in zip(*columns, strict=True):
+            for record in zip(*self._encoder.columns(table), strict=True):
                 if self._fraction == 0 or _is_held_out(index, self._fraction) == self._want_held_out:
-                    yield record
+                    yield index, record
                 index += 1
 
     def documents(self, epoch: int, start: int) -> Iterator[Document]:
-        records: Iterator[tuple[str, ...]] = self._records()
+        records: Iterator[tuple[int, tuple[Any, ...]]] = self._records()
         if self.shuffle:
             records = _shuffle_buffer(records, self.shuffle_buffer, f"nemo_lite/stream/{self.seed}/{epoch}")
         records = islice(records, start, None)
         while chunk := list(islice(records, _ENCODE_CHUNK)):
-            ids, prompt_lens, replaced = self._encoder.encode_columns([list(c) for c in zip(*chunk, strict=True)])
-            for k in range(len(ids)):
-                yield Document(ids[k], prompt_lens[k], replaced[k])
+            yield from self._encoder.documents([r for _, r in chunk], [i for i, _ in chunk])
 
 
 def _shuffle_buffer(items: Iterator[Any], size: int, seed: str) -> Iterator[Any]:
@@ -379,11 +445,27 @@ def build_document_source(
             )
         hub_split, held_out = cfg.validation_split, (Fraction(0), False)
     description = spec.description + (f", {split} split" if fraction > 0 or validation else "")
-    fields = [cfg.prompt_field, cfg.response_field] if cfg.prompt_field else [cfg.text_field]
-    encoder = _Encoder(
-        tokenizer, fields, parse_special_tokens=cfg.parse_special_tokens, mask_prompt=cfg.mask_prompt_labels
-    )
-    has_prompts = cfg.prompt_field is not None and cfg.mask_prompt_labels
+    encoder: Any
+    if cfg.messages_field is not None:  # conversations: each one whole in a row, loss on the assistant only
+        template = chat_template_of(tokenizer, cfg.chat_template)
+        fields = [cfg.messages_field]
+        encoder = ChatEncoder(
+            tokenizer,
+            cfg.messages_field,
+            template=template,
+            delimiter_id=chat_delimiter_id(tokenizer, template, cfg.eos_id),
+            max_tokens=cfg.seq_len - 1,
+            description=description,
+        )
+        has_prompts = whole_documents = True
+    else:
+        fields = [cfg.prompt_field, cfg.response_field] if cfg.prompt_field else [cfg.text_field]
+        encoder = _Encoder(
+            tokenizer, fields, parse_special_tokens=cfg.parse_special_tokens, mask_prompt=cfg.mask_prompt_labels
+        )
+        has_prompts = cfg.prompt_field is not None and cfg.mask_prompt_labels
+        whole_documents = False
+    check_fields = _check_messages_field if cfg.messages_field is not None else _check_fields
     shuffle = cfg.shuffle and not validation
 
     raw = _load(spec, cfg, hub_split, cfg.streaming)
@@ -394,7 +476,7 @@ def build_document_source(
             if first is None:
                 raise ValueError(f"no documents in {description}")
             columns, features = first.column_names, None
-        _check_fields(columns, features, fields, description)
+        check_fields(columns, features, fields, description)
         return StreamingSource(
             raw,
             encoder,
@@ -404,11 +486,12 @@ def build_document_source(
             seed=cfg.seed,
             description=description,
             has_prompts=has_prompts,
+            whole_documents=whole_documents,
         )
 
     if len(raw) == 0:
         raise ValueError(f"no documents in {description}")
-    _check_fields(raw.column_names, raw.features, fields, description)
+    check_fields(raw.column_names, raw.features, fields, description)
     tokenized = _tokenize(raw, encoder, cfg, description)
     indices = _split_indices(len(tokenized), held_out[0], held_out[1])
     if len(indices) == 0:
@@ -416,53 +499,36 @@ def build_document_source(
             f"no documents in {description} ({len(tokenized)} documents, validation_fraction={cfg.validation_fraction})"
         )
     return TokenizedSource(
-        tokenized, indices, shuffle=shuffle, seed=cfg.seed, description=description, has_prompts=has_prompts
+        tokenized,
+        indices,
+        shuffle=shuffle,
+        seed=cfg.seed,
+        description=description,
+        has_prompts=has_prompts,
+        whole_documents=whole_documents,
     )
 
 
-def _tokenize(raw: datasets.Dataset, encoder: _Encoder, cfg: DataConfig, description: str) -> datasets.Dataset:
+def _tokenize(raw: datasets.Dataset, encoder: Any, cfg: DataConfig, description: str) -> datasets.Dataset:
     """Tokenize every document once (batched, ``num_proc`` processes), cached by datasets.
 
     The cache key is our own: the raw data's fingerprint, the tokenizer's full definition and the
-    options, so a warm run finds the ids without hashing a tokenizer object.
+    encoder's options, so a warm run finds the ids without hashing a tokenizer object.
     """
-    import datasets
-
-    key = "\n".join(
-        [
-            _TOKENIZED_VERSION,
-            raw._fingerprint,
-            _tokenizer_fingerprint(encoder.tokenizer),
-            repr(encoder.fields),
-            repr((encoder.parse_special_tokens, encoder.mask_prompt)),
-        ]
-    )
+    key = "\n".join([raw._fingerprint, _tokenizer_fingerprint(encoder.tokenizer), encoder.cache_key()])
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:32]
-    features = datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "prompt_len": datasets.Value("int32"),
-            "replaced_chars": datasets.Value("int32"),
-        }
-    )
     num_proc = cfg.num_proc or min(8, os.cpu_count() or 1)
     num_proc = max(1, min(num_proc, len(raw) // (2 * _MAP_BATCH)))
     tokenized = raw.with_format("arrow").map(
         encoder,
         batched=True,
+        with_indices=True,
         batch_size=_MAP_BATCH,
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=raw.column_names,
-        features=features,
+        features=encoder.features(),
         new_fingerprint=fingerprint,
         desc=f"Tokenizing {description}",
     )
-    import pyarrow.compute as pc
-
-    replaced = pc.sum(tokenized.data.column("replaced_chars")).as_py() or 0
-    if replaced:
-        warnings.warn(
-            f"{description}: {replaced} characters are U+FFFD (undecodable bytes replaced, or already in the text)",
-            stacklevel=3,
-        )
+    encoder.report(tokenized, description)
     return tokenized
