@@ -443,3 +443,22 @@ def test_chat_template_file_replaces_the_tokenizers(tmp_path, llama_style_dir, l
         warnings.simplefilter("error")
         with pytest.raises(FileNotFoundError, match="is not a file"):
             build_dataloader(chat_config(path, llama_style_dir, chat_template=str(tmp_path / "missing.jinja")))
+
+
+# -- a chat run ---------------------------------------------------------------------------------
+def test_a_chat_run_masks_by_the_delimiter_and_samples_through_the_template(tmp_path, llama_style_dir, llama_tokenizer):
+    from recipe_utils import tiny_config
+
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "run", backend="sdpa", steps=3)
+    cfg.data = chat_config(write_jsonl(tmp_path / "c.jsonl", generate_conversations(200)), llama_style_dir)
+    cfg.data.validation_fraction = 0.1
+    cfg.trainer.val_every, cfg.trainer.sample_prompt, cfg.trainer.sample_tokens = 0, "What is 2 plus 2?", 3
+    result = Trainer(cfg).fit()
+    assert result.status == "completed"
+    eot = llama_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    prompt = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 plus 2?<|eot_id|>"
+    assert result.sample.startswith(prompt + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    exported = json.loads((result.hf_dir / "config.json").read_text())
+    assert exported["eos_token_id"] == eot  # generation stops at the end of a turn, not at the delimiter
