@@ -109,6 +109,8 @@ class Trainer:
         validate(self.cfg)
         self.dist = dist_info or DistInfo()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        distributed.check_dp_replicate(self.cfg.trainer.dp_replicate, self.world_size)
+        self.mesh = None  # the data-parallel DeviceMesh under torchrun
         self.is_main = self.rank == 0
         run_dir = str(Path(self.cfg.run_dir).expanduser())
         self.run_dir = Path(distributed.broadcast_str(run_dir) if self.dist.enabled else run_dir)
@@ -259,7 +261,15 @@ class Trainer:
                 module.compile()
         if self.dist.enabled:
             bf16 = self._autocast_dtype() == torch.bfloat16
-            distributed.shard_model(family, model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
+            self.mesh = distributed.build_mesh(self.dist, cfg.trainer.dp_replicate, self.device.type)
+            distributed.shard_model(
+                family,
+                model,
+                bf16=bf16,
+                reshard_after_forward=cfg.trainer.reshard_after_forward,
+                mesh=self.mesh,
+                prefetch=cfg.trainer.fsdp_prefetch,
+            )
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = family.flops_per_token(model)
@@ -312,11 +322,9 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        if self.dist.enabled:
-            state = distributed.load_sharded(path, self.model, self.optimizer, self.dist)
+        if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
+            state = distributed.load_checkpoint_any(path, self.model, self.optimizer, self.dist)
         else:
-            if ckpt.is_sharded(path):
-                raise ValueError(f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks")
             state = ckpt.load_checkpoint(path, self.raw_model, device=self.device)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -369,7 +377,7 @@ class Trainer:
         stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
         totals = torch.stack([loss_sum, pairs.float(), stop])
         if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
-            totals = torch.cat([totals, grad_norm.float().square().view(1)])
+            totals = torch.cat([totals, distributed.squared_norm_share(grad_norm, self.mesh).view(1)])
             torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
             totals, grad_norm = totals[:3], totals[3].sqrt()
         labels = [global_labels.view(1)] if self.dist.enabled else []
