@@ -248,17 +248,19 @@ def main() -> None:
     from bench_utils import meta
 
     start = time.perf_counter()
-    longest: dict[int, float] = {}  # gpus -> the longest launch so far: the estimate of the next one
+    # gpus -> the last launch's seconds: the estimate of the next one (the first of each GPU count compiles
+    # its shapes, later ones find inductor's cache)
+    last: dict[int, float] = {}
 
     def fits(gpus: int) -> bool:
-        return time.perf_counter() - start + longest.get(gpus, max(longest.values(), default=0.0)) < args.budget_s
+        return time.perf_counter() - start + last.get(gpus, max(last.values(), default=0.0)) < args.budget_s
 
     def run(gpus: int, keys: dict, env: dict, label: str, index: int) -> dict | None:
         if not fits(gpus):
             print(f"{label} #{index}: skipped (budget of {args.budget_s:.0f} s)", flush=True)
             return None
         out = launch(args, gpus, keys, env, label, index)
-        longest[gpus] = max(longest.get(gpus, 0.0), out["seconds"])
+        last[gpus] = out["seconds"]
         return out
 
     main_keys, main_env = parse_variant(args.main)

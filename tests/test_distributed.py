@@ -214,12 +214,13 @@ def test_clipping_inside_fused_adamw_under_fsdp2(tmp_path):
     assert losses(tmp_path / "resumed") == two[3:]
 
 
-def test_blocks_kept_unsharded_until_backward_give_the_same_losses(runs, tmp_path):
+def test_blocks_kept_unsharded_until_backward_and_prefetched_give_the_same_losses(runs, tmp_path):
     """Also profiles two steps: rank 0 alone writes the trace and summary."""
     kept = launch(
         2,
         "data.batch_size=2",
         "trainer.reshard_after_forward=false",
+        "trainer.fsdp_prefetch=2",
         "trainer.save_every=0",
         "trainer.profile_steps=2",
         "trainer.profile_start=1",
