@@ -209,14 +209,6 @@ def _load_models_md_example_config(tmp, **values):
     LlamaForCausalLM.from_pretrained(_tiny_checkpoint(tmp, config_edit=lambda c: c.update(values)))
 
 
-def _sharded_checkpoint(tmp: Path, world_size: int = 2) -> Path:
-    """What a torchrun run leaves: meta.json and a dcp/ directory (enough for the checks that refuse it)."""
-    path = tmp / "checkpoints" / "step_000003"
-    (path / "dcp").mkdir(parents=True)
-    (path / "meta.json").write_text(json.dumps({"step": 3, "world_size": world_size, "format": "dcp"}))
-    return path
-
-
 def _build(name: str, **kwargs):
     from nemo_lite.components.attention import build_attention_backend
 
@@ -266,12 +258,6 @@ def _fast_step_with_a_gradient_hook(tmp):  # docs/step.md
     model.embed_tokens.weight.register_hook(lambda grad: grad)
     # On a CUDA device the fast step would convert the embedding; the model stays on the CPU, nothing runs.
     FastStep(model, OptimSection(), device=torch.device("cuda"), distributed=False, autocast_bf16=True)
-
-
-def _sharded_under_more_ranks(tmp):
-    from nemo_lite.training.distributed import DistInfo, load_sharded
-
-    load_sharded(_sharded_checkpoint(tmp), None, None, DistInfo(rank=0, world_size=4, local_rank=0))
 
 
 def _resume_nowhere(tmp):
@@ -516,8 +502,6 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "holds no Hugging Face checkpoint": fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")}),
     "trainer.resume='/nonexistent/run': no checkpoint there": call_error(_resume_nowhere),
     "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
-    "was saved by a torchrun run": fit_error({"trainer.resume": lambda tmp: str(_sharded_checkpoint(tmp))}),
-    "was saved by 2 ranks and this run has 4": call_error(_sharded_under_more_ranks),
     # run directory, checkpoints and weights (docs/reliability.md)
     "is in use by another run": call_error(_run_dir_in_use),
     "already holds checkpoints of an earlier run": call_error(_fresh_run_over_checkpoints),

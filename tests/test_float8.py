@@ -201,7 +201,7 @@ def emulated(monkeypatch):
     """The trainer's converters with torchao's emulation, so that a CPU runs the float8 path."""
     from nemo_lite.training import trainer as trainer_module
 
-    def build(cfg):
+    def build(cfg, **kwargs):
         return [Float8Converter(cfg.float8, emulate=True)] if cfg.float8.enabled else []
 
     monkeypatch.setattr(trainer_module, "build_converters", build)

@@ -59,7 +59,7 @@ class RankLoader(SyntheticPackedLoader):
             yield {k: v.repeat_interleave(2, dim=0)[self.rank :: self.world_size] for k, v in batch.items()}
 
 
-def emulated_converters(cfg: RecipeConfig) -> list:
+def emulated_converters(cfg: RecipeConfig, **kwargs) -> list:
     """The trainer's converters with torchao's emulation, so that a CPU runs the float8 path."""
     from nemo_lite.training.converters.float8 import Float8Converter
 

@@ -75,6 +75,12 @@ class TrainerSection:
     # Several GPUs (FSDP2): free each block's gathered parameters after its forward and gather them again
     # for backward (less memory), or keep them until backward (one all-gather fewer per block).
     reshard_after_forward: bool = True
+    # HSDP: the number of replicas of the sharded model (normally the number of nodes); each shard group
+    # is world_size / dp_replicate consecutive ranks (one node's GPUs). 1 = FSDP over every rank.
+    dp_replicate: int = 1
+    # FSDP2 prefetch: each block starts the all-gathers of the next N blocks when its forward starts (and of
+    # the previous N in backward). 0 = FSDP2's own order (each block's all-gather when the host reaches it).
+    fsdp_prefetch: int = 0
     # Profile this many steps (0 = off) after skipping profile_start steps; rank 0 writes a trace and a
     # summary under run_dir/profile (docs/benchmarks.md). Profiled steps run slower.
     profile_steps: int = 0
@@ -216,6 +222,7 @@ def validate(cfg: RecipeConfig) -> None:
         ("trainer.log_every", cfg.trainer.log_every),
         ("trainer.keep_last", cfg.trainer.keep_last),
         ("trainer.max_consecutive_nonfinite", cfg.trainer.max_consecutive_nonfinite),
+        ("trainer.dp_replicate", cfg.trainer.dp_replicate),
     ]:
         _positive(name, value)
     for name, value in [
@@ -230,6 +237,7 @@ def validate(cfg: RecipeConfig) -> None:
         ("trainer.loss_chunk_size", cfg.trainer.loss_chunk_size),
         ("trainer.sample_tokens", cfg.trainer.sample_tokens),
         ("trainer.seed", cfg.trainer.seed),
+        ("trainer.fsdp_prefetch", cfg.trainer.fsdp_prefetch),
     ]:
         _positive(name, value, allow_zero=True)
     _in_range("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 0.0, 1.0)

@@ -1,10 +1,18 @@
-"""Data-parallel training under torchrun: process group, FSDP2 sharding, sharded checkpoints.
+"""Data-parallel training under torchrun: process group, device mesh, FSDP2 sharding, checkpoints.
 
 One process per GPU (``torchrun --nproc-per-node N recipes/pretrain.py ...``); without torchrun's
 environment nothing here runs and training is single-process. The model family says how its model is
 sharded (``ModelFamily.shard``: for Llama one ``fully_shard`` unit per decoder block, then the root).
+
+The data-parallel mesh is ``(replicate, shard)`` (``trainer.dp_replicate`` x the rest): FSDP2 shards
+each parameter over the ranks of one ``shard`` group (normally the GPUs of one node) and keeps
+``dp_replicate`` copies of those shards, whose gradients it all-reduces (torch's HSDP). With
+``dp_replicate=1`` it is plain FSDP over every rank. Every rank is a data-parallel rank either way.
+
 Checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shards) into a temporary
-directory that rank 0 renames once every rank has finished.
+directory that rank 0 renames once every rank has finished. Any checkpoint resumes on any number of
+ranks (:func:`load_checkpoint_any`): DCP reshards, and a single-process checkpoint is broadcast from
+rank 0 and sharded.
 """
 
 from __future__ import annotations
@@ -50,12 +58,57 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard_model(family, model: torch.nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> None:
-    """FSDP2 by the model family's plan, computing in bf16 and reducing gradients in float32 on GPU."""
+def check_dp_replicate(dp_replicate: int, world_size: int) -> None:
+    """``trainer.dp_replicate`` must split the ranks into equal shard groups."""
+    from nemo_lite.training.config import ConfigError
+
+    if dp_replicate < 1 or world_size % dp_replicate:
+        raise ConfigError(
+            f"trainer.dp_replicate={dp_replicate} must divide the number of ranks, {world_size} (it is the number "
+            "of nodes for HSDP, each node's GPUs forming one shard group; 1 = FSDP over all ranks)"
+        )
+
+
+def build_mesh(info: DistInfo, dp_replicate: int, device_type: str):
+    """The data-parallel DeviceMesh: 1-D ``("shard",)`` over every rank for FSDP, or 2-D
+    ``("replicate", "shard")`` for HSDP, whose rows are consecutive ranks (torchrun numbers a node's
+    ranks consecutively, so a shard group is one node)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    check_dp_replicate(dp_replicate, info.world_size)
+    if dp_replicate == 1:
+        return init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("shard",))
+    shape = (dp_replicate, info.world_size // dp_replicate)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard"))
+
+
+def shard_model(
+    family, model: torch.nn.Module, *, bf16: bool, reshard_after_forward: bool = True, mesh=None, prefetch: int = 0
+) -> None:
+    """FSDP2 (HSDP on a 2-D mesh) by the model family's plan, computing in bf16 and reducing gradients in
+    float32 on GPU. ``prefetch`` > 0: each block starts the all-gather of the next ``prefetch`` blocks when
+    its forward starts (and of the previous ones in backward), rather than when the host reaches them."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    family.shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    family.shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward, **kwargs)
+    if prefetch > 0:
+        blocks = list(family.blocks(model))
+        model.set_modules_to_forward_prefetch(blocks[:prefetch])  # the root runs first: gather block 0 with it
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch) : i][::-1])
+
+
+def squared_norm_share(grad_norm: torch.Tensor, mesh) -> torch.Tensor:
+    """This rank's part of the global squared gradient norm, for a sum over every rank: its shards' squared
+    norm. Under HSDP the replicas hold equal gradients, so only the first replica's shards count (the others
+    send 0, times their norm so that a non-finite norm stays non-finite)."""
+    squared = grad_norm.float().square()
+    if mesh is None or mesh.ndim == 1 or mesh.get_local_rank("replicate") == 0:
+        return squared
+    return squared * 0.0
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -128,30 +181,94 @@ def save_sharded(
     return final
 
 
-def load_sharded(path: Path, model, optimizer, info: DistInfo, *, only_trainable: bool = False) -> dict[str, Any]:
-    """Load what :func:`save_sharded` wrote; every tensor asked for must be in the checkpoint (with
-    ``only_trainable`` the frozen ones are not asked for)."""
+def load_checkpoint_any(
+    path: Path, model, optimizer, info: DistInfo, *, only_trainable: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint written by any number of ranks into this run's model and optimizer (sharded under
+    torchrun, plain in one process) and return its train state (step, scheduler, data, RNG).
+
+    - sharded (DCP) checkpoint: ``torch.distributed.checkpoint`` reads each tensor's region this run needs,
+      whatever the mesh that wrote it (one process reads whole tensors);
+    - single-process checkpoint under torchrun: rank 0 reads the weights and optimizer state, torch
+      broadcasts them and each rank keeps its shards.
+
+    The data-loader state counts global rows and is the same on every rank, so it holds for any rank count
+    (docs/distributed.md, Resharding). RNG states are per rank: rank r takes the one of rank r mod N.
+    """
     import json
 
+    from nemo_lite.training.checkpoint import META_FILE, is_sharded
+
+    if is_sharded(path):
+        meta = json.loads((path / META_FILE).read_text())
+        _load_dcp(path / "dcp", model, optimizer, only_trainable=only_trainable)
+        extra = torch.load(path / f"rank{info.rank % int(meta['world_size']):05d}.pt", weights_only=True)
+        return extra
+    if not info.enabled:
+        raise ValueError(f"{path} is a single-process checkpoint: load it with nemo_lite.training.checkpoint")
+    if only_trainable:
+        raise ValueError(
+            f"{path} is a LoRA run's single-process checkpoint: resume it in one process (without torchrun); "
+            "moving adapters from one process to several ranks is not supported"
+        )
+    return _load_full_into_shards(path, model, optimizer, info)
+
+
+def _load_dcp(dcp_dir: Path, model, optimizer, *, only_trainable: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != "dcp":
-        raise ValueError(
-            f"{path} is a single-process checkpoint; resume it without torchrun, or start this "
-            f"{info.world_size}-rank run fresh"
-        )
-    if meta["world_size"] != info.world_size:
-        raise ValueError(
-            f"{path} was saved by {meta['world_size']} ranks and this run has {info.world_size}: resume with "
-            f"--nproc-per-node {meta['world_size']} (the data-loader state is per rank)"
-        )
     options = StateDictOptions(ignore_frozen_params=only_trainable, strict=not only_trainable)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)  # this run's layout: DCP fills it
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    # One process (no process group) reads the whole tensors from the shards.
+    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )
-    return torch.load(path / f"rank{info.rank:05d}.pt", weights_only=True)
+
+
+def _load_full_into_shards(path: Path, model, optimizer, info: DistInfo) -> dict[str, Any]:
+    """A single-process checkpoint (safetensors + train_state.pt) into FSDP2-sharded modules.
+
+    Only rank 0 reads the tensors; ``train_state.pt`` is memory-mapped, so the other ranks read just its small
+    entries. The optimizer state is keyed by parameter index there; the FQN of each index comes from this
+    run's optimizer, whose groups are built the same way (``optim.param_groups``) from the same model."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from nemo_lite.training.checkpoint import MODEL_FILE, STATE_FILE
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    saved_optim = state.pop("optimizer")
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    if info.rank == 0:
+        model_sd = load_file(str(path / MODEL_FILE))
+        optim_sd = _optimizer_state_by_name(model, optimizer, saved_optim)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+    return state
+
+
+def _optimizer_state_by_name(model, optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (keyed by parameter index) keyed by parameter name, as torch's
+    ``set_optimizer_state_dict`` takes a full state dict."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(saved_ids) != len(current):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_ids)} parameters and this model {len(current)}: "
+            "not a checkpoint of this model"
+        )
+    fqn = dict(zip(saved_ids, current, strict=True))
+    return {
+        "state": {fqn[i]: dict(s) for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }

@@ -114,6 +114,8 @@ class Trainer:
         validate(self.cfg)
         self.dist = dist_info or DistInfo()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        distributed.check_dp_replicate(self.cfg.trainer.dp_replicate, self.world_size)
+        self.mesh = None  # the data-parallel DeviceMesh under torchrun
         self.is_main = self.rank == 0
         run_dir = str(Path(self.cfg.run_dir).expanduser())
         self.run_dir = Path(distributed.broadcast_str(run_dir) if self.dist.enabled else run_dir)
@@ -343,7 +345,15 @@ class Trainer:
                 module.compile()
         if self.dist.enabled:
             bf16 = self._autocast_dtype() == torch.bfloat16
-            distributed.shard_model(family, model, bf16=bf16, reshard_after_forward=cfg.trainer.reshard_after_forward)
+            self.mesh = distributed.build_mesh(self.dist, cfg.trainer.dp_replicate, self.device.type)
+            distributed.shard_model(
+                family,
+                model,
+                bf16=bf16,
+                reshard_after_forward=cfg.trainer.reshard_after_forward,
+                mesh=self.mesh,
+                prefetch=cfg.trainer.fsdp_prefetch,
+            )
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = family.flops_per_token(model)
@@ -472,22 +482,18 @@ class Trainer:
     def _load(self, path: Path) -> None:
         from nemo_lite.training.converters import lora
 
-        if self.dist.enabled:
-            peek = path / f"rank{self.rank:05d}.pt"
+        if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
+            peek = path / "rank00000.pt"  # the peft record is the same in every rank's file
             saved = torch.load(peek, weights_only=True).get("peft") if peek.is_file() else None
-            lora.check_resume(path, saved, self._peft_record())
-            only_trainable = self.lora is not None
+            if peek.is_file() or self.lora is None:
+                lora.check_resume(path, saved, self._peft_record())
             try:
-                state = distributed.load_sharded(
-                    path, self.model, self.optimizer, self.dist, only_trainable=only_trainable
+                state = distributed.load_checkpoint_any(
+                    path, self.model, self.optimizer, self.dist, only_trainable=self.lora is not None
                 )
-            except ValueError as err:  # its refusals: a single-process checkpoint, another number of ranks
+            except ValueError as err:  # its refusals, in one line
                 raise ckpt.ResumeError(str(err)) from None
         else:
-            if ckpt.is_sharded(path):
-                raise ckpt.ResumeError(
-                    f"{path} was saved by a torchrun run; resume it under torchrun with as many ranks"
-                )
             if self.lora is None and not lora.holds_adapters(path / ckpt.MODEL_FILE):
                 state = ckpt.load_checkpoint(path, self.raw_model, device=self.device, layout=self._layout())
             else:
@@ -546,7 +552,7 @@ class Trainer:
         # The previous update's weight check rides with this step's values: no host sync of its own.
         totals = torch.stack([loss_sum, pairs.float(), stop, step.nonfinite_weights()])
         if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
-            totals = torch.cat([totals, grad_norm.float().square().view(1)])
+            totals = torch.cat([totals, distributed.squared_norm_share(grad_norm, self.mesh).view(1)])
             torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
             totals, grad_norm = totals[:4], totals[4].sqrt()
         labels = [global_labels.view(1)] if self.dist.enabled else []

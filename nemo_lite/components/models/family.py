@@ -85,7 +85,7 @@ class ModelFamily:
     blocks: Callable[[nn.Module], Sequence[nn.Module]]
     # Modules compiled one by one with trainer.compile (the blocks, and what else runs eagerly otherwise).
     compile_units: Callable[[nn.Module], Sequence[nn.Module]]
-    # FSDP2: ``shard(model, *, mp_policy, reshard_after_forward)`` applies fully_shard to the model.
+    # FSDP2: ``shard(model, *, mp_policy, reshard_after_forward, mesh=None)`` applies fully_shard to the model.
     shard: Callable[..., None]
     # Matmul FLOPs per token, forward + backward (6 x the parameters that multiply each token).
     flops_per_token: Callable[[nn.Module], int]

@@ -15,7 +15,7 @@ from nemo_lite.components.models.family import ModelFamily, register_model_famil
 from nemo_lite.components.models.llama import DecoderForCausalLM, LlamaForCausalLM
 
 
-def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True) -> None:
+def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True, mesh=None) -> None:
     """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, final norm, head).
 
     ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to its
@@ -24,6 +24,8 @@ def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: b
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if mesh is not None:  # a 2-D (replicate, shard) mesh makes it HSDP; default: FSDP over every rank
+        kwargs["mesh"] = mesh
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
