@@ -446,9 +446,61 @@ def _lr_inf(tmp):
     validate(cfg)
 
 
+def _peft(**changes):
+    from nemo_lite.training.config import PeftSection, check_peft_section
+
+    return lambda tmp: check_peft_section(PeftSection(method="lora", **changes))
+
+
+def _lora_without_a_checkpoint(tmp):
+    from nemo_lite.training.config import RecipeConfig, validate
+
+    cfg = RecipeConfig()
+    cfg.peft.method = "lora"
+    validate(cfg)
+
+
+def _lora_target_matching_nothing(tmp):
+    from nemo_lite.components.models import LlamaForCausalLM, family_of_model, get_preset
+    from nemo_lite.training.config import PeftSection
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention="eager")
+    LoraConverter(PeftSection(method="lora", target_modules=["qkv"])).convert(model, family_of_model(model))
+
+
+def _tokenizer_without_a_chat_template(tmp):
+    from transformers import PreTrainedTokenizerFast
+
+    from nemo_lite.components.datasets import default_tokenizer_file
+    from nemo_lite.components.datasets.chat import chat_template_of
+
+    chat_template_of(PreTrainedTokenizerFast(tokenizer_file=str(default_tokenizer_file())))
+
+
+def _message_without_role(tmp):
+    from nemo_lite.components.datasets.chat import _check_messages
+
+    _check_messages([{"role": "user", "content": "hi"}, {"text": "hello"}], "conversation 0 of chat.jsonl")
+
+
+def _messages_and_prompts(tmp):
+    from nemo_lite.components.datasets import DataConfig
+
+    DataConfig(messages_field="messages", prompt_field="prompt", response_field="response")
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
+    # docs/finetuning.md
+    "must be an integer > 0 (the adapters' rank)": call_error(_peft(r=0)),
+    "all-linear already names every linear": call_error(_peft(target_modules=["all-linear", "q_proj"])),
+    "peft=lora adapts a pretrained model": call_error(_lora_without_a_checkpoint),
+    "match(es) no module of this model": call_error(_lora_target_matching_nothing),
+    "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
+    "each message needs a string 'role'": call_error(_message_without_role),
+    "are two kinds of fine-tuning data": call_error(_messages_and_prompts),
     # the command line (docs/reliability.md, docs/recipes.md)
     "unknown config key 'trainer.max_step'": cli("trainer.max_step=5"),
     "attention=flash9 is not one of the attention configs": cli("attention=flash9"),
