@@ -203,14 +203,6 @@ def _load_models_md_example(tmp):  # docs/models.md's example of one CheckpointE
     LlamaForCausalLM.from_pretrained(_tiny_checkpoint(tmp, edit))
 
 
-def _sharded_checkpoint(tmp: Path, world_size: int = 2) -> Path:
-    """What a torchrun run leaves: meta.json and a dcp/ directory (enough for the checks that refuse it)."""
-    path = tmp / "checkpoints" / "step_000003"
-    (path / "dcp").mkdir(parents=True)
-    (path / "meta.json").write_text(json.dumps({"step": 3, "world_size": world_size, "format": "dcp"}))
-    return path
-
-
 def _build(name: str, **kwargs):
     from nemo_lite.components.attention import build_attention_backend
 
@@ -262,10 +254,10 @@ def _fast_step_with_a_gradient_hook(tmp):  # docs/step.md
     FastStep(model, OptimSection(), device=torch.device("cuda"), distributed=False, autocast_bf16=True)
 
 
-def _sharded_under_more_ranks(tmp):
-    from nemo_lite.training.distributed import DistInfo, load_sharded
+def _dp_replicate_not_dividing(tmp):
+    from nemo_lite.training.distributed import check_dp_replicate
 
-    load_sharded(_sharded_checkpoint(tmp), None, None, DistInfo(rank=0, world_size=4, local_rank=0))
+    check_dp_replicate(3, 8)
 
 
 def _resume_nowhere(tmp):
@@ -342,8 +334,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "holds no Hugging Face checkpoint": fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")}),
     "trainer.resume='/nonexistent/run': no checkpoint there": call_error(_resume_nowhere),
     "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
-    "was saved by a torchrun run": fit_error({"trainer.resume": lambda tmp: str(_sharded_checkpoint(tmp))}),
-    "was saved by 2 ranks and this run has 4": call_error(_sharded_under_more_ranks),
+    "trainer.dp_replicate=3 must divide the number of ranks, 8": call_error(_dp_replicate_not_dividing),
 }
 
 
