@@ -260,6 +260,12 @@ def _fast_step_with_a_gradient_hook(tmp):  # docs/step.md
     FastStep(model, OptimSection(), device=torch.device("cuda"), distributed=False, autocast_bf16=True)
 
 
+def _dp_replicate_not_dividing(tmp):
+    from nemo_lite.training.distributed import check_dp_replicate
+
+    check_dp_replicate(3, 8)
+
+
 def _resume_nowhere(tmp):
     from nemo_lite.training.checkpoint import resolve_resume
 
@@ -575,6 +581,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         lambda tmp: _load_models_md_example_config(tmp, rms_norm_eps="1e-5")
     ),
     "lm_head.weight differs from model.embed_tokens.weight": call_error(_tied_with_a_distinct_lm_head),
+    "trainer.dp_replicate=3 must divide the number of ranks, 8": call_error(_dp_replicate_not_dividing),
 }
 
 
