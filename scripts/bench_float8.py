@@ -29,15 +29,13 @@ import json
 import shutil
 import sys
 import time
+from typing import Any
 
 import torch
 import torch._dynamo
 from bench_utils import median_after_warmup, meta
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
-from nemo_lite.training.config import RecipeConfig
-from nemo_lite.training.metrics import PEAK_BF16_FLOPS
-from nemo_lite.training.trainer import Trainer
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 RECIPES = ("bf16", "tensorwise", "rowwise")
@@ -46,7 +44,9 @@ WARMUP = 5
 RUN_ROOT = "/tmp/bench_float8"
 
 
-def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0) -> RecipeConfig:
+def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0):
+    from nemo_lite.training.config import RecipeConfig  # the trainer is imported once a run starts
+
     cfg = RecipeConfig()
     cfg.run_dir = f"{RUN_ROOT}/{name}"
     cfg.model.preset = preset
@@ -62,8 +62,10 @@ def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0) ->
     return cfg
 
 
-def fit(cfg: RecipeConfig, train_loader=None) -> tuple[Trainer, list[dict]]:
+def fit(cfg, train_loader=None) -> tuple[Any, list[dict]]:
     """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written."""
+    from nemo_lite.training.trainer import Trainer
+
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer = Trainer(cfg, train_loader=train_loader)
     trainer.setup()
@@ -76,7 +78,7 @@ def fit(cfg: RecipeConfig, train_loader=None) -> tuple[Trainer, list[dict]]:
     return trainer, records
 
 
-def float8_description(trainer: Trainer) -> str:
+def float8_description(trainer) -> str:
     return next((c.description for c in trainer.converters), "bf16 autocast throughout")
 
 
@@ -105,6 +107,8 @@ def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
 
 
 def throughput(args) -> None:
+    from nemo_lite.training.metrics import PEAK_BF16_FLOPS
+
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
     rows = []
     for shape in args.shapes.split(","):
