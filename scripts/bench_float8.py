@@ -2,6 +2,7 @@
 
     python scripts/bench_float8.py throughput [--shapes 1b,3b] [--recipes bf16,tensorwise,rowwise] [--steps 25]
         [--out float8_throughput.json]
+    python scripts/bench_float8.py profile [--shapes 1b,3b] [--recipes bf16,tensorwise] [--out float8_profile.json]
     python scripts/bench_float8.py curves [--steps 300] [--workloads corpus,synthetic]
         [--runs bf16-a,bf16-b,tensorwise] [--out float8_curves.json]
 
@@ -11,6 +12,12 @@ config (flex attention, trainer.compile=true, the fast step), for the Llama-3.2-
 autocast against float8 tensorwise and rowwise. Per row: median tokens/s after 5 warm-up steps, MFU
 counted against the bf16 dense peak (989 TFLOP/s on H100/H200) and against the float8 dense peak (twice
 that), peak memory, and which linears were converted. Every row is written as it finishes.
+
+profile: a torch.profiler window (3 steps after the warm-up) of bf16 and float8 on the throughput workload,
+per shape: GPU time per step by kernel class, the matrix multiplications split into bf16 (aten::mm and
+friends) and float8 (aten::_scaled_mm) by their input shapes, and the compiled (triton) kernels, where the
+casts and the amax reductions of float8 run fused with their neighbours. It shows which matmuls gain,
+which do not, and what the casts cost.
 
 curves: per-step losses over --steps steps of the 1B shape, on the default corpus (its 8192-id tokenizer,
 with validation every 50 steps) and on the learnable synthetic documents (each document counts up from a
@@ -25,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,11 +71,14 @@ def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0):
     return cfg
 
 
-def fit(cfg, train_loader=None) -> tuple[Any, list[dict]]:
-    """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written."""
+def fit(cfg, train_loader=None, *, keep: bool = False) -> tuple[Any, list[dict]]:
+    """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written. The run_dir is
+    removed afterwards unless ``keep``."""
+    from nemo_lite.training import run_dir
     from nemo_lite.training.trainer import Trainer
 
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    run_dir.FREE_SPACE_FACTOR = 0  # no checkpoint is written: the free-space check (3 x ~38 GB at 3B) is moot
     trainer = Trainer(cfg, train_loader=train_loader)
     trainer.setup()
     trainer.save = lambda: None  # a benchmark keeps no checkpoint (a 3B one is ~38 GB)
@@ -74,7 +86,8 @@ def fit(cfg, train_loader=None) -> tuple[Any, list[dict]]:
     records: list[dict] = []
     trainer.hooks["after_step"] = lambda tr, metrics: records.append({"step": tr.step, **metrics})
     trainer.fit()
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     return trainer, records
 
 
@@ -137,6 +150,69 @@ def throughput(args) -> None:
         mfu = (f"{100 * r['mfu_bf16_peak']:.1f}%", f"{100 * r['mfu_fp8_peak']:.1f}%") if r["mfu_bf16_peak"] else "--"
         print(f"| {r['shape']} | {r['recipe']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | "
               f"{r['peak_mem_gib']:.1f} |")  # fmt: skip
+
+
+PROFILED_STEPS = 3
+
+
+def matmul_split(trace: dict, steps: int) -> dict:
+    """GPU ms per step of the matmul kernels by the operator that launched them and its input shapes:
+    ``aten::_scaled_mm`` is a float8 matmul, ``aten::mm``/``addmm``/``bmm`` a bf16 one. Other kernels are
+    summed by kind: compiled (triton) kernels, where the float8 casts and amax reductions run fused, and
+    the rest."""
+    from nemo_lite.training.profiling import GPU_CATEGORIES, kernel_class
+
+    events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
+    ops = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and "External id" in e.get("args", {}):
+            ops[e["args"]["External id"]] = (e["name"], [d for d in e["args"].get("Input Dims") or [] if d][:2])
+    by_shape: dict[str, float] = {}
+    totals = {"float8 matmul": 0.0, "bf16 matmul": 0.0, "compiled (triton) other": 0.0, "rest": 0.0}
+    for e in events:
+        if e.get("cat") not in GPU_CATEGORIES:
+            continue
+        ms = e["dur"] / 1000 / steps
+        name, dims = ops.get(e.get("args", {}).get("External id"), ("", []))
+        if kernel_class(e["name"]) == "matmul" and name in ("aten::_scaled_mm", "aten::mm", "aten::addmm", "aten::bmm"):
+            kind = "float8 matmul" if name == "aten::_scaled_mm" else "bf16 matmul"
+            totals[kind] += ms
+            key = f"{kind} {' x '.join(str(tuple(d)) for d in dims)}"
+            by_shape[key] = by_shape.get(key, 0.0) + ms
+        elif e["name"].startswith("triton_") and kernel_class(e["name"]) != "flex attention":
+            totals["compiled (triton) other"] += ms
+        else:
+            totals["rest"] += ms
+    ranked = sorted(by_shape.items(), key=lambda kv: -kv[1])
+    return {"ms_per_step": {k: round(v, 2) for k, v in totals.items()},
+            "matmuls_by_shape_ms_per_step": {k: round(v, 3) for k, v in ranked}}  # fmt: skip
+
+
+def profile(args) -> None:
+    out = {"meta": meta(), "profiled_steps": PROFILED_STEPS, "warmup": WARMUP, "rows": []}
+    for shape in args.shapes.split(","):
+        for recipe in args.recipes.split(","):
+            loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
+            cfg = config(f"profile-{shape}-{recipe}", SHAPES[shape], recipe, WARMUP + PROFILED_STEPS + 1)
+            cfg.model.vocab_from_tokenizer = False
+            cfg.trainer.profile_start, cfg.trainer.profile_steps = WARMUP, PROFILED_STEPS
+            trainer, records = fit(cfg, loader, keep=True)
+            prof = Path(cfg.run_dir) / "profile"
+            with gzip.open(prof / "trace_rank0.json.gz", "rt") as f:
+                split = matmul_split(json.load(f), PROFILED_STEPS)
+            summary = json.loads((prof / "summary.json").read_text())
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+            row = {"shape": shape, "recipe": recipe, "converted": float8_description(trainer),
+                   "unprofiled_step_ms": records[WARMUP - 1]["step_ms"], **split,
+                   **{k: v for k, v in summary.items() if k != "top_kernels_by_operator_ms_per_step"}}  # fmt: skip
+            del trainer
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(json.dumps({k: row[k] for k in ("shape", "recipe", "ms_per_step", "gpu_busy_ms_per_step")}),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            out["rows"].append(row)
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
 
 
 def curves(args) -> None:
@@ -207,6 +283,10 @@ def main() -> None:
     p.add_argument("--recipes", default="bf16,tensorwise,rowwise")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--out", default="float8_throughput.json")
+    q = sub.add_parser("profile")
+    q.add_argument("--shapes", default="1b,3b")
+    q.add_argument("--recipes", default="bf16,tensorwise")
+    q.add_argument("--out", default="float8_profile.json")
     c = sub.add_parser("curves")
     c.add_argument("--steps", type=int, default=300)
     c.add_argument("--workloads", default="corpus,synthetic")
@@ -220,7 +300,7 @@ def main() -> None:
             sys.exit(f"unknown recipe or run {name!r}; choose from bf16, tensorwise, rowwise (runs: bf16-a, bf16-b)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # several models and recipes in one process
-    throughput(args) if args.mode == "throughput" else curves(args)
+    {"throughput": throughput, "profile": profile, "curves": curves}[args.mode](args)
 
 
 if __name__ == "__main__":

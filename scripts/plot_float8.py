@@ -1,11 +1,14 @@
 """Figures for docs/float8.md from the JSON that scripts/bench_float8.py writes.
 
 python scripts/plot_float8.py [--throughput docs/results/float8_throughput.json]
-    [--curves docs/results/float8_curves.json] [--out docs/img]
+    [--curves docs/results/float8_curves.json] [--profile docs/results/float8_profile_*_h200.json ...]
+    [--out docs/img]
 
 Writes float8_throughput.png (tokens/s and MFU per shape and recipe) and float8_loss_<workload>.png for
 each workload (the loss curves, and below them each run's gap to bf16 seed A, next to bf16 seed B's gap:
-the run-to-run noise the float8 gap is judged against). A file that is missing is skipped with a note.
+the run-to-run noise the float8 gap is judged against), and float8_profile.png from the profile files (GPU
+time per step by kind of kernel, bf16 against float8, per shape). A file that is missing is skipped with
+a note.
 """
 
 from __future__ import annotations
@@ -93,10 +96,65 @@ def plot_curves(path: Path, out_dir: Path, window: int) -> None:
         print(f"wrote {out}")
 
 
+PROFILE_PARTS = [  # (label, color): the stacked segments of float8_profile.png
+    ("float8 matmul", "#1f77b4"),
+    ("bf16 matmul", "#555555"),
+    ("compiled elementwise\n(float8 casts, norms, ...)", "#ff7f0e"),
+    ("flex attention", "#2ca02c"),
+    ("AdamW", "#9467bd"),
+    ("other", "#cccccc"),
+]
+
+
+def profile_parts(row: dict) -> list[float]:
+    """GPU ms per step of one profiled run, in the order of PROFILE_PARTS."""
+    split, by_class = row["ms_per_step"], row["ms_per_step_by_class"]
+    known = [
+        split["float8 matmul"],
+        split["bf16 matmul"],
+        split["compiled (triton) other"],
+        by_class.get("flex attention", 0.0),
+        by_class.get("adamw", 0.0),
+    ]
+    return [*known, max(sum(by_class.values()) - sum(known), 0.0)]
+
+
+def plot_profile(paths: list[Path], out: Path) -> None:
+    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
+    meta = json.loads(paths[0].read_text())["meta"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(10, 1.6 + 1.3 * len(shapes)), squeeze=False)
+    for ax, shape in zip(axes[:, 0], shapes, strict=True):
+        runs = [r for r in rows if r["shape"] == shape]
+        for y, r in enumerate(runs):
+            left = 0.0
+            for (label, color), ms in zip(PROFILE_PARTS, profile_parts(r), strict=True):
+                ax.barh([y], [ms], left=left, color=color, label=label if y == 0 else None)
+                if ms > 8:
+                    ax.text(left + ms / 2, y, f"{ms:.0f}", ha="center", va="center", fontsize=7, color="white")
+                left += ms
+            ax.text(left + 2, y, f"{left:.0f} ms", va="center", fontsize=8)
+        ax.set_yticks(range(len(runs)), [r["recipe"] for r in runs])
+        ax.set_title(f"Llama-3.2-{shape.upper()} shape, 2 x 4096 tokens: GPU time per step (ms)", fontsize=9)
+        ax.invert_yaxis()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=len(PROFILE_PARTS), loc="lower center")
+    fig.suptitle(f"{meta['card']}, torch {meta['torch']}, {meta['date']} (profiled steps)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--throughput", default="docs/results/float8_throughput.json")
     parser.add_argument("--curves", default="docs/results/float8_curves.json")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=["docs/results/float8_profile_1b_h200.json", "docs/results/float8_profile_3b_h200.json"],
+    )
     parser.add_argument("--out", default="docs/img")
     parser.add_argument("--window", type=int, default=10, help="steps averaged in the plotted curves")
     args = parser.parse_args()
@@ -109,6 +167,11 @@ def main() -> None:
             plot_throughput(path, out / "float8_throughput.png")
         else:
             plot_curves(path, out, args.window)
+    profiles = [Path(p) for p in args.profile if Path(p).is_file()]
+    for missing in sorted(set(args.profile) - {str(p) for p in profiles}):
+        print(f"{missing} is missing: skipped")
+    if profiles:
+        plot_profile(profiles, out / "float8_profile.png")
 
 
 if __name__ == "__main__":

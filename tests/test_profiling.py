@@ -74,6 +74,11 @@ def test_kernels_are_attributed_to_the_operator_that_launched_them():
 
 def test_compiled_casts_are_elementwise_not_copies():
     assert kernel_class("triton_poi_fused__to_copy_t_7") == "compiled elementwise (triton)"
+    # a float8 cast fused by inductor names the op it feeds, but is no matmul
+    assert kernel_class("triton_poi_fused__scaled_mm__to_copy_clamp_mul_reciprocal_t_view_15") == (
+        "compiled elementwise (triton)"
+    )
+    assert kernel_class("nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT") == "matmul"
     assert kernel_class("Memcpy HtoD (Pinned -> Device)") == "memset / memcpy"
     assert kernel_class("triton_tem_fused_flex_attention_backward_5") == "flex attention"
 

@@ -22,6 +22,9 @@ KERNEL_CLASSES = [  # (class, substrings of the lower-cased kernel name); the fi
     ("communication (nccl)", ("nccl",)),
     ("flex attention", ("flex_attention", "flex_decoding", "tem_fused_flex")),
     ("flash / varlen attention", ("flash", "fmha")),
+    # Inductor's fused pointwise/reduction kernels, before matmul: their names list the ops they fused, and
+    # float8's casts fused into them read "..._scaled_mm_..." without being matmuls.
+    ("compiled elementwise (triton)", ("triton_poi_", "triton_red_", "triton_per_")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem_fused_mm", "_mm_")),
     ("adamw", ("adam",)),
     ("foreach / reductions", ("foreach", "multi_tensor", "norm_kernel", "reduce_kernel")),
