@@ -1,15 +1,17 @@
 """Data-parallel scaling: 1 GPU against N GPUs with the same global batch, repeated, in one call.
 
-    python scripts/bench_scaling.py --gpus 2 --out results.json                 # ~8 minutes on 2 x H200
+    python scripts/bench_scaling.py --gpus 2 --rows 16 --out results.json       # ~9 minutes on 2 x H200
+    python scripts/bench_scaling.py --gpus 4 --rows 32 --one-gpu-accum 2 --out results.json
     python scripts/bench_scaling.py --gpus 2 --no-compile --model tiny --seq-len 256 --steps 8 --warmup 3 \\
         --device cpu --out /tmp/s.json                                          # a CPU dry run of the script
 
 What is compared: one optimizer step over the same global batch, ``--rows`` rows of ``--seq-len`` tokens
 (default 8 x 4096, Llama-3.2-1B shape, flex attention, compiled blocks, the fast step, lr 3e-4): one GPU
 with all the rows against N GPUs with ``rows / N`` each under FSDP2. So the two do the same arithmetic per
-step and the losses agree (within bf16 noise); only the speed differs. Every run is a fresh ``torchrun``
-launch of this script as a worker, which builds the recipe config in Python (no Hydra) and times
-``Trainer.train_step`` without the final checkpoint (15 GB at this size).
+step and the losses agree (within bf16 noise); only the speed differs. Where the global batch does not fit
+one GPU, ``--one-gpu-accum K`` has the 1-GPU run take it in K micro-batches (gradient accumulation).
+Every run is a fresh ``torchrun`` launch of this script as a worker, which builds the recipe config in
+Python (no Hydra) and times ``Trainer.train_step`` without the final checkpoint (15 GB at this size).
 
 tokens/s of a run: the median over the steps after ``--warmup`` of the trainer's own figure (global tokens
 over the step's host time, the figure of metrics.jsonl), and the throughput of those steps' wall time.
@@ -82,7 +84,8 @@ def worker(spec: dict) -> None:
     from nemo_lite.training.trainer import Trainer
 
     info = distributed.init_distributed()
-    rows_per_rank = spec["rows"] // info.world_size
+    accum = spec["one_gpu_accum"] if info.world_size == 1 else 1
+    rows_per_rank = spec["rows"] // info.world_size // accum
     model_keys = yaml.safe_load((REPO / "configs" / "model" / f"{spec['model']}.yaml").read_text())
     cfg = RecipeConfig(
         recipe="bench_scaling",
@@ -100,6 +103,7 @@ def worker(spec: dict) -> None:
             export_hf=False,
             sample_tokens=0,
             progress_bar=False,
+            grad_accum=accum,
             **spec["keys"],
         ),
     )
@@ -156,6 +160,7 @@ def launch(args, gpus: int, keys: dict, env: dict, label: str, index: int) -> di
         "steps": args.steps,
         "warmup": args.warmup,
         "keys": keys,
+        "one_gpu_accum": args.one_gpu_accum,
         "run_dir": str(run_dir),
         "out": str(run_dir / "result.json"),
     }
@@ -215,6 +220,12 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--rows", type=int, default=8, help="global batch in rows (each GPU gets rows / gpus)")
+    parser.add_argument(
+        "--one-gpu-accum",
+        type=int,
+        default=1,
+        help="the 1-GPU run takes the global batch in this many micro-batches (when rows do not fit one GPU)",
+    )
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--model", default="llama-3.2-1b")
     parser.add_argument("--attention", default="flex")
@@ -245,6 +256,8 @@ def main() -> None:
         return
     if args.rows % args.gpus:
         parser.error(f"--rows {args.rows} must be a multiple of --gpus {args.gpus} (the same global batch)")
+    if args.one_gpu_accum < 1 or args.rows % args.one_gpu_accum:
+        parser.error(f"--one-gpu-accum {args.one_gpu_accum} must be a positive divisor of --rows {args.rows}")
     from bench_utils import meta
 
     start = time.perf_counter()
@@ -283,7 +296,8 @@ def main() -> None:
     result = {
         **meta(),
         "compared": (
-            f"one optimizer step over {args.rows} rows x {args.seq_len} tokens: 1 GPU x {args.rows} rows vs "
+            f"one optimizer step over {args.rows} rows x {args.seq_len} tokens: 1 GPU x {args.rows} rows"
+            f"{f' in {args.one_gpu_accum} micro-batches' if args.one_gpu_accum > 1 else ''} vs "
             f"{args.gpus} GPUs x {args.rows // args.gpus} rows (FSDP2), {args.model}, {args.attention}, "
             f"compile={not args.no_compile}; tokens/s = median over steps {args.warmup + 1}-{args.steps}"
         ),
