@@ -148,6 +148,7 @@ def save_checkpoint(
     keep_last: int,
     hooks: dict[str, Any] | None = None,
     layout: dict[str, Any] | None = None,
+    only_trainable: bool = False,
 ) -> Path:
     """Write ``step_{step}`` atomically and prune the checkpoints before it to the last ``keep_last``.
     Returns its path. ``layout`` (what the run's shapes are, see :func:`layout_differences`) goes into
@@ -155,7 +156,7 @@ def save_checkpoint(
 
     ``hooks`` is for fault-injection tests: a callable under "after_file" is called with each
     file's name once it is written (before the rename). ``model`` may be the tensors to save instead of a
-    module (a LoRA run saves its adapters only).
+    module. ``only_trainable``: the module's trainable parameters only (a LoRA run saves its adapters only).
     """
     from safetensors.torch import save_file, save_model
 
@@ -165,6 +166,8 @@ def save_checkpoint(
     tmp = ckpt_root / _tmp_name("", final)
     tmp.mkdir()
     after_file = (hooks or {}).get("after_file", lambda name: None)
+    if only_trainable:
+        model = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     try:
         if isinstance(model, torch.nn.Module):
             save_model(model, str(tmp / MODEL_FILE))
@@ -304,10 +307,7 @@ def load_checkpoint(
     """Verify ``path`` (:func:`verify_checkpoint`), load its weights into ``model`` (strict) and return the
     train state (optimizer, loader, ...). Raises CheckpointDamagedError for a damaged checkpoint and
     ResumeError for one of another shape (``layout``: this run's, compared with the saved one's). ``model=None``
-    leaves the weights file to the caller (a LoRA run loads its adapters itself)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
+    leaves the weights to :func:`load_weights`, once the caller has checked the train state."""
     meta = verify_checkpoint(path)
     differences = layout_differences(meta.get("layout") or {}, layout or {})
     if differences:
@@ -315,16 +315,8 @@ def load_checkpoint(
             f"cannot resume from {path}: it was saved by a run of another shape ({', '.join(differences)}); "
             "resume with the settings it was saved with, or start fresh in another run_dir"
         )
-    try:
-        if model is not None:
-            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    except SafetensorError as err:
-        raise CheckpointDamagedError(f"{MODEL_FILE} cannot be read ({_first_line(err)})") from None
-    except RuntimeError as err:  # strict loading: other tensor names or shapes
-        raise ResumeError(
-            f"cannot resume from {path}: its weights do not fit this model ({_first_line(err, 300)}); resume with "
-            "the model it was saved with, or start fresh in another run_dir"
-        ) from None
+    if model is not None:
+        load_weights(path, model, device)
     # The train state stays on the CPU: RNG states must be CPU byte tensors, and the optimizer's
     # load_state_dict moves its state to each parameter's device itself.
     try:
@@ -333,6 +325,40 @@ def load_checkpoint(
         raise CheckpointDamagedError(
             f"{STATE_FILE} cannot be read with torch.load(weights_only=True) ({_first_line(err, 120)})"
         ) from None
+
+
+def load_weights(
+    path: Path, model: torch.nn.Module, device: torch.device | str = "cpu", *, only_trainable: bool = False
+) -> None:
+    """Load the weights of the verified checkpoint ``path`` into ``model`` (strict). ``only_trainable``: the
+    checkpoint holds the trainable parameters only (:func:`save_checkpoint`) and they must be exactly those;
+    the frozen ones stay as the model has them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    try:
+        if not only_trainable:
+            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+            return
+        tensors = load_file(str(path / MODEL_FILE))
+    except SafetensorError as err:
+        raise CheckpointDamagedError(f"{MODEL_FILE} cannot be read ({_first_line(err)})") from None
+    except RuntimeError as err:  # strict loading: other tensor names or shapes
+        raise ResumeError(
+            f"cannot resume from {path}: its weights do not fit this model ({_first_line(err, 300)}); resume with "
+            "the model it was saved with, or start fresh in another run_dir"
+        ) from None
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ResumeError(
+            f"cannot resume from {path}: it does not hold this run's trainable parameters: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:

@@ -31,7 +31,7 @@ from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training import run_dir as rundir
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
-from nemo_lite.training.converters import build_converters
+from nemo_lite.training.converters import build_converters, check_resume
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
 from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
@@ -298,7 +298,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, att = self.cfg, self.cfg.attention
-        kwargs = dict(
+        self.build_kwargs = kwargs = dict(  # what the family builds a model with, here and for the export
             attention=att.backend,
             attn_mask_type=att.attn_mask_type,
             fixed_block_size=att.fixed_block_size,
@@ -331,13 +331,13 @@ class Trainer:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
         self.family: ModelFamily = family
         self.raw_model = model
-        self.converters = build_converters(cfg, autocast_dtype=self._autocast_dtype())
+        self.converters = build_converters(
+            cfg, autocast_dtype=self._autocast_dtype(), pretrained_dir=self.pretrained_dir
+        )
         for converter in self.converters:  # before activation checkpointing, compile and sharding
             converter.convert(model, family)
             self._log(converter.description)
-        from nemo_lite.training.converters.lora import LoraConverter
-
-        self.lora = next((c for c in self.converters if isinstance(c, LoraConverter)), None)
+        self.only_trainable = any(c.saves_only_trainable for c in self.converters)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
         if cfg.trainer.compile:
@@ -357,9 +357,8 @@ class Trainer:
         self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = family.flops_per_token(model)
-        if self.lora is not None:  # a frozen weight gets no weight gradient: 4 FLOPs per parameter, not 6
-            frozen = self.flops_per_token // 6 - sum(p.numel() for p in model.parameters() if p.requires_grad)
-            self.flops_per_token -= 2 * frozen
+        for converter in self.converters:
+            self.flops_per_token = converter.flops_per_token(model, self.flops_per_token)
         self.attention_flops_per_pair = family.attention_flops_per_pair(model.config)
         self.peak_flops = peak_flops(self.device)
 
@@ -380,17 +379,8 @@ class Trainer:
             "data": self.train_loader.state_dict(),
             "rng": ckpt.rng_state(),
             "nonfinite_total": self.nonfinite_total,
+            **{c.record_key: c.checkpoint_record() for c in self.converters if c.record_key is not None},
         }
-
-    def _peft_record(self) -> dict[str, Any] | None:
-        """A LoRA run's checkpoints say which adapters they hold and which base they belong to."""
-        if self.lora is None:
-            return None
-        if not hasattr(self, "_lora_record"):
-            from nemo_lite.training.converters import lora
-
-            self._lora_record = lora.peft_record(self.lora, self.pretrained_dir)
-        return self._lora_record
 
     def _layout(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed by this run: the model's shape and the data's."""
@@ -416,13 +406,12 @@ class Trainer:
         return getattr(self, "last_checkpoint", None) or self.resumed_from
 
     def save(self) -> Path:
-        """A checkpoint of the step; a LoRA run's holds the adapters (the base is model.pretrained_path)."""
+        """A checkpoint of the step, with the converters' records (and, where a converter says so, the trainable
+        parameters only: the frozen ones are model.pretrained_path's)."""
         self._check_weights_finite()  # a checkpoint is never written from non-finite weights
+        state = self._train_state()
         if self.dist.enabled:
-            state = self._train_state()
             del state["optimizer"]  # sharded through DCP with the model
-            if self.lora is not None:
-                state["peft"] = self._peft_record()
             path = distributed.save_sharded(
                 self.run_dir / "checkpoints",
                 self.step,
@@ -431,23 +420,19 @@ class Trainer:
                 state,
                 self.dist,
                 self.cfg.trainer.keep_last,
-                only_trainable=self.lora is not None,
+                only_trainable=self.only_trainable,
             )
             self.last_checkpoint = path
             return path
-        state, weights = self._train_state(), self.raw_model
-        if self.lora is not None:
-            from nemo_lite.training.converters import lora
-
-            state["peft"], weights = self._peft_record(), lora.adapter_tensors(self.raw_model)
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
-            weights,
+            self.raw_model,
             state,
             keep_last=self.cfg.trainer.keep_last,
             hooks=self.hooks.get("checkpoint"),
             layout=self._layout(),
+            only_trainable=self.only_trainable,
         )
         self.last_checkpoint = path
         return path
@@ -480,26 +465,20 @@ class Trainer:
         )
 
     def _load(self, path: Path) -> None:
-        from nemo_lite.training.converters import lora
-
         if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
-            peek = path / "rank00000.pt"  # the peft record is the same in every rank's file
-            saved = torch.load(peek, weights_only=True).get("peft") if peek.is_file() else None
-            if peek.is_file() or self.lora is None:
-                lora.check_resume(path, saved, self._peft_record())
+            peek = path / "rank00000.pt"  # the converters' records are the same in every rank's file
+            if peek.is_file():
+                check_resume(self.converters, path, torch.load(peek, weights_only=True))
             try:
                 state = distributed.load_checkpoint_any(
-                    path, self.model, self.optimizer, self.dist, only_trainable=self.lora is not None
+                    path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable
                 )
             except ValueError as err:  # its refusals, in one line
                 raise ckpt.ResumeError(str(err)) from None
         else:
-            if self.lora is None and not lora.holds_adapters(path / ckpt.MODEL_FILE):
-                state = ckpt.load_checkpoint(path, self.raw_model, device=self.device, layout=self._layout())
-            else:
-                state = ckpt.load_checkpoint(path, None, layout=self._layout())
-                lora.check_resume(path, state.get("peft"), self._peft_record())
-                lora.load_adapters(self.raw_model, path / ckpt.MODEL_FILE)
+            state = ckpt.load_checkpoint(path, None, layout=self._layout())
+            check_resume(self.converters, path, state)  # before the weights, which may be only some of them
+            ckpt.load_weights(path, self.raw_model, self.device, only_trainable=self.only_trainable)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["data"])
@@ -738,78 +717,40 @@ class Trainer:
             if final:
                 self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
             if cfg.export_hf or cfg.sample_tokens > 0:
-                # a collective under torchrun; a LoRA run merges only for the export (or to sample under torchrun)
-                wanted = self.lora is None or cfg.export_hf or self.dist.enabled
-                plain = self._plain_model() if wanted else None
+                # a collective under torchrun, where rank 0 samples on it; one process samples on its own model
+                plain = self._plain_model() if cfg.export_hf or self.dist.enabled else None
                 if self.is_main and cfg.export_hf:
                     result.hf_dir = self.export(plain)
                 if self.is_main and cfg.sample_tokens > 0:
-                    on_device = self.lora is None or self.dist.enabled  # a LoRA run's merged model is on the CPU
-                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, plain if on_device else None)
+                    on_device = plain if self.dist.enabled else None  # a converter's final model may be on the CPU
+                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, on_device)
         return result
 
     def _plain_model(self):
-        """The trained model as one unsharded module (the model itself when not distributed). A LoRA run's is the
-        base read from disk again with the adapters merged in (on the CPU; on the device under torchrun, where it
-        also serves the sample); only rank 0 gets it."""
-        if self.lora is not None:
-            return self._merged_model()
+        """The trained model as one unsharded module (the model itself when not distributed), or the one a
+        converter builds for the export (``builds_final_model``); only rank 0 gets it."""
+        for converter in self.converters:
+            if converter.builds_final_model:
+                return converter.final_model(
+                    self.model, device=self.device, dist=self.dist, build_kwargs=self.build_kwargs
+                )
         if not self.dist.enabled:
             return self.raw_model
         full = distributed.full_state_dict(self.model)
-        att = self.cfg.attention
-        plain = self.family.build(
-            self.raw_model.config,
-            attention=att.backend,
-            attn_mask_type=att.attn_mask_type,
-            fixed_block_size=att.fixed_block_size,
-            attention_options=att.options,
-        )
+        plain = self.family.build(self.raw_model.config, **self.build_kwargs)
         plain.tokenizer_dir = self.raw_model.tokenizer_dir
         if self.is_main:
             plain.load_state_dict(full)
         return plain.to(self.device)
 
-    def _merged_model(self):
-        from nemo_lite.training.converters import lora
-
-        if self.dist.enabled:
-            adapters = distributed.full_state_dict(self.model, only_trainable=True)  # a collective
-        else:
-            adapters = lora.adapter_tensors(self.raw_model)
-        if not self.is_main:
-            return None
-        self._final_adapters = {name: t.detach().float().cpu() for name, t in adapters.items()}
-        att = self.cfg.attention
-        merged = lora.merged_model(
-            self.family,
-            self.pretrained_dir,
-            self._final_adapters,
-            section=self.cfg.peft,
-            target_names=self.lora.target_names,
-            attention=att.backend,
-            attn_mask_type=att.attn_mask_type,
-            fixed_block_size=att.fixed_block_size,
-            attention_options=att.options,
-        )
-        return merged.to(self.device) if self.dist.enabled else merged
-
     def export(self, model=None) -> Path:
-        """The final model as a Hugging Face directory (``<run_dir>/hf``), tokenizer included; a LoRA run also
-        writes its adapters as a PEFT directory (``<run_dir>/adapter``) and ``hf`` holds the merged model."""
-        if self.lora is not None:
-            from nemo_lite.training.converters import lora
-
-            model = model or self._merged_model()
-            path = lora.save_adapter(
-                self._final_adapters,
-                self.run_dir / "adapter",
-                section=self.cfg.peft,
-                target_names=self.lora.target_names,
-                base_model_name_or_path=str(self.cfg.model.pretrained_path),
-            )
-            self._log(f"exported the LoRA adapters (PEFT) to {path}")
-        model = model or self.raw_model
+        """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``), tokenizer
+        included, and what the converters write beside it (``export_extra``)."""
+        model = model or self._plain_model()
+        for converter in self.converters:
+            line = converter.export_extra(self.run_dir)
+            if line:
+                self._log(line)
         tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"

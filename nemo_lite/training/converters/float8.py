@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from nemo_lite.training.config import ConfigError
+from nemo_lite.training.converters import ModelConverter
 
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 INSTALL_HINT = "pip install 'nemo_lite[float8]'"
@@ -98,7 +99,7 @@ def _distributed() -> bool:
     )
 
 
-class Float8Converter:
+class Float8Converter(ModelConverter):
     """Swap the decoder's large linears for torchao's ``Float8Linear`` (``float8`` config section).
 
     ``emulate`` is torchao's emulation (float8 rounding, high-precision matmuls) so that tests run the

@@ -9,8 +9,9 @@ adapters.
 
 What this module also owns, because only it knows the adapters' names:
 
-- :func:`adapter_tensors`: what a training checkpoint holds (the adapters; the base comes from
-  ``model.pretrained_path`` again on resume, checked against :func:`base_fingerprint`);
+- what a training checkpoint holds: the adapters (the trainable parameters); the base comes from
+  ``model.pretrained_path`` again on resume, checked against :func:`base_fingerprint`
+  (:meth:`LoraConverter.check_record`);
 - :func:`save_adapter`: ``run_dir/adapter``, a PEFT adapter directory under the Hugging Face key names
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), as ``PeftModel.save_pretrained`` writes it
   for a transformers model;
@@ -29,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nemo_lite.training import distributed
 from nemo_lite.training.config import ConfigError, PeftSection, check_peft_section
+from nemo_lite.training.converters import ModelConverter
 
 ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of any exported key
 ALL_LINEAR = "all-linear"
@@ -46,26 +49,45 @@ def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
     }
 
 
-class LoraConverter:
+class LoraConverter(ModelConverter):
     """Injects PEFT LoRA layers into the targeted linears and freezes everything else.
 
     ``frozen_dtype`` (e.g. ``torch.bfloat16`` when the run autocasts to bf16 on a GPU) stores the frozen
     linears' weights in that dtype: autocast would round them to it before every matmul anyway, so the
     values the model computes with do not change, and the float32 copies (and their casts) are gone.
     The merged export reads the float32 base from disk again, so nothing is lost.
+
+    ``base_dir`` is the local directory of the base (``model.pretrained_path``, given as ``base_path``): the
+    checkpoints' record fingerprints it and the merged model reads it again.
     """
 
-    def __init__(self, section: PeftSection, *, frozen_dtype: torch.dtype | None = None) -> None:
+    record_key = "peft"  # the config section's name
+    saves_only_trainable = True
+    builds_final_model = True
+
+    def __init__(
+        self,
+        section: PeftSection,
+        *,
+        frozen_dtype: torch.dtype | None = None,
+        base_dir: Path | None = None,
+        base_path: str | None = None,
+    ) -> None:
         check_peft_section(section)
         self.section = section
         self.frozen_dtype = frozen_dtype
+        self.base_dir, self.base_path = base_dir, base_path
         self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
         self.target_names: list[str] = []  # leaf names adapted (q_proj, ...), set by convert
         self.module_paths: list[str] = []
+        self.family: Any = None  # the model's family entry, set by convert (the merge builds the model again)
+        self._record: dict[str, Any] | None = None
+        self._final_adapters: dict[str, torch.Tensor] = {}  # set by final_model, for export_extra
 
     def convert(self, model: nn.Module, family: Any) -> None:
         import peft
 
+        self.family = family
         linears = block_linears(model, family)
         existing = sorted(set(linears.values()))
         wanted = list(self.section.target_modules)
@@ -101,6 +123,81 @@ class LoraConverter:
         if self.frozen_dtype is not None:
             self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
 
+    def flops_per_token(self, model: nn.Module, flops: int) -> int:
+        # A frozen weight gets no weight gradient: 4 FLOPs per parameter, not 6.
+        frozen = flops // 6 - sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return flops - 2 * frozen
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """What a checkpoint says about its adapters: the settings and the base they belong to."""
+        if self._record is None:  # the fingerprint reads a few MiB of the base: once a run
+            s = self.section
+            self._record = {
+                "method": s.method,
+                "r": int(s.r),
+                "alpha": float(s.alpha),
+                "targets": list(self.target_names),
+                "base": base_fingerprint(self.base_dir),
+            }
+        return self._record
+
+    @staticmethod
+    def check_record(path: Path, saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
+        """Refuse, in one line, a resume whose checkpoint does not fit this run's adapters or base."""
+        if saved is None and current is None:
+            return
+        if saved is None:
+            raise ConfigError(
+                f"{path} is a full-model checkpoint and this run trains LoRA adapters (peft=lora): resume it with "
+                "peft=none, or start the LoRA run fresh"
+            )
+        if current is None:
+            raise ConfigError(
+                f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with "
+                "peft=lora and the same model.pretrained_path"
+            )
+        for key in ("r", "targets"):
+            if saved[key] != current[key]:
+                raise ConfigError(
+                    f"{path} has adapters with peft {key}={saved[key]} and this run asks for {current[key]}: "
+                    "resume with the checkpoint's peft settings"
+                )
+        if saved["base"]["sha256"] != current["base"]["sha256"]:
+            raise ConfigError(
+                f"{path} was trained on the base {saved['base']['path']} and this run's model.pretrained_path "
+                f"{current['base']['path']} is a different checkpoint (fingerprint differs): resume with that base"
+            )
+
+    def final_model(
+        self, model: nn.Module, *, device: torch.device, dist: distributed.DistInfo, build_kwargs: dict[str, Any]
+    ) -> nn.Module | None:
+        """The base read from disk again with the adapters merged in (on the CPU; on ``device`` under torchrun,
+        where it also serves the sample)."""
+        # Under torchrun gathering the sharded adapters is a collective: every rank takes part.
+        adapters = distributed.full_state_dict(model, only_trainable=True) if dist.enabled else adapter_tensors(model)
+        if dist.rank != 0:
+            return None
+        self._final_adapters = {name: t.detach().float().cpu() for name, t in adapters.items()}
+        merged = merged_model(
+            self.family,
+            self.base_dir,
+            self._final_adapters,
+            section=self.section,
+            target_names=self.target_names,
+            **build_kwargs,
+        )
+        return merged.to(device) if dist.enabled else merged
+
+    def export_extra(self, run_dir: Path) -> str:
+        path = save_adapter(
+            self._final_adapters,
+            run_dir / "adapter",
+            section=self.section,
+            target_names=self.target_names,
+            base_model_name_or_path=str(self.base_path),
+        )
+        return f"exported the LoRA adapters (PEFT) to {path}"
+
 
 def lora_config(section: PeftSection, target_modules: list[str], **extra: Any):
     import peft
@@ -115,7 +212,7 @@ def lora_config(section: PeftSection, target_modules: list[str], **extra: Any):
     )
 
 
-# ---- training checkpoints: the adapters only -----------------------------------------------------
+# ---- training checkpoints: the adapters only, with a record of the base -----------------------------
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -149,76 +246,6 @@ def base_fingerprint(path: str | Path) -> dict[str, Any]:
                 f.seek(max(data_start, offset))
                 digest.update(f.read(sample))
     return {"path": str(path), "sha256": digest.hexdigest()}
-
-
-def peft_record(converter: LoraConverter, base_dir: str | Path) -> dict[str, Any]:
-    """What a checkpoint says about its adapters: the settings and the base they belong to."""
-    s = converter.section
-    return {
-        "method": s.method,
-        "r": int(s.r),
-        "alpha": float(s.alpha),
-        "targets": list(converter.target_names),
-        "base": base_fingerprint(base_dir),
-    }
-
-
-def check_resume(path: Path, saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
-    """Refuse, in one line, a resume whose checkpoint does not fit this run's adapters or base."""
-    if saved is None and current is None:
-        return
-    if saved is None:
-        raise ConfigError(
-            f"{path} is a full-model checkpoint and this run trains LoRA adapters (peft=lora): resume it with "
-            "peft=none, or start the LoRA run fresh"
-        )
-    if current is None:
-        raise ConfigError(
-            f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with peft=lora "
-            "and the same model.pretrained_path"
-        )
-    for key in ("r", "targets"):
-        if saved[key] != current[key]:
-            raise ConfigError(
-                f"{path} has adapters with peft {key}={saved[key]} and this run asks for {current[key]}: resume "
-                "with the checkpoint's peft settings"
-            )
-    if saved["base"]["sha256"] != current["base"]["sha256"]:
-        raise ConfigError(
-            f"{path} was trained on the base {saved['base']['path']} and this run's model.pretrained_path "
-            f"{current['base']['path']} is a different checkpoint (fingerprint differs): resume with that base"
-        )
-
-
-def holds_adapters(weights_file: Path) -> bool:
-    """Whether a checkpoint's weights file holds LoRA adapters (read from its header only)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not weights_file.is_file():
-        return False
-    try:
-        with safe_open(str(weights_file), framework="pt") as f:
-            names = f.keys()  # a safetensors handle is not iterable
-    except (SafetensorError, OSError):  # damaged: the checkpoint's own verification says how
-        return False
-    return any(is_adapter_name(name) for name in names)
-
-
-def load_adapters(model: nn.Module, weights_file: Path) -> None:
-    """Copy a checkpoint's adapters into ``model``'s; the names must be exactly the model's adapters."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(weights_file))
-    params = dict(model.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ConfigError(
-            f"{weights_file} does not hold this run's adapters: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
 
 
 # ---- export ----------------------------------------------------------------------------------------
@@ -306,9 +333,7 @@ __all__ = [
     "adapter_tensors",
     "base_fingerprint",
     "block_linears",
-    "check_resume",
     "hf_adapter_key",
     "merged_model",
-    "peft_record",
     "save_adapter",
 ]
