@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,10 +69,11 @@ def run_nemo(
     t.step_impl = step_impl
     t.val_every = t.save_every = 0
     t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
-    t.overwrite = True  # a benchmark run again replaces the last one's run_dir
     cfg.optim.warmup_steps = 5
     if profile:  # steps 7-9 (left out of the medians below); the trainer writes run_dir/profile/summary.json
         t.profile_start, t.profile_steps = 6, PROFILED_STEPS
+    # No run keeps its files: the final checkpoint is ~15 GB, and a few runs would fill the disk.
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     trainer = Trainer(cfg, train_loader=loader())
     trainer.setup()
     torch.cuda.reset_peak_memory_stats()
@@ -92,6 +94,7 @@ def run_nemo(
         print(json.dumps(kernel_summary, indent=1), file=sys.stderr)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         print(f"graph breaks: {sum(breaks.values())} {breaks}", file=sys.stderr)
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     graphs_end = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     skip = 6 + PROFILED_STEPS if profile else 5
     result = {
