@@ -15,7 +15,7 @@ import pytest
 import torch
 from model_utils import family_hf_model, random_ids, save_default_tokenizer
 
-from nemo_lite.components.models import AutoModelForCausalLM, CheckpointNotFoundError, resolve_pretrained
+from nemo_lite.components.models import AutoModelForCausalLM, PretrainedNotFoundError, resolve_pretrained
 from nemo_lite.components.models.hub import split_hub_id
 
 hf_hub = pytest.importorskip("huggingface_hub")
@@ -84,7 +84,7 @@ def test_a_hub_id_resolves_from_the_cache_offline(offline_cache, tiny_qwen2):
 
 def test_a_missing_revision_names_it_and_the_cached_ones(offline_cache, tiny_qwen2):
     cache_repo(offline_cache, "tiny-org/tiny-qwen2", tiny_qwen2, refs=("main", "v1.0"))
-    with pytest.raises(CheckpointNotFoundError) as err:
+    with pytest.raises(PretrainedNotFoundError) as err:
         resolve_pretrained("tiny-org/tiny-qwen2@v9")
     message = str(err.value)
     assert "\n" not in message
@@ -93,7 +93,7 @@ def test_a_missing_revision_names_it_and_the_cached_ones(offline_cache, tiny_qwe
 
 
 def test_an_uncached_hub_id_says_what_to_do(offline_cache):
-    with pytest.raises(CheckpointNotFoundError) as err:
+    with pytest.raises(PretrainedNotFoundError) as err:
         AutoModelForCausalLM.from_pretrained("other-org/not-cached")
     message = str(err.value)
     assert "\n" not in message
@@ -107,7 +107,7 @@ def test_a_pickle_only_snapshot_is_refused_unread(offline_cache, tiny_qwen2, tmp
     shutil.copy(tiny_qwen2 / "config.json", files)
     (files / "pytorch_model.bin").write_bytes(b"never unpickled")
     cache_repo(offline_cache, "tiny-org/pickled", files)
-    with pytest.raises(CheckpointNotFoundError, match=r"lacks model\.safetensors \(only safetensors are read"):
+    with pytest.raises(PretrainedNotFoundError, match=r"lacks model\.safetensors \(only safetensors are read"):
         resolve_pretrained("tiny-org/pickled")
 
 
@@ -144,9 +144,9 @@ def test_paths_and_hub_ids_are_told_apart(tmp_path):
     for not_an_id in ("./ckpt", "/abs/dir", "~/ckpt", "a/b/c", "a--b/c", "a/b@"):
         assert split_hub_id(not_an_id) is None, not_an_id
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointNotFoundError, match="holds no Hugging Face checkpoint .* is not a hub id"):
+    with pytest.raises(PretrainedNotFoundError, match="holds no Hugging Face checkpoint .* is not a hub id"):
         resolve_pretrained(tmp_path / "empty")
-    with pytest.raises(CheckpointNotFoundError, match="revision='v1' applies to hub ids only"):
+    with pytest.raises(PretrainedNotFoundError, match="revision='v1' applies to hub ids only"):
         resolve_pretrained(_local_checkpoint(tmp_path), revision="v1")
 
 

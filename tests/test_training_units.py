@@ -90,7 +90,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_latest(tmp_path):
 def test_resume_argument_forms(tmp_path):
     assert ckpt.resolve_resume("false", tmp_path) is None
     assert ckpt.resolve_resume("true", tmp_path) is None  # nothing saved yet: start fresh
-    with pytest.raises(ckpt.CheckpointNotFoundError, match="no checkpoint there"):
+    with pytest.raises(ckpt.NoCheckpointError, match="no checkpoint there"):
         ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     path = ckpt.save_checkpoint(tmp_path / "checkpoints", 7, _tiny_model(), {}, keep_last=1)
     assert ckpt.resolve_resume("true", tmp_path) == path

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from nemo_lite.errors import NemoLiteError
 from nemo_lite.training.run_dir import disk_full, host, human_bytes, pid_alive
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -46,19 +47,19 @@ DISK_NEARLY_FULL = 16 * 2**20
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "train_state.pt", "meta.json"
 
 
-class CheckpointNotFoundError(FileNotFoundError):
-    pass
+class NoCheckpointError(NemoLiteError, FileNotFoundError):
+    """trainer.resume names no checkpoint (or a run_dir that holds none)."""
 
 
-class CheckpointDamagedError(Exception):
+class CheckpointDamagedError(NemoLiteError):
     """A checkpoint whose files are missing, cut short or changed since they were written."""
 
 
-class ResumeError(Exception):
+class ResumeError(NemoLiteError):
     """This run cannot resume from the checkpoint(s) it was given (the message says why and what to do)."""
 
 
-class CheckpointWriteError(Exception):
+class CheckpointWriteError(NemoLiteError):
     """A checkpoint could not be written (a full disk); the partial one was removed."""
 
 
@@ -240,7 +241,7 @@ def resolve_resume(resume: bool | str | None, run_dir: Path) -> Path | None:
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise CheckpointNotFoundError(
+    raise NoCheckpointError(
         f"trainer.resume={value!r}: no checkpoint there (expected a step_NNNNNN directory with {META_FILE}, "
         "or a run directory holding checkpoints/step_NNNNNN)"
     )

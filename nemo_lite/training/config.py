@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.errors import NemoLiteError
 
 
-class ConfigError(ValueError):
+class ConfigError(NemoLiteError, ValueError):
     """A config value is wrong; the message names it and what would be right."""
 
 

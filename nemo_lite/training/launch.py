@@ -64,31 +64,11 @@ def user_error_line(err: BaseException) -> str | None:
     """
     from safetensors import SafetensorError
 
-    from nemo_lite.components.attention import AttentionConfigError, UnknownAttentionBackendError
-    from nemo_lite.components.models import CheckpointError, UnknownPresetError
-    from nemo_lite.components.models.family import UnknownModelTypeError
-    from nemo_lite.training.checkpoint import (
-        CheckpointDamagedError,
-        CheckpointNotFoundError,
-        CheckpointWriteError,
-        ResumeError,
-    )
-    from nemo_lite.training.run_dir import RunDirError, disk_full
-    from nemo_lite.training.trainer import NonFiniteLossError
+    from nemo_lite.errors import NemoLiteError
+    from nemo_lite.training.run_dir import disk_full
 
     own = (
-        ConfigError,
-        CheckpointError,
-        CheckpointNotFoundError,
-        CheckpointDamagedError,
-        CheckpointWriteError,
-        ResumeError,
-        RunDirError,
-        NonFiniteLossError,
-        AttentionConfigError,
-        UnknownAttentionBackendError,
-        UnknownModelTypeError,
-        UnknownPresetError,
+        NemoLiteError,  # every refusal of nemo_lite's own
         FileNotFoundError,  # a data file or directory that is not there (the message names it)
         ImportError,  # an optional package that is not installed (the message says how to get it)
     )

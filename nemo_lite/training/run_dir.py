@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nemo_lite.errors import NemoLiteError
 from nemo_lite.training.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -30,7 +31,7 @@ TRAINING_BYTES_PER_PARAM = 16
 FREE_SPACE_FACTOR = 3
 
 
-class RunDirError(Exception):
+class RunDirError(NemoLiteError):
     """The run directory cannot be used as asked (the message says why and what to do)."""
 
 

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nemo_lite.components.attention import build_attention_backend
 from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset, resolve_pretrained
+from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training import run_dir as rundir
@@ -39,7 +40,7 @@ from nemo_lite.training.optim import build_scheduler
 from nemo_lite.training.step import TrainStep, build_step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NemoLiteError, RuntimeError):
     pass
 
 

@@ -33,9 +33,10 @@ from nemo_lite.components.attention.masks import (
     validate_mask_config,
     validate_window,
 )
+from nemo_lite.errors import NemoLiteError
 
 
-class AttentionConfigError(ValueError):
+class AttentionConfigError(NemoLiteError, ValueError):
     """A backend option or the run's shape does not suit the backend; one line naming the value and the fix."""
 
 

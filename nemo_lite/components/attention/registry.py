@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nemo_lite.errors import NemoLiteError
+
 if TYPE_CHECKING:
     from nemo_lite.components.attention.base import AttentionBackend
 
@@ -13,7 +15,7 @@ _BACKENDS: dict[str, type[AttentionBackend]] = {}
 B = TypeVar("B", bound="type[AttentionBackend]")
 
 
-class UnknownAttentionBackendError(KeyError):
+class UnknownAttentionBackendError(NemoLiteError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
 

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-IGNORE_INDEX = -100
+from nemo_lite.errors import IGNORE_INDEX
 
 # The packer's buffer is compacted (copied to a new list) once this many consumed tokens sit
 # in front of it. Never compacted in place: snapshots hold references to the old lists.

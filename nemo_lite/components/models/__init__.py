@@ -20,8 +20,8 @@ from nemo_lite.components.models.config import (
 from nemo_lite.components.models.family import (
     AutoModelForCausalLM,
     CausalLM,
-    CheckpointNotFoundError,
     ModelFamily,
+    PretrainedNotFoundError,
     UnknownModelTypeError,
     UnknownPresetError,
     family_of_checkpoint,
@@ -59,7 +59,7 @@ __all__ = [
     "AutoModelForCausalLM",
     "CausalLM",
     "CheckpointError",
-    "CheckpointNotFoundError",
+    "PretrainedNotFoundError",
     "DecoderConfig",
     "DecoderForCausalLM",
     "LlamaConfig",

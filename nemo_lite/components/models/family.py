@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from nemo_lite.components.attention import AttentionMask
-from nemo_lite.components.models.hub import CheckpointNotFoundError, resolve_pretrained
+from nemo_lite.components.models.hub import PretrainedNotFoundError, resolve_pretrained
+from nemo_lite.errors import NemoLiteError
 
 
 class CausalLM(Protocol):
@@ -55,12 +56,12 @@ class CausalLM(Protocol):
     def save_pretrained(self, path: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path: ...
 
 
-class UnknownPresetError(KeyError):
+class UnknownPresetError(NemoLiteError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
 
 
-class UnknownModelTypeError(ValueError):
+class UnknownModelTypeError(NemoLiteError, ValueError):
     pass
 
 
@@ -237,7 +238,7 @@ class AutoModelForCausalLM:
 __all__ = [
     "AutoModelForCausalLM",
     "CausalLM",
-    "CheckpointNotFoundError",
+    "PretrainedNotFoundError",
     "ModelFamily",
     "UnknownModelTypeError",
     "UnknownPresetError",

@@ -43,6 +43,7 @@ from nemo_lite.components.models.hub import (
     TOKENIZER_FILES,
     resolve_pretrained,
 )
+from nemo_lite.errors import NemoLiteError
 
 # nemo_lite parameter name -> Hugging Face name; "{i}" is the layer index. Biases appear only where the
 # config puts them (qkv_bias, o_bias, mlp_bias), q_norm/k_norm only with qk_norm (Qwen3), lm_head.weight
@@ -116,7 +117,7 @@ _ROPE_KEYS: dict[str, tuple[str, ...]] = {"default": (), **ROPE_FIELDS}
 _LAYER_PREFIX = re.compile(r"^layers\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NemoLiteError, ValueError):
     """A Hugging Face directory that cannot be loaded as this model (the message says why)."""
 
 

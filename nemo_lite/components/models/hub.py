@@ -9,7 +9,7 @@ A hub id goes through ``huggingface_hub.snapshot_download`` with the standard ca
 needs is fetched: config.json, the safetensors weights (the single file, or the index and the shards
 it names) and the tokenizer files; never a pickle ``.bin``, never a second copy of the weights in
 another format (``consolidated.safetensors``, ``original/``). Every failure is one
-:class:`CheckpointNotFoundError` line naming the id, the revision and what to do.
+:class:`PretrainedNotFoundError` line naming the id, the revision and what to do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+from nemo_lite.errors import NemoLiteError
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +40,7 @@ TOKENIZER_FILES = (
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(?P<revision>[\w./-]+))?")
 
 
-class CheckpointNotFoundError(ValueError):
+class PretrainedNotFoundError(NemoLiteError, ValueError):
     """``model.pretrained_path`` names no checkpoint that can be read; the message says what to do."""
 
 
@@ -63,19 +65,19 @@ def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -
     path = Path(text).expanduser()
     if (path / CONFIG_NAME).is_file():
         if revision is not None:
-            raise CheckpointNotFoundError(
+            raise PretrainedNotFoundError(
                 f"{text!r} is a local directory: revision={revision!r} applies to hub ids only"
             )
         return path
     hub_id = None if path.exists() else split_hub_id(text)
     if hub_id is None:
-        raise CheckpointNotFoundError(
+        raise PretrainedNotFoundError(
             f"model.pretrained_path={text!r} holds no Hugging Face checkpoint (no config.json) and is not a "
             "hub id (org/name or org/name@revision). For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
         )
     repo_id, id_revision = hub_id
     if revision is not None and id_revision is not None and revision != id_revision:
-        raise CheckpointNotFoundError(f"{text!r} names revision {id_revision!r} but revision={revision!r} was given")
+        raise PretrainedNotFoundError(f"{text!r} names revision {id_revision!r} but revision={revision!r} was given")
     return download_snapshot(repo_id, revision or id_revision)
 
 
@@ -92,7 +94,7 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
             RevisionNotFoundError,
         )
     except ImportError as err:
-        raise CheckpointNotFoundError(
+        raise PretrainedNotFoundError(
             f"{repo_id!r} looks like a hub id, which needs huggingface_hub (pip install huggingface_hub): {err}"
         ) from None
 
@@ -103,33 +105,33 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
         try:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         except RevisionNotFoundError:
-            raise CheckpointNotFoundError(
+            raise PretrainedNotFoundError(
                 f"revision {rev!r} of {repo_id} does not exist on the hub: give an existing branch, tag or "
                 f"commit after '@' (e.g. {repo_id}@main)"
             ) from None
         except GatedRepoError:
-            raise CheckpointNotFoundError(
+            raise PretrainedNotFoundError(
                 f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login), "
                 "or give a local directory"
             ) from None
         except RepositoryNotFoundError:
-            raise CheckpointNotFoundError(
+            raise PretrainedNotFoundError(
                 f"{repo_id} is not a model on the hub (or is private: log in with hf auth login); "
                 "check the id, or give a local directory"
             ) from None
         except LocalEntryNotFoundError:
-            raise CheckpointNotFoundError(_not_cached_message(repo_id, revision, shown, constants)) from None
+            raise PretrainedNotFoundError(_not_cached_message(repo_id, revision, shown, constants)) from None
         except HFValidationError as err:
-            raise CheckpointNotFoundError(f"{shown!r} is not a valid hub id: {err}") from None
+            raise PretrainedNotFoundError(f"{shown!r} is not a valid hub id: {err}") from None
         except (HfHubHTTPError, OSError) as err:
-            raise CheckpointNotFoundError(
+            raise PretrainedNotFoundError(
                 f"could not fetch {shown} from the hub ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "retry, or set HF_HUB_OFFLINE=1 to use the cache only"
             ) from None
 
     snapshot = fetch([CONFIG_NAME, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
     if not (snapshot / CONFIG_NAME).is_file():
-        raise CheckpointNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
+        raise PretrainedNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
     if (snapshot / INDEX_FILE).is_file():
         shards = sorted(set(json.loads((snapshot / INDEX_FILE).read_text())["weight_map"].values()))
         if any(not (snapshot / shard).is_file() for shard in shards):
@@ -138,7 +140,7 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
     else:
         missing = [] if (snapshot / SINGLE_FILE).is_file() else [SINGLE_FILE]
     if missing:
-        raise CheckpointNotFoundError(
+        raise PretrainedNotFoundError(
             f"{shown}: {snapshot} lacks {', '.join(missing)} (only safetensors are read; a repository with only "
             "pytorch_model.bin is not loaded). Download it once online, or convert it to safetensors"
         )
