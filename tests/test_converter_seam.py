@@ -1,9 +1,10 @@
 """A converter changes what the trainer saves, resumes, counts and exports through its hooks alone: a toy one
-defined here (frozen weights, checkpoints of the trainable tensors, a record, an extra export file) gets all
-of it without the trainer knowing it, and the trainer names no converter."""
+registered here under its own config section (frozen weights, checkpoints of the trainable tensors, a record,
+an extra export file) gets all of it without the trainer knowing it, and the trainer names no converter."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,19 +13,37 @@ from recipe_utils import tiny_config
 
 from nemo_lite.training import trainer as trainer_module
 from nemo_lite.training.config import ConfigError
-from nemo_lite.training.converters import ModelConverter
+from nemo_lite.training.converters import ModelConverter, register_converter, unregister_converter
 from nemo_lite.training.trainer import Trainer
+
+
+@dataclass
+class ToySection:
+    tag: str = ""  # "" = off
 
 
 class FreezeEmbeddings(ModelConverter):
     """Freezes the token embeddings: checkpoints hold the rest, recorded under "toy"; the export adds a note."""
 
-    record_key = "toy"
+    writes_record = True
     saves_only_trainable = True
 
     def __init__(self, tag: str = "a") -> None:
         self.tag = tag
         self.description = f"toy converter {tag}"
+
+    @classmethod
+    def enabled(cls, section: ToySection) -> bool:
+        return bool(section.tag)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if getattr(cfg, "toy", ToySection()).tag not in ("", "a", "b"):
+            raise ConfigError(f"toy.tag={cfg.toy.tag!r} is not valid; choose one of: a, b")
+
+    @classmethod
+    def from_config(cls, cfg, *, autocast_dtype, pretrained_dir):
+        return cls(cfg.toy.tag)
 
     def convert(self, model, family) -> None:
         model.embed_tokens.weight.requires_grad_(False)
@@ -45,15 +64,24 @@ class FreezeEmbeddings(ModelConverter):
         return f"wrote {run_dir / 'toy.txt'}"
 
 
-def config(run_dir: Path):
+@pytest.fixture
+def toy_converter():
+    register_converter("toy")(FreezeEmbeddings)
+    yield
+    unregister_converter("toy")
+
+
+def config(run_dir: Path, tag: str = "a"):
     cfg = tiny_config(run_dir, backend="sdpa", steps=6)
     cfg.trainer.save_every, cfg.trainer.val_every, cfg.trainer.sample_tokens = 3, 0, 0
     cfg.trainer.export_hf = True
+    cfg.toy = ToySection(tag)  # the converter's own section, beside the schema's
     return cfg
 
 
-def test_a_converter_plugs_into_checkpoints_resume_flops_and_export(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "build_converters", lambda cfg, **kwargs: [FreezeEmbeddings()])
+def test_a_registered_converter_plugs_into_checkpoints_resume_flops_and_export(tmp_path, toy_converter):
+    with pytest.raises(ConfigError, match="toy.tag='c' is not valid; choose one of: a, b"):
+        Trainer(config(tmp_path / "bad", tag="c"))
     trainer = Trainer(config(tmp_path / "run"))
     result = trainer.fit()
     assert result.status == "completed" and (tmp_path / "run/hf/config.json").is_file()
@@ -73,10 +101,13 @@ def test_a_converter_plugs_into_checkpoints_resume_flops_and_export(tmp_path, mo
     cfg.trainer.resume = str(step3)
     assert Trainer(cfg).fit().losses == result.losses[3:]  # bit-equal: the frozen weights came from the seed
 
-    monkeypatch.setattr(trainer_module, "build_converters", lambda cfg, **kwargs: [FreezeEmbeddings("b")])
-    cfg = config(tmp_path / "other")
+    cfg = config(tmp_path / "other", tag="b")
     cfg.trainer.resume = str(step3)
     with pytest.raises(ConfigError, match="was saved with {'tag': 'a'} and this run has {'tag': 'b'}"):
+        Trainer(cfg).fit()
+    cfg = config(tmp_path / "without", tag="")  # a run without the converter checks its record too
+    cfg.trainer.resume = str(step3)
+    with pytest.raises(ConfigError, match="was saved with {'tag': 'a'} and this run has None"):
         Trainer(cfg).fit()
 
 

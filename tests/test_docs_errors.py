@@ -453,9 +453,9 @@ def _lr_inf(tmp):
 
 
 def _peft(**changes):
-    from nemo_lite.training.config import PeftSection, check_peft_section
+    from nemo_lite.training.converters.lora import LoraConverter, PeftSection
 
-    return lambda tmp: check_peft_section(PeftSection(method="lora", **changes))
+    return lambda tmp: LoraConverter.check_section(PeftSection(method="lora", **changes))
 
 
 def _lora_without_a_checkpoint(tmp):

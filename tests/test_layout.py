@@ -21,40 +21,91 @@ def module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
+def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str:
+    """The module an ``ImportFrom`` names, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    parts = module.split(".") if is_package else module.split(".")[:-1]
+    base = parts[: len(parts) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def package_imports() -> dict[str, set[str]]:
-    """module -> the package modules it imports, at any level (lazy imports count)."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nemo_lite"):
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    """module -> the package modules it imports, as a reader follows them: at any level (lazy imports count),
+    ``from pkg import sub`` to the submodule, ``from pkg import name`` to the module whose name ``pkg``'s
+    ``__init__`` re-exports (else to ``pkg`` itself), and a package's imports of its own submodules included."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    trees = {m: ast.parse(p.read_text()) for m, p in paths.items()}
+
+    def source_of(package: str, name: str) -> str:
+        if paths[package].name != "__init__.py":
+            return package
+        for node in ast.walk(trees[package]):
+            if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+                target = _absolute(package, node, is_package=True)
+                if target in paths:
+                    return target
+        return package
+
+    graph: dict[str, set[str]] = {m: set() for m in paths}
+    for name, tree in trees.items():
+        is_package = paths[name].name == "__init__.py"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _absolute(name, node, is_package)
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    found = sub if sub in paths else source_of(target, alias.name) if target in paths else None
+                    if found and found != name:
+                        graph[name].add(found)
             elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                continue
-            graph[name] |= {t for t in targets if t in modules and t != name}
+                graph[name] |= {a.name for a in node.names if a.name in paths and a.name != name}
     return graph
 
 
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
 def test_no_import_cycle_in_the_package():
-    """A package importing its own submodules (re-exports) is not a cycle; anything else is."""
-    graph = package_imports()
+    """Counted as a reader follows imports: lazy ones and a package's own submodules included."""
+    assert import_cycles(package_imports()) == []
 
-    def edges(module: str) -> set[str]:
-        return {t for t in graph[module] if not t.startswith(module + ".") and not module.startswith(t + ".")}
 
-    done: set[str] = set()
-
-    def visit(module: str, path: list[str]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join([*path, module])}"
-        if module not in done:
-            for dep in edges(module):
-                visit(dep, [*path, module])
-            done.add(module)
-
-    for module in graph:
-        visit(module, [])
+def test_the_cycle_count_sees_lazy_and_package_edges():
+    graph = {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p"}, "q": set()}  # p's __init__ imports a, b imports p
+    assert import_cycles(graph) == [["p", "p.a", "p.b"]]
 
 
 def test_model_files_hold_no_optimizer_or_kernel_hook():

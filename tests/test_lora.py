@@ -120,7 +120,7 @@ def test_the_adapter_directory_is_what_peft_writes_and_loads_with_our_logits(tra
     assert {k: v for k, v in ours.items() if k != "base_model_name_or_path"} == {
         k: v for k, v in theirs.items() if k != "base_model_name_or_path"
     }
-    from nemo_lite.training.converters.lora import read_adapter_dir
+    from nemo_lite.testing.lora import read_adapter_dir
 
     assert read_adapter_dir(adapter)[1] == read_adapter_dir(tmp_path / "reference")[1]
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in read_adapter_dir(adapter)[1]

@@ -23,11 +23,12 @@ pytestmark = pytest.mark.skipif(
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader  # noqa: E402
 from nemo_lite.components.models import family_of_preset  # noqa: E402
 from nemo_lite.components.models.hf import to_hf_key  # noqa: E402
+from nemo_lite.testing.lora import read_adapter_dir  # noqa: E402
 from nemo_lite.training import trainer as trainer_module  # noqa: E402
 from nemo_lite.training.config import RecipeConfig  # noqa: E402
 from nemo_lite.training.converters import build_converters  # noqa: E402
 from nemo_lite.training.converters.float8 import Float8Converter, float8_keep_reason  # noqa: E402
-from nemo_lite.training.converters.lora import hf_adapter_key, read_adapter_dir  # noqa: E402
+from nemo_lite.training.converters.lora import hf_adapter_key  # noqa: E402
 from nemo_lite.training.trainer import Trainer  # noqa: E402
 
 # The MLP up-projections pass the tensorwise rule (1040 > 1024 outputs); every other linear stays.

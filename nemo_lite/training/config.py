@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nemo_lite.components.datasets.config import DataConfig
-from nemo_lite.errors import NemoLiteError
-
-
-class ConfigError(NemoLiteError, ValueError):
-    """A config value is wrong; the message names it and what would be right."""
+from nemo_lite.errors import ConfigError
+from nemo_lite.training.converters.float8 import Float8Section
+from nemo_lite.training.converters.lora import PeftSection
 
 
 @dataclass
@@ -112,25 +110,6 @@ class TrainerSection:
 
 
 @dataclass
-class PeftSection:
-    # "none" (every weight trains) or "lora" (adapters through PEFT; configs/peft/lora.yaml, docs/finetuning.md).
-    method: str = "none"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear.
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-
-
-@dataclass
-class Float8Section:
-    # Float8 training linears through torchao (pip install nemo_lite[float8]; a Hopper GPU or newer).
-    enabled: bool = False
-    # torchao's scaling recipe: tensorwise | rowwise.
-    recipe: str = "tensorwise"
-
-
-@dataclass
 class LoggerSection:
     # "jsonl" (always written) or "wandb" (jsonl plus Weights & Biases).
     name: str = "jsonl"
@@ -176,29 +155,11 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
         raise ConfigError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
-PEFT_METHODS = ("none", "lora")
-
-
-def check_peft_section(peft: PeftSection) -> None:
-    """The ``peft`` section's own values (a converter built outside a recipe checks them too)."""
-    _choice("peft.method", peft.method, list(PEFT_METHODS))
-    if peft.method == "none":
-        return
-    if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
-        raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
-    _positive("peft.alpha", peft.alpha)
-    _in_range("peft.dropout", peft.dropout, 0.0, 1.0, high_open=True)
-    targets = list(peft.target_modules)
-    if not targets:
-        raise ConfigError("peft.target_modules is empty; give module names (q_proj, v_proj, ...) or [all-linear]")
-    if "all-linear" in targets and len(targets) > 1:
-        raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
-
-
 def validate(cfg: RecipeConfig) -> None:
     """Checks the schema's types cannot express. Raises ConfigError naming the bad value."""
     from nemo_lite.components.attention import MASK_TYPES, list_attention_backends
     from nemo_lite.components.models import list_presets
+    from nemo_lite.training.converters import check_converter_sections
 
     _choice("attention", cfg.attention.backend, list_attention_backends())
     _choice("attention.attn_mask_type", cfg.attention.attn_mask_type, list(MASK_TYPES))
@@ -208,7 +169,6 @@ def validate(cfg: RecipeConfig) -> None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
     _choice("trainer.step_impl", cfg.trainer.step_impl, ["auto", "fast", "plain"])
-    _choice("float8.recipe", cfg.float8.recipe, ["tensorwise", "rowwise"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):
@@ -245,17 +205,7 @@ def validate(cfg: RecipeConfig) -> None:
     _in_range("optim.beta1", cfg.optim.beta1, 0.0, 1.0, high_open=True)
     _in_range("optim.beta2", cfg.optim.beta2, 0.0, 1.0, high_open=True)
     _in_range("data.validation_fraction", cfg.data.validation_fraction, 0.0, 1.0, high_open=True)
-    check_peft_section(cfg.peft)
-    if cfg.peft.method == "lora":
-        import importlib.util
-
-        if cfg.model.pretrained_path is None:
-            raise ConfigError(
-                "peft=lora adapts a pretrained model, but model.pretrained_path is not set: give a checkpoint "
-                "(a from-scratch model has nothing worth freezing; train it fully with peft=none)"
-            )
-        if importlib.util.find_spec("peft") is None:
-            raise ConfigError("peft=lora needs the peft package: pip install 'nemo_lite[peft]'")
+    check_converter_sections(cfg)
 
 
 def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:

@@ -60,7 +60,7 @@ def shutdown() -> None:
 
 def check_dp_replicate(dp_replicate: int, world_size: int) -> None:
     """``trainer.dp_replicate`` must split the ranks into equal shard groups."""
-    from nemo_lite.training.config import ConfigError
+    from nemo_lite.errors import ConfigError
 
     if dp_replicate < 1 or world_size % dp_replicate:
         raise ConfigError(

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nemo_lite.errors import NemoLiteError
-from nemo_lite.training.config import ConfigError
+from nemo_lite.errors import ConfigError, NemoLiteError
 
 LOCK_FILE = ".lock"
 # Training state per parameter, float32: the weights and AdamW's two moments.

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from nemo_lite.training.config import ConfigError, OptimSection
+from nemo_lite.errors import ConfigError
+from nemo_lite.training.config import OptimSection
 from nemo_lite.training.distributed import local_shard
 from nemo_lite.training.loss import cross_entropy_sum, forward_hidden
 from nemo_lite.training.optim import AdamW, param_groups

@@ -32,7 +32,7 @@ from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training import run_dir as rundir
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
-from nemo_lite.training.converters import build_converters, check_resume
+from nemo_lite.training.converters import build_converters, check_resume, converter_records
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
 from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
@@ -380,7 +380,7 @@ class Trainer:
             "data": self.train_loader.state_dict(),
             "rng": ckpt.rng_state(),
             "nonfinite_total": self.nonfinite_total,
-            **{c.record_key: c.checkpoint_record() for c in self.converters if c.record_key is not None},
+            **converter_records(self.converters),
         }
 
     def _layout(self) -> dict[str, Any]:

@@ -24,15 +24,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nemo_lite.training.config import ConfigError
-from nemo_lite.training.converters import ModelConverter
+from nemo_lite.errors import ConfigError
+from nemo_lite.training.converters.base import ModelConverter, register_converter
 
-FLOAT8_RECIPES = ("tensorwise", "rowwise")
+# Each recipe's test for a linear too small to gain: (out_features, in_features) -> kept in high precision.
+_TOO_SMALL = {
+    "tensorwise": lambda out_f, in_f: in_f <= 4096 and out_f <= 1024,
+    "rowwise": lambda out_f, in_f: out_f <= 2048 or in_f <= 1024 or (out_f <= 4096 and in_f <= 2048),
+}
+FLOAT8_RECIPES = tuple(_TOO_SMALL)
 INSTALL_HINT = "pip install 'nemo_lite[float8]'"
 # The first GPUs with float8 tensor cores: Ada (8.9) and Hopper (9.0).
 MIN_CAPABILITY = (8, 9)
@@ -51,13 +58,17 @@ def float8_keep_reason(out_features: int, in_features: int, recipe: str) -> str 
     bf16, for 16384 tokens per step or more."""
     if out_features % 16 or in_features % 16:
         return "not multiples of 16"
-    if recipe == "tensorwise":
-        small = in_features <= 4096 and out_features <= 1024
-    elif recipe == "rowwise":
-        small = out_features <= 2048 or in_features <= 1024 or (out_features <= 4096 and in_features <= 2048)
-    else:
-        raise ConfigError(f"float8.recipe={recipe!r} is not valid; choose one of: {', '.join(FLOAT8_RECIPES)}")
-    return "too small to gain" if small else None
+    return "too small to gain" if _TOO_SMALL[recipe](out_features, in_features) else None
+
+
+@dataclass
+class Float8Section:
+    """The ``float8:`` config section."""
+
+    # Float8 training linears through torchao (pip install nemo_lite[float8]; a Hopper GPU or newer).
+    enabled: bool = False
+    # torchao's scaling recipe: tensorwise | rowwise.
+    recipe: str = "tensorwise"
 
 
 def float8_missing(device: torch.device) -> str | None:
@@ -99,6 +110,7 @@ def _distributed() -> bool:
     )
 
 
+@register_converter("float8")
 class Float8Converter(ModelConverter):
     """Swap the decoder's large linears for torchao's ``Float8Linear`` (``float8`` config section).
 
@@ -106,11 +118,10 @@ class Float8Converter(ModelConverter):
     wiring on a CPU; it is not reachable from the config, because it is slower than bf16 and saves nothing.
     """
 
-    def __init__(self, section: Any, *, emulate: bool = False) -> None:
-        if section.recipe not in FLOAT8_RECIPES:
-            raise ConfigError(
-                f"float8.recipe={section.recipe!r} is not valid; choose one of: {', '.join(FLOAT8_RECIPES)}"
-            )
+    order = 20  # after the adapters: their own small matrices stay in high precision
+
+    def __init__(self, section: Float8Section, *, emulate: bool = False) -> None:
+        self.check_section(section)
         self.recipe = section.recipe
         self.emulate = emulate
         self.description = f"float8 ({self.recipe}): not applied yet"
@@ -119,6 +130,25 @@ class Float8Converter(ModelConverter):
         self.converted: dict[str, int] = {}
         self.kept: dict[str, str] = {}
         self.adapter_linears = 0  # PEFT's adapter matrices, never converted
+
+    @classmethod
+    def enabled(cls, section: Float8Section) -> bool:
+        return bool(section.enabled)
+
+    @staticmethod
+    def check_section(section: Float8Section) -> None:
+        if section.recipe not in FLOAT8_RECIPES:
+            raise ConfigError(
+                f"float8.recipe={section.recipe!r} is not valid; choose one of: {', '.join(FLOAT8_RECIPES)}"
+            )
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        cls.check_section(cfg.float8)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, autocast_dtype: torch.dtype | None, pretrained_dir: Path | None):
+        return cls(cfg.float8)
 
     def _config(self):
         from torchao.float8 import Float8LinearConfig

@@ -22,21 +22,35 @@ What this module also owns, because only it knows the adapters' names:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from nemo_lite.errors import ConfigError
 from nemo_lite.training import distributed
-from nemo_lite.training.config import ConfigError, PeftSection, check_peft_section
-from nemo_lite.training.converters import ModelConverter
+from nemo_lite.training.converters.base import ModelConverter, register_converter
 
 ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of any exported key
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_METHODS = ("none", "lora")
+
+
+@dataclass
+class PeftSection:
+    """The ``peft:`` config section (configs/peft/*.yaml)."""
+
+    # "none" (every weight trains) or "lora" (adapters through PEFT; configs/peft/lora.yaml, docs/finetuning.md).
+    method: str = "none"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
@@ -49,6 +63,7 @@ def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
     }
 
 
+@register_converter("peft")
 class LoraConverter(ModelConverter):
     """Injects PEFT LoRA layers into the targeted linears and freezes everything else.
 
@@ -61,7 +76,8 @@ class LoraConverter(ModelConverter):
     checkpoints' record fingerprints it and the merged model reads it again.
     """
 
-    record_key = "peft"  # the config section's name
+    order = 10  # before float8: the adapters wrap the base linears that float8 may then convert
+    writes_record = True
     saves_only_trainable = True
     builds_final_model = True
 
@@ -73,8 +89,8 @@ class LoraConverter(ModelConverter):
         base_dir: Path | None = None,
         base_path: str | None = None,
     ) -> None:
-        check_peft_section(section)
-        self.section = section
+        self.check_section(section)
+        self.settings = section
         self.frozen_dtype = frozen_dtype
         self.base_dir, self.base_path = base_dir, base_path
         self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
@@ -84,13 +100,55 @@ class LoraConverter(ModelConverter):
         self._record: dict[str, Any] | None = None
         self._final_adapters: dict[str, torch.Tensor] = {}  # set by final_model, for export_extra
 
+    @classmethod
+    def enabled(cls, section: PeftSection) -> bool:
+        return section.method != "none"
+
+    @staticmethod
+    def check_section(peft: PeftSection) -> None:
+        """The ``peft`` section's own values, in one line each."""
+        if peft.method not in PEFT_METHODS:
+            raise ConfigError(f"peft.method={peft.method!r} is not valid; choose one of: {', '.join(PEFT_METHODS)}")
+        if peft.method == "none":
+            return
+        if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
+            raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
+        if not peft.alpha > 0 or peft.alpha == float("inf"):
+            raise ConfigError(f"peft.alpha={peft.alpha!r} must be a finite number > 0")
+        if not 0.0 <= peft.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={peft.dropout!r} must be in [0.0, 1.0)")
+        targets = list(peft.target_modules)
+        if not targets:
+            raise ConfigError("peft.target_modules is empty; give module names (q_proj, v_proj, ...) or [all-linear]")
+        if ALL_LINEAR in targets and len(targets) > 1:
+            raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        cls.check_section(cfg.peft)
+        if not cls.enabled(cfg.peft):
+            return
+        import importlib.util
+
+        if cfg.model.pretrained_path is None:
+            raise ConfigError(
+                "peft=lora adapts a pretrained model, but model.pretrained_path is not set: give a checkpoint "
+                "(a from-scratch model has nothing worth freezing; train it fully with peft=none)"
+            )
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("peft=lora needs the peft package: pip install 'nemo_lite[peft]'")
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, autocast_dtype: torch.dtype | None, pretrained_dir: Path | None):
+        return cls(cfg.peft, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=cfg.model.pretrained_path)
+
     def convert(self, model: nn.Module, family: Any) -> None:
         import peft
 
         self.family = family
         linears = block_linears(model, family)
         existing = sorted(set(linears.values()))
-        wanted = list(self.section.target_modules)
+        wanted = list(self.settings.target_modules)
         if ALL_LINEAR in wanted:
             wanted = existing
         unknown = [name for name in wanted if name not in existing]
@@ -103,7 +161,7 @@ class LoraConverter(ModelConverter):
         self.module_paths = [path for path, leaf in linears.items() if leaf in self.target_names]
         for param in model.parameters():
             param.requires_grad_(False)
-        config = lora_config(self.section, self.module_paths)
+        config = lora_config(self.settings, self.module_paths)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         for module in model.modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):
@@ -131,7 +189,7 @@ class LoraConverter(ModelConverter):
     def checkpoint_record(self) -> dict[str, Any]:
         """What a checkpoint says about its adapters: the settings and the base they belong to."""
         if self._record is None:  # the fingerprint reads a few MiB of the base: once a run
-            s = self.section
+            s = self.settings
             self._record = {
                 "method": s.method,
                 "r": int(s.r),
@@ -182,7 +240,7 @@ class LoraConverter(ModelConverter):
             self.family,
             self.base_dir,
             self._final_adapters,
-            section=self.section,
+            section=self.settings,
             target_names=self.target_names,
             **build_kwargs,
         )
@@ -192,7 +250,7 @@ class LoraConverter(ModelConverter):
         path = save_adapter(
             self._final_adapters,
             run_dir / "adapter",
-            section=self.section,
+            section=self.settings,
             target_names=self.target_names,
             base_model_name_or_path=str(self.base_path),
         )
@@ -316,20 +374,12 @@ def merged_model(
     return merged
 
 
-def read_adapter_dir(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """(adapter_config.json, tensor names) of an adapter directory (for tests and checks)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
-    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
-        return config, sorted(f.keys())
-
-
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "PEFT_METHODS",
     "LoraConverter",
+    "PeftSection",
     "adapter_tensors",
     "base_fingerprint",
     "block_linears",
