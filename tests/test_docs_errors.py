@@ -368,8 +368,10 @@ def _disk_full_during_a_save(tmp):
         if trainer.step == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    trainer.hooks["checkpoint"] = {"after_file": full}
-    trainer.fit()
+    from nemo_lite.testing.faults import after_each_checkpoint_file
+
+    with after_each_checkpoint_file(full):
+        trainer.fit()
 
 
 def _disk_full_elsewhere(tmp):

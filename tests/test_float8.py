@@ -16,6 +16,7 @@ from torch import nn
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 from nemo_lite.components.models import LlamaForCausalLM, family_of_preset, get_preset
+from nemo_lite.testing.faults import after_each_step
 from nemo_lite.training.config import ConfigError, Float8Section, RecipeConfig, validate
 from nemo_lite.training.converters.float8 import Float8Converter, float8_keep_reason, float8_missing
 
@@ -260,7 +261,7 @@ def test_float8_checkpoints_and_export_stay_plain_and_resume_is_exact(tmp_path, 
 
     cfg = recipe(tmp_path, "resumed")
     first = Trainer(cfg, train_loader=loader())
-    first.hooks["after_step"] = lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+    after_each_step(first, lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     stopped = first.fit()
     assert stopped.status == "interrupted" and stopped.steps == 3
     cfg.trainer.resume = "true"

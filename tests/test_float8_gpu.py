@@ -23,6 +23,7 @@ import torch
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 from nemo_lite.components.models import family_of_preset
+from nemo_lite.testing.faults import after_each_step
 from nemo_lite.training.config import Float8Section, RecipeConfig
 from nemo_lite.training.converters.float8 import Float8Converter
 from nemo_lite.training.fast import FastStep
@@ -125,7 +126,7 @@ def test_a_float8_run_stopped_and_resumed_continues_the_curve(tmp_path):
     cfg = recipe_config(tmp_path, "resumed", steps=6)
     cfg.trainer.save_every = 100
     first = Trainer(cfg, train_loader=loader())
-    first.hooks["after_step"] = lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+    after_each_step(first, lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     stopped = first.fit()
     assert stopped.status == "interrupted" and stopped.steps == 3
     cfg.trainer.resume = "true"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from nemo_lite.testing.faults import after_each_step
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.fast import FastStep
 from nemo_lite.training.fast import step as fast_step_module
@@ -159,7 +160,7 @@ def test_non_finite_steps_are_skipped_on_the_gpu(tmp_path, step_impl):
     real = step.loss
     step.loss = lambda *args: real(*args) * (float("nan") if trainer.step == 3 else 1.0)
     weights = {}
-    trainer.hooks["after_step"] = lambda tr, m: weights.__setitem__(tr.step, tr.raw_model.embed_tokens.weight.clone())
+    after_each_step(trainer, lambda tr, m: weights.__setitem__(tr.step, tr.raw_model.embed_tokens.weight.clone()))
     result = trainer.fit()
     assert result.steps == 6 and trainer.nonfinite_total == 1 and torch.isnan(torch.tensor(result.losses[3]))
     assert torch.equal(weights[3], weights[4]) and not torch.equal(weights[4], weights[5])
@@ -178,7 +179,7 @@ def test_a_run_stopped_and_resumed_on_a_gpu_continues_the_curve(tmp_path, step_i
     cfg = recipe(tmp_path / "resumed", "flex", compile=False, step_impl=step_impl)
     cfg.trainer.max_steps = 6
     first = Trainer(cfg, train_loader=loader())
-    first.hooks["after_step"] = lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+    after_each_step(first, lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     stopped = first.fit()
     assert stopped.status == "interrupted" and stopped.steps == 3
     cfg.trainer.resume = "true"

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader  # noqa: E402
 from nemo_lite.components.models import family_of_preset  # noqa: E402
 from nemo_lite.components.models.hf import to_hf_key  # noqa: E402
+from nemo_lite.testing.faults import after_each_step  # noqa: E402
 from nemo_lite.testing.lora import read_adapter_dir  # noqa: E402
 from nemo_lite.training import trainer as trainer_module  # noqa: E402
 from nemo_lite.training.config import RecipeConfig  # noqa: E402
@@ -178,7 +179,7 @@ def test_the_run_learns_checkpoints_hold_the_adapters_and_resume_is_exact(straig
 
     cfg = config(tmp_path / "resumed", base)
     first = Trainer(cfg, train_loader=loader())
-    first.hooks["after_step"] = lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+    after_each_step(first, lambda tr, metrics: tr.step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     stopped = first.fit()
     assert stopped.status == "interrupted" and stopped.steps == 3
     cfg.trainer.resume = "true"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from recipe_utils import tiny_config
 
+from nemo_lite.testing.faults import after_each_step
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate_for_device
 from nemo_lite.training.metrics import read_metrics
@@ -51,8 +52,9 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, step_impl):
     poison_steps(trainer, NAN_STEPS)
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
     snapshots = {}
-    trainer.hooks["after_step"] = lambda tr, m: snapshots.__setitem__(
-        tr.step, {k: v.clone() for k, v in tr.raw_model.state_dict().items()}
+    after_each_step(
+        trainer,
+        lambda tr, m: snapshots.__setitem__(tr.step, {k: v.clone() for k, v in tr.raw_model.state_dict().items()}),
     )
     result = trainer.fit()
     assert result.status == "completed" and result.steps == 8

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from recipe_utils import tiny_config
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from nemo_lite.testing.faults import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.metrics import read_metrics
 from nemo_lite.training.trainer import Trainer
@@ -80,8 +81,7 @@ def test_the_newest_usable_checkpoint_resumes_bit_exactly(tmp_path_factory, stra
             raise OSError(errno.ENOSPC, "No space left on device")
 
     if fault != "truncate":
-        first.hooks["checkpoint"] = {"after_file": after_file}
-        with pytest.raises((Killed, ckpt.CheckpointWriteError)):
+        with after_each_checkpoint_file(after_file), pytest.raises((Killed, ckpt.CheckpointWriteError)):
             first.fit()
         whole = at_step - 1  # the save of at_step never completed
     else:

@@ -12,6 +12,7 @@ import torch
 from recipe_utils import tiny_config
 
 from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from nemo_lite.testing.faults import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.metrics import read_metrics, truncate_metrics
 from nemo_lite.training.trainer import Trainer
@@ -96,8 +97,10 @@ def test_a_full_disk_during_a_save_removes_the_partial_checkpoint_and_names_the_
         if trainer.step == 4 and name == ckpt.STATE_FILE:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    trainer.hooks["checkpoint"] = {"after_file": disk_full_at_step_4}
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"disk is full.*the last complete one is .*step_000002"):
+    with (
+        after_each_checkpoint_file(disk_full_at_step_4),
+        pytest.raises(ckpt.CheckpointWriteError, match=r"disk is full.*the last complete one is .*step_000002"),
+    ):
         trainer.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]  # no partial left
 
@@ -112,11 +115,12 @@ def test_a_writer_that_hides_the_errno_on_a_full_disk_is_still_reported_as_a_ful
 
     usage = ckpt.shutil.disk_usage
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(p)._replace(free=4096))
-    with pytest.raises(ckpt.CheckpointWriteError, match=r"disk is full.*step_000001"):
-        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=2, hooks={"after_file": torn})
+    full = pytest.raises(ckpt.CheckpointWriteError, match=r"disk is full.*step_000001")
+    with full, after_each_checkpoint_file(torn):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=2)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", usage)  # with room left, the same error is a bug: raised as is
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=2, hooks={"after_file": torn})
+    with pytest.raises(RuntimeError, match="unexpected pos"), after_each_checkpoint_file(torn):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=2)
 
 
 def test_metrics_after_a_resume_hold_one_record_per_step(tmp_path):

@@ -7,7 +7,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -135,12 +134,11 @@ def test_a_disk_without_room_for_the_checkpoints_is_refused_before_the_data_are_
 
 def test_a_model_far_too_large_for_memory_is_refused_before_anything_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_build_data", _never_build_data)
+    monkeypatch.setattr(Trainer, "_build_model", _never_build_data)
     cfg = tiny_config(tmp_path / "run")
     cfg.model.overrides = {"num_hidden_layers": 5_000_000}
-    started = time.perf_counter()
     with pytest.raises(ConfigError, match="num_hidden_layers=5000000.*choose a smaller shape"):
         Trainer(cfg).fit()
-    assert time.perf_counter() - started < 10
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):

@@ -10,6 +10,7 @@ from attention_reference import reference_allowed
 
 from nemo_lite.components.attention import get_attention_backend
 from nemo_lite.components.datasets.config import DataConfig
+from nemo_lite.testing.faults import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
@@ -80,8 +81,8 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_latest(tmp_path):
         if name == ckpt.STATE_FILE:
             raise KeyboardInterrupt("killed mid-save")
 
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3, hooks={"after_file": crash})
+    with pytest.raises(KeyboardInterrupt), after_each_checkpoint_file(crash):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3)
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000001"
     ckpt.save_checkpoint(tmp_path, 2, model, {"step": 2}, keep_last=3)  # the next save cleans the debris
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]

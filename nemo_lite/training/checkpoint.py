@@ -147,7 +147,6 @@ def save_checkpoint(
     train_state: dict[str, Any],
     *,
     keep_last: int,
-    hooks: dict[str, Any] | None = None,
     layout: dict[str, Any] | None = None,
     only_trainable: bool = False,
 ) -> Path:
@@ -155,8 +154,7 @@ def save_checkpoint(
     Returns its path. ``layout`` (what the run's shapes are, see :func:`layout_differences`) goes into
     meta.json with each file's size and CRC-32.
 
-    ``hooks`` is for fault-injection tests: a callable under "after_file" is called with each
-    file's name once it is written (before the rename). ``model`` may be the tensors to save instead of a
+    ``model`` may be the tensors to save instead of a
     module. ``only_trainable``: the module's trainable parameters only (a LoRA run saves its adapters only).
     """
     from safetensors.torch import save_file, save_model
@@ -166,7 +164,6 @@ def save_checkpoint(
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / _tmp_name("", final)
     tmp.mkdir()
-    after_file = (hooks or {}).get("after_file", lambda name: None)
     if only_trainable:
         model = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     try:
@@ -176,15 +173,12 @@ def save_checkpoint(
             tensors = {k: v.contiguous() for k, v in model.items()}
             save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_FILE)
-        after_file(MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
         _fsync_file(tmp / STATE_FILE)
-        after_file(STATE_FILE)
         files = {name: file_record(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         meta = {"step": step, "time": time.time(), "files": files, "layout": layout or {}}
         (tmp / META_FILE).write_text(json.dumps(meta))
         _fsync_file(tmp / META_FILE)
-        after_file(META_FILE)
         _fsync_dir(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # this writer's own partial checkpoint

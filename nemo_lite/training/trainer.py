@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nemo_lite.components.attention import build_attention_backend
-from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset, resolve_pretrained
+from nemo_lite.components.models import family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
@@ -58,6 +59,27 @@ class FitResult:
     signal: int | None = None  # what interrupted the run (a signal on another rank counts as SIGTERM)
     hf_dir: Path | None = None
     sample: str | None = None
+
+
+@dataclasses.dataclass
+class StepValues:
+    """What one step brings to the host, in its one host sync: device scalars, then their host floats."""
+
+    loss_sum: Any  # the summed token losses of the step (every rank's under torchrun)
+    grad_norm: Any  # the gradient norm before clipping
+    pairs: Any  # the (query, key) pairs the step's masks allow, for the attention FLOPs
+    stop: Any  # > 0: a signal asked this run (on some rank) to stop after the step
+    bad_weights: Any  # > 0: the previous update left NaN or Inf in the weights
+    labels: Any  # the labels the loss was taken over (every rank's under torchrun)
+
+    def as_tensor(self) -> torch.Tensor:
+        """One float64 vector in field order; it starts with the loss sum and the gradient norm, as the step
+        strategies' ``apply`` reads it."""
+        return torch.stack([getattr(self, f.name).double().reshape(()) for f in dataclasses.fields(self)])
+
+    @classmethod
+    def on_host(cls, values: list[float]) -> StepValues:
+        return cls(*values)
 
 
 def as_recipe_config(cfg: Any) -> RecipeConfig:
@@ -124,89 +146,62 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         validate_for_device(self.cfg, self.device.type)
-        self.hooks: dict[str, Any] = {}  # test hooks: "after_step", "checkpoint"
         self._lock: rundir.RunLock | None = None
         self._stop_signal: int | None = None
         self._stop_requested = False
 
-    # ---- set-up ------------------------------------------------------------------------------
+    # ---- set-up: the phases in the order they run ----------------------------------------------
     def setup(self) -> None:
+        """Build everything the loop needs; a failure gives up the run directory."""
         try:
-            self._setup()
+            torch.manual_seed(self.cfg.trainer.seed)
+            resume_from = self._resolve_sources()
+            self._checked_on_main_rank(self._check_model_fits, lambda: self._claim_run_dir(fresh=resume_from is None))
+            self._build_data()
+            self._build_model()
+            self._apply_converters()
+            self._parallelize()
+            self._count_flops()
+            self._build_step()
+            self._restore(resume_from)
+            self._announce()
         except BaseException:
             self.release_run_dir()
             raise
 
-    def _setup(self) -> None:
+    def _resolve_sources(self) -> Path | None:
+        """Where the run starts: the checkpoint it resumes (None: a fresh run), the pretrained checkpoint's
+        local directory, or the preset's family and ``model.overrides`` (checked here, so a bad field or shape
+        stops the run before the data are built)."""
         cfg = self.cfg
-        torch.manual_seed(cfg.trainer.seed)
-        resume_from = ckpt.resolve_resume(cfg.trainer.resume, self.run_dir)  # errors before any work
-        self.pretrained_dir = None  # the checkpoint's local directory
+        resume_from = ckpt.resolve_resume(cfg.trainer.resume, self.run_dir)
+        self.pretrained_dir: Path | None = None
         if cfg.model.pretrained_path is not None:
             try:
                 self.pretrained_dir = resolve_pretrained(cfg.model.pretrained_path)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-        if cfg.model.pretrained_path is None:
-            self._preset_overrides()  # a bad model shape stops the run before the data are built
-        self._claim_run_dir(fresh=resume_from is None)  # before the data and the model are built
-        self._build_data()
-        self._build_model()
-        if self.is_main and not self.dist.enabled:  # again, the parameters counted (the vocabulary is known now)
-            need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params)
-            rundir.check_free_space(self.run_dir, need)
-        self.step_impl: TrainStep = build_step(
-            self.model,
-            cfg.optim,
-            impl=cfg.trainer.step_impl,
-            device=self.device,
-            distributed=self.dist.enabled,
-            autocast_bf16=self._autocast_dtype() == torch.bfloat16,
-            compile=cfg.trainer.compile,
-            loss_chunk_size=cfg.trainer.loss_chunk_size,
-        )
-        self.optimizer = self.step_impl.optimizer
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
-        self.step = 0
-        self.nonfinite_total = 0
-        self.resumed_from = self._resume(resume_from) if resume_from is not None else None
-        self._log(self.step_impl.description)
-        att = cfg.attention
-        backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
-        self._log(backend.describe(self.device.type))
-        if self.is_main:
-            self._save_config()
+            return resume_from
+        self.family = family_of_preset(cfg.model.preset)
+        self._overrides = dict(cfg.model.overrides)
+        unknown = sorted(set(self._overrides) - set(self.family.config_fields()))
+        if unknown:
+            valid = ", ".join(self.family.config_fields())
+            raise ConfigError(f"model.overrides has unknown field(s) {unknown}; valid fields: {valid}")
+        try:
+            self._preset_config = self.family.preset(cfg.model.preset, **self._overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.preset={cfg.model.preset} with model.overrides: {err}") from None
+        return resume_from
 
-    def _claim_run_dir(self, *, fresh: bool) -> None:
-        """Rank 0 checks the run directory (a directory, writable, room for the checkpoints), locks it for this
-        run, and for a fresh run makes sure no earlier run's checkpoints are there (or, with trainer.overwrite,
-        moves them aside). Every rank gets rank 0's verdict."""
+    def _checked_on_main_rank(self, *checks) -> None:
+        """Run ``checks`` on rank 0 only (they look at the file system); under torchrun a refusal there is
+        raised on every rank."""
         problem = ""
         if self.is_main:
             try:
-                config = self._model_config_estimate()
-                if config is not None:
-                    what = f"model.pretrained_path={self.cfg.model.pretrained_path}"
-                    if self.pretrained_dir is None:
-                        what = f"model.preset={self.cfg.model.preset} with model.overrides"
-                    rundir.check_model_fits(
-                        config,
-                        what=what,
-                        device_type=self.device.type,
-                        device_index=self.device.index,
-                        world_size=self.world_size,
-                    )
-                n_params = rundir.estimate_parameters(config) if config is not None else 0
-                need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(n_params)
-                rundir.check_writable(self.run_dir, need)
-                self._lock = rundir.RunLock(self.run_dir)
-                if fresh:
-                    has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
-                    aside = rundir.claim_for_fresh_run(
-                        self.run_dir, overwrite=self.cfg.trainer.overwrite, has_checkpoints=has_checkpoints
-                    )
-                    if aside is not None:
-                        self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
+                for check in checks:
+                    check()
             except (rundir.RunDirError, ConfigError) as err:
                 if not self.dist.enabled:
                     raise
@@ -217,18 +212,43 @@ class Trainer:
             kind, message = problem.split("\0", 1)
             raise (ConfigError if kind == "ConfigError" else rundir.RunDirError)(message)
 
+    def _check_model_fits(self) -> None:
+        """The model's parameters, as far as they are known before the data, fit the device."""
+        config = self._model_config_estimate()
+        self._params_estimate = 0 if config is None else rundir.estimate_parameters(config)
+        if config is None:
+            return
+        what = f"model.pretrained_path={self.cfg.model.pretrained_path}"
+        if self.pretrained_dir is None:
+            what = f"model.preset={self.cfg.model.preset} with model.overrides"
+        rundir.check_model_fits(
+            config, what=what, device_type=self.device.type, device_index=self.device.index, world_size=self.world_size
+        )
+
+    def _claim_run_dir(self, *, fresh: bool) -> None:
+        """The run directory is writable with room for the checkpoints; this run locks it, and a fresh run makes
+        sure no earlier run's checkpoints are there (or, with trainer.overwrite, moves them aside)."""
+        rundir.check_writable(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self._params_estimate))
+        self._lock = rundir.RunLock(self.run_dir)
+        if fresh:
+            has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
+            aside = rundir.claim_for_fresh_run(
+                self.run_dir, overwrite=self.cfg.trainer.overwrite, has_checkpoints=has_checkpoints
+            )
+            if aside is not None:
+                self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
+
     def _model_config_estimate(self):
         """The model's config as far as it is known before the data (None: a checkpoint the loader will refuse)."""
-        if self.pretrained_dir is not None:
-            from nemo_lite.components.models import CheckpointError
-            from nemo_lite.components.models.hf import read_config
+        if self.pretrained_dir is None:
+            return self._preset_config
+        from nemo_lite.components.models import CheckpointError
+        from nemo_lite.components.models.hf import read_config
 
-            try:
-                return read_config(self.pretrained_dir)
-            except CheckpointError:
-                return None  # reported by the model's loading, with the family's own message
-        family, overrides = self._preset_overrides()
-        return family.preset(self.cfg.model.preset, **overrides)
+        try:
+            return read_config(self.pretrained_dir)
+        except CheckpointError:
+            return None  # reported by the model's loading, with the family's own message
 
     def release_run_dir(self) -> None:
         """Give up the run directory's lock (the end of fit() does; so does the process's end)."""
@@ -283,85 +303,112 @@ class Trainer:
                 break
         return rank_batches(rows[:want], rank=self.rank, world_size=self.world_size, batch_size=data_cfg.batch_size)
 
-    def _preset_overrides(self) -> tuple[ModelFamily, dict[str, Any]]:
-        """The preset's family and ``model.overrides``, checked: the preset builds with them (a bad field or
-        shape is refused here, before the data are built)."""
-        family, overrides = family_of_preset(self.cfg.model.preset), dict(self.cfg.model.overrides)
-        unknown = sorted(set(overrides) - set(family.config_fields()))
-        if unknown:
-            valid = ", ".join(family.config_fields())
-            raise ConfigError(f"model.overrides has unknown field(s) {unknown}; valid fields: {valid}")
-        try:
-            family.preset(self.cfg.model.preset, **overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.preset={self.cfg.model.preset} with model.overrides: {err}") from None
-        return family, overrides
-
     def _build_model(self) -> None:
-        cfg, att = self.cfg, self.cfg.attention
-        self.build_kwargs = kwargs = dict(  # what the family builds a model with, here and for the export
+        """The plain model on the device: model.pretrained_path loaded, or the preset built and initialized."""
+        cfg, vocab = self.cfg, self.train_loader.vocab_size
+        att = cfg.attention
+        self.build_kwargs = dict(  # what the family builds a model with, here and for the export
             attention=att.backend,
             attn_mask_type=att.attn_mask_type,
             fixed_block_size=att.fixed_block_size,
             attention_options=att.options,
         )
         if self.pretrained_dir is not None:
-            family = family_of_checkpoint(self.pretrained_dir)
-            model = family.load_pretrained(self.pretrained_dir, device=self.device, **kwargs)
-            if model.config.vocab_size < self.train_loader.vocab_size:
+            self.family = family_of_checkpoint(self.pretrained_dir)
+            model = self.family.load_pretrained(self.pretrained_dir, device=self.device, **self.build_kwargs)
+            if model.config.vocab_size < vocab:
                 raise ConfigError(
-                    f"the tokenizer has {self.train_loader.vocab_size} ids but the checkpoint's vocabulary has "
-                    f"{model.config.vocab_size}: use the checkpoint's tokenizer (data.tokenizer=model)"
+                    f"the tokenizer has {vocab} ids but the checkpoint's vocabulary has {model.config.vocab_size}: "
+                    "use the checkpoint's tokenizer (data.tokenizer=model)"
                 )
         else:
-            family, overrides = self._preset_overrides()
+            overrides = dict(self._overrides)
             if cfg.model.vocab_from_tokenizer and "vocab_size" not in overrides:
-                overrides["vocab_size"] = 64 * math.ceil(self.train_loader.vocab_size / 64)
+                overrides["vocab_size"] = 64 * math.ceil(vocab / 64)
             overrides.setdefault("eos_token_id", self.eos_id)
-            config = family.preset(cfg.model.preset, **overrides)
-            if config.vocab_size < self.train_loader.vocab_size:
+            config = self.family.preset(cfg.model.preset, **overrides)
+            if config.vocab_size < vocab:
                 raise ConfigError(
-                    f"the tokenizer has {self.train_loader.vocab_size} ids but the model's vocabulary has "
-                    f"{config.vocab_size}: set model.overrides.vocab_size to at least {self.train_loader.vocab_size},"
-                    " or leave it out with model.vocab_from_tokenizer=true"
+                    f"the tokenizer has {vocab} ids but the model's vocabulary has {config.vocab_size}: set model."
+                    f"overrides.vocab_size to at least {vocab}, or leave it out with model.vocab_from_tokenizer=true"
                 )
-            model = family.build(config, **kwargs)
+            model = self.family.build(config, **self.build_kwargs)
             model.to(self.device)
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
-        self.family: ModelFamily = family
-        self.raw_model = model
+        self.raw_model = self.model = model
+        self.n_params = sum(p.numel() for p in model.parameters())
+        if self.is_main and not self.dist.enabled:  # the free space again, now that the vocabulary is known
+            rundir.check_free_space(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params))
+
+    def _apply_converters(self) -> None:
+        """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
         self.converters = build_converters(
-            cfg, autocast_dtype=self._autocast_dtype(), pretrained_dir=self.pretrained_dir
+            self.cfg, autocast_dtype=self._autocast_dtype(), pretrained_dir=self.pretrained_dir
         )
-        for converter in self.converters:  # before activation checkpointing, compile and sharding
-            converter.convert(model, family)
+        for converter in self.converters:
+            converter.convert(self.raw_model, self.family)
             self._log(converter.description)
         self.only_trainable = any(c.saves_only_trainable for c in self.converters)
-        if cfg.trainer.activation_checkpointing:
+
+    def _parallelize(self) -> None:
+        """Activation checkpointing, torch.compile and FSDP2 (under torchrun), each unit chosen by the family."""
+        cfg, family, model = self.cfg.trainer, self.family, self.raw_model
+        if cfg.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
-        if cfg.trainer.compile:
+        if cfg.compile:
             for module in family.compile_units(model):
                 module.compile()
         if self.dist.enabled:
-            bf16 = self._autocast_dtype() == torch.bfloat16
-            self.mesh = distributed.build_mesh(self.dist, cfg.trainer.dp_replicate, self.device.type)
+            self.mesh = distributed.build_mesh(self.dist, cfg.dp_replicate, self.device.type)
             distributed.shard_model(
                 family,
                 model,
-                bf16=bf16,
-                reshard_after_forward=cfg.trainer.reshard_after_forward,
+                bf16=self._autocast_dtype() == torch.bfloat16,
+                reshard_after_forward=cfg.reshard_after_forward,
                 mesh=self.mesh,
-                prefetch=cfg.trainer.fsdp_prefetch,
+                prefetch=cfg.fsdp_prefetch,
             )
-        self.model = model
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.flops_per_token = family.flops_per_token(model)
+
+    def _count_flops(self) -> None:
+        """What MFU divides by: the model's FLOPs per token (as the converters change them) and the device's peak."""
+        self.flops_per_token = self.family.flops_per_token(self.model)
         for converter in self.converters:
-            self.flops_per_token = converter.flops_per_token(model, self.flops_per_token)
-        self.attention_flops_per_pair = family.attention_flops_per_pair(model.config)
+            self.flops_per_token = converter.flops_per_token(self.model, self.flops_per_token)
+        self.attention_flops_per_pair = self.family.attention_flops_per_pair(self.raw_model.config)
         self.peak_flops = peak_flops(self.device)
+
+    def _build_step(self) -> None:
+        """The step strategy (``trainer.step_impl``), its optimizer and the learning-rate schedule."""
+        cfg = self.cfg
+        self.step_impl: TrainStep = build_step(
+            self.model,
+            cfg.optim,
+            impl=cfg.trainer.step_impl,
+            device=self.device,
+            distributed=self.dist.enabled,
+            autocast_bf16=self._autocast_dtype() == torch.bfloat16,
+            compile=cfg.trainer.compile,
+            loss_chunk_size=cfg.trainer.loss_chunk_size,
+        )
+        self.optimizer = self.step_impl.optimizer
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+
+    def _restore(self, resume_from: Path | None) -> None:
+        """Step 0, or the state of the checkpoint ``resume_from`` (a damaged one falls back to the one before it)."""
+        self.step = 0
+        self.nonfinite_total = 0
+        self.resumed_from = self._resume(resume_from) if resume_from is not None else None
+
+    def _announce(self) -> None:
+        """What will run, in one line each, and the resolved config in run_dir/config.yaml."""
+        self._log(self.step_impl.description)
+        att = self.cfg.attention
+        backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
+        self._log(backend.describe(self.device.type))
+        if self.is_main:
+            self._save_config()
 
     def _save_config(self) -> None:
         from omegaconf import OmegaConf
@@ -431,7 +478,6 @@ class Trainer:
             self.raw_model,
             state,
             keep_last=self.cfg.trainer.keep_last,
-            hooks=self.hooks.get("checkpoint"),
             layout=self._layout(),
             only_trainable=self.only_trainable,
         )
@@ -509,7 +555,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over ``micro_batches``: forward and backward here, the clip and the update by
         the step strategy (``trainer.step_impl``). Returns the step's metrics (host values)."""
-        t0, step, mask_timer = time.perf_counter(), self.step_impl, DeviceTimer(self.device)
+        t0, strategy, mask_timer = time.perf_counter(), self.step_impl, DeviceTimer(self.device)
         n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # CPU tensors: no sync
         loss_scale = 1.0 / max(n_labels, 1)  # the summed token losses, scaled to the step's mean
         if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
@@ -524,27 +570,40 @@ class Trainer:
                 mask = self._build_mask(batch["input_ids"])
             pairs += allowed_pairs(mask)
             with self._autocast():
-                loss = step.loss(self.model, batch, mask, loss_scale)
+                loss = strategy.loss(self.model, batch, mask, loss_scale)
             (loss * loss_scale).backward()
             loss_sum += loss.detach()
-        grad_norm = step.grad_norm()  # this rank's (its shards' under FSDP2)
-        stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
-        # The previous update's weight check rides with this step's values: no host sync of its own.
-        totals = torch.stack([loss_sum, pairs.float(), stop, step.nonfinite_weights()])
-        if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
-            totals = torch.cat([totals, distributed.squared_norm_share(grad_norm, self.mesh).view(1)])
-            torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
-            totals, grad_norm = totals[:4], totals[4].sqrt()
-        labels = [global_labels.view(1)] if self.dist.enabled else []
-        report = torch.cat([totals[:1].double(), grad_norm.double().view(1), totals[1:].double(), *labels])
-        loss_total, grad_value, pair_count, stop_any, bad_weights, *n_global = step.apply(
-            report, grad_norm, self.cfg.trainer.clip_grad_norm
+        values = StepValues(
+            loss_sum=loss_sum,
+            grad_norm=strategy.grad_norm(),  # this rank's (its shards' under FSDP2) until reduced
+            pairs=pairs.float(),
+            stop=torch.full((), float(self._stop_signal is not None), device=self.device),  # a fill, not a copy
+            # The previous update's weight check rides with this step's values: no host sync of its own.
+            bad_weights=strategy.nonfinite_weights(),
+            labels=global_labels
+            if self.dist.enabled
+            else torch.full((), n_labels, device=self.device, dtype=torch.float64),
         )
-        if bad_weights > 0:
+        if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
+            values = self._all_reduce(values)
+        host = values.on_host(strategy.apply(values.as_tensor(), values.grad_norm, self.cfg.trainer.clip_grad_norm))
+        if host.bad_weights > 0:
             raise self._nonfinite_weights_error()
-        self._stop_requested = stop_any > 0
-        loss_value = loss_total / max(n_global[0] if n_global else n_labels, 1)
-        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, pair_count)
+        self._stop_requested = host.stop > 0
+        loss_value = host.loss_sum / max(host.labels, 1)
+        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.pairs)
+
+    def _all_reduce(self, values: StepValues) -> StepValues:
+        """The step's values summed over ranks, the gradient norm from the shards' squared norms."""
+        summed = torch.stack(
+            [values.loss_sum, values.pairs, values.stop, values.bad_weights]
+            + [distributed.squared_norm_share(values.grad_norm, self.mesh)]
+        )
+        torch.distributed.all_reduce(summed)
+        loss_sum, pairs, stop, bad_weights, squared_norm = summed.unbind()
+        return dataclasses.replace(
+            values, loss_sum=loss_sum, pairs=pairs, stop=stop, bad_weights=bad_weights, grad_norm=squared_norm.sqrt()
+        )
 
     def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, pairs: float):
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # what the step's update went by
@@ -644,88 +703,106 @@ class Trainer:
                 "finished, nothing to do (raise trainer.max_steps to train on)"
             )
             return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
-        writer = MetricsWriter(
-            self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main, resumed_step=self.step
-        )
-        losses: list[float] = []
-        status = "completed"
         self._log(
             f"{self.n_params / 1e6:.2f}M parameters, attention={self.cfg.attention.backend} "
             f"({self.cfg.attention.attn_mask_type}), device={self.device}, run_dir={self.run_dir}"
         )
-        bar = None
-        if self.is_main and cfg.progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        losses: list[float] = []
+        status = "completed"
         self.model.train()
-        profiler = None
-        if cfg.profile_steps > 0 and self.is_main:
-            from nemo_lite.training.profiling import StepProfiler
-
-            profiler = StepProfiler(self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type)
-        try:
-            with self._signal_handlers():
-                while self.step < cfg.max_steps:
-                    micro_batches = self._next_micro_batches()
-                    if not micro_batches:
-                        self._log("the training data ran out")
-                        break
-                    metrics = self.train_step(micro_batches)
-                    if profiler is not None:
-                        profiler.step()
-                    self.step += 1
-                    losses.append(metrics["loss"])
-                    if metrics["skipped_nonfinite"]:
-                        self._log(
-                            f"step {self.step}: non-finite loss ({metrics['loss']}) or grad norm "
-                            f"({metrics['grad_norm']}); update skipped ({self._consecutive_nonfinite} in a row)"
-                        )
-                        if self._consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-                            raise NonFiniteLossError(
-                                f"{self._consecutive_nonfinite} non-finite steps in a row (limit "
-                                f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
-                                f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
-                            )
-                    if cfg.val_every and self.step % cfg.val_every == 0:
-                        metrics.update(self.evaluate() or {})
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        writer.write({"step": self.step, **metrics})
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                    if "after_step" in self.hooks:
-                        self.hooks["after_step"](self, metrics)
-                    # One process stops at once; under torchrun the flag is agreed on in the next step's
-                    # reduction, so every rank stops after the same step.
-                    if self._stop_requested or (not self.dist.enabled and self._stop_signal is not None):
-                        status = "interrupted"
-                        break
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                        self.save()
-                if status == "interrupted" or self.step > 0:
+        with self._progress() as progress, self._signal_handlers():
+            while self.step < cfg.max_steps:
+                micro_batches = self._next_micro_batches()
+                if not micro_batches:
+                    self._log("the training data ran out")
+                    break
+                metrics = self.train_step(micro_batches)
+                self.step += 1
+                losses.append(metrics["loss"])
+                self._after_step(metrics, progress)
+                # One process stops at once; under torchrun the flag is agreed on in the next step's
+                # reduction, so every rank stops after the same step.
+                if self._stop_requested or (not self.dist.enabled and self._stop_signal is not None):
+                    status = "interrupted"
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
-        finally:
-            if profiler is not None:
-                profiler.close()
-            if bar is not None:
-                bar.close()
-            writer.close()
+            if status == "interrupted" or self.step > 0:
+                self.save()
         stopped_by = (self._stop_signal or signal.SIGTERM) if status == "interrupted" else None
         result = FitResult(self.step, losses, self.run_dir, status, self.last_checkpoint, signal=stopped_by)
         if status == "completed" and self.step >= cfg.max_steps:
-            final = self.evaluate()
-            if final:
-                self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
-            if cfg.export_hf or cfg.sample_tokens > 0:
-                # a collective under torchrun, where rank 0 samples on it; one process samples on its own model
-                plain = self._plain_model() if cfg.export_hf or self.dist.enabled else None
-                if self.is_main and cfg.export_hf:
-                    result.hf_dir = self.export(plain)
-                if self.is_main and cfg.sample_tokens > 0:
-                    on_device = plain if self.dist.enabled else None  # a converter's final model may be on the CPU
-                    result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, on_device)
+            self._finish(result)
         return result
+
+    def _finish(self, result: FitResult) -> None:
+        """After the last step: the final validation, the export and the sample."""
+        cfg = self.cfg.trainer
+        final = self.evaluate()
+        if final:
+            self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+        if cfg.export_hf or cfg.sample_tokens > 0:
+            # a collective under torchrun, where rank 0 samples on it; one process samples on its own model
+            plain = self._plain_model() if cfg.export_hf or self.dist.enabled else None
+            if self.is_main and cfg.export_hf:
+                result.hf_dir = self.export(plain)
+            if self.is_main and cfg.sample_tokens > 0:
+                on_device = plain if self.dist.enabled else None  # a converter's final model may be on the CPU
+                result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, on_device)
+
+    @contextlib.contextmanager
+    def _progress(self):
+        """The loop's outputs: metrics.jsonl (and wandb), the progress bar and the profiler, closed at the end."""
+        cfg = self.cfg.trainer
+        progress = types.SimpleNamespace(bar=None, profiler=None)
+        progress.writer = MetricsWriter(
+            self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main, resumed_step=self.step
+        )
+        try:
+            if self.is_main and cfg.progress_bar:
+                from tqdm.auto import tqdm
+
+                progress.bar = tqdm(
+                    total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr
+                )
+            if cfg.profile_steps > 0 and self.is_main:
+                from nemo_lite.training.profiling import StepProfiler
+
+                progress.profiler = StepProfiler(
+                    self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type
+                )
+            yield progress
+        finally:
+            if progress.profiler is not None:
+                progress.profiler.close()
+            if progress.bar is not None:
+                progress.bar.close()
+            progress.writer.close()
+
+    def _after_step(self, metrics: dict[str, Any], progress) -> None:
+        """What follows each step: the non-finite count (too many in a row stop the run), validation every
+        trainer.val_every steps, the metrics line and the progress bar."""
+        cfg = self.cfg.trainer
+        if progress.profiler is not None:
+            progress.profiler.step()
+        if metrics["skipped_nonfinite"]:
+            self._log(
+                f"step {self.step}: non-finite loss ({metrics['loss']}) or grad norm "
+                f"({metrics['grad_norm']}); update skipped ({self._consecutive_nonfinite} in a row)"
+            )
+            if self._consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self._consecutive_nonfinite} non-finite steps in a row (limit "
+                    f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
+                    f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
+                )
+        if cfg.val_every and self.step % cfg.val_every == 0:
+            metrics.update(self.evaluate() or {})
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            progress.writer.write({"step": self.step, **metrics})
+        if progress.bar is not None:
+            progress.bar.update(1)
+            progress.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
 
     def _plain_model(self):
         """The trained model as one unsharded module (the model itself when not distributed), or the one a
