@@ -64,7 +64,7 @@ def compiled_flex_attention() -> Callable:
 
 @functools.cache
 def compiled_create_block_mask() -> Callable:
-    """``create_block_mask`` compiled once per process (uncompiled it is 5-9 ms a step on GPU)."""
+    """``create_block_mask`` compiled once per process (uncompiled, it runs many small kernels every step)."""
     return torch.compile(create_block_mask)
 
 
@@ -302,7 +302,7 @@ def _checked_kernel_options(value: Any) -> str | dict[str, Any]:
 
 # Kernel options measured faster than torch's defaults in training, by (CUDA compute capability major,
 # head_dim). Hopper, head_dim 64 (Llama-3.2-1B): the forward and backward configurations inductor's
-# autotuning picked; flex fwd+bwd 17.7 -> 14.7 ms a step on an H100 (docs/benchmarks.md, "Experiments").
+# autotuning picked (scripts/bench_flex_options.py measures them against the defaults).
 TUNED_KERNEL_OPTIONS: dict[tuple[int, int], dict[str, int]] = {
     (9, 64): {
         "fwd_BLOCK_M": 128,

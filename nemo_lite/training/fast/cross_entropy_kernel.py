@@ -1,8 +1,8 @@
 """Cross-entropy over a vocabulary in one Triton pass per row that also writes the gradient (needs triton).
 
 The compiled head loss reads the logits three times: once for the log-sum-exp in forward, and in backward
-once more to write their gradient (softmax minus one-hot). For Llama-3.2-1B at 8,192 tokens the logits are
-2.1 GB of bf16, and the two kernels took 3.05 ms a step on an H100 (docs/benchmarks.md). Here one program
+once more to write their gradient (softmax minus one-hot). With a 128k vocabulary the logits of a step are
+gigabytes, so those passes are bound by memory traffic (docs/benchmarks.md has the figures). Here one program
 per row reads its logits for the log-sum-exp and reads them again, from L2 where they are still there, to
 overwrite them with the gradient, already in forward: ``(softmax - onehot) * scale``, rounded to the logits'
 dtype. The caller passes the gradient it expects the loss to receive as ``scale`` (the trainer knows it: one
