@@ -38,57 +38,19 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch._dynamo
-from bench_utils import median_after_warmup, meta
-
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from bench_utils import gpu_recipe, median_after_warmup, meta, synthetic_loader, train
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 RECIPES = ("bf16", "tensorwise", "rowwise")
-EOS, VOCAB = 128001, 128256
 WARMUP = 5
-RUN_ROOT = "/tmp/bench_float8"
 
 
 def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0):
-    from nemo_lite.training.config import RecipeConfig  # the trainer is imported once a run starts
-
-    cfg = RecipeConfig()
-    cfg.run_dir = f"{RUN_ROOT}/{name}"
-    cfg.model.preset = preset
-    cfg.attention.backend = "flex"
-    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
-    cfg.float8.enabled = recipe != "bf16"
-    cfg.float8.recipe = recipe if recipe != "bf16" else "tensorwise"
-    t = cfg.trainer
-    t.max_steps, t.compile, t.seed = steps, True, seed
-    t.val_every = t.save_every = t.sample_tokens = 0
-    t.export_hf = t.progress_bar = False
-    cfg.optim.warmup_steps = 5
-    return cfg
-
-
-def fit(cfg, train_loader=None, *, keep: bool = False) -> tuple[Any, list[dict]]:
-    """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written. The run_dir is
-    removed afterwards unless ``keep``."""
-    from nemo_lite.training import run_dir
-    from nemo_lite.training.trainer import Trainer
-
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    run_dir.FREE_SPACE_FACTOR = 0  # no checkpoint is written: the free-space check (3 x ~38 GB at 3B) is moot
-    trainer = Trainer(cfg, train_loader=train_loader)
-    trainer.setup()
-    trainer.save = lambda: None  # a benchmark keeps no checkpoint (a 3B one is ~38 GB)
-    torch.cuda.reset_peak_memory_stats()
-    records: list[dict] = []
-    trainer.hooks["after_step"] = lambda tr, metrics: records.append({"step": tr.step, **metrics})
-    trainer.fit()
-    if not keep:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return trainer, records
+    float8 = {"float8.enabled": recipe != "bf16", "float8.recipe": recipe if recipe != "bf16" else "tensorwise"}
+    return gpu_recipe(f"/tmp/bench_float8/{name}", steps, preset=preset, **float8, **{"trainer.seed": seed})
 
 
 def float8_description(trainer) -> str:
@@ -97,10 +59,10 @@ def float8_description(trainer) -> str:
 
 def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
     t0 = time.perf_counter()
-    loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
     cfg = config(f"{shape}-{recipe}", SHAPES[shape], recipe, steps)
     cfg.model.vocab_from_tokenizer = False
-    trainer, records = fit(cfg, loader)
+    run = train(cfg, synthetic_loader())
+    trainer, records = run.trainer, run.records
     mfu = median_after_warmup((r["mfu"] for r in records), WARMUP) if peak else None
     return {
         "shape": shape,
@@ -192,11 +154,11 @@ def profile(args) -> None:
     out = {"meta": meta(), "profiled_steps": PROFILED_STEPS, "warmup": WARMUP, "rows": []}
     for shape in args.shapes.split(","):
         for recipe in args.recipes.split(","):
-            loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
             cfg = config(f"profile-{shape}-{recipe}", SHAPES[shape], recipe, WARMUP + PROFILED_STEPS + 1)
             cfg.model.vocab_from_tokenizer = False
             cfg.trainer.profile_start, cfg.trainer.profile_steps = WARMUP, PROFILED_STEPS
-            trainer, records = fit(cfg, loader, keep=True)
+            run = train(cfg, synthetic_loader(), keep=True)
+            trainer, records = run.trainer, run.records
             prof = Path(cfg.run_dir) / "profile"
             with gzip.open(prof / "trace_rank0.json.gz", "rt") as f:
                 split = matmul_split(json.load(f), PROFILED_STEPS)
@@ -244,10 +206,9 @@ def curve(workload: str, run: str, steps: int) -> dict:
     else:
         cfg.model.vocab_from_tokenizer = False
         cfg.model.overrides = {"vocab_size": 8192}
-        loader = SyntheticPackedLoader(
-            2, 4096, vocab_size=8192, eos_id=3, mean_doc=600.0, seed=0, pin_memory=True, learnable=True
-        )
-    trainer, records = fit(cfg, loader)
+        loader = synthetic_loader(vocab_size=8192, eos_id=3, learnable=True)
+    run = train(cfg, loader)
+    trainer, records = run.trainer, run.records
     return {
         "recipe": recipe,
         "seed": seed,
