@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import gpu_recipe, median_after_warmup, meta, synthetic_loader, train
+from bench_utils import gpu_recipe, median_after_warmup, medians, meta, run_all, synthetic_loader, train
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 RECIPES = ("bf16", "tensorwise", "rowwise")
@@ -58,26 +58,18 @@ def float8_description(trainer) -> str:
 
 
 def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
-    t0 = time.perf_counter()
     cfg = config(f"{shape}-{recipe}", SHAPES[shape], recipe, steps)
     cfg.model.vocab_from_tokenizer = False
     run = train(cfg, synthetic_loader())
-    trainer, records = run.trainer, run.records
-    mfu = median_after_warmup((r["mfu"] for r in records), WARMUP) if peak else None
-    return {
-        "shape": shape,
-        "recipe": recipe,
-        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
-        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
+    row = {"config": f"{shape}-{recipe}", "shape": shape, "recipe": recipe, **medians(run.records, WARMUP)}
+    mfu = median_after_warmup((r["mfu"] for r in run.records), WARMUP) if peak else None
+    return row | {
         "mfu_bf16_peak": mfu,
         "mfu_fp8_peak": mfu / 2 if mfu is not None else None,  # Hopper's float8 dense peak is twice bf16's
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "params": trainer.n_params,
-        "first_loss": records[0]["loss"],
-        "last_loss": records[-1]["loss"],
-        "converted": float8_description(trainer),
-        "step": trainer.step_impl.description,
-        "wall_s": time.perf_counter() - t0,
+        "params": run.trainer.n_params,
+        "converted": float8_description(run.trainer),
+        "step": run.trainer.step_impl.description,
     }
 
 
@@ -85,33 +77,28 @@ def throughput(args) -> None:
     from nemo_lite.training.metrics import PEAK_BF16_FLOPS
 
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    rows = []
-    for shape in args.shapes.split(","):
-        for recipe in args.recipes.split(","):
-            try:
-                row = measure(shape, recipe, args.steps, peak)
-            except torch.OutOfMemoryError:
-                row = {"shape": shape, "recipe": recipe, "error": "OOM"}
-            except Exception as err:  # record it and go on with the other rows
-                row = {"shape": shape, "recipe": recipe, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-            with open(args.out, "w") as f:  # after every row, so a time-out keeps what finished
-                json.dump({"meta": meta(), "steps": args.steps, "warmup": WARMUP, "rows": rows}, f, indent=1)
+    runs = {
+        f"{shape}-{recipe}": (lambda s=shape, r=recipe: measure(s, r, args.steps, peak))
+        for shape in args.shapes.split(",")
+        for recipe in args.recipes.split(",")
+    }
+
+    def write(rows: list[dict]) -> None:
+        meta_rows = {"meta": meta(), "steps": args.steps, "warmup": WARMUP, "rows": rows}
+        Path(args.out).write_text(json.dumps(meta_rows, indent=1))
+
+    rows = run_all(list(runs), runs, write)
     print(f"\n{meta()}\n")
-    print("| shape | recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape-recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['recipe']} | {r['error']} | | | | |")
+            print(f"| {r['config']} | {r['error']} | | | | |")
             continue
-        base = next((b for b in rows if b["shape"] == r["shape"] and b["recipe"] == "bf16" and "error" not in b), None)
+        base = next((b for b in rows if b.get("shape") == r["shape"] and b.get("recipe") == "bf16"), None)
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mfu = (f"{100 * r['mfu_bf16_peak']:.1f}%", f"{100 * r['mfu_fp8_peak']:.1f}%") if r["mfu_bf16_peak"] else "--"
-        print(f"| {r['shape']} | {r['recipe']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | "
-              f"{r['peak_mem_gib']:.1f} |")  # fmt: skip
+        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | {r['peak_mem_gib']:.1f} |")
 
 
 PROFILED_STEPS = 3

@@ -1,25 +1,19 @@
-"""Data-parallel scaling: 1 GPU against N GPUs with the same global batch, repeated, in one call.
+"""Data-parallel scaling: 1 GPU against N GPUs (FSDP2) with the same global batch, repeated, in one call.
 
     python scripts/bench_scaling.py --gpus 2 --rows 16 --out results.json       # ~9 minutes on 2 x H200
     python scripts/bench_scaling.py --gpus 4 --rows 32 --one-gpu-accum 2 --out results.json
     python scripts/bench_scaling.py --gpus 2 --no-compile --model tiny --seq-len 256 --steps 8 --warmup 3 \\
         --device cpu --out /tmp/s.json                                          # a CPU dry run of the script
 
-What is compared: one optimizer step over the same global batch, ``--rows`` rows of ``--seq-len`` tokens
-(default 8 x 4096, Llama-3.2-1B shape, flex attention, compiled blocks, the fast step, lr 3e-4): one GPU
-with all the rows against N GPUs with ``rows / N`` each under FSDP2. So the two do the same arithmetic per
-step and the losses agree (within bf16 noise); only the speed differs. Where the global batch does not fit
-one GPU, ``--one-gpu-accum K`` has the 1-GPU run take it in K micro-batches (gradient accumulation).
-Every run is a fresh ``torchrun`` launch of this script as a worker, which builds the recipe config in
-Python (no Hydra) and times ``Trainer.train_step`` without the final checkpoint (15 GB at this size).
-
-tokens/s of a run: the median over the steps after ``--warmup`` of the trainer's own figure (global tokens
-over the step's host time, the figure of metrics.jsonl), and the throughput of those steps' wall time.
-The 1-GPU run and the N-GPU "main" configuration run ``--repeats`` times, interleaved; scaling is the
-median N-GPU figure over the median 1-GPU figure, its spread the range of single N-GPU runs over that median.
-Variants (``--variants``) are other N-GPU configurations run ``--variant-repeats`` times each afterwards, in
-the order given, as long as ``--budget-s`` leaves time for them; a variant is a comma-separated list of
-the names in VARIANTS (recipe keys, environment variables), and so is ``--main``.
+One optimizer step over ``--rows`` rows of ``--seq-len`` tokens (Llama-3.2-1B shape, flex attention,
+compiled blocks, the fast step, lr 3e-4, the default corpus): one GPU with all the rows (``--one-gpu-accum K``:
+in K micro-batches, where they do not fit) against N GPUs with ``rows / N`` each. Both do the same arithmetic,
+so the losses agree within bf16 noise and only the speed differs. Every run is a fresh ``torchrun`` launch of
+this script as a worker, which times ``Trainer.train_step`` (no checkpoint). tokens/s of a run: the median
+over the steps after ``--warmup`` of the trainer's figure. The 1-GPU and the N-GPU ``--main`` configuration
+run ``--repeats`` times, interleaved; scaling is the N-GPU median over the 1-GPU median, its spread that of the
+single N-GPU runs. ``--variants`` (other N-GPU configurations) run afterwards while ``--budget-s`` lasts. A
+configuration is a comma-separated list of the names in VARIANTS (recipe keys, environment variables).
 """
 
 from __future__ import annotations
