@@ -84,9 +84,12 @@ def _expand(path: str) -> list[str]:
 
 
 def cited_results(text: str) -> set[str]:
-    """Raw results a page cites (a command's ``--out`` path is where a new run writes, not a citation)."""
-    found = re.findall(r"(?<!--out )docs/results/[\w{},.-]+", text)
-    return {p for raw in found for p in _expand(raw.rstrip(".,"))}
+    """Raw results a page cites (a command's ``--out`` path is where a new run writes, not a citation); a
+    pattern such as ``docs/results/bench_scaling_*.json`` cites the files it matches, and at least one."""
+    found = re.findall(r"(?<!--out )docs/results/[\w{},.*-]+", text)
+    paths = {p for raw in found for p in _expand(raw.rstrip(".,"))}
+    globbed = {p: sorted(m.relative_to(REPO).as_posix() for m in REPO.glob(p)) for p in paths if "*" in p}
+    return (paths - set(globbed)) | {m for p, matches in globbed.items() for m in matches or [p]}
 
 
 def test_every_cited_result_exists_and_every_result_is_cited():
