@@ -65,42 +65,20 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
 def worker(spec: dict) -> None:
     import torch
     import yaml
+    from bench_utils import gpu_recipe
 
-    from nemo_lite.components.datasets.config import DataConfig
     from nemo_lite.training import distributed
-    from nemo_lite.training.config import (
-        AttentionSection,
-        ModelSection,
-        OptimSection,
-        RecipeConfig,
-        TrainerSection,
-    )
     from nemo_lite.training.trainer import Trainer
 
     info = distributed.init_distributed()
     accum = spec["one_gpu_accum"] if info.world_size == 1 else 1
-    rows_per_rank = spec["rows"] // info.world_size // accum
-    model_keys = yaml.safe_load((REPO / "configs" / "model" / f"{spec['model']}.yaml").read_text())
-    cfg = RecipeConfig(
-        recipe="bench_scaling",
-        run_dir=spec["run_dir"],
-        model=ModelSection(**model_keys),  # as the recipe's model=<name> group
-        attention=AttentionSection(backend=spec["attention"]),
-        data=DataConfig(seq_len=spec["seq_len"], batch_size=rows_per_rank),
-        optim=OptimSection(lr=3e-4),
-        trainer=TrainerSection(
-            max_steps=spec["steps"],
-            device=spec["device"],
-            compile=spec["compile"],
-            val_every=0,
-            save_every=0,
-            export_hf=False,
-            sample_tokens=0,
-            progress_bar=False,
-            grad_accum=accum,
-            **spec["keys"],
-        ),
-    )
+    keys = {f"trainer.{key}": value for key, value in spec["keys"].items()}
+    model_yaml = yaml.safe_load((REPO / "configs" / "model" / f"{spec['model']}.yaml").read_text())
+    keys |= {f"model.{key}": value for key, value in model_yaml.items()}  # as the recipe's model=<name> group
+    keys |= {"attention.backend": spec["attention"], "optim.lr": 3e-4, "optim.warmup_steps": 20}
+    keys |= {"data.seq_len": spec["seq_len"], "data.batch_size": spec["rows"] // info.world_size // accum}
+    keys |= {"trainer.device": spec["device"], "trainer.compile": spec["compile"], "trainer.grad_accum": accum}
+    cfg = gpu_recipe(spec["run_dir"], spec["steps"], preset=None, recipe="bench_scaling", **keys)
     trainer = Trainer(cfg, dist_info=info)
     trainer.setup()
     trainer.model.train()
