@@ -1,7 +1,7 @@
 """docs/benchmarks.md stays a page of current figures a reader can act on: at most 200 lines, every recipe
 key it names exists in the schema, every raw result it cites is in docs/results/ and every file there is
 cited by some page, every script it runs exists, and every link into it from another page lands on a
-heading."""
+heading. Every ``scripts/`` command of any page uses only flags its script has."""
 
 from __future__ import annotations
 
@@ -107,6 +107,32 @@ def test_every_script_the_page_runs_exists():
     assert "scripts/bench_train.py" in scripts
     missing = sorted(s for s in scripts if not (REPO / s).is_file())
     assert not missing, f"docs/benchmarks.md runs scripts that do not exist: {missing}"
+
+
+def script_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, the flags written after it) for every ``scripts/NAME.py`` command in a page's code (a command
+    may wrap over lines; the next command starts at ``python``, ``torchrun`` or ``bash``)."""
+    found = []
+    for code in _code(text):
+        code = re.sub(r"#.*", "", code).replace("\\\n", " ")
+        for command in re.split(r"(?<!\S)(?=python |torchrun |bash )", code):
+            for match in re.finditer(r"scripts/(\w+\.py)(.*)", command, flags=re.DOTALL):
+                found.append((match.group(1), re.findall(r"(?<!\S)(--[a-z][\w-]*)", match.group(2))))
+    return found
+
+
+def test_every_documented_script_command_uses_flags_the_script_has():
+    commands = [(page, *c) for page in PAGES for c in script_commands(page.read_text())]
+    assert ("bench_train.py", ["--steps", "--configs"]) in [c[1:] for c in commands]
+    wrong = []
+    for page, script, flags in commands:
+        path = REPO / "scripts" / script
+        if not path.is_file():
+            wrong.append(f"{page.name}: scripts/{script} does not exist")
+            continue
+        source = path.read_text()
+        wrong += [f"{page.name}: scripts/{script} has no {flag}" for flag in flags if f'"{flag}"' not in source]
+    assert not wrong, wrong
 
 
 def anchors(text: str) -> set[str]:
