@@ -25,7 +25,7 @@ random token; 8192 ids), for bf16 with initialization seed 0 ("bf16-a") and seed
 is bf16's run-to-run noise) and float8 with seed 0 (the recipes named in --runs). Same data order in
 every run of a workload. No run keeps a checkpoint (the disk holds one 3B checkpoint at most).
 
-scripts/plot_float8.py draws docs/img/float8_*.png from the two JSON files.
+scripts/plot_benchmarks.py draws docs/img/float8_*.png from the JSON files in docs/results/.
 """
 
 from __future__ import annotations
