@@ -58,8 +58,8 @@ def hf_model(preset: str = "llama-3.2-1b", *, attn_implementation: str):
 
 
 def gpu_recipe(run_dir: str, steps: int, *, preset: str | None = "llama-3.2-1b", recipe: str = "pretrain", **keys):
-    """The recipe config of a one-GPU benchmark run: flex attention, compiled blocks, ``ROWS x SEQ_LEN`` tokens a
-    step, no validation, export or sample. ``keys`` set sections' fields by dotted name, e.g.
+    """The recipe config of a benchmark run: flex attention, compiled blocks, ``ROWS x SEQ_LEN`` tokens a step,
+    no validation, export or sample. ``keys`` set sections' fields by dotted name, e.g.
     ``**{"attention.backend": "sdpa", "trainer.step_impl": "plain"}``."""
     from nemo_lite.training.config import RecipeConfig
 
