@@ -3,9 +3,9 @@ picture (drawn from the code by scripts/plot_architecture.py) shows the package 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "architecture.md"
 PICTURE = REPO / "docs" / "img" / "architecture.png"
-sys.path.insert(0, str(REPO / "scripts"))
-import plot_architecture  # noqa: E402
+_spec = importlib.util.spec_from_file_location("plot_architecture", REPO / "scripts" / "plot_architecture.py")
+plot_architecture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plot_architecture)
 
 # Names the page gives to what a run writes, not to files of the repository.
 RUN_OUTPUTS = {"adapter/"}
