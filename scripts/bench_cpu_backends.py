@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench_utils import median_after_warmup, meta
+from bench_utils import median_after_warmup, meta, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,6 @@ def step_ms(backend: str, steps: int, run_dir: str) -> float:
     from hydra import compose, initialize_config_dir
 
     from nemo_lite.training.config import register_schema
-    from nemo_lite.training.trainer import Trainer
 
     register_schema()
     overrides = [
@@ -40,11 +39,7 @@ def step_ms(backend: str, steps: int, run_dir: str) -> float:
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose(config_name="pretrain", overrides=overrides)
-    records = []
-    trainer = Trainer(cfg)
-    trainer.hooks["after_step"] = lambda tr, metrics: records.append(metrics["step_ms"])
-    trainer.fit()
-    return median_after_warmup(records, 2)
+    return median_after_warmup((r["step_ms"] for r in train(cfg).records), 2)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ random token; 8192 ids), for bf16 with initialization seed 0 ("bf16-a") and seed
 is bf16's run-to-run noise) and float8 with seed 0 (the recipes named in --runs). Same data order in
 every run of a workload. No run keeps a checkpoint (the disk holds one 3B checkpoint at most).
 
-scripts/plot_float8.py draws docs/img/float8_*.png from the two JSON files.
+scripts/plot_benchmarks.py draws docs/img/float8_*.png from the JSON files in docs/results/.
 """
 
 from __future__ import annotations
@@ -38,57 +38,19 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch._dynamo
-from bench_utils import median_after_warmup, meta
-
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from bench_utils import gpu_recipe, median_after_warmup, medians, meta, run_all, synthetic_loader, train
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 RECIPES = ("bf16", "tensorwise", "rowwise")
-EOS, VOCAB = 128001, 128256
 WARMUP = 5
-RUN_ROOT = "/tmp/bench_float8"
 
 
 def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0):
-    from nemo_lite.training.config import RecipeConfig  # the trainer is imported once a run starts
-
-    cfg = RecipeConfig()
-    cfg.run_dir = f"{RUN_ROOT}/{name}"
-    cfg.model.preset = preset
-    cfg.attention.backend = "flex"
-    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
-    cfg.float8.enabled = recipe != "bf16"
-    cfg.float8.recipe = recipe if recipe != "bf16" else "tensorwise"
-    t = cfg.trainer
-    t.max_steps, t.compile, t.seed = steps, True, seed
-    t.val_every = t.save_every = t.sample_tokens = 0
-    t.export_hf = t.progress_bar = False
-    cfg.optim.warmup_steps = 5
-    return cfg
-
-
-def fit(cfg, train_loader=None, *, keep: bool = False) -> tuple[Any, list[dict]]:
-    """Train ``cfg`` and return the trainer and each step's metrics; no checkpoint is written. The run_dir is
-    removed afterwards unless ``keep``."""
-    from nemo_lite.training import run_dir
-    from nemo_lite.training.trainer import Trainer
-
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    run_dir.FREE_SPACE_FACTOR = 0  # no checkpoint is written: the free-space check (3 x ~38 GB at 3B) is moot
-    trainer = Trainer(cfg, train_loader=train_loader)
-    trainer.setup()
-    trainer.save = lambda: None  # a benchmark keeps no checkpoint (a 3B one is ~38 GB)
-    torch.cuda.reset_peak_memory_stats()
-    records: list[dict] = []
-    trainer.hooks["after_step"] = lambda tr, metrics: records.append({"step": tr.step, **metrics})
-    trainer.fit()
-    if not keep:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return trainer, records
+    float8 = {"float8.enabled": recipe != "bf16", "float8.recipe": recipe if recipe != "bf16" else "tensorwise"}
+    return gpu_recipe(f"/tmp/bench_float8/{name}", steps, preset=preset, **float8, **{"trainer.seed": seed})
 
 
 def float8_description(trainer) -> str:
@@ -96,26 +58,18 @@ def float8_description(trainer) -> str:
 
 
 def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
-    t0 = time.perf_counter()
-    loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
     cfg = config(f"{shape}-{recipe}", SHAPES[shape], recipe, steps)
     cfg.model.vocab_from_tokenizer = False
-    trainer, records = fit(cfg, loader)
-    mfu = median_after_warmup((r["mfu"] for r in records), WARMUP) if peak else None
-    return {
-        "shape": shape,
-        "recipe": recipe,
-        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
-        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
+    run = train(cfg, synthetic_loader())
+    row = {"config": f"{shape}-{recipe}", "shape": shape, "recipe": recipe, **medians(run.records, WARMUP)}
+    mfu = median_after_warmup((r["mfu"] for r in run.records), WARMUP) if peak else None
+    return row | {
         "mfu_bf16_peak": mfu,
         "mfu_fp8_peak": mfu / 2 if mfu is not None else None,  # Hopper's float8 dense peak is twice bf16's
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "params": trainer.n_params,
-        "first_loss": records[0]["loss"],
-        "last_loss": records[-1]["loss"],
-        "converted": float8_description(trainer),
-        "step": trainer.step_impl.description,
-        "wall_s": time.perf_counter() - t0,
+        "params": run.trainer.n_params,
+        "converted": float8_description(run.trainer),
+        "step": run.trainer.step_impl.description,
     }
 
 
@@ -123,33 +77,28 @@ def throughput(args) -> None:
     from nemo_lite.training.metrics import PEAK_BF16_FLOPS
 
     peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-    rows = []
-    for shape in args.shapes.split(","):
-        for recipe in args.recipes.split(","):
-            try:
-                row = measure(shape, recipe, args.steps, peak)
-            except torch.OutOfMemoryError:
-                row = {"shape": shape, "recipe": recipe, "error": "OOM"}
-            except Exception as err:  # record it and go on with the other rows
-                row = {"shape": shape, "recipe": recipe, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-            gc.collect()
-            torch.cuda.empty_cache()
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
-            with open(args.out, "w") as f:  # after every row, so a time-out keeps what finished
-                json.dump({"meta": meta(), "steps": args.steps, "warmup": WARMUP, "rows": rows}, f, indent=1)
+    runs = {
+        f"{shape}-{recipe}": (lambda s=shape, r=recipe: measure(s, r, args.steps, peak))
+        for shape in args.shapes.split(",")
+        for recipe in args.recipes.split(",")
+    }
+
+    def write(rows: list[dict]) -> None:
+        meta_rows = {"meta": meta(), "steps": args.steps, "warmup": WARMUP, "rows": rows}
+        Path(args.out).write_text(json.dumps(meta_rows, indent=1))
+
+    rows = run_all(list(runs), runs, write)
     print(f"\n{meta()}\n")
-    print("| shape | recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape-recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['recipe']} | {r['error']} | | | | |")
+            print(f"| {r['config']} | {r['error']} | | | | |")
             continue
-        base = next((b for b in rows if b["shape"] == r["shape"] and b["recipe"] == "bf16" and "error" not in b), None)
+        base = next((b for b in rows if b.get("shape") == r["shape"] and b.get("recipe") == "bf16"), None)
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mfu = (f"{100 * r['mfu_bf16_peak']:.1f}%", f"{100 * r['mfu_fp8_peak']:.1f}%") if r["mfu_bf16_peak"] else "--"
-        print(f"| {r['shape']} | {r['recipe']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | "
-              f"{r['peak_mem_gib']:.1f} |")  # fmt: skip
+        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | {r['peak_mem_gib']:.1f} |")
 
 
 PROFILED_STEPS = 3
@@ -192,11 +141,11 @@ def profile(args) -> None:
     out = {"meta": meta(), "profiled_steps": PROFILED_STEPS, "warmup": WARMUP, "rows": []}
     for shape in args.shapes.split(","):
         for recipe in args.recipes.split(","):
-            loader = SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, pin_memory=True)
             cfg = config(f"profile-{shape}-{recipe}", SHAPES[shape], recipe, WARMUP + PROFILED_STEPS + 1)
             cfg.model.vocab_from_tokenizer = False
             cfg.trainer.profile_start, cfg.trainer.profile_steps = WARMUP, PROFILED_STEPS
-            trainer, records = fit(cfg, loader, keep=True)
+            run = train(cfg, synthetic_loader(), keep=True)
+            trainer, records = run.trainer, run.records
             prof = Path(cfg.run_dir) / "profile"
             with gzip.open(prof / "trace_rank0.json.gz", "rt") as f:
                 split = matmul_split(json.load(f), PROFILED_STEPS)
@@ -244,10 +193,9 @@ def curve(workload: str, run: str, steps: int) -> dict:
     else:
         cfg.model.vocab_from_tokenizer = False
         cfg.model.overrides = {"vocab_size": 8192}
-        loader = SyntheticPackedLoader(
-            2, 4096, vocab_size=8192, eos_id=3, mean_doc=600.0, seed=0, pin_memory=True, learnable=True
-        )
-    trainer, records = fit(cfg, loader)
+        loader = synthetic_loader(vocab_size=8192, eos_id=3, learnable=True)
+    run = train(cfg, loader)
+    trainer, records = run.trainer, run.records
     return {
         "recipe": recipe,
         "seed": seed,

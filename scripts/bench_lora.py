@@ -19,15 +19,14 @@ told apart by position_ids, uncompiled, torch's fused AdamW.
 
 Reported per config: median tokens/s over the steps after warm-up (5), peak memory (allocated, after the
 model is built), the memory held before the first step (weights, optimizer state), first and last loss;
-and the issue's two ratios: LoRA's peak memory over full fine-tuning's (goal <= 0.45) and LoRA's tokens/s
-over transformers + PEFT's (goal >= 1.3). The ``-ac`` configs repeat nemo_lite's two with activation
-checkpointing (trainer.activation_checkpointing=true), where activations no longer dominate the peak.
+and two ratios: LoRA's peak memory over full fine-tuning's and LoRA's tokens/s over transformers + PEFT's.
+The ``-ac`` configs repeat nemo_lite's two with activation checkpointing (trainer.activation_checkpointing=true),
+where activations no longer dominate the peak.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import sys
@@ -36,31 +35,19 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import median_after_warmup, meta
+from bench_utils import EOS, gpu_recipe, hf_train, medians, meta, nemo_model, run_all, synthetic_loader, train
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
-
-EOS = 128001
-VOCAB = 128256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LORA_LR, FULL_LR = 16, 32.0, 2e-4, 3e-5
 WARMUP = 5
 
 
-def loader(seed: int = 0):
-    return SyntheticPackedLoader(2, 4096, vocab_size=VOCAB, eos_id=EOS, mean_doc=600.0, seed=seed, pin_memory=True)
-
-
 def write_checkpoint(path: Path) -> Path:
     """The random Llama-3.2-1B-shaped checkpoint every config starts from (written once)."""
-    from nemo_lite.components.models import LlamaForCausalLM, get_preset
-
     if (path / "config.json").is_file():
         return path
     t0 = time.perf_counter()
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(get_preset("llama-3.2-1b", eos_token_id=EOS))
-    model.init_weights(seed=0)
+    model = nemo_model(eos_token_id=EOS)
     model.to(torch.bfloat16).save_pretrained(path)
     del model
     torch.cuda.empty_cache()
@@ -69,50 +56,23 @@ def write_checkpoint(path: Path) -> Path:
 
 
 def run_nemo(name: str, steps: int, ckpt: Path, *, lora: bool, ac: bool = False) -> dict:
-    from nemo_lite.training.config import RecipeConfig
-    from nemo_lite.training.trainer import Trainer
-
-    class BenchTrainer(Trainer):
-        def _save_config(self) -> None:  # config.yaml needs omegaconf, which a bare GPU machine may lack
-            if importlib.util.find_spec("omegaconf") is not None:
-                super()._save_config()
-
-    cfg = RecipeConfig(recipe="finetune")
-    cfg.run_dir = f"/tmp/bench_lora/{name}"
-    cfg.model.pretrained_path = str(ckpt)
-    cfg.attention.backend = "flex"
-    cfg.data.seq_len, cfg.data.batch_size = 4096, 2
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = (LORA_LR if lora else FULL_LR), 5, 0.0
+    keys = {"model.pretrained_path": str(ckpt), "trainer.activation_checkpointing": ac}
+    keys |= {"optim.lr": LORA_LR if lora else FULL_LR, "optim.weight_decay": 0.0}
     if lora:
-        cfg.peft.method, cfg.peft.r, cfg.peft.alpha, cfg.peft.target_modules = "lora", RANK, ALPHA, ["all-linear"]
-    t = cfg.trainer
-    t.max_steps, t.compile, t.activation_checkpointing = steps, True, ac
-    t.val_every = t.save_every = 0
-    t.export_hf, t.sample_tokens, t.progress_bar = False, 0, False
-    trainer = BenchTrainer(cfg, train_loader=loader())
-    trainer.setup()
-    model_mem = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    records = []
-    trainer.hooks["after_step"] = lambda tr, metrics: records.append(metrics)
-    trainer.fit()
-    trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
-    result = {
-        "config": name,
-        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
-        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "model_mem_gib": model_mem / 2**30,  # weights and optimizer state before the first step
+        keys |= {"peft.method": "lora", "peft.r": RANK, "peft.alpha": ALPHA, "peft.target_modules": ["all-linear"]}
+    run = train(
+        gpu_recipe(f"/tmp/bench_lora/{name}", steps, preset=None, recipe="finetune", **keys), synthetic_loader()
+    )
+    model = run.trainer.raw_model
+    result = {"config": name, **medians(run.records, WARMUP), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return result | {
+        "model_mem_gib": run.setup_gib,
         "activation_checkpointing": ac,
-        "first_loss": records[0]["loss"],
-        "last_loss": records[-1]["loss"],
-        "params": trainer.n_params,
-        "trainable_params": trainable,
-        "step": trainer.step_impl.description,
-        "converters": [c.description for c in trainer.converters],
+        "params": run.trainer.n_params,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "step": run.trainer.step_impl.description,
+        "converters": [c.description for c in run.trainer.converters],
     }
-    del trainer
-    return result
 
 
 def hf_attention(choice: str) -> str:
@@ -130,40 +90,17 @@ def run_hf_peft(name: str, steps: int, ckpt: Path, *, attn: str, base_dtype: tor
         model.cuda(), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LORA_LR, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    batches = iter(loader())
     model_mem = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    records = []
-    model.train()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        batch = {k: v.cuda(non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        dt = time.perf_counter() - t0
-        records.append({"tokens_per_s": batch["input_ids"].numel() / dt, "step_ms": 1000 * dt, "loss": loss_value})
-    result = {
-        "config": name,
-        "tokens_per_s": median_after_warmup((r["tokens_per_s"] for r in records), WARMUP),
-        "step_ms": median_after_warmup((r["step_ms"] for r in records), WARMUP),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    records = hf_train(model, trainable, steps, lr=LORA_LR, weight_decay=0.0)
+    result = {"config": name, **medians(records, WARMUP), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return result | {
         "model_mem_gib": model_mem / 2**30,
-        "first_loss": records[0]["loss"],
-        "last_loss": records[-1]["loss"],
         "params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in trainable),
         "attn_implementation": attn,
         "base_dtype": str(base_dtype).removeprefix("torch."),
     }
-    del model, opt
-    return result
 
 
 def summary(rows: list[dict]) -> dict:
@@ -173,7 +110,6 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     if lora and full:
         out["lora_memory_over_full"] = lora["peak_mem_gib"] / full["peak_mem_gib"]
-        out["memory_goal_met (<= 0.45)"] = out["lora_memory_over_full"] <= 0.45
     lora_ac, full_ac = by_name.get("nemo-lora-ac"), by_name.get("nemo-full-ac")
     if lora_ac and full_ac:  # both with activation checkpointing
         out["lora_memory_over_full_both_ac"] = lora_ac["peak_mem_gib"] / full_ac["peak_mem_gib"]
@@ -181,7 +117,6 @@ def summary(rows: list[dict]) -> dict:
         best = max(hf, key=lambda r: r["tokens_per_s"])
         out["best_hf_peft"] = best["config"]
         out["lora_tokens_per_s_over_hf_peft"] = lora["tokens_per_s"] / best["tokens_per_s"]
-        out["speed_goal_met (>= 1.3)"] = out["lora_tokens_per_s_over_hf_peft"] >= 1.3
     return out
 
 
@@ -207,24 +142,12 @@ def main() -> None:
         "hf-peft": lambda: run_hf_peft("hf-peft", args.steps, ckpt, attn=attn, base_dtype=torch.float32),
         "hf-peft-bf16": lambda: run_hf_peft("hf-peft-bf16", args.steps, ckpt, attn=attn, base_dtype=torch.bfloat16),
     }
-    rows = []
-    for name in args.configs.split(","):
-        if name not in runs:
-            sys.exit(f"unknown config {name!r}; choose from {', '.join(runs)}")
-        t0 = time.perf_counter()
-        try:
-            row = runs[name]()
-        except torch.OutOfMemoryError:
-            row = {"config": name, "error": "OOM"}
-        except Exception as err:  # record it and go on with the other configs
-            row = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
-        row["seconds"] = time.perf_counter() - t0
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        rows.append(row)
-        gc.collect()
-        torch.cuda.empty_cache()
-        if args.out:  # after every config, so a time-out keeps what finished
+
+    def write(rows: list[dict]) -> None:
+        if args.out:
             Path(args.out).write_text(json.dumps({"meta": meta(), "rows": rows, "summary": summary(rows)}, indent=1))
+
+    rows = run_all(args.configs.split(","), runs, write)
     print(f"\n{meta()}\n")
     print("| config | tokens/s | peak GiB | before step 1 GiB | trainable | first -> last loss |")
     print("|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The AdamW update alone on the Llama-3.2-1B parameters: torch's fused kernel against nemo_lite's
 Triton kernel, time per step and the memory traffic it reaches.
 
-    python scripts/bench_optimizer.py [--steps 20] [--out r.json] [--norm-only] [--norm-baseline old_kernel.py]
+    python scripts/bench_optimizer.py [--steps 20] [--out r.json]
 
 Every parameter is float32 with a float32 gradient, ``exp_avg`` and ``exp_avg_sq``: the update reads
 16 bytes and writes 12 per parameter (torch's kernel writes 16: the unscaled gradient goes back too).
@@ -10,9 +10,7 @@ for torch's kernel, ``adamw_kernel.adamw_(grad_scale=...)`` for nemo_lite's). Bo
 steps from the same start and their results are compared. Last, the Triton kernel as the fast step runs
 it with bf16 weight copies: bf16 gradients and copies for the matrices, the tied embedding's two gradients
 added. The kernel runs with its own block size and warps (``adamw_kernel.BLOCK``, ``NUM_WARPS``, recorded in
-the output). The gradient norm over the same bf16 gradients is timed too, and with ``--norm-baseline`` also
-that of another version of the kernel's file (e.g. ``git show <commit>:nemo_lite/training/fast/adamw_kernel.py
-> old.py``; ``nemo_lite/training/adamw_kernel.py`` before the move), alternating the two.
+the output). The gradient norm over the same bf16 gradients is timed too.
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ import json
 import sys
 
 import torch
-from bench_utils import cuda_time_ms, meta
-
-from nemo_lite.components.models import LlamaForCausalLM, get_preset
+from bench_utils import cuda_time_ms, meta, nemo_model
 
 # Bytes moved per parameter: read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq;
 # torch's kernel also writes the unscaled gradient back when given a grad_scale.
@@ -113,32 +109,19 @@ def time_kernels(shapes: list[torch.Size], steps: int) -> list[dict]:
     return rows
 
 
-def time_norms(shapes: list[torch.Size], steps: int, baseline: str | None) -> list[dict]:
+def time_norms(shapes: list[torch.Size], steps: int) -> list[dict]:
     """The gradient norm's sum of squares over the matrices' bf16 gradients (as training reads them with
-    copies), this kernel and ``baseline``'s, alternated three times."""
-    import importlib.util
-
+    copies), the median of three rounds."""
     from nemo_lite.training.fast import adamw_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     grads = [(torch.randn(s, device="cuda", generator=gen) * 1e-3).bfloat16() for s in shapes]
-    modules = {"this kernel": adamw_kernel}
-    if baseline:
-        spec = importlib.util.spec_from_file_location("baseline_adamw_kernel", baseline)
-        modules["baseline"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules["baseline"])
-    tables = {name: module.sum_of_squares(None, grads)[1] for name, module in modules.items()}
-    values = {name: module.sum_of_squares(None, grads, tables[name])[0].item() for name, module in modules.items()}
-    rows = {name: {"kernel": f"gradient norm ({name})", "ms_rounds": [], "value": v} for name, v in values.items()}
-    for _ in range(3):
-        for name, module in modules.items():
-            ms = cuda_time_ms(lambda m=module, t=tables[name]: m.sum_of_squares(None, grads, t), steps)
-            rows[name]["ms_rounds"].append(ms)
+    table = adamw_kernel.sum_of_squares(None, grads)[1]
+    rounds = [cuda_time_ms(lambda: adamw_kernel.sum_of_squares(None, grads, table), steps) for _ in range(3)]
+    ms = sorted(rounds)[1]
+    value = adamw_kernel.sum_of_squares(None, grads, table)[0].item()
     n_bytes = 2 * sum(g.numel() for g in grads)
-    for row in rows.values():
-        row["ms"] = sorted(row["ms_rounds"])[1]
-        row["tb_per_s"] = n_bytes / row["ms"] / 1e9
-    return list(rows.values())
+    return [{"kernel": "gradient norm", "ms_rounds": rounds, "value": value, "ms": ms, "tb_per_s": n_bytes / ms / 1e9}]
 
 
 def agreement(shapes: list[torch.Size]) -> tuple[float, float]:
@@ -176,16 +159,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--norm-only", action="store_true", help="time only the gradient norm")
-    parser.add_argument("--norm-baseline", default=None, help="another adamw_kernel.py whose norm to time too")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_optimizer.py needs a CUDA GPU")
-    with torch.device("meta"):
-        shapes = [p.shape for p in LlamaForCausalLM(get_preset("llama-3.2-1b")).parameters()]
-    rows = [] if args.norm_only else time_kernels(shapes, args.steps)
-    rows += time_norms(shapes, args.steps, args.norm_baseline)
-    max_abs, max_rel = (None, None) if args.norm_only else agreement(shapes)
+    shapes = [p.shape for p in nemo_model(device="meta").parameters()]
+    rows = time_kernels(shapes, args.steps) + time_norms(shapes, args.steps)
+    max_abs, max_rel = agreement(shapes)
     from nemo_lite.training.fast import adamw_kernel
 
     where = {

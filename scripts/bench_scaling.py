@@ -1,25 +1,19 @@
-"""Data-parallel scaling: 1 GPU against N GPUs with the same global batch, repeated, in one call.
+"""Data-parallel scaling: 1 GPU against N GPUs (FSDP2) with the same global batch, repeated, in one call.
 
     python scripts/bench_scaling.py --gpus 2 --rows 16 --out results.json       # ~9 minutes on 2 x H200
     python scripts/bench_scaling.py --gpus 4 --rows 32 --one-gpu-accum 2 --out results.json
     python scripts/bench_scaling.py --gpus 2 --no-compile --model tiny --seq-len 256 --steps 8 --warmup 3 \\
         --device cpu --out /tmp/s.json                                          # a CPU dry run of the script
 
-What is compared: one optimizer step over the same global batch, ``--rows`` rows of ``--seq-len`` tokens
-(default 8 x 4096, Llama-3.2-1B shape, flex attention, compiled blocks, the fast step, lr 3e-4): one GPU
-with all the rows against N GPUs with ``rows / N`` each under FSDP2. So the two do the same arithmetic per
-step and the losses agree (within bf16 noise); only the speed differs. Where the global batch does not fit
-one GPU, ``--one-gpu-accum K`` has the 1-GPU run take it in K micro-batches (gradient accumulation).
-Every run is a fresh ``torchrun`` launch of this script as a worker, which builds the recipe config in
-Python (no Hydra) and times ``Trainer.train_step`` without the final checkpoint (15 GB at this size).
-
-tokens/s of a run: the median over the steps after ``--warmup`` of the trainer's own figure (global tokens
-over the step's host time, the figure of metrics.jsonl), and the throughput of those steps' wall time.
-The 1-GPU run and the N-GPU "main" configuration run ``--repeats`` times, interleaved; scaling is the
-median N-GPU figure over the median 1-GPU figure, its spread the range of single N-GPU runs over that median.
-Variants (``--variants``) are other N-GPU configurations run ``--variant-repeats`` times each afterwards, in
-the order given, as long as ``--budget-s`` leaves time for them; a variant is a comma-separated list of
-the names in VARIANTS (recipe keys, environment variables), and so is ``--main``.
+One optimizer step over ``--rows`` rows of ``--seq-len`` tokens (Llama-3.2-1B shape, flex attention,
+compiled blocks, the fast step, lr 3e-4, the default corpus): one GPU with all the rows (``--one-gpu-accum K``:
+in K micro-batches, where they do not fit) against N GPUs with ``rows / N`` each. Both do the same arithmetic,
+so the losses agree within bf16 noise and only the speed differs. Every run is a fresh ``torchrun`` launch of
+this script as a worker, which times ``Trainer.train_step`` (no checkpoint). tokens/s of a run: the median
+over the steps after ``--warmup`` of the trainer's figure. The 1-GPU and the N-GPU ``--main`` configuration
+run ``--repeats`` times, interleaved; scaling is the N-GPU median over the 1-GPU median, its spread that of the
+single N-GPU runs. ``--variants`` (other N-GPU configurations) run afterwards while ``--budget-s`` lasts. A
+configuration is a comma-separated list of the names in VARIANTS (recipe keys, environment variables).
 """
 
 from __future__ import annotations
@@ -71,42 +65,20 @@ def parse_variant(spec: str) -> tuple[dict, dict]:
 def worker(spec: dict) -> None:
     import torch
     import yaml
+    from bench_utils import gpu_recipe
 
-    from nemo_lite.components.datasets.config import DataConfig
     from nemo_lite.training import distributed
-    from nemo_lite.training.config import (
-        AttentionSection,
-        ModelSection,
-        OptimSection,
-        RecipeConfig,
-        TrainerSection,
-    )
     from nemo_lite.training.trainer import Trainer
 
     info = distributed.init_distributed()
     accum = spec["one_gpu_accum"] if info.world_size == 1 else 1
-    rows_per_rank = spec["rows"] // info.world_size // accum
-    model_keys = yaml.safe_load((REPO / "configs" / "model" / f"{spec['model']}.yaml").read_text())
-    cfg = RecipeConfig(
-        recipe="bench_scaling",
-        run_dir=spec["run_dir"],
-        model=ModelSection(**model_keys),  # as the recipe's model=<name> group
-        attention=AttentionSection(backend=spec["attention"]),
-        data=DataConfig(seq_len=spec["seq_len"], batch_size=rows_per_rank),
-        optim=OptimSection(lr=3e-4),
-        trainer=TrainerSection(
-            max_steps=spec["steps"],
-            device=spec["device"],
-            compile=spec["compile"],
-            val_every=0,
-            save_every=0,
-            export_hf=False,
-            sample_tokens=0,
-            progress_bar=False,
-            grad_accum=accum,
-            **spec["keys"],
-        ),
-    )
+    keys = {f"trainer.{key}": value for key, value in spec["keys"].items()}
+    model_yaml = yaml.safe_load((REPO / "configs" / "model" / f"{spec['model']}.yaml").read_text())
+    keys |= {f"model.{key}": value for key, value in model_yaml.items()}  # as the recipe's model=<name> group
+    keys |= {"attention.backend": spec["attention"], "optim.lr": 3e-4, "optim.warmup_steps": 20}
+    keys |= {"data.seq_len": spec["seq_len"], "data.batch_size": spec["rows"] // info.world_size // accum}
+    keys |= {"trainer.device": spec["device"], "trainer.compile": spec["compile"], "trainer.grad_accum": accum}
+    cfg = gpu_recipe(spec["run_dir"], spec["steps"], preset=None, recipe="bench_scaling", **keys)
     trainer = Trainer(cfg, dist_info=info)
     trainer.setup()
     trainer.model.train()

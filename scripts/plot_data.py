@@ -1,6 +1,6 @@
 """Draw docs/img/data_packed_batch.png: a packed batch and the block-causal masks of its rows.
 
-python scripts/data_plot.py [--out docs/img/data_packed_batch.png]
+python scripts/plot_data.py [--out docs/img/data_packed_batch.png]
 """
 
 from __future__ import annotations
