@@ -223,7 +223,7 @@ def test_non_finite_weights_stop_the_run_and_are_never_saved(tmp_path, step_impl
 def test_non_finite_weights_stop_the_run_on_the_gpu(tmp_path, step_impl):
     """On a GPU the weight check is queued behind the update (the fast step's Triton AdamW included) and
     read with the next step's values; the run stops before any save from those weights."""
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.testing.data import SyntheticPackedLoader
 
     cfg = tiny_config(tmp_path, "sdpa", steps=8)
     t = cfg.trainer
