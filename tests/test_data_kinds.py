@@ -251,3 +251,19 @@ def test_the_token_ids_data_group_reads_the_given_files(tmp_path):
     loader = build_dataloader(OmegaConf.to_object(group))
     assert loader.record_kind == "token_ids"
     assert next(iter(loader))["input_ids"][0, :40].tolist() == [*range(1, 40), EOS]
+
+
+def test_training_reads_no_record_kind_setting():
+    """Sampling and the export go through the loader (prompt_ids, end_id), so a new kind's settings never
+    reach nemo_lite/training."""
+    import ast
+
+    kind_settings = {"kind", "text_field", "prompt_field", "response_field", "mask_prompt_labels"}
+    kind_settings |= {"messages_field", "chat_template"}
+    found = [
+        f"{path.relative_to(REPO)}:{node.lineno} .{node.attr}"
+        for path in sorted((REPO / "nemo_lite/training").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in kind_settings
+    ]
+    assert not found, f"training code reads record-kind settings: {found}"
