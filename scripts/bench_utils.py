@@ -26,7 +26,7 @@ PEAK_FLOPS = 989e12  # H100 and H200, bf16 dense
 
 def synthetic_loader(seed: int = 0, *, vocab_size: int = VOCAB, eos_id: int = EOS, learnable: bool = False):
     """EOS-delimited random documents with fixed-seed log-normal lengths, a new layout every step."""
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.testing.data import SyntheticPackedLoader
 
     return SyntheticPackedLoader(
         ROWS, SEQ_LEN, vocab_size=vocab_size, eos_id=eos_id, mean_doc=MEAN_DOC, seed=seed, pin_memory=True,
@@ -100,6 +100,8 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
 
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     run_dir.FREE_SPACE_FACTOR = 0  # no checkpoint is written: the free-space check is moot
+    from nemo_lite.testing.hooks import after_each_step
+
     trainer = Trainer(cfg, train_loader=train_loader)
     trainer.setup()
     trainer.save = lambda: None
@@ -114,7 +116,7 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
         if on_step is not None:
             on_step(tr)
 
-    trainer.hooks["after_step"] = after_step
+    after_each_step(trainer, after_step)
     trainer.fit()
     if not keep:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ import torch
 
 from nemo_lite.components.attention.masks import document_ids
 from nemo_lite.components.datasets import IGNORE_INDEX, DataConfig, build_dataloader, build_tokenizer
-from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id, chat_prompt_ids, chat_template_of
+from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id, chat_template_of
 from nemo_lite.components.datasets.default_chat import generate_conversations
 
 # A Llama-3-style template (written for this test): header tokens, <|eot_id|> ends every turn, no
@@ -346,7 +346,7 @@ def test_default_conversation_set_is_deterministic_and_varied():
 
 
 def test_chat_prompt_ends_with_the_generation_prompt(smollm2_tokenizer):
-    text = smollm2_tokenizer.decode(chat_prompt_ids(smollm2_tokenizer, "What is 2 plus 2?"))
+    text = smollm2_tokenizer.decode(encoder(smollm2_tokenizer).prompt_ids("What is 2 plus 2?"))
     assert text.endswith("<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -446,6 +446,17 @@ def test_chat_template_file_replaces_the_tokenizers(tmp_path, llama_style_dir, l
 
 
 # -- a chat run ---------------------------------------------------------------------------------
+def test_a_chat_loader_samples_one_user_turn_and_stops_at_the_end_of_a_turn(tmp_path, llama_style_dir, llama_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", generate_conversations(20))
+    loader = build_dataloader(chat_config(path, llama_style_dir))
+    eot = llama_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert loader.record_kind == "chat" and loader.end_id == eot and loader.eos_id != eot
+    assert loader.tokenizer.decode(loader.prompt_ids("What is 2 plus 2?")) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 plus 2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
 def test_a_chat_run_masks_by_the_delimiter_and_samples_through_the_template(tmp_path, llama_style_dir, llama_tokenizer):
     from recipe_utils import tiny_config
 

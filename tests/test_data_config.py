@@ -25,6 +25,7 @@ PACKAGE = "nemo_lite.components.datasets"
 PRETRAIN_DATA = {
     "source": "default",
     "data_format": None,
+    "kind": None,
     "text_field": "text",
     "prompt_field": None,
     "response_field": None,
@@ -101,6 +102,7 @@ def test_the_defaults_are_the_recipe_defaults():
 
 # Conversations exclude prompt/response pairs: their keys are set on their own.
 CHAT_FIELDS_YAML = """
+kind: chat
 messages_field: conversation
 chat_template: template.jinja
 """

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from nemo_lite.components.datasets import Document, ListSource, PackedDataLoader
+from nemo_lite.components.datasets import Document, PackedDataLoader
+from nemo_lite.testing.data import ListSource
 
 EOS = 0
 

@@ -23,8 +23,8 @@ from nemo_lite.components.datasets import (  # noqa: E402
     pack_documents,
     resolve_eos_id,
 )
-from nemo_lite.components.datasets import sources as sources_module  # noqa: E402
 from nemo_lite.components.datasets.default_corpus import shipped_tokenizer_file  # noqa: E402
+from nemo_lite.components.datasets.text import TextEncoder  # noqa: E402
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -284,5 +284,5 @@ def test_warm_run_does_not_tokenize(tmp_path, monkeypatch):
     def fail(self, table):
         raise AssertionError("tokenized again on a warm run")
 
-    monkeypatch.setattr(sources_module._Encoder, "__call__", fail)
+    monkeypatch.setattr(TextEncoder, "__call__", fail)
     assert_same(list(itertools.islice(build_dataloader(config(tmp_path, path)), 3)), first)

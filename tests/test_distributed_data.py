@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from nemo_lite.components.datasets import ListSource, PackedDataLoader
+from nemo_lite.components.datasets import PackedDataLoader
+from nemo_lite.testing.data import ListSource
 
 EOS = 0
 

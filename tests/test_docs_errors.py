@@ -286,7 +286,7 @@ def _no_eos_tokenizer(tmp):
 
 def _quick_trainer(run_dir: Path, steps: int = 4, **trainer_settings):
     """The tiny model on synthetic batches (nothing to tokenize), saving every 2 steps."""
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.testing.data import SyntheticPackedLoader
     from nemo_lite.training.trainer import Trainer
 
     cfg = tiny_config(run_dir, "sdpa", steps=steps)
@@ -368,7 +368,7 @@ def _disk_full_during_a_save(tmp):
         if trainer.step == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    from nemo_lite.testing.faults import after_each_checkpoint_file
+    from nemo_lite.testing.hooks import after_each_checkpoint_file
 
     with after_each_checkpoint_file(full):
         trainer.fit()
@@ -403,7 +403,7 @@ def _no_usable_checkpoint(tmp):
 
 
 def _resume_with_another_shape(tmp):
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.testing.data import SyntheticPackedLoader
     from nemo_lite.training.trainer import Trainer
 
     _quick_trainer(tmp / "run").fit()
@@ -543,6 +543,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     ),
     "has no EOS token and DataConfig.eos_id is not set": fit_error({"data.tokenizer": _no_eos_tokenizer}),
     "eos_id=1000000 is outside the vocabulary": fit_error({"data.eos_id": 10**6}),
+    "unknown record kind DataConfig.kind='pairs'": fit_error({"data.kind": "pairs"}),
     "data.tokenizer=model needs model.pretrained_path": call_error(_tokenizer_model_without_a_checkpoint),
     # checkpoints (docs/reliability.md, docs/models.md)
     "missing tensors: model.layers.1.mlp.up_proj.weight": fit_error(

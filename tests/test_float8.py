@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 from nemo_lite.components.models import LlamaForCausalLM, family_of_preset, get_preset
-from nemo_lite.testing.faults import after_each_step
+from nemo_lite.testing.data import SyntheticPackedLoader
+from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.config import ConfigError, Float8Section, RecipeConfig, validate
 from nemo_lite.training.converters.float8 import Float8Converter, float8_keep_reason, float8_missing
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.metrics import read_metrics
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
 from nemo_lite.components.models import family_of_preset
-from nemo_lite.testing.faults import after_each_step
+from nemo_lite.testing.data import SyntheticPackedLoader
+from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.config import Float8Section, RecipeConfig
 from nemo_lite.training.converters.float8 import Float8Converter
 from nemo_lite.training.fast import FastStep

@@ -11,8 +11,8 @@ import signal
 import pytest
 import torch
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
-from nemo_lite.testing.faults import after_each_step
+from nemo_lite.testing.data import SyntheticPackedLoader
+from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.fast import FastStep
 from nemo_lite.training.fast import step as fast_step_module

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao is not installed (pip install 'nemo_lite[float8]')"
 )
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader  # noqa: E402
 from nemo_lite.components.models import family_of_preset  # noqa: E402
 from nemo_lite.components.models.hf import to_hf_key  # noqa: E402
-from nemo_lite.testing.faults import after_each_step  # noqa: E402
+from nemo_lite.testing.data import SyntheticPackedLoader  # noqa: E402
+from nemo_lite.testing.hooks import after_each_step  # noqa: E402
 from nemo_lite.testing.lora import read_adapter_dir  # noqa: E402
 from nemo_lite.training import trainer as trainer_module  # noqa: E402
 from nemo_lite.training.config import RecipeConfig  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from recipe_utils import tiny_config
 
 from nemo_lite.components.attention import list_attention_backends
-from nemo_lite.testing.faults import after_each_step
+from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.metrics import read_metrics
 from nemo_lite.training.trainer import Trainer
 

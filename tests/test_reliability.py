@@ -13,7 +13,7 @@ import pytest
 import torch
 from recipe_utils import tiny_config
 
-from nemo_lite.testing.faults import after_each_step
+from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate_for_device
 from nemo_lite.training.metrics import read_metrics
@@ -225,7 +225,7 @@ def test_non_finite_weights_stop_the_run_and_are_never_saved(tmp_path, step_impl
 def test_non_finite_weights_stop_the_run_on_the_gpu(tmp_path, step_impl):
     """On a GPU the weight check is queued behind the update (the fast step's Triton AdamW included) and
     read with the next step's values; the run stops before any save from those weights."""
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+    from nemo_lite.testing.data import SyntheticPackedLoader
 
     cfg = tiny_config(tmp_path, "sdpa", steps=8)
     t = cfg.trainer

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recipe_utils import tiny_config
 
-from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
-from nemo_lite.testing.faults import after_each_checkpoint_file
+from nemo_lite.testing.data import SyntheticPackedLoader
+from nemo_lite.testing.hooks import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.metrics import read_metrics
 from nemo_lite.training.trainer import Trainer

@@ -10,7 +10,7 @@ from attention_reference import reference_allowed
 
 from nemo_lite.components.attention import get_attention_backend
 from nemo_lite.components.datasets.config import DataConfig
-from nemo_lite.testing.faults import after_each_checkpoint_file
+from nemo_lite.testing.hooks import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor

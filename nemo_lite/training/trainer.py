@@ -131,7 +131,8 @@ def apply_activation_checkpointing(blocks) -> None:
 class Trainer:
     def __init__(self, cfg: Any, *, dist_info: DistInfo | None = None, train_loader: Any = None) -> None:
         """``train_loader`` replaces the configured data (benchmarks, tests): an iterable of batches
-        with ``eos_id``, ``vocab_size``, ``tokenizer``, ``state_dict()`` and ``load_state_dict()``."""
+        with ``eos_id``, ``vocab_size``, ``tokenizer``, ``state_dict()`` and ``load_state_dict()``, and for
+        sampling and the export ``prompt_ids(text)``, ``end_id`` and ``record_kind`` (as ``PackedDataLoader``)."""
         self.cfg = as_recipe_config(cfg)
         self._given_loader = train_loader
         validate(self.cfg)
@@ -833,37 +834,21 @@ class Trainer:
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"
             self.tokenizer.save_pretrained(str(tokenizer_dir))
-        model.config.eos_token_id = self._end_id()
+        model.config.eos_token_id = self.train_loader.end_id
         path = model.save_pretrained(self.run_dir / "hf", tokenizer_dir=tokenizer_dir)
         self._log(f"exported a Hugging Face checkpoint to {path}")
         return path
 
-    def _chat(self) -> bool:
-        return self._given_loader is None and self.cfg.data.messages_field is not None
-
-    def _end_id(self) -> int:
-        """Where generation stops: the EOS, or in a chat run the end of a turn (the tokenizer's EOS; the
-        document delimiter ``self.eos_id`` is then a token the chat template never writes)."""
-        end = getattr(self.tokenizer, "eos_token_id", None) if self._chat() else None
-        return self.eos_id if end is None else end
-
     def sample(self, prompt: str, max_new_tokens: int, model=None) -> str:
-        """Greedy continuation of ``prompt``; in a chat run (``data.messages_field``) ``prompt`` is one user turn,
-        rendered with the chat template and its generation prompt, and the answer ends at the end of the turn."""
+        """Greedy continuation of ``prompt``, encoded and stopped by the loader's record kind (in a chat run one
+        user turn, rendered with the chat template and its generation prompt, ending at the end of the turn)."""
         from nemo_lite.components.models import generate
 
-        if self._chat():
-            from nemo_lite.components.datasets.chat import chat_prompt_ids
-
-            ids = chat_prompt_ids(self.tokenizer, prompt)
-        else:
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.eos_id]
-        input_ids = torch.tensor([ids], device=self.device)
+        input_ids = torch.tensor([self.train_loader.prompt_ids(prompt)], device=self.device)
         with self._autocast():
-            out = generate(model or self.raw_model, input_ids, max_new_tokens, eos_token_id=self._end_id())
+            out = generate(model or self.raw_model, input_ids, max_new_tokens, eos_token_id=self.train_loader.end_id)
         text = self.tokenizer.decode(out[0].tolist())
-        kind = "chat, " if self._chat() else ""
-        self._log(f"sample ({kind}greedy, {max_new_tokens} tokens): {text!r}")
+        self._log(f"sample ({self.train_loader.record_kind}, greedy, {max_new_tokens} tokens): {text!r}")
         return text
 
 

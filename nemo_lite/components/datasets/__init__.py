@@ -13,8 +13,12 @@ The trainer's entry points::
     for batch in loader:  # {"input_ids", "labels", "position_ids"}: CPU int64 [B, S]
         ...
     state = loader.state_dict()  # save with the checkpoint; loader.load_state_dict(state) resumes
+    loader.prompt_ids("Hello"), loader.end_id  # what sampling the trained model needs
+
+Importing this package registers the built-in record kinds, ``text``, ``chat`` and ``token_ids`` (``kinds.py``).
 """
 
+from nemo_lite.components.datasets import chat, text, token_ids  # noqa: F401  (registers the record kinds)
 from nemo_lite.components.datasets.config import DataConfig, resolve_data_config
 from nemo_lite.components.datasets.default_corpus import (
     DEFAULT_EOS_TOKEN,
@@ -22,7 +26,16 @@ from nemo_lite.components.datasets.default_corpus import (
     default_corpus_file,
     default_tokenizer_file,
 )
-from nemo_lite.components.datasets.documents import Document, DocumentSource, ListSource
+from nemo_lite.components.datasets.documents import Document, DocumentSource
+from nemo_lite.components.datasets.kinds import (
+    RecordEncoder,
+    UnknownRecordKindError,
+    build_encoder,
+    list_record_kinds,
+    record_kind,
+    register_record_kind,
+    unregister_record_kind,
+)
 from nemo_lite.components.datasets.loader import PackedDataLoader, build_dataloader
 from nemo_lite.components.datasets.packing import (
     IGNORE_INDEX,
@@ -40,16 +53,22 @@ __all__ = [
     "Document",
     "DocumentPacker",
     "DocumentSource",
-    "ListSource",
     "PackedDataLoader",
     "PackedRow",
+    "RecordEncoder",
+    "UnknownRecordKindError",
     "build_dataloader",
+    "build_encoder",
     "build_tokenizer",
     "cache_dir",
     "collate_rows",
     "default_corpus_file",
     "default_tokenizer_file",
+    "list_record_kinds",
     "pack_documents",
+    "record_kind",
+    "register_record_kind",
     "resolve_data_config",
     "resolve_eos_id",
+    "unregister_record_kind",
 ]

@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import Document
+from nemo_lite.components.datasets.kinds import register_record_kind
 
 CHAT_TOKENIZED_VERSION = "nemo_lite-chat-v1"
 ASSISTANT = "assistant"
@@ -159,12 +161,17 @@ def _check_messages(value: Any, where: str) -> list[dict]:
     return messages
 
 
+@register_record_kind("chat")
 class ChatEncoder:
-    """Conversations (one column of message lists) -> ``Document`` (ids, trainable mask).
+    """Conversations (one column of message lists) -> ``Document`` (ids, trainable mask): a
+    :class:`~kinds.RecordEncoder`.
 
     Picklable, for ``datasets.map``. ``max_tokens`` cuts longer conversations (the packer needs the
-    conversation and its delimiter in one row). Same interface as ``sources._Encoder``.
+    conversation and its delimiter in one row). Documents end with ``delimiter_id`` in the rows;
+    generation stops at the tokenizer's EOS, the end of a turn.
     """
+
+    has_prompts = whole_documents = True
 
     def __init__(
         self, tokenizer: Any, field: str, *, template: str, delimiter_id: int, max_tokens: int, description: str
@@ -172,13 +179,33 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.fields = [field]
         self.template = template
-        self.delimiter_id = delimiter_id
+        self.delimiter_id = self.eos_id = delimiter_id
+        end = getattr(tokenizer, "eos_token_id", None)
+        self.end_id = delimiter_id if end is None else end
         self.max_tokens = max_tokens
         self.description = description
         self.generation_blocks = uses_generation_blocks(template)
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         self._special = tuple(sorted({str(t) for t in added.values()} | set(tokenizer.all_special_tokens), key=len))
         self._warned_truncation = False
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, tokenizer: Any, *, description: str) -> ChatEncoder:
+        if cfg.messages_field is None:
+            raise ValueError(
+                "DataConfig.kind=chat reads conversations from DataConfig.messages_field; set it to the field that "
+                "holds each conversation's messages"
+            )
+        template = chat_template_of(tokenizer, cfg.chat_template)
+        tokenizer.chat_template = template  # the one the exported tokenizer carries
+        return cls(
+            tokenizer,
+            cfg.messages_field,
+            template=template,
+            delimiter_id=chat_delimiter_id(tokenizer, template, cfg.eos_id),
+            max_tokens=cfg.seq_len - 1,
+            description=description,
+        )
 
     # -- one conversation -----------------------------------------------------------------------
     def _where(self, index: int) -> str:
@@ -281,7 +308,21 @@ class ChatEncoder:
             return [], [], truncated
         return ids, trainable, truncated
 
-    # -- columns (the sources' encoder interface) -----------------------------------------------
+    # -- the RecordEncoder protocol -------------------------------------------------------------
+    def check_columns(self, columns: Sequence[str], features: Any, description: str) -> None:
+        """The messages column exists and holds lists (each conversation is checked when encoded)."""
+        field = self.fields[0]
+        if field not in columns:
+            raise ValueError(
+                f"field {field!r} is not in {description}; its fields are {list(columns)}. Set "
+                "DataConfig.messages_field to the field that holds each conversation's messages"
+            )
+        feature = features[field] if features is not None else None
+        if feature is not None and not isinstance(feature, list) and not hasattr(feature, "feature"):
+            raise ValueError(
+                f"field {field!r} of {description} holds {feature}, not lists of {{'role', 'content'}} messages"
+            )
+
     def columns(self, table: Any) -> list[list]:
         return [table.column(self.fields[0]).to_pylist()]
 
@@ -315,6 +356,10 @@ class ChatEncoder:
             }
         )
 
+    def read(self, table: Any) -> list[Document]:
+        ids, trainable = table.column("input_ids").to_pylist(), table.column("trainable").to_pylist()
+        return [Document(d, 0, 0, t) for d, t in zip(ids, trainable, strict=True)]
+
     def cache_key(self) -> str:
         template = hashlib.sha256(self.template.encode()).hexdigest()
         return repr((CHAT_TOKENIZED_VERSION, self.fields, template, self.delimiter_id, self.max_tokens))
@@ -334,6 +379,11 @@ class ChatEncoder:
                 stacklevel=3,
             )
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """``text`` as one user turn, rendered with the chat template and its generation prompt."""
+        messages = [{"role": "user", "content": text}]
+        return _ids(self.tokenizer, _render(self.tokenizer, self.template, messages, generation_prompt=True))
+
 
 def _truncation_message(description: str, count: int | None, max_tokens: int) -> str:
     what = f"{count} conversations are" if count is not None else "conversations are"
@@ -341,9 +391,3 @@ def _truncation_message(description: str, count: int | None, max_tokens: int) ->
         f"{description}: {what} longer than seq_len - 1 = {max_tokens} tokens and cut there (a conversation and its "
         "delimiter must fit in one row); raise DataConfig.seq_len to keep them whole"
     )
-
-
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """``prompt`` as one user turn, rendered with the tokenizer's chat template and its generation prompt."""
-    template = chat_template_of(tokenizer)
-    return _ids(tokenizer, _render(tokenizer, template, [{"role": "user", "content": prompt}], generation_prompt=True))

@@ -35,6 +35,11 @@ class DataConfig:
     # Format of local files: one of DATA_FORMATS; None = from the extension (.txt/.md -> text,
     # .json/.jsonl -> json, .parquet -> parquet, .csv -> csv; .gz/.zst/.bz2/.xz are looked through).
     data_format: str | None = None
+    # Record kind: how a record becomes a document, registered by name in kinds.py ("text": a text
+    # column or prompt/response columns; "chat": a column of conversations; "token_ids": pre-tokenized
+    # {"input_ids": [...]} records; docs/data.md, "Record kinds"). None = "chat" when messages_field
+    # is set, else "text".
+    kind: str | None = None
     # Column (field) that holds a document's text. For text files it is always "text".
     text_field: str = "text"
     # Fine-tuning data: a prompt column and a response column. A document is then

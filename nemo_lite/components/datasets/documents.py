@@ -1,16 +1,14 @@
 """What the loader reads: ``Document``, the ``DocumentSource`` protocol, and the per-epoch order.
 
 Both ends import this module: ``sources`` (documents from files and hub datasets) builds sources,
-``loader`` reads them. ``ListSource`` is the in-memory source (tests, small experiments).
+``loader`` reads them. (``nemo_lite.testing.data.ListSource`` is an in-memory source for tests.)
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol
-
-from nemo_lite.components.datasets.packing import _as_document
 
 
 class Document(NamedTuple):
@@ -43,26 +41,3 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     order = list(range(n))
     random.Random(f"nemo_lite/shuffle/{seed}/{epoch}").shuffle(order)
     return order
-
-
-class ListSource:
-    """Documents held in memory: id lists, or ``(ids, prompt_len)`` pairs."""
-
-    def __init__(
-        self,
-        documents: Sequence[Sequence[int] | tuple[Sequence[int], int]],
-        *,
-        shuffle: bool = False,
-        seed: int = 0,
-        description: str = "in-memory documents",
-    ) -> None:
-        self._docs = [_as_document(d) for d in documents]
-        self.shuffle, self.seed, self.description = shuffle, seed, description
-        self.has_prompts = any(p for _, p in self._docs)
-        self.whole_documents = False
-
-    def documents(self, epoch: int, start: int) -> Iterator[Document]:
-        order = epoch_order(len(self._docs), epoch, self.seed) if self.shuffle else range(len(self._docs))
-        for i in order[start:]:
-            ids, prompt_len = self._docs[i]
-            yield Document(list(ids), prompt_len)

@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from nemo_lite.components.datasets.chat import chat_delimiter_id, chat_template_of
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import DocumentSource
+from nemo_lite.components.datasets.kinds import RecordEncoder
 from nemo_lite.components.datasets.packing import DocumentPacker, _BufferView, collate_rows
 from nemo_lite.components.datasets.sources import build_document_source
-from nemo_lite.components.datasets.tokenizer import build_tokenizer, resolve_eos_id
+from nemo_lite.components.datasets.tokenizer import build_tokenizer
 
 STATE_VERSION = 1
 _SUPERSEDED = (
@@ -49,6 +49,9 @@ class PackedDataLoader:
 
     Iterating again continues from the current state (the last batch handed out); use
     ``load_state_dict`` to resume from a checkpoint and ``reset`` to go back to the start.
+
+    Sampling the trained model reads ``prompt_ids(text)``, ``end_id`` and ``record_kind``, which come
+    from the record kind's ``encoder`` (``build_dataloader`` passes the source's).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class PackedDataLoader:
         pin_memory: bool = False,
         tokenizer: Any = None,
         vocab_size: int | None = None,
+        encoder: RecordEncoder | None = None,
     ) -> None:
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
@@ -84,12 +88,35 @@ class PackedDataLoader:
         self.prefetch = prefetch
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.encoder = encoder
         self.pin_memory = pin_memory and torch.cuda.is_available()
         if pin_memory and not self.pin_memory:
             warnings.warn("pin_memory=True ignored: CUDA is not available", stacklevel=2)
         self._active: _Prefetcher | None = None
         self._generation = 0  # bumped by every iter(), load_state_dict(), reset(): older iterators stop
         self._state = self._initial_state()
+
+    # -- sampling -----------------------------------------------------------------------------
+    @property
+    def record_kind(self) -> str | None:
+        """The record kind of the data (``"text"``, ``"chat"``, ...); None without an encoder."""
+        return None if self.encoder is None else self.encoder.kind
+
+    @property
+    def end_id(self) -> int:
+        """Where generation stops: the EOS, or in a chat run the end of a turn (the document delimiter
+        ``eos_id`` is then a token the chat template never writes)."""
+        return self.eos_id if self.encoder is None else self.encoder.end_id
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """``text`` as the ids a sample starts from: its tokens, or in a chat run one user turn rendered with
+        the chat template and its generation prompt."""
+        if self.encoder is None:
+            raise ValueError(
+                f"this loader of {self.source.description} has no record encoder, so it cannot encode a prompt; "
+                "build it with build_dataloader (or pass encoder=)"
+            )
+        return self.encoder.prompt_ids(text)
 
     # -- state --------------------------------------------------------------------------------
     @staticmethod
@@ -331,17 +358,12 @@ def build_dataloader(cfg: DataConfig, *, split: str = "train", rank: int = 0, wo
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     tokenizer = build_tokenizer(cfg)
-    if cfg.messages_field is not None:  # conversations are delimited by a token their template never writes
-        tokenizer.chat_template = chat_template_of(tokenizer, cfg.chat_template)  # the one samples use too
-        eos_id = chat_delimiter_id(tokenizer, tokenizer.chat_template, cfg.eos_id)
-    else:
-        eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
     source = build_document_source(cfg, tokenizer, split=split)
     return PackedDataLoader(
         source,
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
-        eos_id=eos_id,
+        eos_id=source.encoder.eos_id,
         rank=rank,
         world_size=world_size,
         position_ids=cfg.position_ids,
@@ -351,4 +373,5 @@ def build_dataloader(cfg: DataConfig, *, split: str = "train", rank: int = 0, wo
         pin_memory=torch.cuda.is_available() if cfg.pin_memory is None else cfg.pin_memory,
         tokenizer=tokenizer,
         vocab_size=len(tokenizer),
+        encoder=source.encoder,
     )

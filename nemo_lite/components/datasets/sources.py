@@ -10,19 +10,18 @@ import glob
 import hashlib
 import os
 import random
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id, chat_template_of
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.default_chat import DEFAULT_CHAT_SOURCE, default_chat_file
 from nemo_lite.components.datasets.default_corpus import default_corpus_file
 from nemo_lite.components.datasets.documents import Document, epoch_order
+from nemo_lite.components.datasets.kinds import RecordEncoder, build_encoder
 
 if TYPE_CHECKING:
     import datasets
@@ -40,7 +39,6 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
 _READ_CHUNK = 1024  # documents fetched from arrow at a time
 _ENCODE_CHUNK = 256  # documents tokenized together when streaming
 _MAP_BATCH = 1000
-_TOKENIZED_VERSION = "nemo_lite-tokenized-v1"
 
 
 # -- resolving `source` -----------------------------------------------------------------------
@@ -167,127 +165,11 @@ def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool) -> Any:
         raise ValueError(f"could not read {spec.description}: {type(e).__name__}: {e}") from e
 
 
-# -- text -> ids ------------------------------------------------------------------------------
-def _column_texts(column: Any) -> list[str]:
-    """An arrow string column as Python strings; invalid UTF-8 (which pyarrow's json and parquet
-    readers let through) is replaced with U+FFFD instead of raising; null -> ""."""
-    import pyarrow as pa
-
-    try:
-        values = column.to_pylist()
-    except UnicodeDecodeError:
-        values = [None if b is None else b.decode("utf-8", "replace") for b in column.cast(pa.binary()).to_pylist()]
-    return ["" if v is None else v for v in values]
-
-
-class _Encoder:
-    """Text columns -> (ids, prompt_len, replaced_chars) per document. Picklable (datasets.map).
-
-    The sources read an encoder through ``fields``, ``columns`` (a table's values), ``documents``
-    (records -> Documents, streaming), ``__call__`` (datasets.map), ``features``, ``cache_key`` and
-    ``report``; ``chat.ChatEncoder`` is the other one (conversations).
-    """
-
-    def __init__(self, tokenizer: Any, fields: list[str], *, parse_special_tokens: bool, mask_prompt: bool) -> None:
-        self.tokenizer = tokenizer
-        self.fields = fields
-        self.parse_special_tokens = parse_special_tokens
-        self.mask_prompt = mask_prompt
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            split_special_tokens=not self.parse_special_tokens,
-            return_attention_mask=False,
-            verbose=False,
-        )["input_ids"]
-
-    def encode_columns(self, columns: list[list[str]]) -> tuple[list[list[int]], list[int], list[int]]:
-        replaced = [sum(text.count("\ufffd") for text in texts) for texts in zip(*columns, strict=True)]
-        if len(columns) == 1:
-            ids = self._encode(columns[0])
-            return ids, [0] * len(ids), replaced
-        prompts, responses = self._encode(columns[0]), self._encode(columns[1])
-        ids = [p + r for p, r in zip(prompts, responses, strict=True)]
-        prompt_lens = [len(p) if self.mask_prompt else 0 for p in prompts]
-        return ids, prompt_lens, replaced
-
-    def columns(self, table: Any) -> list[list[str]]:
-        return [_column_texts(table.column(f)) for f in self.fields]
-
-    def documents(self, records: Sequence[tuple[str, ...]], indices: Sequence[int]) -> list[Document]:
-        ids, prompt_lens, replaced = self.encode_columns([list(c) for c in zip(*records, strict=True)])
-        return [Document(ids[k], prompt_lens[k], replaced[k]) for k in range(len(ids))]
-
-    def __call__(self, table: Any, indices: list[int]) -> dict[str, list]:
-        ids, prompt_lens, replaced = self.encode_columns(self.columns(table))
-        return {"input_ids": ids, "prompt_len": prompt_lens, "replaced_chars": replaced}
-
-    def features(self) -> Any:
-        import datasets
-
-        return datasets.Features(
-            {
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "prompt_len": datasets.Value("int32"),
-                "replaced_chars": datasets.Value("int32"),
-            }
-        )
-
-    def cache_key(self) -> str:
-        return "\n".join([_TOKENIZED_VERSION, repr(self.fields), repr((self.parse_special_tokens, self.mask_prompt))])
-
-    def report(self, tokenized: Any, description: str) -> None:
-        import pyarrow.compute as pc
-
-        replaced = pc.sum(tokenized.data.column("replaced_chars")).as_py() or 0
-        if replaced:
-            warnings.warn(
-                f"{description}: {replaced} characters are U+FFFD (undecodable bytes replaced, or already in the text)",
-                stacklevel=3,
-            )
-
-
+# -- the tokenizer's part of the cache key ----------------------------------------------------
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
-
-
-def _check_fields(columns: Iterable[str] | None, features: Any, fields: list[str], description: str) -> None:
-    if columns is None:
-        return
-    columns = list(columns)
-    for f in fields:
-        if f not in columns:
-            key = "text_field" if len(fields) == 1 else "prompt_field/response_field"
-            raise ValueError(
-                f"field {f!r} is not in {description}; its fields are {columns}. Set DataConfig.{key} to "
-                "the field that holds the text"
-            )
-        feature = features[f] if features is not None else None
-        dtype = getattr(feature, "dtype", "string")
-        if dtype not in ("string", "large_string"):
-            raise ValueError(f"field {f!r} of {description} holds {feature}, not text")
-
-
-def _check_messages_field(columns: Iterable[str] | None, features: Any, fields: list[str], description: str) -> None:
-    """The messages column exists and holds lists (each conversation's messages are checked when encoded)."""
-    if columns is None:
-        return
-    columns = list(columns)
-    field = fields[0]
-    if field not in columns:
-        raise ValueError(
-            f"field {field!r} is not in {description}; its fields are {columns}. Set DataConfig.messages_field to "
-            "the field that holds each conversation's messages"
-        )
-    feature = features[field] if features is not None else None
-    if feature is not None and not isinstance(feature, list) and not hasattr(feature, "feature"):
-        raise ValueError(
-            f"field {field!r} of {description} holds {feature}, not lists of {{'role', 'content'}} messages"
-        )
 
 
 # -- held-out validation documents ------------------------------------------------------------
@@ -312,25 +194,26 @@ def _split_indices(n: int, fraction: Fraction, held_out: bool) -> Sequence[int]:
 
 # -- the two document sources -----------------------------------------------------------------
 class TokenizedSource:
-    """An in-memory (memory-mapped arrow) dataset tokenized ahead of training and cached on disk."""
+    """An in-memory (memory-mapped arrow) dataset tokenized ahead of training and cached on disk;
+    ``encoder`` (the one that tokenized it) reads its rows back as documents."""
 
     def __init__(
         self,
         tokenized: datasets.Dataset,
         indices: Sequence[int],
+        encoder: RecordEncoder,
         *,
         shuffle: bool,
         seed: int,
         description: str,
-        has_prompts: bool,
-        whole_documents: bool = False,
     ) -> None:
         self._ds = tokenized.with_format("arrow")
         self._indices = indices
+        self.encoder = encoder
         self.shuffle, self.seed = shuffle, seed
         self.description = description
-        self.has_prompts = has_prompts
-        self.whole_documents = whole_documents
+        self.has_prompts = encoder.has_prompts
+        self.whole_documents = encoder.whole_documents
         self._order_cache: tuple[int, Sequence[int]] | None = None
 
     @property
@@ -353,15 +236,7 @@ class TokenizedSource:
                 table = self._ds[chunk.start : chunk.stop]
             else:
                 table = self._ds[list(chunk)]
-            ids = table.column("input_ids").to_pylist()
-            if "trainable" in table.column_names:  # conversations
-                for doc_ids, trainable in zip(ids, table.column("trainable").to_pylist(), strict=True):
-                    yield Document(doc_ids, 0, 0, trainable)
-                continue
-            prompt_lens = table.column("prompt_len").to_pylist()
-            replaced = table.column("replaced_chars").to_pylist()
-            for k in range(len(ids)):
-                yield Document(ids[k], prompt_lens[k], replaced[k])
+            yield from self.encoder.read(table)
 
 
 class StreamingSource:
@@ -375,29 +250,27 @@ class StreamingSource:
     def __init__(
         self,
         stream: datasets.IterableDataset,
-        encoder: Any,
+        encoder: RecordEncoder,
         *,
         held_out: tuple[Fraction, bool],
         shuffle: bool,
         shuffle_buffer: int,
         seed: int,
         description: str,
-        has_prompts: bool,
-        whole_documents: bool = False,
     ) -> None:
         self._stream = stream.with_format("arrow")
-        self._encoder = encoder
+        self.encoder = encoder
         self._fraction, self._want_held_out = held_out
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.description = description
-        self.has_prompts = has_prompts
-        self.whole_documents = whole_documents
+        self.has_prompts = encoder.has_prompts
+        self.whole_documents = encoder.whole_documents
 
     def _records(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
         """(index in the source, the record's field values)."""
         index = 0
         for table in self._stream.iter(batch_size=_READ_CHUNK):
-            for record in zip(*self._encoder.columns(table), strict=True):
+            for record in zip(*self.encoder.columns(table), strict=True):
                 if self._fraction == 0 or _is_held_out(index, self._fraction) == self._want_held_out:
                     yield index, record
                 index += 1
@@ -408,7 +281,7 @@ class StreamingSource:
             records = _shuffle_buffer(records, self.shuffle_buffer, f"nemo_lite/stream/{self.seed}/{epoch}")
         records = islice(records, start, None)
         while chunk := list(islice(records, _ENCODE_CHUNK)):
-            yield from self._encoder.documents([r for _, r in chunk], [i for i, _ in chunk])
+            yield from self.encoder.documents([r for _, r in chunk], [i for i, _ in chunk])
 
 
 def _shuffle_buffer(items: Iterator[Any], size: int, seed: str) -> Iterator[Any]:
@@ -429,7 +302,8 @@ def _shuffle_buffer(items: Iterator[Any], size: int, seed: str) -> Iterator[Any]
 def build_document_source(
     cfg: DataConfig, tokenizer: Any, *, split: str = "train"
 ) -> TokenizedSource | StreamingSource:
-    """The documents of ``split`` ("train" or "validation") as a loader source."""
+    """The documents of ``split`` ("train" or "validation") as a loader source; its ``encoder`` (of the
+    record kind ``cfg`` chooses, ``kinds.build_encoder``) turns records into documents."""
     fraction = _held_out_fraction(cfg.validation_fraction)
     validation = split == "validation"
     if not validation or fraction > 0:
@@ -445,27 +319,7 @@ def build_document_source(
             )
         hub_split, held_out = cfg.validation_split, (Fraction(0), False)
     description = spec.description + (f", {split} split" if fraction > 0 or validation else "")
-    encoder: Any
-    if cfg.messages_field is not None:  # conversations: each one whole in a row, loss on the assistant only
-        template = chat_template_of(tokenizer, cfg.chat_template)
-        fields = [cfg.messages_field]
-        encoder = ChatEncoder(
-            tokenizer,
-            cfg.messages_field,
-            template=template,
-            delimiter_id=chat_delimiter_id(tokenizer, template, cfg.eos_id),
-            max_tokens=cfg.seq_len - 1,
-            description=description,
-        )
-        has_prompts = whole_documents = True
-    else:
-        fields = [cfg.prompt_field, cfg.response_field] if cfg.prompt_field else [cfg.text_field]
-        encoder = _Encoder(
-            tokenizer, fields, parse_special_tokens=cfg.parse_special_tokens, mask_prompt=cfg.mask_prompt_labels
-        )
-        has_prompts = cfg.prompt_field is not None and cfg.mask_prompt_labels
-        whole_documents = False
-    check_fields = _check_messages_field if cfg.messages_field is not None else _check_fields
+    encoder = build_encoder(cfg, tokenizer, description=description)
     shuffle = cfg.shuffle and not validation
 
     raw = _load(spec, cfg, hub_split, cfg.streaming)
@@ -476,7 +330,7 @@ def build_document_source(
             if first is None:
                 raise ValueError(f"no documents in {description}")
             columns, features = first.column_names, None
-        check_fields(columns, features, fields, description)
+        encoder.check_columns(columns, features, description)
         return StreamingSource(
             raw,
             encoder,
@@ -485,31 +339,21 @@ def build_document_source(
             shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed,
             description=description,
-            has_prompts=has_prompts,
-            whole_documents=whole_documents,
         )
 
     if len(raw) == 0:
         raise ValueError(f"no documents in {description}")
-    check_fields(raw.column_names, raw.features, fields, description)
+    encoder.check_columns(raw.column_names, raw.features, description)
     tokenized = _tokenize(raw, encoder, cfg, description)
     indices = _split_indices(len(tokenized), held_out[0], held_out[1])
     if len(indices) == 0:
         raise ValueError(
             f"no documents in {description} ({len(tokenized)} documents, validation_fraction={cfg.validation_fraction})"
         )
-    return TokenizedSource(
-        tokenized,
-        indices,
-        shuffle=shuffle,
-        seed=cfg.seed,
-        description=description,
-        has_prompts=has_prompts,
-        whole_documents=whole_documents,
-    )
+    return TokenizedSource(tokenized, indices, encoder, shuffle=shuffle, seed=cfg.seed, description=description)
 
 
-def _tokenize(raw: datasets.Dataset, encoder: Any, cfg: DataConfig, description: str) -> datasets.Dataset:
+def _tokenize(raw: datasets.Dataset, encoder: RecordEncoder, cfg: DataConfig, description: str) -> datasets.Dataset:
     """Tokenize every document once (batched, ``num_proc`` processes), cached by datasets.
 
     The cache key is our own: the raw data's fingerprint, the tokenizer's full definition and the

@@ -1,15 +1,43 @@
-"""Packed batches of random tokens with log-normal document lengths: for benchmarks and GPU tests.
+"""Data for tests and benchmarks: documents held in memory, and packed batches of random tokens.
 
-Every batch has a new document layout (so a benchmark sees whether anything recompiles), rows carry
-EOS at document ends and ``position_ids`` that restart per document, exactly like the real loader's.
+``ListSource`` is a ``DocumentSource`` over id lists (the loader's tests). ``SyntheticPackedLoader``
+replaces the configured data in benchmarks and GPU tests (``Trainer(cfg, train_loader=...)``): every
+batch has a new document layout (so a benchmark sees whether anything recompiles), rows carry EOS at
+document ends and ``position_ids`` that restart per document, exactly like the real loader's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from nemo_lite.components.datasets.documents import Document, epoch_order
+from nemo_lite.components.datasets.packing import _as_document
+
+
+class ListSource:
+    """Documents held in memory: id lists, or ``(ids, prompt_len)`` pairs."""
+
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int] | tuple[Sequence[int], int]],
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        description: str = "in-memory documents",
+    ) -> None:
+        self._docs = [_as_document(d) for d in documents]
+        self.shuffle, self.seed, self.description = shuffle, seed, description
+        self.has_prompts = any(p for _, p in self._docs)
+        self.whole_documents = False
+
+    def documents(self, epoch: int, start: int) -> Iterator[Document]:
+        order = epoch_order(len(self._docs), epoch, self.seed) if self.shuffle else range(len(self._docs))
+        for i in order[start:]:
+            ids, prompt_len = self._docs[i]
+            yield Document(list(ids), prompt_len)
 
 
 class SyntheticPackedLoader:
@@ -22,6 +50,7 @@ class SyntheticPackedLoader:
     """
 
     tokenizer = None
+    record_kind = "synthetic"
 
     def __init__(
         self,
@@ -41,6 +70,17 @@ class SyntheticPackedLoader:
         self.vocab_size, self.eos_id, self.pin_memory = vocab_size, eos_id, pin_memory
         self.learnable = learnable
         self.index = 0
+
+    # -- what sampling reads (the PackedDataLoader's API) -----------------------------------------
+    @property
+    def end_id(self) -> int:
+        return self.eos_id
+
+    def prompt_ids(self, text: str) -> list[int]:
+        raise ValueError(
+            "SyntheticPackedLoader has no tokenizer (its documents are random ids), so it cannot encode the prompt "
+            f"{text!r}; set trainer.sample_tokens=0"
+        )
 
     def make(self, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

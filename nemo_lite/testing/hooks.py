@@ -1,4 +1,5 @@
-"""Fault injection for tests: something happens after each training step, or after each checkpoint file."""
+"""Code run inside a training run from outside it, for tests and benchmarks: after each step, after each checkpoint
+file (where a test injects a kill or a full disk)."""
 
 from __future__ import annotations
 
