@@ -14,6 +14,7 @@ from typing import Any
 
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.errors import NemoLiteError
+from nemo_lite.training.optimizers import OptimizerConfigError, OptimSection, check_optim
 
 
 class ConfigError(NemoLiteError, ValueError):
@@ -46,17 +47,6 @@ class AttentionSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-
-
-@dataclass
 class TrainerSection:
     max_steps: int = 200
     grad_accum: int = 1
@@ -66,9 +56,9 @@ class TrainerSection:
     device: str = "auto"
     # Autocast dtype on GPU ("bfloat16" | "float32"); master weights stay float32. CPU runs float32.
     autocast_dtype: str = "bfloat16"
-    # The step's implementation: "plain" (torch's AdamW and cross-entropy, the reference), "fast" (fused
-    # kernels and converters, nemo_lite.training.fast; refused where it cannot run) or "auto" (fast where it
-    # can run). Which parts run is printed in one line before training.
+    # The step's implementation (STEP_IMPLS): "plain" (the optimizer and torch's cross-entropy, the reference),
+    # "fast" (fused kernels and module swaps, nemo_lite.training.fast; refused where it cannot run) or "auto"
+    # (fast where it can run). Which parts run is printed in one line before training.
     step_impl: str = "auto"
     # torch.compile each decoder block.
     compile: bool = False
@@ -177,6 +167,12 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
 
 
 PEFT_METHODS = ("none", "lora")
+STEP_IMPLS = ("auto", "fast", "plain")
+
+
+def check_step_impl(impl: str) -> None:
+    """``trainer.step_impl`` is one of :data:`STEP_IMPLS`."""
+    _choice("trainer.step_impl", impl, list(STEP_IMPLS))
 
 
 def check_peft_section(peft: PeftSection) -> None:
@@ -207,7 +203,11 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
-    _choice("trainer.step_impl", cfg.trainer.step_impl, ["auto", "fast", "plain"])
+    check_step_impl(cfg.trainer.step_impl)
+    try:
+        check_optim(cfg.optim)
+    except OptimizerConfigError as err:
+        raise ConfigError(str(err)) from None
     _choice("float8.recipe", cfg.float8.recipe, ["tensorwise", "rowwise"])
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])

@@ -1,46 +1,13 @@
-"""AdamW's parameter groups and state loading, and the learning-rate schedule (linear warmup, then cosine
-decay to a floor). Each training step builds its own optimizer (:mod:`nemo_lite.training.step`)."""
+"""The learning-rate schedule: linear warmup, then cosine decay to a floor. The optimizers themselves are
+the entries of :mod:`nemo_lite.training.optimizers`."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-from torch import nn
 
-from nemo_lite.training.config import OptimSection
-
-
-class OwnKernelFlags:
-    """An optimizer mixin: a loaded state dict keeps this optimizer's kernel flags (``fused``, ``foreach``,
-    ``capturable``), which torch would take from the saved groups, and each ``step`` count goes where this
-    kernel reads it. So a checkpoint of the plain step resumes under the fast one, and the other way round."""
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        kept = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, flags in zip(self.param_groups, kept, strict=True):
-            group.update(flags)
-            on_device = bool(group["fused"] or group["capturable"])
-            for param in group["params"]:
-                state = self.state.get(param, {})
-                if "step" in state:
-                    where = param.device if on_device else torch.device("cpu")
-                    state["step"] = state["step"].to(device=where, dtype=torch.float32)
-
-
-class AdamW(OwnKernelFlags, torch.optim.AdamW):
-    """torch's AdamW, whose loaded state keeps its own kernel flags (:class:`OwnKernelFlags`)."""
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; norms, biases and other vectors are not decayed."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from nemo_lite.training.optimizers import OptimSection
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
