@@ -34,6 +34,7 @@ from nemo_lite.training.optimizers import (
     OptimSection,
     adamw_kwargs,
     build_optimizer,
+    check_optim,
     get_optimizer,
     list_optimizers,
     param_groups,
@@ -43,7 +44,7 @@ from nemo_lite.training.step import nonfinite_flag, update_after_sync
 
 def fast_step_missing(device: torch.device) -> str | None:
     """What the fast step lacks on ``device`` (None: it can run). On a CPU it runs torch's fused AdamW
-    only (its Triton parts need CUDA); ``trainer.step_impl=auto`` keeps the plain step there."""
+    only, with optim=adamw (its Triton parts need CUDA); ``trainer.step_impl=auto`` keeps the plain step there."""
     if device.type not in ("cuda", "cpu"):
         return f"a CUDA device or the CPU (this run is on {device.type})"
     return None
@@ -65,7 +66,7 @@ class FastStep:
         missing = fast_step_missing(device)
         if missing:
             raise ValueError(f"the fast step needs {missing}")
-        entry = get_optimizer(optim.name)
+        entry = check_optim(optim)
         adamw_names = " or ".join(f"optim={n}" for n in list_optimizers() if get_optimizer(n).adamw_compatible)
         not_adamw = "" if entry.adamw_compatible else adamw_names
         triton = "" if importlib.util.find_spec("triton") is not None else "triton"
@@ -114,9 +115,9 @@ class FastStep:
         self.description = head + (f", {on}" if on else "") + (f"; off: {off}" if off else "")
 
     @staticmethod
-    def _refuse_gradient_hooks(model: nn.Module, converted: list[torch.Tensor]) -> None:
+    def _refuse_gradient_hooks(model: nn.Module, swapped: list[torch.Tensor]) -> None:
         """A swapped parameter's gradient never reaches ``.grad``, so hooks on it would never run."""
-        ids = {id(p) for p in converted}
+        ids = {id(p) for p in swapped}
         hooked = [
             name
             for name, p in model.named_parameters()
