@@ -7,6 +7,7 @@ recipe on CPU with a falling loss, resumes exactly, and runs under the fast step
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,10 +274,11 @@ def test_on_a_gpu_the_fast_step_with_muon_keeps_the_triton_loss(monkeypatch):
 
 
 def run(run_dir, steps, *, name="muon", resume=False, save_every=0):
+    """The tiny recipe for ``steps`` steps; the first 6 are warmup, the same for every ``steps`` >= 6."""
     from nemo_lite.training.trainer import Trainer
 
     cfg = tiny_config(run_dir, "sdpa", steps=steps)
-    cfg.optim.name = name
+    cfg.optim.name, cfg.optim.warmup_steps = name, 6
     cfg.trainer.save_every, cfg.trainer.resume = save_every, resume
     cfg.trainer.sample_tokens, cfg.trainer.export_hf, cfg.trainer.val_every = 0, False, 0
     trainer = Trainer(cfg)
@@ -284,22 +286,49 @@ def run(run_dir, steps, *, name="muon", resume=False, save_every=0):
     return trainer
 
 
-def test_optim_muon_trains_with_a_falling_loss_and_resumes_exactly(tmp_path):
-    from nemo_lite.training.metrics import read_metrics
+def compose_pretrain(overrides: list[str]) -> RecipeConfig:
+    """The pretrain recipe's config as the launcher composes it (configs/pretrain.yaml + ``overrides``)."""
+    pytest.importorskip("hydra")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    whole = run(tmp_path / "whole", 30)
-    assert isinstance(whole.optimizer, MuonWithAdamW)
-    losses = [r["loss"] for r in read_metrics(whole.run_dir)]
+    from nemo_lite.training.config import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="pretrain", overrides=overrides))
+
+
+@pytest.mark.slow
+def test_optim_muon_trains_the_default_recipe_with_a_falling_loss(tmp_path):
+    from nemo_lite.training.metrics import read_metrics
+    from nemo_lite.training.trainer import Trainer
+
+    quiet = ["trainer.val_every=0", "trainer.sample_tokens=0", "trainer.export_hf=false", "trainer.progress_bar=false"]
+    cfg = compose_pretrain(["optim=muon", "trainer.max_steps=30", f"run_dir={tmp_path}", *quiet])
+    assert cfg.optim.name == "muon" and cfg.optim.options == {"momentum": 0.95, "nesterov": True, "ns_steps": 5}
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert isinstance(trainer.optimizer, MuonWithAdamW)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert len(losses) == 30 and all(map(math.isfinite, losses))
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0
 
-    run(tmp_path / "split", 6, save_every=3)
-    want = [r["loss"] for r in read_metrics(tmp_path / "split")]
-    run(tmp_path / "again", 3, save_every=3)
-    resumed = run(tmp_path / "again", 6, resume=True, save_every=3)
+
+def test_a_muon_run_falls_and_its_checkpoint_round_trips_its_state_and_resumes_exactly(tmp_path):
+    """The tiny recipe for 12 steps with muon: the loss falls; stopped at 6 and resumed, the last 6 losses are
+    the uninterrupted run's, bit for bit (the momentum buffers and AdamW moments went through the checkpoint)."""
+    from nemo_lite.training.metrics import read_metrics
+
+    run(tmp_path / "whole", 12, save_every=6)
+    want = [r["loss"] for r in read_metrics(tmp_path / "whole")]
+    assert len(want) == 12 and sum(want[-3:]) / 3 < want[0] - 0.2
+    run(tmp_path / "split", 6, save_every=6)
+    resumed = run(tmp_path / "split", 12, resume=True, save_every=6)
+    assert isinstance(resumed.optimizer, MuonWithAdamW)
     got = [r["loss"] for r in read_metrics(resumed.run_dir)]
-    assert got[3:] == want[3:] and len(got) == 6
-    saved = torch.load(tmp_path / "again" / "checkpoints" / "step_000006" / "train_state.pt", weights_only=True)
+    assert got[6:] == want[6:] and len(got) == 12
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step_000006" / "train_state.pt", weights_only=True)
     assert saved["optimizer_name"] == "muon"
     assert any("momentum_buffer" in s for s in saved["optimizer"]["state"].values())
 
