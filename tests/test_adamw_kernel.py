@@ -224,13 +224,13 @@ def test_the_optimizer_adds_up_what_autograd_adds_up_under_autocast():
     pytest.importorskip("triton")
     from model_utils import tiny_twins
 
-    from nemo_lite.training.fast.converters import convert_to_weight_copies
+    from nemo_lite.training.fast.swaps import swap_in_weight_copies
     from nemo_lite.training.loss import cross_entropy_sum
 
     plain, copied = tiny_twins()
     config = plain.config
     opt = FusedAdamW(copied.parameters(), kernel="triton")
-    copies = convert_to_weight_copies(copied, copied.output_weight)
+    copies = swap_in_weight_copies(copied, copied.output_weight)
     opt.keep_weight_copies(list(copies.items()))
     assert len(copies) == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the (tied) head
     for param, weight_copy in copies.items():

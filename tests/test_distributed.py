@@ -230,3 +230,38 @@ def test_blocks_kept_unsharded_until_backward_and_prefetched_give_the_same_losse
     one, two = losses(runs / "single"), losses(tmp_path)
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == ["summary.json", "trace_rank0.json.gz"]
+
+
+@pytest.fixture(scope="module")
+def muon_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("muon")
+    for nproc, batch, name in ((1, 4, "single"), (2, 2, "double")):
+        proc = launch(nproc, "optim=muon", f"data.batch_size={batch}", f"run_dir={root}/{name}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
+def test_muon_on_two_ranks_matches_one_process_and_resumes_exactly(muon_runs):
+    """Muon's Newton–Schulz step needs each whole matrix: under FSDP2 the momentum-updated gradient is
+    gathered and each rank keeps its rows, so two ranks give one process's losses; its state goes through
+    a sharded checkpoint and resumes exactly."""
+    one, two = losses(muon_runs / "single"), losses(muon_runs / "double")
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
+    ckpt = muon_runs / "double" / "checkpoints" / "step_000003"
+    resumed = launch(2, "optim=muon", "data.batch_size=2", f"run_dir={muon_runs}/resumed", f"trainer.resume={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(muon_runs / "resumed") == two[3:]
+
+
+@pytest.mark.parametrize(
+    ("writer", "nproc", "batch", "reference"), [("double", 1, 4, "single"), ("single", 2, 2, "double")]
+)
+def test_a_muon_checkpoint_resumes_on_another_number_of_ranks(muon_runs, writer, nproc, batch, reference):
+    ckpt = muon_runs / writer / "checkpoints" / "step_000003"
+    out = muon_runs / f"from_{writer}_on_{nproc}"
+    proc = launch(nproc, "optim=muon", f"data.batch_size={batch}", f"run_dir={out}", f"trainer.resume={ckpt}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed, uninterrupted = losses(out), losses(muon_runs / reference)[3:]
+    assert len(resumed) == 3
+    assert max(abs(a - b) for a, b in zip(resumed, uninterrupted, strict=True)) <= 1e-5

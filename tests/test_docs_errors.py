@@ -454,6 +454,27 @@ def _lr_inf(tmp):
     validate(cfg)
 
 
+def _optim(**values):  # docs/optimizers.md
+    from nemo_lite.training.config import RecipeConfig, validate
+
+    cfg = RecipeConfig()
+    for key, value in values.items():
+        setattr(cfg.optim, key, value)
+    validate(cfg)
+
+
+def _resume_with_another_optimizer(tmp):  # docs/optimizers.md
+    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
+
+    from nemo_lite.training.trainer import Trainer
+
+    for name, steps, resume in (("muon", 2, False), ("adamw", 4, True)):
+        cfg = tiny_config(tmp / "run", "sdpa", steps=steps)
+        cfg.optim.name, t = name, cfg.trainer
+        t.save_every, t.val_every, t.sample_tokens, t.export_hf, t.resume = 2, 0, 0, False, resume
+        Trainer(cfg, train_loader=SyntheticPackedLoader(4, 64, vocab_size=512, eos_id=0, seed=1)).fit()
+
+
 def _peft(**changes):
     from nemo_lite.training.converters.lora import LoraConverter, PeftSection
 
@@ -572,6 +593,12 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "whose training state needs about": fit_error({"model.overrides": {"num_hidden_layers": 5_000_000}}),
     "the model's vocabulary has 256": fit_error({"model.overrides": {"vocab_size": 256}}),
     "optim.lr=inf must be a finite number": call_error(_lr_inf),
+    # optimizers (docs/optimizers.md)
+    "optim.name='sgd' is not valid": call_error(lambda tmp: _optim(name="sgd")),
+    "optim.options.beta is not an option of optim=muon": call_error(
+        lambda tmp: _optim(name="muon", options={"beta": 1})
+    ),
+    "holds optim=muon's state but this run has optim=adamw": call_error(_resume_with_another_optimizer),
     "the update left NaN or Inf in the weights": call_error(_poisoned_update),
     "the partial checkpoint was removed": call_error(_disk_full_during_a_save),
     "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),

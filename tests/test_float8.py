@@ -163,14 +163,14 @@ def test_the_fast_steps_weight_copies_leave_the_float8_linears_alone():
     weight and casts it itself, so it must keep its weight and get its gradient on .grad."""
     from torchao.float8.float8_linear import Float8Linear
 
-    from nemo_lite.training.fast.converters import CopyLinear, convert_to_weight_copies, converted_weights
+    from nemo_lite.training.fast.swaps import CopyLinear, swap_in_weight_copies, swapped_weights
 
     family, model = small_model()
     Float8Converter(Float8Section(enabled=True), emulate=True).convert(model, family)
     float8_weights = {id(m.weight) for m in model.modules() if isinstance(m, Float8Linear)}
-    taken = converted_weights(model, model.output_weight, copies=True, rows=False)
+    taken = swapped_weights(model, model.output_weight, copies=True, rows=False)
     assert float8_weights and not float8_weights & {id(p) for p in taken}
-    copies = convert_to_weight_copies(model, model.output_weight)
+    copies = swap_in_weight_copies(model, model.output_weight)
     assert not float8_weights & {id(p) for p in copies}
     assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 4
     assert sum(isinstance(m, CopyLinear) for m in model.modules()) == 10  # q, k, v, o, down in 2 blocks

@@ -26,7 +26,7 @@ from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.config import Float8Section, RecipeConfig
 from nemo_lite.training.converters.float8 import Float8Converter
-from nemo_lite.training.fast import FastStep
+from nemo_lite.training.fast.step import FastStep
 from nemo_lite.training.loss import cross_entropy_sum, forward_hidden
 from nemo_lite.training.trainer import Trainer
 

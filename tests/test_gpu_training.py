@@ -14,9 +14,9 @@ import torch
 from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.testing.hooks import after_each_step
 from nemo_lite.training.config import RecipeConfig
-from nemo_lite.training.fast import FastStep
 from nemo_lite.training.fast import step as fast_step_module
-from nemo_lite.training.fast.converters import CopyLinear, RowsEmbedding
+from nemo_lite.training.fast.step import FastStep
+from nemo_lite.training.fast.swaps import CopyLinear, RowsEmbedding
 from nemo_lite.training.step import PlainStep
 from nemo_lite.training.trainer import Trainer
 
@@ -131,9 +131,9 @@ def test_weight_copies_and_lookup_rows_leave_the_curve_as_it_was(tmp_path, refer
     the bf16 copies give what autocast's casts give, and the lookup rows what the dense embedding gradient
     gives, so the curve is the reference's within bf16's noise (nothing but the last bits may differ)."""
     base, noise = reference
-    monkeypatch.setattr(fast_step_module, "convert_to_lookup_rows", lambda model: {})
+    monkeypatch.setattr(fast_step_module, "swap_in_lookup_rows", lambda model: {})
     if off == "weight copies and lookup rows":
-        monkeypatch.setattr(fast_step_module, "convert_to_weight_copies", lambda model, output_weight: {})
+        monkeypatch.setattr(fast_step_module, "swap_in_weight_copies", lambda model, output_weight: {})
     trainer = Trainer(recipe(tmp_path, "flex", compile=False), train_loader=loader())
     losses = trainer.fit().losses
     step = trainer.step_impl

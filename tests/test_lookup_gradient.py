@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from kernel_utils import interpreted
 
-from nemo_lite.training.fast.converters import RowsEmbedding, convert_to_lookup_rows, convert_to_weight_copies
 from nemo_lite.training.fast.lookup_gradient import LookupGradient, lookup
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
+from nemo_lite.training.fast.swaps import RowsEmbedding, swap_in_lookup_rows, swap_in_weight_copies
 
 ADAMW_KERNEL = "nemo_lite.training.fast.adamw_kernel"
 
@@ -155,9 +155,9 @@ def converted(model: torch.nn.Module, rows: bool = True) -> tuple[FusedAdamW, to
     (``rows``) the embedding's gradient as rows. Returns the optimizer, the output projection's copy (what
     the fast step's head loss multiplies by under autocast) and the rows."""
     opt = FusedAdamW(model.parameters(), lr=1e-2, kernel="triton")
-    copies = convert_to_weight_copies(model, model.output_weight)
+    copies = swap_in_weight_copies(model, model.output_weight)
     opt.keep_weight_copies(list(copies.items()))
-    lookups = convert_to_lookup_rows(model) if rows else {}
+    lookups = swap_in_lookup_rows(model) if rows else {}
     for param, sink in lookups.items():
         opt.keep_lookup_gradient(param, sink)
     return opt, copies[model.output_weight], lookups

@@ -12,8 +12,9 @@ import pytest
 import torch
 from kernel_utils import interpreted
 
+from nemo_lite.testing.step import dense_gradients
 from nemo_lite.training.config import OptimSection
-from nemo_lite.training.fast import FastStep
+from nemo_lite.training.fast.step import FastStep
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
 from nemo_lite.training.step import PlainStep
 
@@ -175,7 +176,7 @@ def fast_and_plain_losses(device: str, autocast: bool, **fast_kw):
             loss = step.loss(model, batch, mask, scale)
         (loss * upstream).backward()
         if isinstance(step, FastStep):
-            grads = step.dense_gradients(model)
+            grads = dense_gradients(step, model)
         else:
             grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         out.append((loss.detach(), grads))

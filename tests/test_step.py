@@ -1,6 +1,6 @@
 """The training step's strategies (nemo_lite.training.step, nemo_lite.training.fast): the plain step is
 torch's clip and AdamW bit for bit and skips a non-finite step; ``build_step`` picks a step and says
-why; the fast step's converters change no names, state or float32 outputs; and the fast step (Triton
+why; the fast step's module swaps change no names, state or float32 outputs; and the fast step (Triton
 AdamW, bf16 weight copies, lookup rows) gives torch's update on a tiny model, on CPU through Triton's
 interpreter."""
 
@@ -16,19 +16,16 @@ from kernel_utils import interpreted
 from torch import nn
 
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
+from nemo_lite.testing.step import dense_gradients
 from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig
-from nemo_lite.training.fast import FastStep
-from nemo_lite.training.fast.converters import (
-    CopyLinear,
-    RowsEmbedding,
-    convert_to_lookup_rows,
-    convert_to_weight_copies,
-)
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
+from nemo_lite.training.fast.step import FastStep
+from nemo_lite.training.fast.swaps import CopyLinear, RowsEmbedding, swap_in_lookup_rows, swap_in_weight_copies
 from nemo_lite.training.launch import check_overrides
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum
-from nemo_lite.training.optim import param_groups
-from nemo_lite.training.step import PlainStep, build_step
+from nemo_lite.training.optimizers import param_groups
+from nemo_lite.training.step import PlainStep
+from nemo_lite.training.step_choice import build_step
 
 ADAMW_KERNEL = "nemo_lite.training.fast.adamw_kernel"
 OPTIM = OptimSection(lr=1e-2, weight_decay=0.1)
@@ -180,12 +177,12 @@ def test_build_step_resolves_plain_auto_and_fast():
     assert type(auto) is PlainStep and auto.description.startswith("plain step:")
     assert "the fast step's kernels need a CUDA device; this run is on cpu" in auto.description
     fast = build_step(model, OPTIM, impl="fast", device=cpu, **kw)
-    assert type(fast) is FastStep and fast.on == dict.fromkeys(PARTS, False)
+    assert type(fast) is FastStep and fast.on == {"fused AdamW": True, **dict.fromkeys(PARTS, False)}
     assert isinstance(fast.optimizer, FusedAdamW) and fast.optimizer.kernel == "torch"
     assert fast.description.startswith("fast step: fused AdamW (cpu); off: ")
     for part in PARTS[:3]:
         assert f"{part} (needs a CUDA device)" in fast.description
-    assert not any(isinstance(m, CopyLinear | RowsEmbedding) for m in model.modules())  # nothing converted
+    assert not any(isinstance(m, CopyLinear | RowsEmbedding) for m in model.modules())  # nothing swapped
 
     meta = torch.device("meta")
     want = r"trainer.step_impl=fast needs a CUDA device or the CPU \(this run is on meta\); use trainer.step_impl=auto"
@@ -246,7 +243,7 @@ LACKS_ONE_PROCESS = "one process (FSDP2 shards the weights)"
 )
 def test_the_fast_step_on_a_gpu_says_which_parts_are_on_and_why_the_others_are_off(monkeypatch, setting, off):
     """The parts' decisions for a CUDA device (the model stays on the CPU: building the step runs nothing
-    on the device), and the converters applied exactly where their part is on."""
+    on the device), and the module swaps applied exactly where their part is on."""
     pytest.importorskip("triton")
     model, _ = twins()
     setting = dict(setting)
@@ -255,7 +252,7 @@ def test_the_fast_step_on_a_gpu_says_which_parts_are_on_and_why_the_others_are_o
         without_triton = lambda name, *a: None if name == "triton" else find_spec(name, *a)  # noqa: E731
         monkeypatch.setattr(importlib.util, "find_spec", without_triton)
     step = fast_step(model, "cuda", **{"loss_chunk_size": 0, **setting})
-    assert step.on == {part: part not in off for part in PARTS}
+    assert step.on == {"fused AdamW": True, **{part: part not in off for part in PARTS}}
     where = "on local shards, cuda" if setting.get("distributed") else "cuda"
     assert step.description.startswith(f"fast step: fused AdamW ({where})")
     for part in PARTS:
@@ -273,7 +270,7 @@ def test_the_fast_step_on_a_gpu_says_which_parts_are_on_and_why_the_others_are_o
 @pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
 def test_the_fast_step_refuses_a_gradient_hook_on_a_parameter_whose_gradient_it_keeps_off_grad(hook):
     """With the copies and rows (on a CUDA device; the model stays on the CPU, nothing runs), a hook on a
-    converted parameter is refused by name; on a CPU nothing is converted and hooks are fine."""
+    swapped parameter is refused by name; on a CPU nothing is swapped and hooks are fine."""
     pytest.importorskip("triton")
     model = twins()[0]
     for param in (model.embed_tokens.weight, model.layers[0].mlp.up_proj.weight, model.norm.weight):
@@ -290,7 +287,7 @@ def test_the_fast_step_refuses_a_gradient_hook_on_a_parameter_whose_gradient_it_
         assert not fast_step(model, device, autocast_bf16=autocast_bf16).on["bf16 weight copies"]
 
 
-# ---- the converters ------------------------------------------------------------------------------
+# ---- the module swaps ------------------------------------------------------------------------------
 
 
 def fill_copies(copies: dict[torch.Tensor, torch.Tensor]) -> None:
@@ -300,11 +297,11 @@ def fill_copies(copies: dict[torch.Tensor, torch.Tensor]) -> None:
             weight_copy.copy_(param)
 
 
-def test_converters_keep_names_state_and_float32_outputs():
+def test_module_swaps_keep_names_state_and_float32_outputs():
     plain, model = twins()
     names, keys, params = [n for n, _ in model.named_parameters()], list(model.state_dict()), list(model.parameters())
-    copies = convert_to_weight_copies(model, model.output_weight)
-    rows = convert_to_lookup_rows(model)
+    copies = swap_in_weight_copies(model, model.output_weight)
+    rows = swap_in_lookup_rows(model)
     fill_copies(copies)
     # q, k, v, o, gate, up, down per layer; the (tied) output projection, which is the embedding matrix
     assert len(copies) == 7 * model.config.num_hidden_layers + 1 and model.embed_tokens.weight in copies
@@ -314,17 +311,17 @@ def test_converters_keep_names_state_and_float32_outputs():
     assert [n for n, _ in model.named_parameters()] == names
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # the same Parameter objects
     assert list(model.state_dict()) == keys  # the copies and rows are not state: checkpoints do not change
-    model.load_state_dict(plain.state_dict())  # strict: a plain checkpoint loads into the converted model
+    model.load_state_dict(plain.state_dict())  # strict: a plain checkpoint loads into the swapped model
     ids = batches(model, 1)[0]["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids), plain(ids))  # outside autocast: the float32 weights
 
 
 def test_copy_linear_multiplies_by_its_copy_under_autocast_and_its_gradient_lands_on_the_copy():
-    """Under CPU bf16 autocast the converted model gives autocast's loss, and its gradients (each copy's
+    """Under CPU bf16 autocast the swapped model gives autocast's loss, and its gradients (each copy's
     bf16 one, the embedding's own float32 one) are autocast's float32 gradients, bit for bit."""
     plain, model = twins()
-    copies = convert_to_weight_copies(model, model.output_weight)
+    copies = swap_in_weight_copies(model, model.output_weight)
     fill_copies(copies)
     ids = batches(model, 1)[0]["input_ids"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -348,7 +345,7 @@ def test_copy_linear_multiplies_by_its_copy_under_autocast_and_its_gradient_land
 
 def test_rows_embedding_keeps_the_dense_embedding_gradient_as_rows():
     plain, model = twins(tie_word_embeddings=False)
-    rows = convert_to_lookup_rows(model)[model.embed_tokens.weight]
+    rows = swap_in_lookup_rows(model)[model.embed_tokens.weight]
     batch = batches(model, 1)[0]
     for m in (plain, model):
         cross_entropy_sum(m.forward_hidden(batch["input_ids"]), m.output_weight, batch["labels"]).backward()
@@ -427,14 +424,14 @@ CLIPS = (0.0, 0.05)  # off, then binding; then a skipped step (found_inf)
 
 def test_the_fast_steps_parts_in_the_interpreter_give_torchs_update(monkeypatch):
     """What the fast step does on a GPU, from its parts on CPU (its Triton parts need a CUDA device): the
-    converters, FusedAdamW(kernel="triton") keeping the bf16 copies and the lookup rows, the head on the
+    module swaps, FusedAdamW(kernel="triton") keeping the bf16 copies and the lookup rows, the head on the
     output weight's copy, the norm from the kernel's tables, the clip and the skip inside the kernel;
     against its twin with autocast's casts, dense gradients and FusedAdamW(kernel="torch"). Two steps,
     clipping off then binding, each from the same weights, then a skipped step."""
     interpreted(monkeypatch, ADAMW_KERNEL)
     model, reference = twins(**SMALL)
-    copies = convert_to_weight_copies(model, model.output_weight)
-    rows = convert_to_lookup_rows(model)
+    copies = swap_in_weight_copies(model, model.output_weight)
+    rows = swap_in_lookup_rows(model)
     betas = (OPTIM.beta1, OPTIM.beta2)
     opt = FusedAdamW(param_groups(model, OPTIM.weight_decay), lr=OPTIM.lr, betas=betas, eps=OPTIM.eps, kernel="triton")
     opt.keep_weight_copies(list(copies.items()))
@@ -479,7 +476,7 @@ def test_the_fast_step_on_a_gpu_gives_torchs_update():
     tests/test_loss_kernel.py) against FusedAdamW(kernel="torch") on autocast's casts, as on CPU above."""
     model, reference = twins("cuda")
     step = fast_step(model, "cuda")
-    assert step.on == {**dict.fromkeys(PARTS, True), "Triton loss": False}
+    assert step.on == {"fused AdamW": True, **dict.fromkeys(PARTS, True), "Triton loss": False}
     betas = (OPTIM.beta1, OPTIM.beta2)
     ref_opt = FusedAdamW(param_groups(reference, OPTIM.weight_decay), lr=OPTIM.lr, betas=betas, eps=OPTIM.eps)
     seen = []  # the gradients as the update uses them, taken before apply clears them
@@ -488,7 +485,7 @@ def test_the_fast_step_on_a_gpu_gives_torchs_update():
         step.weights_changed()
         want = reference_step(reference, ref_opt, batch, clip)
         values = run_step(
-            step, model, batch, clip, autocast=True, before_apply=lambda: seen.append(step.dense_gradients(model))
+            step, model, batch, clip, autocast=True, before_apply=lambda: seen.append(dense_gradients(step, model))
         )
         assert_the_same_update((values[0], seen[-1], values[1]), want, rows_exact=False)
         assert_the_same_weights(model, reference, step.copies)

@@ -16,7 +16,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 from nemo_lite.training.launch import check_overrides
 from nemo_lite.training.metrics import allowed_pairs
-from nemo_lite.training.optim import lr_factor
+from nemo_lite.training.schedule import lr_factor
 
 
 def test_warmup_then_cosine_to_the_floor():

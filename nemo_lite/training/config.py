@@ -16,6 +16,7 @@ from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.errors import ConfigError
 from nemo_lite.training.converters.float8 import Float8Section
 from nemo_lite.training.converters.lora import PeftSection
+from nemo_lite.training.optimizers import OptimSection, check_optim
 
 
 @dataclass
@@ -44,17 +45,6 @@ class AttentionSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-
-
-@dataclass
 class TrainerSection:
     max_steps: int = 200
     grad_accum: int = 1
@@ -64,9 +54,9 @@ class TrainerSection:
     device: str = "auto"
     # Autocast dtype on GPU ("bfloat16" | "float32"); master weights stay float32. CPU runs float32.
     autocast_dtype: str = "bfloat16"
-    # The step's implementation: "plain" (torch's AdamW and cross-entropy, the reference), "fast" (fused
-    # kernels and converters, nemo_lite.training.fast; refused where it cannot run) or "auto" (fast where it
-    # can run). Which parts run is printed in one line before training.
+    # The step's implementation (STEP_IMPLS): "plain" (the optimizer and torch's cross-entropy, the reference),
+    # "fast" (fused kernels and module swaps, nemo_lite.training.fast; refused where it cannot run) or "auto"
+    # (fast where it can run). Which parts run is printed in one line before training.
     step_impl: str = "auto"
     # torch.compile each decoder block.
     compile: bool = False
@@ -155,6 +145,14 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
         raise ConfigError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
 
 
+STEP_IMPLS = ("auto", "fast", "plain")
+
+
+def check_step_impl(impl: str) -> None:
+    """``trainer.step_impl`` is one of :data:`STEP_IMPLS`."""
+    _choice("trainer.step_impl", impl, list(STEP_IMPLS))
+
+
 def validate(cfg: RecipeConfig) -> None:
     """Checks the schema's types cannot express. Raises ConfigError naming the bad value."""
     from nemo_lite.components.attention import MASK_TYPES, list_attention_backends
@@ -168,7 +166,8 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
-    _choice("trainer.step_impl", cfg.trainer.step_impl, ["auto", "fast", "plain"])
+    check_step_impl(cfg.trainer.step_impl)
+    check_optim(cfg.optim)
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):

@@ -2,26 +2,24 @@
 
 The trainer runs forward and backward through a :class:`TrainStep` and hands it the step's values; the
 step clips, updates (or skips a non-finite step) and brings the values to the host in the step's one
-host sync. :class:`PlainStep` is the reference, plain torch throughout; the fast step
-(:mod:`nemo_lite.training.fast`) computes the same thing with fused kernels and module converters.
-``trainer.step_impl`` picks one: ``plain``, ``fast`` (refused with the reason where it cannot run; on a
-CPU only its fused AdamW runs) or ``auto`` (fast on a GPU, plain elsewhere). The choice, and which fast
-parts run, is printed in one line.
+host sync. :class:`PlainStep` is the reference, plain torch throughout, with the optimizer ``optim.name``
+names (:mod:`nemo_lite.training.optimizers`); the fast step (:mod:`nemo_lite.training.fast.step`)
+computes the same thing with fused kernels and module swaps. :mod:`nemo_lite.training.step_choice` picks
+one by ``trainer.step_impl``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from nemo_lite.errors import ConfigError
-from nemo_lite.training.config import OptimSection
 from nemo_lite.training.distributed import local_shard
 from nemo_lite.training.loss import cross_entropy_sum, forward_hidden
-from nemo_lite.training.optim import AdamW, param_groups
+from nemo_lite.training.optimizers import OptimSection, build_optimizer, get_optimizer
 
 
 class TrainStep(Protocol):
@@ -56,16 +54,47 @@ def nonfinite_flag(params: list[torch.Tensor]) -> torch.Tensor:
     return (~torch.isfinite(torch.stack([n.to(torch.float32) for n in norms]).max())).float()
 
 
-class PlainStep:
-    """torch's AdamW and ``clip_grad_norm_``'s arithmetic; the update waits for the host to see the values."""
+def update_after_sync(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    report: torch.Tensor,
+    grad_norm: torch.Tensor,
+    clip: float,
+) -> tuple[list[float], bool]:
+    """The plain update: read ``report`` on the host (the one host sync), then, when its loss sum and norm
+    are finite, clip with ``clip_grad_norm_``'s factor and step. Returns the values and whether it stepped.
+    The gradients are cleared."""
+    values = report.tolist()
+    stepped = math.isfinite(values[0]) and math.isfinite(values[1])
+    if stepped:
+        if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
+            grads = [local_shard(p.grad) for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values, stepped
 
-    def __init__(self, model: nn.Module, optim: OptimSection, *, compile: bool = False, loss_chunk_size: int = 0):
+
+class PlainStep:
+    """The optimizer ``optim.name`` names and ``clip_grad_norm_``'s arithmetic; the update waits for the
+    host to see the values. ``blocks``: the model's decoder blocks (``family.blocks(model)``), which tell an
+    optimizer such as muon which matrices are the blocks'."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimSection,
+        *,
+        blocks: Sequence[nn.Module] = (),
+        compile: bool = False,
+        loss_chunk_size: int = 0,
+    ):
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]  # not the frozen (LoRA base)
-        betas = (optim.beta1, optim.beta2)
-        self.optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=betas, eps=optim.eps)
+        self.optimizer = build_optimizer(model, optim, blocks)
         self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
-        self.description = "plain step: torch AdamW, clip_grad_norm_ arithmetic, torch cross-entropy"
+        summary = get_optimizer(optim.name).summary
+        self.description = f"plain step: {summary}, clip_grad_norm_ arithmetic, torch cross-entropy"
         self._weights_bad: torch.Tensor | None = None
 
     def loss(self, model, batch, mask, grad_scale=None) -> torch.Tensor:
@@ -77,14 +106,9 @@ class PlainStep:
         return torch.nn.utils.get_total_norm([local_shard(p.grad) for p in self.params if p.grad is not None])
 
     def apply(self, report: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[float]:
-        values = report.tolist()  # the one host sync
-        if math.isfinite(values[0]) and math.isfinite(values[1]):
-            if clip > 0:  # clip_grad_norm_'s factor, on the local tensors (shards under FSDP2)
-                grads = [local_shard(p.grad) for p in self.params if p.grad is not None]
-                torch._foreach_mul_(grads, torch.clamp(clip / (grad_norm + 1e-6), max=1.0))
-            self.optimizer.step()
+        values, stepped = update_after_sync(self.optimizer, self.params, report, grad_norm, clip)
+        if stepped:
             self._weights_bad = nonfinite_flag(self.params)
-        self.optimizer.zero_grad(set_to_none=True)
         return values
 
     def weights_changed(self) -> None:
@@ -94,44 +118,3 @@ class PlainStep:
         if self._weights_bad is None:
             self._weights_bad = nonfinite_flag(self.params)
         return self._weights_bad
-
-
-STEP_IMPLS = ("auto", "fast", "plain")
-
-
-def build_step(
-    model: nn.Module,
-    optim: OptimSection,
-    *,
-    impl: str,
-    device: torch.device,
-    distributed: bool,
-    autocast_bf16: bool,
-    compile: bool,
-    loss_chunk_size: int,
-) -> TrainStep:
-    """The step ``impl`` names; ``auto`` takes the fast one on a GPU (on a CPU its Triton parts cannot run, and
-    the plain step's numerics are the reference there)."""
-    if impl not in STEP_IMPLS:
-        raise ConfigError(f"trainer.step_impl={impl!r} is not valid; choose one of: {', '.join(STEP_IMPLS)}")
-    plain = lambda: PlainStep(model, optim, compile=compile, loss_chunk_size=loss_chunk_size)
-    if impl == "plain":
-        return plain()
-    from nemo_lite.training.fast import FastStep, fast_step_missing
-
-    missing = fast_step_missing(device)
-    if impl == "fast" and missing:
-        raise ConfigError(f"trainer.step_impl=fast needs {missing}; use trainer.step_impl=auto or plain")
-    if impl == "auto" and device.type != "cuda":
-        step = plain()
-        step.description += f" (auto: the fast step's kernels need a CUDA device; this run is on {device.type})"
-        return step
-    return FastStep(
-        model,
-        optim,
-        device=device,
-        distributed=distributed,
-        autocast_bf16=autocast_bf16,
-        compile=compile,
-        loss_chunk_size=loss_chunk_size,
-    )

@@ -37,8 +37,9 @@ from nemo_lite.training.converters import build_converters, check_resume, conver
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
 from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
-from nemo_lite.training.optim import build_scheduler
-from nemo_lite.training.step import TrainStep, build_step
+from nemo_lite.training.schedule import build_scheduler
+from nemo_lite.training.step import TrainStep
+from nemo_lite.training.step_choice import build_step
 
 
 class NonFiniteLossError(NemoLiteError, RuntimeError):
@@ -387,6 +388,7 @@ class Trainer:
             self.model,
             cfg.optim,
             impl=cfg.trainer.step_impl,
+            blocks=self.family.blocks(self.model),
             device=self.device,
             distributed=self.dist.enabled,
             autocast_bf16=self._autocast_dtype() == torch.bfloat16,
@@ -424,6 +426,7 @@ class Trainer:
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optim.name,
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_loader.state_dict(),
             "rng": ckpt.rng_state(),
@@ -516,7 +519,9 @@ class Trainer:
         if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
             peek = path / "rank00000.pt"  # the converters' records are the same in every rank's file
             if peek.is_file():
-                check_resume(self.converters, path, torch.load(peek, weights_only=True))
+                saved = torch.load(peek, weights_only=True)
+                check_resume(self.converters, path, saved)
+                self._check_optimizer_name(path, saved)
             try:
                 state = distributed.load_checkpoint_any(
                     path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable
@@ -526,6 +531,7 @@ class Trainer:
         else:
             state = ckpt.load_checkpoint(path, None, layout=self._layout())
             check_resume(self.converters, path, state)  # before the weights, which may be only some of them
+            self._check_optimizer_name(path, state)
             ckpt.load_weights(path, self.raw_model, self.device, only_trainable=self.only_trainable)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -536,6 +542,14 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.step_impl.weights_changed()
         self._log(f"resumed from {path} at step {self.step}")
+
+    def _check_optimizer_name(self, path: Path, state: dict[str, Any]) -> None:
+        saved = state.get("optimizer_name", "adamw")  # checkpoints from before the table hold AdamW's state
+        if saved != self.cfg.optim.name:
+            raise ckpt.ResumeError(
+                f"checkpoint {path} holds optim={saved}'s state but this run has optim={self.cfg.optim.name}: "
+                f"resume with optim={saved}, or start a fresh run"
+            )
 
     # ---- the step ----------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:

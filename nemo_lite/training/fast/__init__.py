@@ -1,9 +1,7 @@
-"""Everything that makes training fast, in one place: the fast step, its kernels and the module converters.
+"""Everything that makes training fast, in one place: the fast step (:mod:`.step`), its kernels and the
+module swaps (:mod:`.swaps`).
 
 Nothing outside this package knows these parts exist; the trainer sees a step (``trainer.step_impl``,
-:mod:`nemo_lite.training.step`). Triton is imported only by the kernels' own modules.
+:mod:`nemo_lite.training.step_choice`). Triton is imported only by the kernels' own modules. This file
+imports nothing, so that importing a submodule never runs another.
 """
-
-from nemo_lite.training.fast.step import FastStep, fast_step_missing
-
-__all__ = ["FastStep", "fast_step_missing"]

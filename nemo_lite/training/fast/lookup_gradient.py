@@ -10,7 +10,7 @@ the dense gradient (:mod:`nemo_lite.training.fast.adamw_kernel`), so the values 
 gradient's: the lookup's rows summed in float32 (by torch's deterministic ``embedding_dense_backward``,
 over ``n`` rows instead of ``vocab``), zero elsewhere.
 
-The fast step uses it with the bf16 weight copies (:class:`nemo_lite.training.fast.converters.RowsEmbedding`),
+The fast step uses it with the bf16 weight copies (:class:`nemo_lite.training.fast.swaps.RowsEmbedding`),
 where the embedding's other gradient, the tied output projection's, arrives as bf16 on its copy.
 """
 

@@ -11,7 +11,7 @@ import torch
 
 from nemo_lite.training.distributed import local_shard
 from nemo_lite.training.fast.lookup_gradient import LookupGradient
-from nemo_lite.training.optim import OwnKernelFlags
+from nemo_lite.training.optimizers import OwnKernelFlags
 
 
 def clip_factor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -96,7 +96,7 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
     def keep_weight_copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """From now on each ``(param, copy)`` pair's gradient is read from the bf16 ``copy`` (the layer
         multiplies by it), and every step writes the updated parameter into the copy as well. The
-        parameters stay what state dicts and checkpoints hold (:mod:`nemo_lite.training.fast.converters`)."""
+        parameters stay what state dicts and checkpoints hold (:mod:`nemo_lite.training.fast.swaps`)."""
         if self.kernel != "triton":
             raise ValueError("bf16 weight copies are written by the triton AdamW kernel: it needs kernel='triton'")
         for param, copy in pairs:

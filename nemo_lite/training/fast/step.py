@@ -1,7 +1,9 @@
-"""The fast step: the plain step's arithmetic with fused kernels, converters and the update queued early.
+"""The fast step: the plain step's arithmetic with fused kernels, module swaps and the update queued early.
 
 Each part checks its own preconditions and the step says in one line which are on and why the others
-are off:
+are off. The AdamW parts run only for an optimizer entry that is AdamW (``adamw_compatible`` in
+:mod:`nemo_lite.training.optimizers`); with another one (``optim=muon``) the step builds that optimizer
+and updates after the host sync, as the plain step does, and keeps the Triton head loss:
 
 - fused AdamW on the local shards (any GPU, FSDP2 included): the clip and the skip of a non-finite step
   happen inside the kernel (``grad_scale``, ``found_inf``), so the update is queued *before* the host reads
@@ -18,23 +20,31 @@ are off:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from nemo_lite.training.config import OptimSection
 from nemo_lite.training.distributed import local_shard
-from nemo_lite.training.fast.converters import convert_to_lookup_rows, convert_to_weight_copies, converted_weights
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
+from nemo_lite.training.fast.swaps import swap_in_lookup_rows, swap_in_weight_copies, swapped_weights
 from nemo_lite.training.loss import IGNORE_INDEX, cross_entropy_sum, forward_hidden
-from nemo_lite.training.optim import param_groups
-from nemo_lite.training.step import nonfinite_flag
+from nemo_lite.training.optimizers import (
+    OptimSection,
+    adamw_kwargs,
+    build_optimizer,
+    check_optim,
+    get_optimizer,
+    list_optimizers,
+    param_groups,
+)
+from nemo_lite.training.step import nonfinite_flag, update_after_sync
 
 
 def fast_step_missing(device: torch.device) -> str | None:
     """What the fast step lacks on ``device`` (None: it can run). On a CPU it runs torch's fused AdamW
-    only (its Triton parts need CUDA); ``trainer.step_impl=auto`` keeps the plain step there."""
+    only, with optim=adamw (its Triton parts need CUDA); ``trainer.step_impl=auto`` keeps the plain step there."""
     if device.type not in ("cuda", "cpu"):
         return f"a CUDA device or the CPU (this run is on {device.type})"
     return None
@@ -46,6 +56,7 @@ class FastStep:
         model: nn.Module,
         optim: OptimSection,
         *,
+        blocks: Sequence[nn.Module] = (),
         device: torch.device,
         distributed: bool,
         autocast_bf16: bool,
@@ -55,49 +66,58 @@ class FastStep:
         missing = fast_step_missing(device)
         if missing:
             raise ValueError(f"the fast step needs {missing}")
+        entry = check_optim(optim)
+        adamw_names = " or ".join(f"optim={n}" for n in list_optimizers() if get_optimizer(n).adamw_compatible)
+        not_adamw = "" if entry.adamw_compatible else adamw_names
         triton = "" if importlib.util.find_spec("triton") is not None else "triton"
         if device.type != "cuda":
             triton = "a CUDA device"
         one_process = "one process (FSDP2 shards the weights)" if distributed else ""
         unchunked = "trainer.loss_chunk_size=0" if loss_chunk_size else ""
         needs = {  # part -> what it lacks here ("" = it runs)
-            "Triton AdamW": triton or one_process,
-            "bf16 weight copies": triton or one_process or ("" if autocast_bf16 else "bf16 autocast"),
+            "fused AdamW": not_adamw,
+            "Triton AdamW": not_adamw or triton or one_process,
+            "bf16 weight copies": not_adamw or triton or one_process or ("" if autocast_bf16 else "bf16 autocast"),
             "Triton loss": triton or one_process or unchunked,
         }
         needs["embedding gradient as rows"] = needs["bf16 weight copies"] and "bf16 weight copies"
         self.on = {part: not lacks for part, lacks in needs.items()}
 
         self.device = device
-        groups = param_groups(model, optim.weight_decay)
-        kernel = "triton" if self.on["Triton AdamW"] else "torch"
-        betas = (optim.beta1, optim.beta2)
-        self.optimizer = FusedAdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, kernel=kernel)
         self.params = [p for p in model.parameters() if p.requires_grad]  # not the frozen (LoRA base)
-        taken = converted_weights(
+        if self.on["fused AdamW"]:
+            kernel = "triton" if self.on["Triton AdamW"] else "torch"
+            groups = param_groups(model, optim.weight_decay)
+            self.optimizer = FusedAdamW(groups, **adamw_kwargs(optim), kernel=kernel)
+        else:
+            self.optimizer = build_optimizer(model, optim, blocks)
+        taken = swapped_weights(
             model, model.output_weight, copies=self.on["bf16 weight copies"], rows=self.on["embedding gradient as rows"]
         )
         self._refuse_gradient_hooks(model, taken)  # before any module is swapped
         self.copies: dict[torch.Tensor, torch.Tensor] = {}
         if self.on["bf16 weight copies"]:
-            self.copies = convert_to_weight_copies(model, model.output_weight)
+            self.copies = swap_in_weight_copies(model, model.output_weight)
             self.optimizer.keep_weight_copies(list(self.copies.items()))
-        self.rows = convert_to_lookup_rows(model) if self.on["embedding gradient as rows"] else {}
+        self.rows = swap_in_lookup_rows(model) if self.on["embedding gradient as rows"] else {}
         for param, lookups in self.rows.items():
             self.optimizer.keep_lookup_gradient(param, lookups)
         self.output_copy = self.copies.get(model.output_weight)
         self.loss_kw = {"chunk_tokens": loss_chunk_size, "compiled": compile}
         self._host_values: torch.Tensor | None = None
         self._weights_bad: torch.Tensor | None = None
-        on = ", ".join(p for p, ok in self.on.items() if ok)
+        on = ", ".join(p for p, ok in self.on.items() if ok and p != "fused AdamW")
         off = "; ".join(f"{p} (needs {lacks})" for p, lacks in needs.items() if lacks)
-        self.description = f"fast step: fused AdamW ({'on local shards, ' if distributed else ''}{device.type})"
-        self.description += (f", {on}" if on else "") + (f"; off: {off}" if off else "")
+        if self.on["fused AdamW"]:
+            head = f"fast step: fused AdamW ({'on local shards, ' if distributed else ''}{device.type})"
+        else:
+            head = f"fast step: {entry.summary}, updated after the host sync"
+        self.description = head + (f", {on}" if on else "") + (f"; off: {off}" if off else "")
 
     @staticmethod
-    def _refuse_gradient_hooks(model: nn.Module, converted: list[torch.Tensor]) -> None:
-        """A converted parameter's gradient never reaches ``.grad``, so hooks on it would never run."""
-        ids = {id(p) for p in converted}
+    def _refuse_gradient_hooks(model: nn.Module, swapped: list[torch.Tensor]) -> None:
+        """A swapped parameter's gradient never reaches ``.grad``, so hooks on it would never run."""
+        ids = {id(p) for p in swapped}
         hooked = [
             name
             for name, p in model.named_parameters()
@@ -128,12 +148,17 @@ class FastStep:
         return linear_cross_entropy_sum(hidden_TH, weight_VH, labels_T, grad_scale, ignore_index=IGNORE_INDEX)
 
     def grad_norm(self) -> torch.Tensor:
-        if self.optimizer.kernel == "triton":
+        if self.on["Triton AdamW"]:
             self.optimizer.prepare_step()  # the update's host work now; the norm reads its tables
             return self.optimizer.grad_norm()
         return torch.nn.utils.get_total_norm([local_shard(p.grad) for p in self.params if p.grad is not None])
 
     def apply(self, report: torch.Tensor, grad_norm: torch.Tensor, clip: float) -> list[float]:
+        if not self.on["fused AdamW"]:
+            values, stepped = update_after_sync(self.optimizer, self.params, report, grad_norm, clip)
+            if stepped:
+                self._weights_bad = nonfinite_flag(self.params)
+            return values
         # The update is queued before the host reads anything: a non-finite step is skipped inside the
         # kernel, and the values reach the host on an event recorded before the update, so the host waits
         # only for them and goes on to the next batch, its mask and its forward while the GPU updates.
@@ -159,25 +184,11 @@ class FastStep:
         return self._host_values, ready
 
     def weights_changed(self) -> None:
-        self.optimizer.refresh_weight_copies()
+        if self.copies:
+            self.optimizer.refresh_weight_copies()
         self._weights_bad = nonfinite_flag(self.params)
 
     def nonfinite_weights(self) -> torch.Tensor:
         if self._weights_bad is None:
             self._weights_bad = nonfinite_flag(self.params)
         return self._weights_bad
-
-    def dense_gradients(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Each parameter's gradient as the update will use it, as a dense float32 tensor (a copy's bf16
-        gradient and the rows materialized): for logging and tests; costs a gradient's memory."""
-        out = {}
-        for name, param in model.named_parameters():
-            lookups, copy = self.rows.get(param), self.copies.get(param)
-            grads = [
-                lookups.dense() if lookups else param.grad,
-                None if copy is None or copy.grad is None else copy.grad.float(),
-            ]
-            grads = [g for g in grads if g is not None]
-            if grads:
-                out[name] = grads[0] if len(grads) == 1 else grads[0] + grads[1]
-        return out

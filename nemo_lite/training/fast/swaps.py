@@ -1,4 +1,6 @@
-"""Module swaps applied to a built model by the fast step; the model files never know about them.
+"""The fast step's module swaps, applied to a built model after FSDP2 (unlike the model converters of
+:mod:`nemo_lite.training.converters`, which change the model before compile); the model files never know
+about them.
 
 - :class:`CopyLinear` replaces ``nn.Linear``: under autocast it multiplies by a bf16 copy of its weight
   that the Triton AdamW kernel rewrites after every update, so the gradient arrives as bf16 on the copy.
@@ -8,8 +10,8 @@
   token (:mod:`nemo_lite.training.fast.lookup_gradient`) for the kernel to read, not as a dense matrix.
 
 Both keep the original parameter objects, so parameter names, state dicts, checkpoints and exports do
-not change. The float32 weights stay the parameters; a converted parameter's ``.grad`` stays None,
-since its gradient lives on the copy or in the rows (:meth:`FastStep.dense_gradients` materializes them).
+not change. The float32 weights stay the parameters; a swapped parameter's ``.grad`` stays None, since
+its gradient lives on the copy or in the rows (``nemo_lite.testing.step.dense_gradients`` materializes them).
 """
 
 from __future__ import annotations
@@ -58,18 +60,18 @@ class RowsEmbedding(nn.Embedding):
         return lookup(self.weight, ids, self.lookups)
 
 
-def _convertible(model: nn.Module, cls: type[nn.Module]) -> list[nn.Module]:
+def _swappable(model: nn.Module, cls: type[nn.Module]) -> list[nn.Module]:
     """The ``cls`` modules (exact type) with a trainable weight, each once."""
     found = {id(m): m for m in model.modules() if type(m) is cls and m.weight.requires_grad}
     return list(found.values())
 
 
-def converted_weights(model: nn.Module, output_weight: torch.Tensor, *, copies: bool, rows: bool) -> list[torch.Tensor]:
-    """The parameters that :func:`convert_to_weight_copies` / :func:`convert_to_lookup_rows` would take over."""
-    out = [m.weight for m in _convertible(model, nn.Linear)] if copies else []
+def swapped_weights(model: nn.Module, output_weight: torch.Tensor, *, copies: bool, rows: bool) -> list[torch.Tensor]:
+    """The parameters that :func:`swap_in_weight_copies` / :func:`swap_in_lookup_rows` would take over."""
+    out = [m.weight for m in _swappable(model, nn.Linear)] if copies else []
     if copies and output_weight.requires_grad:
         out.append(output_weight)
-    return out + ([m.weight for m in _convertible(model, nn.Embedding)] if rows else [])
+    return out + ([m.weight for m in _swappable(model, nn.Embedding)] if rows else [])
 
 
 def _swap(model: nn.Module, old_cls: type[nn.Module], make) -> list[nn.Module]:
@@ -84,7 +86,7 @@ def _swap(model: nn.Module, old_cls: type[nn.Module], make) -> list[nn.Module]:
     return swapped
 
 
-def convert_to_weight_copies(model: nn.Module, output_weight: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+def swap_in_weight_copies(model: nn.Module, output_weight: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     """Give every trainable ``nn.Linear`` a bf16 weight copy (a :class:`CopyLinear` swap), and the output
     projection's weight one too (the embedding matrix when tied). Returns ``{parameter: copy}``."""
     copies = {m.weight: m.weight_copy for m in _swap(model, nn.Linear, CopyLinear)}
@@ -93,7 +95,7 @@ def convert_to_weight_copies(model: nn.Module, output_weight: torch.Tensor) -> d
     return copies
 
 
-def convert_to_lookup_rows(model: nn.Module) -> dict[torch.Tensor, LookupGradient]:
+def swap_in_lookup_rows(model: nn.Module) -> dict[torch.Tensor, LookupGradient]:
     """Keep every trainable embedding's gradient as rows (a :class:`RowsEmbedding` swap). Returns
     ``{parameter: its rows}``."""
     return {m.weight: m.lookups for m in _swap(model, nn.Embedding, RowsEmbedding)}
