@@ -21,22 +21,22 @@ from model_utils import (
 )
 from safetensors.torch import load_file
 
-from nemo_lite.components.attention import list_attention_backends
+from nemo_lite.components.attention import AttentionConfig, list_attention_backends
 from nemo_lite.components.models import (
     AutoModelForCausalLM,
     CheckpointError,
     LlamaForCausalLM,
-    MistralForCausalLM,
-    Qwen2ForCausalLM,
-    Qwen3ForCausalLM,
     UnknownModelTypeError,
-    family_of_model,
     get_model_family,
     get_preset,
     list_presets,
     rotary_cos_sin,
 )
+from nemo_lite.components.models.families.mistral import MistralForCausalLM
+from nemo_lite.components.models.families.qwen2 import Qwen2ForCausalLM
+from nemo_lite.components.models.families.qwen3 import Qwen3ForCausalLM
 from nemo_lite.components.models.hf import config_from_hf, config_to_hf
+from nemo_lite.testing.models import family_of_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +74,7 @@ def _report(what: str, diff: float) -> None:
 def test_loads_with_the_logits_of_transformers(variant, backend, checkpoints):
     theirs, path = checkpoints[variant]
     assert len(list(path.glob("model-*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
-    ours = AutoModelForCausalLM.from_pretrained(path, attention=backend)
+    ours = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend=backend))
     assert type(ours) is CLASSES[variant] and family_of_model(ours).name == variant.removesuffix("_window")
     ids = random_ids(2, SEQ, FAMILY_TINY["vocab_size"])
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_packed_documents_equal_each_document_alone(variant, backend, checkpoint
     including documents longer than the sliding window."""
     ids, positions, pieces, alone = packed
     ours = AutoModelForCausalLM.from_pretrained(
-        checkpoints[variant][1], attention=backend, attn_mask_type="block_causal"
+        checkpoints[variant][1], attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
     )
     with torch.no_grad():
         out = ours(ids, position_ids=positions, attention_mask=ours.build_attention_mask(ids))
@@ -122,7 +122,7 @@ def test_the_window_is_mapped_without_off_by_one(checkpoints):
     """transformers' sliding_window=5 (q - k < 5) is nemo_lite's window 4 (q - k <= 4); 4 or 6 in
     transformers gives other logits, so the mapping is pinned exactly."""
     theirs, path = checkpoints["mistral"]
-    ours = AutoModelForCausalLM.from_pretrained(path, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend="eager"))
     assert ours.sliding_windows == (4,) and all(layer.attention.sliding_window == 4 for layer in ours.layers)
     windowed = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2_window"][1])
     assert [layer.attention.sliding_window for layer in windowed.layers] == [0, 5]  # max_window_layers=1
@@ -189,7 +189,7 @@ def test_rope_types_match_transformers_past_the_original_context(rope, form, tmp
     _rope_model(family, rope).save_pretrained(tmp_path)
     if form == "rope_scaling":
         _to_legacy_form(tmp_path)
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attention=AttentionConfig(backend="eager"))
     kind = ROPES[rope][1]["rope_type"]
     assert (ours.config.rope_scaling is None) == (kind == "default")
     ids = random_ids(1, POSITIONS.shape[1], FAMILY_TINY["vocab_size"])
@@ -466,7 +466,7 @@ def test_finetune_recipe_runs_and_exports(variant, backend, tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir).eval()
     assert type(exported) is type(theirs)
     assert (result.hf_dir / "tokenizer.json").is_file()
-    ours = AutoModelForCausalLM.from_pretrained(result.hf_dir, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(result.hf_dir, attention=AttentionConfig(backend="eager"))
     ids = random_ids(1, SEQ, 8192)
     with torch.no_grad():
         assert (ours(ids) - exported(ids).logits).abs().max().item() <= 1e-4
@@ -491,7 +491,10 @@ BASE.update(num_hidden_layers=2, num_attention_heads=2)
         ({"use_sliding_window": True, "sliding_window": 1}, "sliding_window=1 is not supported"),
         ({"model_type": "mistral", "sliding_window": 0}, "sliding_window=0 is not supported"),
         ({"model_type": "mistral", "layer_types": ["full_attention"] * 2}, "layer_types is not supported"),
-        ({"model_type": "gpt2"}, "model_type='gpt2' is not supported; accepted model_type: llama, qwen2"),
+        (
+            {"model_type": "gpt2"},
+            "model_type='gpt2' is not supported; accepted model_type: llama, mistral, qwen2, qwen3",
+        ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config is not supported"),
     ],
 )
@@ -537,7 +540,7 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
     theirs = theirs.cuda()
     vocab = FAMILY_TINY["vocab_size"]
     ids = random_ids(2, 256, vocab, seed=7).cuda()
-    flex = AutoModelForCausalLM.from_pretrained(path, attention="flex", device="cuda")
+    flex = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend="flex"), device="cuda")
     with torch.no_grad():
         diff = (flex(ids) - theirs(ids).logits).abs().max().item()
     _report(f"{variant} flex float32 on CUDA", diff)
@@ -545,14 +548,17 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
 
     ids[:, ::37] = EOS  # documents of 37 tokens, longer than the windows
     reference = AutoModelForCausalLM.from_pretrained(
-        path, attention="eager", attn_mask_type="block_causal", device="cuda"
+        path, attention=AttentionConfig(backend="eager", attn_mask_type="block_causal"), device="cuda"
     )
     with torch.no_grad():
         expected = reference(ids, attention_mask=reference.build_attention_mask(ids))
     errors = {}
     for backend in list_attention_backends():
         model = AutoModelForCausalLM.from_pretrained(
-            path, attention=backend, attn_mask_type="block_causal", dtype=torch.bfloat16, device="cuda"
+            path,
+            attention=AttentionConfig(backend=backend, attn_mask_type="block_causal"),
+            dtype=torch.bfloat16,
+            device="cuda",
         )
         logits = model(ids, attention_mask=model.build_attention_mask(ids))
         logits.float().square().mean().backward()

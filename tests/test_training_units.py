@@ -9,12 +9,12 @@ import torch
 from attention_reference import reference_allowed
 
 from nemo_lite.components.attention import get_attention_backend
+from nemo_lite.components.attention.masks import allowed_pairs
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 from nemo_lite.training.launch import check_overrides
-from nemo_lite.training.metrics import allowed_pairs
 from nemo_lite.training.optim import lr_factor
 
 

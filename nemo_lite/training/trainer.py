@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nemo_lite.components.attention import build_attention_backend
 from nemo_lite.components.models import ModelFamily, family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
@@ -35,7 +34,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.converters import build_converters, check_resume
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
-from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
+from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, peak_flops
 from nemo_lite.training.optim import build_scheduler
 from nemo_lite.training.step import TrainStep, build_step
 
@@ -171,9 +170,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.resumed_from = self._resume(resume_from) if resume_from is not None else None
         self._log(self.step_impl.description)
-        att = cfg.attention
-        backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
-        self._log(backend.describe(self.device.type))
+        self._log(self.raw_model.attention_backend.describe(self.device.type))  # what the model runs
         if self.is_main:
             self._save_config()
 
@@ -298,16 +295,10 @@ class Trainer:
         return family, overrides
 
     def _build_model(self) -> None:
-        cfg, att = self.cfg, self.cfg.attention
-        self.build_kwargs = kwargs = dict(  # what the family builds a model with, here and for the export
-            attention=att.backend,
-            attn_mask_type=att.attn_mask_type,
-            fixed_block_size=att.fixed_block_size,
-            attention_options=att.options,
-        )
+        cfg = self.cfg
         if self.pretrained_dir is not None:
             family = family_of_checkpoint(self.pretrained_dir)
-            model = family.load_pretrained(self.pretrained_dir, device=self.device, **kwargs)
+            model = family.load_pretrained(self.pretrained_dir, attention=cfg.attention, device=self.device)
             if model.config.vocab_size < self.train_loader.vocab_size:
                 raise ConfigError(
                     f"the tokenizer has {self.train_loader.vocab_size} ids but the checkpoint's vocabulary has "
@@ -325,7 +316,7 @@ class Trainer:
                     f"{config.vocab_size}: set model.overrides.vocab_size to at least {self.train_loader.vocab_size},"
                     " or leave it out with model.vocab_from_tokenizer=true"
                 )
-            model = family.build(config, **kwargs)
+            model = family.build(config, attention=cfg.attention)
             model.to(self.device)
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
@@ -360,7 +351,6 @@ class Trainer:
         self.flops_per_token = family.flops_per_token(model)
         for converter in self.converters:
             self.flops_per_token = converter.flops_per_token(model, self.flops_per_token)
-        self.attention_flops_per_pair = family.attention_flops_per_pair(model.config)
         self.peak_flops = peak_flops(self.device)
 
     def _save_config(self) -> None:
@@ -517,12 +507,12 @@ class Trainer:
             torch.distributed.all_reduce(global_labels)  # stays on the device: no host sync before backward
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
         loss_sum = torch.zeros((), device=self.device)
-        pairs = torch.zeros((), device=self.device, dtype=torch.float64)  # attention pairs, for the FLOPs
+        attention_flops = torch.zeros((), device=self.device, dtype=torch.float64)  # of the step's masks
         for batch in micro_batches:
             batch = self._to_device(batch)
             with mask_timer:
                 mask = self._build_mask(batch["input_ids"])
-            pairs += allowed_pairs(mask)
+            attention_flops += self.family.attention_flops(self.raw_model.config, mask)
             with self._autocast():
                 loss = step.loss(self.model, batch, mask, loss_scale)
             (loss * loss_scale).backward()
@@ -530,23 +520,23 @@ class Trainer:
         grad_norm = step.grad_norm()  # this rank's (its shards' under FSDP2)
         stop = torch.full((), float(self._stop_signal is not None), device=self.device)  # a fill, not a copy
         # The previous update's weight check rides with this step's values: no host sync of its own.
-        totals = torch.stack([loss_sum, pairs.float(), stop, step.nonfinite_weights()])
-        if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
+        totals = torch.stack([loss_sum, attention_flops.float(), stop, step.nonfinite_weights()])
+        if self.dist.enabled:  # global loss, norm and FLOPs; a signal on any rank stops every rank
             totals = torch.cat([totals, distributed.squared_norm_share(grad_norm, self.mesh).view(1)])
             torch.distributed.all_reduce(totals)  # the shards' squared norms add up to the global one
             totals, grad_norm = totals[:4], totals[4].sqrt()
         labels = [global_labels.view(1)] if self.dist.enabled else []
         report = torch.cat([totals[:1].double(), grad_norm.double().view(1), totals[1:].double(), *labels])
-        loss_total, grad_value, pair_count, stop_any, bad_weights, *n_global = step.apply(
+        loss_total, grad_value, attention_total, stop_any, bad_weights, *n_global = step.apply(
             report, grad_norm, self.cfg.trainer.clip_grad_norm
         )
         if bad_weights > 0:
             raise self._nonfinite_weights_error()
         self._stop_requested = stop_any > 0
         loss_value = loss_total / max(n_global[0] if n_global else n_labels, 1)
-        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, pair_count)
+        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, grad_value, attention_total)
 
-    def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, pairs: float):
+    def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, attn_flops: float):
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # what the step's update went by
         if finite:
             self._consecutive_nonfinite = 0
@@ -557,7 +547,7 @@ class Trainer:
         self.scheduler.step()
         step_seconds = time.perf_counter() - t0
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.world_size
-        flops = self.flops_per_token * tokens + self.attention_flops_per_pair * pairs
+        flops = self.flops_per_token * tokens + attn_flops
         metrics = {
             "loss": loss,
             "lr": lr,
@@ -733,12 +723,12 @@ class Trainer:
         for converter in self.converters:
             if converter.builds_final_model:
                 return converter.final_model(
-                    self.model, device=self.device, dist=self.dist, build_kwargs=self.build_kwargs
+                    self.model, device=self.device, dist=self.dist, attention=self.cfg.attention
                 )
         if not self.dist.enabled:
             return self.raw_model
         full = distributed.full_state_dict(self.model)
-        plain = self.family.build(self.raw_model.config, **self.build_kwargs)
+        plain = self.family.build(self.raw_model.config, attention=self.cfg.attention)
         plain.tokenizer_dir = self.raw_model.tokenizer_dir
         if self.is_main:
             plain.load_state_dict(full)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.training.distributed import DistInfo
 
 
@@ -62,11 +63,11 @@ class ModelConverter:
         (None: that side does not have this converter). Static: a run without the converter checks too."""
 
     def final_model(
-        self, model: nn.Module, *, device: torch.device, dist: DistInfo, build_kwargs: dict[str, Any]
+        self, model: nn.Module, *, device: torch.device, dist: DistInfo, attention: AttentionConfig | None
     ) -> nn.Module | None:
         """With :attr:`builds_final_model`: the trained ``model`` as a plain module of its family, for the export
         (every rank calls it; rank 0 gets the model, on ``device`` under torchrun, where it also samples, the
-        others None). ``build_kwargs``: the attention options the family builds a model with."""
+        others None). ``attention``: the attention spec the family builds the model with."""
         raise NotImplementedError
 
     def export_extra(self, run_dir: Path) -> str | None:
