@@ -406,6 +406,7 @@ def test_presets_have_the_shapes_of_transformers_and_their_flops(preset):
     }
     assert {family_key(k): tuple(v.shape) for k, v in ours.state_dict().items()} == shapes
     assert sum(p.numel() for p in ours.parameters()) == PARAMETERS[preset]
+    assert family.num_parameters(config) == PARAMETERS[preset]  # counted without building the model
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert family.flops_per_token(ours) == 6 * (PARAMETERS[preset] - embedding)
 
@@ -427,11 +428,11 @@ def test_every_model_yaml_composes_and_names_a_preset():
     register_schema()
     configs = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
-    assert {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "mistral-7b-v0.1", "llama-3.1-8b"} <= set(names)
+    assert set(names) == set(list_presets())  # one namespace: every preset has its YAML, and only presets do
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         for name in names:
             model = OmegaConf.to_object(compose(config_name="finetune", overrides=[f"model={name}"])).model
-            assert model.preset in list_presets(), name
+            assert model.preset == name
             if name in PARAMETERS:  # the hub id of the same model
                 assert model.pretrained_path.split("/")[1].lower() == name, name
 
@@ -568,3 +569,49 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
     # bfloat16 rounding only: a window or a document boundary applied wrongly would be an O(1) error
     for backend, error in errors.items():
         assert error <= max(2 * errors["eager"], 0.05), backend
+
+
+# ---- parameter and attention FLOP counts from the family ------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
+@pytest.mark.parametrize("extra", [{}, {"tie_word_embeddings": True}, {"num_key_value_heads": 6}])
+def test_num_parameters_counts_what_the_model_builds(variant, extra):
+    """Biases, per-head q/k norms, tied or untied heads, GQA or not: the family's count without building equals
+    the built model's."""
+    _, _, fields = FAMILY_VARIANTS[variant]
+    family = get_model_family(variant.removesuffix("_window"))
+    config = family.config_cls(**{**FAMILY_TINY, **fields, **extra})
+    model = family.build(config)
+    assert family.num_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_attention_flops_count_each_layers_window():
+    """A Mistral-like config past its window: every layer counts only the pairs the window allows (fewer than
+    causal); a Qwen2 config with one sliding layer of two counts one layer of each. Both against the dense
+    masks the backends compute."""
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.components.attention.masks import dense_mask
+
+    seq, window = 32, 8  # Hugging Face's sliding_window = 8: a query sees keys with q - k < 8
+    ids = torch.tensor([[5] * 20 + [EOS] + [5] * 11, [5] * seq])
+    mistral = get_model_family("mistral")
+    config = mistral.config_cls(**{**FAMILY_TINY, "sliding_window": window, "num_hidden_layers": 3})
+    per_pair = 3 * 4 * config.head_dim * config.num_attention_heads
+    for mask_type in ("causal", "block_causal"):
+        attention = AttentionConfig(attn_mask_type=mask_type)
+        mask = mistral.build(config, attention=attention).build_attention_mask(ids)
+        doc_ids = mask.doc_ids
+        windowed = int(dense_mask(seq, doc_ids_BS=doc_ids, sliding_window=window - 1).expand(2, 1, seq, seq).sum())
+        full = int(dense_mask(seq, doc_ids_BS=doc_ids).expand(2, 1, seq, seq).sum())
+        flops = mistral.attention_flops(config, mask)
+        assert flops.dtype == torch.float64 and flops.dim() == 0
+        assert int(flops) == per_pair * 3 * windowed < per_pair * 3 * full
+
+    qwen2 = get_model_family("qwen2")
+    fields = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1, num_hidden_layers=2)
+    config = qwen2.config_cls(**{**FAMILY_TINY, **fields})
+    mask = qwen2.build(config).build_attention_mask(ids)
+    windowed = int(dense_mask(seq, sliding_window=window - 1).sum()) * 2
+    full = int(dense_mask(seq).sum()) * 2
+    assert int(qwen2.attention_flops(config, mask)) == per_pair * (windowed + full)

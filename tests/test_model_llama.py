@@ -294,3 +294,18 @@ def test_a_preset_reshaped_by_overrides_derives_head_dim_again():
     assert get_preset("qwen3-0.6b", hidden_size=512).head_dim == 128  # the preset chose it apart from its shape
     with pytest.raises(ValueError, match="hidden_size=100 is not divisible by num_attention_heads=8: set head_dim"):
         get_preset("tiny", hidden_size=100, num_attention_heads=8)
+
+
+def test_the_small_preset_is_tiny_with_the_pretraining_shape():
+    """``small`` (the pretraining recipe's model) is the tiny preset with the shape configs/model/small.yaml
+    gave it as overrides, so the recipe's numbers stay those of that shape."""
+    shape = dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    )
+    assert get_preset("small") == get_preset("tiny", **shape)

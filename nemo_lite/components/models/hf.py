@@ -210,6 +210,8 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
         # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents
         if isinstance(values.get(key), list):
             values[key] = values[key][0] if values[key] else None
+    # A family that gives no default for it takes its config class's.
+    values.setdefault("max_position_embeddings", config_cls.__dataclass_fields__["max_position_embeddings"].default)
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, values["max_position_embeddings"])
     try:
         return config_cls(**values)
