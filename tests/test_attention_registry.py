@@ -171,3 +171,74 @@ def test_a_backend_registered_outside_declares_its_options():
         assert get_attention_backend("test_scaled")().describe("cpu") == "test_scaled: ScaledAttention"
     finally:
         unregister_attention_backend("test_scaled")
+
+
+# ---- AttentionConfig: the one attention spec ------------------------------------------------------
+
+
+def test_attention_config_builds_the_backend_it_names():
+    from nemo_lite.components.attention import AttentionConfig
+
+    backend = AttentionConfig(
+        backend="varlen", attn_mask_type="block_causal", fixed_block_size=4, options={"host_sync": False}
+    ).build()
+    assert type(backend) is get_attention_backend("varlen")
+    assert (backend.attn_mask_type, backend.fixed_block_size, backend.host_sync) == ("block_causal", 4, False)
+    default = AttentionConfig().build()  # a plain model's default
+    assert (default.name, default.attn_mask_type, default.fixed_block_size) == ("sdpa", "causal", None)
+
+
+@pytest.mark.parametrize(
+    "fields,error,message",
+    [
+        (dict(backend="flash9"), KeyError, "unknown attention backend 'flash9'; registered backends: eager, flex"),
+        (
+            dict(attn_mask_type="sliding"),
+            AttentionConfigError,
+            "attention.attn_mask_type='sliding' is not valid; choose one of: causal, block_causal",
+        ),
+        (dict(fixed_block_size=0), AttentionConfigError, "attention.fixed_block_size=0 must be an integer > 0"),
+        (dict(fixed_block_size=True), AttentionConfigError, "attention.fixed_block_size=True must be an integer"),
+        (dict(backend="sdpa", options={"host_sync": False}), AttentionConfigError, "attention=sdpa has no option"),
+    ],
+)
+def test_attention_config_refuses_a_bad_value_in_one_line(fields, error, message):
+    from nemo_lite.components.attention import AttentionConfig
+
+    with pytest.raises(error) as info:
+        AttentionConfig(**fields).build()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_models_take_only_an_attention_config():
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+
+    config = get_preset("tiny", num_hidden_layers=1)
+    model = LlamaForCausalLM(config)
+    assert (model.attention_backend.name, model.attention_backend.attn_mask_type) == ("sdpa", "causal")
+    flex = LlamaForCausalLM(config, attention=AttentionConfig(backend="flex", attn_mask_type="block_causal"))
+    assert all(layer.attention.backend is flex.attention_backend for layer in flex.layers)  # built once
+    with pytest.raises(TypeError, match="attention must be an AttentionConfig"):
+        LlamaForCausalLM(config, attention="flex")
+
+
+def test_attention_config_is_the_recipes_attention_schema():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.training.config import RecipeConfig, register_schema
+
+    assert RecipeConfig().attention == AttentionConfig(backend="flex", attn_mask_type="block_causal")
+    register_schema()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("pretrain", ["attention=varlen", "attention.options.host_sync=false"]))
+        sdpa = OmegaConf.to_object(compose("pretrain", ["attention=sdpa", "attention.fixed_block_size=16"]))
+    assert cfg.attention == AttentionConfig(
+        backend="varlen", attn_mask_type="block_causal", options={"host_sync": False}
+    )
+    assert sdpa.attention == AttentionConfig(backend="sdpa", attn_mask_type="block_causal", fixed_block_size=16)

@@ -250,11 +250,12 @@ def _a_backend_of_your_own(tmp):  # docs/attention.md, "Adding a backend"
 
 def _fast_step_with_a_gradient_hook(tmp):  # docs/step.md
     pytest.importorskip("triton")
+    from nemo_lite.components.attention import AttentionConfig
     from nemo_lite.components.models import LlamaForCausalLM, get_preset
     from nemo_lite.training.config import OptimSection
     from nemo_lite.training.fast.step import FastStep
 
-    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention="eager")
+    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention=AttentionConfig(backend="eager"))
     model.embed_tokens.weight.register_hook(lambda grad: grad)
     # On a CUDA device the fast step would convert the embedding; the model stays on the CPU, nothing runs.
     FastStep(model, OptimSection(), device=torch.device("cuda"), distributed=False, autocast_bf16=True)
@@ -464,8 +465,7 @@ def _optim(**values):  # docs/optimizers.md
 
 
 def _resume_with_another_optimizer(tmp):  # docs/optimizers.md
-    from nemo_lite.components.datasets.synthetic import SyntheticPackedLoader
-
+    from nemo_lite.testing.data import SyntheticPackedLoader
     from nemo_lite.training.trainer import Trainer
 
     for name, steps, resume in (("muon", 2, False), ("adamw", 4, True)):
@@ -490,11 +490,13 @@ def _lora_without_a_checkpoint(tmp):
 
 
 def _lora_target_matching_nothing(tmp):
-    from nemo_lite.components.models import LlamaForCausalLM, family_of_model, get_preset
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.components.models import LlamaForCausalLM, get_preset
+    from nemo_lite.testing.models import family_of_model
     from nemo_lite.training.config import PeftSection
     from nemo_lite.training.converters.lora import LoraConverter
 
-    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention="eager")
+    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention=AttentionConfig(backend="eager"))
     LoraConverter(PeftSection(method="lora", target_modules=["qkv"])).convert(model, family_of_model(model))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import LlamaForCausalLM
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.trainer import Trainer
@@ -66,7 +67,7 @@ def test_export_loads_in_transformers_with_the_same_logits(finetuned):
 
     _, result, _, _, _ = finetuned
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir).eval()
-    ours = LlamaForCausalLM.from_pretrained(result.hf_dir, attention="sdpa").eval()
+    ours = LlamaForCausalLM.from_pretrained(result.hf_dir, attention=AttentionConfig(backend="sdpa")).eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 48))
     with torch.no_grad():
         diff = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()

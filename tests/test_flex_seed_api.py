@@ -160,3 +160,19 @@ def test_gpu_compiles_once_per_process():
     other(q, q, q, attention_mask=other.build_mask(ids.flip(1), EOS)).sum().backward()
     assert (flex_attention.compiled_flex_attention(), flex_attention.compiled_create_block_mask()) == compiled
     assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+
+
+def test_the_nemo_automodel_example_of_docs_runs():
+    """docs/attention.md's example of the class-level API, run as it is written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "attention.md").read_text()
+    section = text.split("## FlexAttention as NeMo AutoModel uses it", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/attention.md", "exec"), scope)
+    ids = scope["input_ids"]
+    assert scope["masks"] is FlexAttention.block_masks and ("block_causal", None) in scope["masks"]
+    assert scope["hidden"].shape == (1, 32, 64) and torch.isfinite(scope["hidden"]).all()
+    assert torch.equal(dense(scope["blocks"], 1, 32), reference_allowed(ids, 2, "block_causal", fixed_block_size=16))
+    assert torch.equal(dense(scope["window"], 1, 32), reference_allowed(ids, None, "causal", sliding_window=8))

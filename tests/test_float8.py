@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import LlamaForCausalLM, family_of_preset, get_preset
 from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.testing.hooks import after_each_step
@@ -56,7 +57,9 @@ def test_the_layer_rule_on_the_llama_shapes():
 
 def test_llama_3_2_3b_preset_has_the_released_model_size():
     with torch.device("meta"):
-        model = LlamaForCausalLM(get_preset("llama-3.2-3b"), attention="sdpa", attn_mask_type="causal")
+        model = LlamaForCausalLM(
+            get_preset("llama-3.2-3b"), attention=AttentionConfig(backend="sdpa", attn_mask_type="causal")
+        )
     assert sum(p.numel() for p in model.parameters()) == 3_212_749_824  # Llama-3.2-3B, tied embedding once
 
 
@@ -110,7 +113,9 @@ def test_on_a_gpu_older_than_ada_the_refusal_names_the_card(monkeypatch):
 
 def small_model(tie: bool = True):
     family = family_of_preset("tiny")
-    model = family.build(family.preset("tiny", tie_word_embeddings=tie, **SMALL), attention="sdpa")
+    model = family.build(
+        family.preset("tiny", tie_word_embeddings=tie, **SMALL), attention=AttentionConfig(backend="sdpa")
+    )
     model.init_weights(seed=0)
     return family, model
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import family_of_preset
 from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.testing.hooks import after_each_step
@@ -73,7 +74,7 @@ def loader(seed: int = 1):
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_forward_and_backward_match_bf16_within_the_documented_tolerance(recipe):
     family = family_of_preset("tiny")
-    model = family.build(family.preset("tiny", **SHAPE), attention="flex").cuda()
+    model = family.build(family.preset("tiny", **SHAPE), attention=AttentionConfig(backend="flex")).cuda()
     model.init_weights(seed=0)
     reference = copy.deepcopy(model)
     converter = Float8Converter(Float8Section(enabled=True, recipe=recipe))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from model_utils import family_hf_model, random_ids, save_default_tokenizer
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import AutoModelForCausalLM, PretrainedNotFoundError, resolve_pretrained
 from nemo_lite.components.models.hub import split_hub_id
 
@@ -74,8 +75,8 @@ def test_a_hub_id_resolves_from_the_cache_offline(offline_cache, tiny_qwen2):
     ):
         assert resolve_pretrained(name) == snapshot, name
     assert resolve_pretrained("tiny-org/tiny-qwen2", revision="v1.0") == snapshot
-    from_hub = AutoModelForCausalLM.from_pretrained("tiny-org/tiny-qwen2", attention="sdpa")
-    from_dir = AutoModelForCausalLM.from_pretrained(tiny_qwen2, attention="sdpa")
+    from_hub = AutoModelForCausalLM.from_pretrained("tiny-org/tiny-qwen2", attention=AttentionConfig(backend="sdpa"))
+    from_dir = AutoModelForCausalLM.from_pretrained(tiny_qwen2, attention=AttentionConfig(backend="sdpa"))
     assert from_hub.tokenizer_dir == snapshot  # the checkpoint's own tokenizer goes with it
     ids = random_ids(1, 16, 8192)
     with torch.no_grad():

@@ -149,8 +149,14 @@ def test_a_second_model_family_trains_without_touching_training(tmp_path):
     the trainer by its entry: build, FLOPs, blocks and compile units come from the entry."""
     from recipe_utils import tiny_config
 
-    from nemo_lite.components.models import LlamaForCausalLM, ModelFamily, get_model_family, register_model_family
-    from nemo_lite.components.models.family import _FAMILIES
+    from nemo_lite.components.models import (
+        HFFacts,
+        LlamaForCausalLM,
+        ModelFamily,
+        get_model_family,
+        register_model_family,
+        unregister_model_family,
+    )
     from nemo_lite.training.trainer import Trainer
 
     class OtherLM(LlamaForCausalLM):
@@ -168,13 +174,14 @@ def test_a_second_model_family_trains_without_touching_training(tmp_path):
         model_cls=OtherLM,
         config_cls=llama.config_cls,
         presets={"other-tiny": llama.preset("tiny", num_hidden_layers=1)},
-        hf_model_types=("other",),
+        hf=HFFacts(model_types=("other",), architecture="LlamaForCausalLM"),
         load_pretrained=OtherLM.from_pretrained,
         blocks=lambda model: calls.append("blocks") or list(model.layers),
         compile_units=llama.compile_units,
         shard=llama.shard,
+        num_parameters=llama.num_parameters,
         flops_per_token=flops_per_token,
-        attention_flops_per_pair=llama.attention_flops_per_pair,
+        attention_flops=llama.attention_flops,
     )
     register_model_family(family)
     try:
@@ -185,7 +192,7 @@ def test_a_second_model_family_trains_without_touching_training(tmp_path):
         trainer = Trainer(cfg)
         result = trainer.fit()
     finally:
-        _FAMILIES.pop("other")
+        unregister_model_family("other")
     assert type(trainer.raw_model) is OtherLM and trainer.family is family
     assert len(trainer.raw_model.layers) == 1 and result.steps == 2
     assert calls == ["blocks", "flops", "blocks"]  # activation checkpointing, MFU, the optimizer's blocks
@@ -193,10 +200,10 @@ def test_a_second_model_family_trains_without_touching_training(tmp_path):
 
 
 def test_a_family_cannot_take_another_familys_preset():
-    from nemo_lite.components.models import ModelFamily, get_model_family, register_model_family
+    from nemo_lite.components.models import HFFacts, ModelFamily, get_model_family, register_model_family
 
     llama = get_model_family("llama")
     fields = {f: getattr(llama, f) for f in llama.__dataclass_fields__}
-    clash = ModelFamily(**{**fields, "name": "clash", "hf_model_types": ("clash",)})
+    clash = ModelFamily(**{**fields, "name": "clash", "hf": HFFacts(model_types=("clash",), architecture="X")})
     with pytest.raises(ValueError, match=r"preset\(s\) .*'tiny'.* already belong to 'llama'"):
         register_model_family(clash)

@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 from model_utils import family_hf_model, random_ids, save_default_tokenizer  # noqa: E402
 from recipe_utils import tiny_config  # noqa: E402
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.training.config import ConfigError, PeftSection  # noqa: E402
 from nemo_lite.training.trainer import Trainer  # noqa: E402
 
@@ -202,7 +203,7 @@ def test_a_second_family_with_qkv_biases_round_trips_through_peft_and_the_merge(
     from nemo_lite.training.converters import lora
 
     family_hf_model("qwen2", seed=1).save_pretrained(tmp_path / "base")
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attention="sdpa")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attention=AttentionConfig(backend="sdpa"))
     family = family_of_checkpoint(tmp_path / "base")
     section = PeftSection(method="lora", r=2, alpha=6.0, target_modules=["q_proj", "v_proj"])
     converter = lora.LoraConverter(section)
@@ -221,7 +222,12 @@ def test_a_second_family_with_qkv_biases_round_trips_through_peft_and_the_merge(
         base_model_name_or_path=None,
     )
     merged = lora.merged_model(
-        family, tmp_path / "base", adapters, section=section, target_names=converter.target_names, attention="sdpa"
+        family,
+        tmp_path / "base",
+        adapters,
+        section=section,
+        target_names=converter.target_names,
+        attention=AttentionConfig(backend="sdpa"),
     )
     merged.save_pretrained(tmp_path / "hf")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")

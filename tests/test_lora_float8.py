@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao is not installed (pip install 'nemo_lite[float8]')"
 )
 
+from nemo_lite.components.attention import AttentionConfig  # noqa: E402
 from nemo_lite.components.models import family_of_preset  # noqa: E402
 from nemo_lite.components.models.hf import to_hf_key  # noqa: E402
 from nemo_lite.testing.data import SyntheticPackedLoader  # noqa: E402
@@ -143,7 +144,7 @@ def test_with_bf16_frozen_linears_under_autocast_the_adapters_still_get_float32_
     from nemo_lite.training.converters.lora import LoraConverter
 
     family = family_of_preset("tiny")
-    model = family.build(family.preset("tiny", **SMALL), attention="sdpa")
+    model = family.build(family.preset("tiny", **SMALL), attention=AttentionConfig(backend="sdpa"))
     model.init_weights(seed=0)
     LoraConverter(PeftSection(method="lora", r=R, alpha=ALPHA), frozen_dtype=torch.bfloat16).convert(model, family)
     Float8Converter(Float8Section(enabled=True), emulate=True).convert(model, family)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from kernel_utils import interpreted
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.testing.step import dense_gradients
 from nemo_lite.training.config import OptimSection
 from nemo_lite.training.fast.step import FastStep
@@ -125,7 +126,10 @@ def tiny_model(device: str = "cpu"):
     """A one-layer "tiny" model (eager attention) and a packed batch with next-token labels."""
     from nemo_lite.components.models import LlamaForCausalLM, get_preset
 
-    model = LlamaForCausalLM(get_preset("tiny", num_hidden_layers=1), attention="eager", attn_mask_type="block_causal")
+    model = LlamaForCausalLM(
+        get_preset("tiny", num_hidden_layers=1),
+        attention=AttentionConfig(backend="eager", attn_mask_type="block_causal"),
+    )
     model.to(device).init_weights(seed=0)
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ids[:, 11] = model.config.eos_token_id

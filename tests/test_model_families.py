@@ -21,22 +21,22 @@ from model_utils import (
 )
 from safetensors.torch import load_file
 
-from nemo_lite.components.attention import list_attention_backends
+from nemo_lite.components.attention import AttentionConfig, list_attention_backends
 from nemo_lite.components.models import (
     AutoModelForCausalLM,
     CheckpointError,
     LlamaForCausalLM,
-    MistralForCausalLM,
-    Qwen2ForCausalLM,
-    Qwen3ForCausalLM,
     UnknownModelTypeError,
-    family_of_model,
     get_model_family,
     get_preset,
     list_presets,
     rotary_cos_sin,
 )
+from nemo_lite.components.models.families.mistral import MistralForCausalLM
+from nemo_lite.components.models.families.qwen2 import Qwen2ForCausalLM
+from nemo_lite.components.models.families.qwen3 import Qwen3ForCausalLM
 from nemo_lite.components.models.hf import config_from_hf, config_to_hf
+from nemo_lite.testing.models import family_of_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +74,7 @@ def _report(what: str, diff: float) -> None:
 def test_loads_with_the_logits_of_transformers(variant, backend, checkpoints):
     theirs, path = checkpoints[variant]
     assert len(list(path.glob("model-*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
-    ours = AutoModelForCausalLM.from_pretrained(path, attention=backend)
+    ours = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend=backend))
     assert type(ours) is CLASSES[variant] and family_of_model(ours).name == variant.removesuffix("_window")
     ids = random_ids(2, SEQ, FAMILY_TINY["vocab_size"])
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_packed_documents_equal_each_document_alone(variant, backend, checkpoint
     including documents longer than the sliding window."""
     ids, positions, pieces, alone = packed
     ours = AutoModelForCausalLM.from_pretrained(
-        checkpoints[variant][1], attention=backend, attn_mask_type="block_causal"
+        checkpoints[variant][1], attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
     )
     with torch.no_grad():
         out = ours(ids, position_ids=positions, attention_mask=ours.build_attention_mask(ids))
@@ -122,7 +122,7 @@ def test_the_window_is_mapped_without_off_by_one(checkpoints):
     """transformers' sliding_window=5 (q - k < 5) is nemo_lite's window 4 (q - k <= 4); 4 or 6 in
     transformers gives other logits, so the mapping is pinned exactly."""
     theirs, path = checkpoints["mistral"]
-    ours = AutoModelForCausalLM.from_pretrained(path, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend="eager"))
     assert ours.sliding_windows == (4,) and all(layer.attention.sliding_window == 4 for layer in ours.layers)
     windowed = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2_window"][1])
     assert [layer.attention.sliding_window for layer in windowed.layers] == [0, 5]  # max_window_layers=1
@@ -189,7 +189,7 @@ def test_rope_types_match_transformers_past_the_original_context(rope, form, tmp
     _rope_model(family, rope).save_pretrained(tmp_path)
     if form == "rope_scaling":
         _to_legacy_form(tmp_path)
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attention=AttentionConfig(backend="eager"))
     kind = ROPES[rope][1]["rope_type"]
     assert (ours.config.rope_scaling is None) == (kind == "default")
     ids = random_ids(1, POSITIONS.shape[1], FAMILY_TINY["vocab_size"])
@@ -406,6 +406,7 @@ def test_presets_have_the_shapes_of_transformers_and_their_flops(preset):
     }
     assert {family_key(k): tuple(v.shape) for k, v in ours.state_dict().items()} == shapes
     assert sum(p.numel() for p in ours.parameters()) == PARAMETERS[preset]
+    assert family.num_parameters(config) == PARAMETERS[preset]  # counted without building the model
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert family.flops_per_token(ours) == 6 * (PARAMETERS[preset] - embedding)
 
@@ -427,11 +428,11 @@ def test_every_model_yaml_composes_and_names_a_preset():
     register_schema()
     configs = Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.stem for p in (configs / "model").glob("*.yaml"))
-    assert {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen3-0.6b", "qwen3-1.7b", "mistral-7b-v0.1", "llama-3.1-8b"} <= set(names)
+    assert set(names) == set(list_presets())  # one namespace: every preset has its YAML, and only presets do
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         for name in names:
             model = OmegaConf.to_object(compose(config_name="finetune", overrides=[f"model={name}"])).model
-            assert model.preset in list_presets(), name
+            assert model.preset == name
             if name in PARAMETERS:  # the hub id of the same model
                 assert model.pretrained_path.split("/")[1].lower() == name, name
 
@@ -466,7 +467,7 @@ def test_finetune_recipe_runs_and_exports(variant, backend, tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir).eval()
     assert type(exported) is type(theirs)
     assert (result.hf_dir / "tokenizer.json").is_file()
-    ours = AutoModelForCausalLM.from_pretrained(result.hf_dir, attention="eager")
+    ours = AutoModelForCausalLM.from_pretrained(result.hf_dir, attention=AttentionConfig(backend="eager"))
     ids = random_ids(1, SEQ, 8192)
     with torch.no_grad():
         assert (ours(ids) - exported(ids).logits).abs().max().item() <= 1e-4
@@ -491,7 +492,10 @@ BASE.update(num_hidden_layers=2, num_attention_heads=2)
         ({"use_sliding_window": True, "sliding_window": 1}, "sliding_window=1 is not supported"),
         ({"model_type": "mistral", "sliding_window": 0}, "sliding_window=0 is not supported"),
         ({"model_type": "mistral", "layer_types": ["full_attention"] * 2}, "layer_types is not supported"),
-        ({"model_type": "gpt2"}, "model_type='gpt2' is not supported; accepted model_type: llama, qwen2"),
+        (
+            {"model_type": "gpt2"},
+            "model_type='gpt2' is not supported; accepted model_type: llama, mistral, qwen2, qwen3",
+        ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config is not supported"),
     ],
 )
@@ -537,7 +541,7 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
     theirs = theirs.cuda()
     vocab = FAMILY_TINY["vocab_size"]
     ids = random_ids(2, 256, vocab, seed=7).cuda()
-    flex = AutoModelForCausalLM.from_pretrained(path, attention="flex", device="cuda")
+    flex = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend="flex"), device="cuda")
     with torch.no_grad():
         diff = (flex(ids) - theirs(ids).logits).abs().max().item()
     _report(f"{variant} flex float32 on CUDA", diff)
@@ -545,14 +549,17 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
 
     ids[:, ::37] = EOS  # documents of 37 tokens, longer than the windows
     reference = AutoModelForCausalLM.from_pretrained(
-        path, attention="eager", attn_mask_type="block_causal", device="cuda"
+        path, attention=AttentionConfig(backend="eager", attn_mask_type="block_causal"), device="cuda"
     )
     with torch.no_grad():
         expected = reference(ids, attention_mask=reference.build_attention_mask(ids))
     errors = {}
     for backend in list_attention_backends():
         model = AutoModelForCausalLM.from_pretrained(
-            path, attention=backend, attn_mask_type="block_causal", dtype=torch.bfloat16, device="cuda"
+            path,
+            attention=AttentionConfig(backend=backend, attn_mask_type="block_causal"),
+            dtype=torch.bfloat16,
+            device="cuda",
         )
         logits = model(ids, attention_mask=model.build_attention_mask(ids))
         logits.float().square().mean().backward()
@@ -562,3 +569,49 @@ def test_gpu_kernels_match_transformers_and_train(variant, checkpoints):
     # bfloat16 rounding only: a window or a document boundary applied wrongly would be an O(1) error
     for backend, error in errors.items():
         assert error <= max(2 * errors["eager"], 0.05), backend
+
+
+# ---- parameter and attention FLOP counts from the family ------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
+@pytest.mark.parametrize("extra", [{}, {"tie_word_embeddings": True}, {"num_key_value_heads": 6}])
+def test_num_parameters_counts_what_the_model_builds(variant, extra):
+    """Biases, per-head q/k norms, tied or untied heads, GQA or not: the family's count without building equals
+    the built model's."""
+    _, _, fields = FAMILY_VARIANTS[variant]
+    family = get_model_family(variant.removesuffix("_window"))
+    config = family.config_cls(**{**FAMILY_TINY, **fields, **extra})
+    model = family.build(config)
+    assert family.num_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_attention_flops_count_each_layers_window():
+    """A Mistral-like config past its window: every layer counts only the pairs the window allows (fewer than
+    causal); a Qwen2 config with one sliding layer of two counts one layer of each. Both against the dense
+    masks the backends compute."""
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.components.attention.masks import dense_mask
+
+    seq, window = 32, 8  # Hugging Face's sliding_window = 8: a query sees keys with q - k < 8
+    ids = torch.tensor([[5] * 20 + [EOS] + [5] * 11, [5] * seq])
+    mistral = get_model_family("mistral")
+    config = mistral.config_cls(**{**FAMILY_TINY, "sliding_window": window, "num_hidden_layers": 3})
+    per_pair = 3 * 4 * config.head_dim * config.num_attention_heads
+    for mask_type in ("causal", "block_causal"):
+        attention = AttentionConfig(attn_mask_type=mask_type)
+        mask = mistral.build(config, attention=attention).build_attention_mask(ids)
+        doc_ids = mask.doc_ids
+        windowed = int(dense_mask(seq, doc_ids_BS=doc_ids, sliding_window=window - 1).expand(2, 1, seq, seq).sum())
+        full = int(dense_mask(seq, doc_ids_BS=doc_ids).expand(2, 1, seq, seq).sum())
+        flops = mistral.attention_flops(config, mask)
+        assert flops.dtype == torch.float64 and flops.dim() == 0
+        assert int(flops) == per_pair * 3 * windowed < per_pair * 3 * full
+
+    qwen2 = get_model_family("qwen2")
+    fields = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1, num_hidden_layers=2)
+    config = qwen2.config_cls(**{**FAMILY_TINY, **fields})
+    mask = qwen2.build(config).build_attention_mask(ids)
+    windowed = int(dense_mask(seq, sliding_window=window - 1).sum()) * 2
+    full = int(dense_mask(seq).sum()) * 2
+    assert int(qwen2.attention_flops(config, mask)) == per_pair * (windowed + full)

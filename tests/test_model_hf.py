@@ -9,7 +9,7 @@ import torch
 from model_utils import EOS, TINY, VARIANTS, hf_model, ours_config, pack, random_ids, randomize_
 from safetensors.torch import load_file, save_file
 
-from nemo_lite.components.attention import list_attention_backends
+from nemo_lite.components.attention import AttentionConfig, list_attention_backends
 from nemo_lite.components.models import CheckpointError, LlamaForCausalLM, get_preset, hf
 from nemo_lite.components.models.hf import HF_KEY_MAP, config_from_hf, config_to_hf, parse_size, to_hf_key
 
@@ -45,7 +45,7 @@ def _ours_logits(model, ids, positions=POSITIONS):
 def test_nemo_to_transformers(variant, tmp_path):
     config = ours_config("untied" if variant == "sharded" else variant)
     # eager on both sides: the same float32 math, so any difference is the checkpoint's mapping
-    ours = randomize_(LlamaForCausalLM(config, attention="eager"), seed=1).eval()
+    ours = randomize_(LlamaForCausalLM(config, attention=AttentionConfig(backend="eager")), seed=1).eval()
     shard = "40KB" if variant == "sharded" else "2GB"
     ours.save_pretrained(tmp_path / "ckpt", max_shard_size=shard)
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -69,7 +69,7 @@ def test_transformers_to_nemo(variant, tmp_path):
     theirs.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB" if variant == "sharded" else "2GB")
     if variant == "sharded":
         assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
-    ours = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attention="eager")
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attention=AttentionConfig(backend="eager"))
     ids = random_ids(2, SEQ, ours.config.vocab_size)
     diff = (_ours_logits(ours, ids) - _hf_logits(theirs, ids)).abs().max().item()
     assert diff <= 1e-5, diff
@@ -143,7 +143,7 @@ def test_presets_have_the_parameter_shapes_of_transformers(preset):
 
 
 def test_key_map_covers_every_parameter_of_every_variant():
-    from nemo_lite.components.models import Qwen3Config, Qwen3ForCausalLM
+    from nemo_lite.components.models.families.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
     qwen3 = Qwen3ForCausalLM(Qwen3Config(**TINY))
     used = set()
@@ -161,7 +161,9 @@ def test_key_map_covers_every_parameter_of_every_variant():
 def test_packed_batch_matches_transformers_per_document(backend, tmp_path):
     theirs = hf_model("untied", seed=4)
     theirs.save_pretrained(tmp_path / "ckpt")
-    ours = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", attention=backend, attn_mask_type="block_causal")
+    ours = LlamaForCausalLM.from_pretrained(
+        tmp_path / "ckpt", attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
+    )
     eos = torch.tensor([EOS])
     d = [random_ids(1, n, ours.config.vocab_size, seed=n)[0] for n in (7, 12, 4, 9, 14)]
     ids, positions, slices = pack(
@@ -281,7 +283,7 @@ def test_builds_on_meta_and_loads_into_the_requested_dtype(hf_dir, monkeypatch):
         constructed_on.append({p.device.type for p in self.parameters()})
 
     monkeypatch.setattr(LlamaForCausalLM, "__init__", spy_init)
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attention="eager")
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16, attention=AttentionConfig(backend="eager"))
     assert constructed_on == [{"meta"}]  # no real allocation before the tensors are read
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.bfloat16)}
     reference = LlamaForCausalLM.from_pretrained(hf_dir)
@@ -356,9 +358,13 @@ def test_parse_size():
 
 
 def test_hf_module_is_the_only_place_with_hf_names():
+    import importlib
     import inspect
 
-    from nemo_lite.components.models import llama
+    from nemo_lite.components.models import decoder, families
 
-    assert "self_attn" not in inspect.getsource(llama) and "input_layernorm" not in inspect.getsource(llama)
+    modules = [decoder] + [importlib.import_module(f"{families.__name__}.{n}") for n in families.FAMILY_MODULES]
+    assert len(modules) >= 5  # the decoder and the llama, qwen2, qwen3 and mistral families
+    for module in modules:  # none of them differs from the shared key map
+        assert "self_attn" not in inspect.getsource(module) and "input_layernorm" not in inspect.getsource(module)
     assert hf.HF_KEY_MAP is HF_KEY_MAP

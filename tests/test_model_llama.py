@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from model_utils import EOS, ours_config, pack, random_ids
 
-from nemo_lite.components.attention import get_attention_backend, list_attention_backends
+from nemo_lite.components.attention import AttentionConfig, get_attention_backend, list_attention_backends
 from nemo_lite.components.models import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -81,13 +81,18 @@ def test_config_is_keyword_only_and_validated():
         RopeScaling(rope_type="longrope", factor=2.0)
 
 
-@pytest.mark.parametrize("name", ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "RopeScaling"])
+@pytest.mark.parametrize(
+    "name", ["llama.LlamaConfig", "qwen2.Qwen2Config", "qwen3.Qwen3Config", "mistral.MistralConfig", "RopeScaling"]
+)
 def test_every_field_is_documented(name):
+    import importlib
     import inspect
 
-    from nemo_lite.components.models import config as config_module
+    from nemo_lite.components.models import decoder
 
-    cls = getattr(config_module, name)
+    module, _, cls_name = name.rpartition(".")
+    where = importlib.import_module(f"nemo_lite.components.models.families.{module}") if module else decoder
+    cls = getattr(where, cls_name)
     lines = [line for base in cls.__mro__[:-1] for line in inspect.getsource(base).splitlines()]
     for f in dataclasses.fields(cls):
         (i,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"{f.name}:")]
@@ -174,7 +179,7 @@ def test_layers_is_a_module_list_of_blocks():
 
 
 def test_every_layer_gets_the_same_mask_object_built_once(monkeypatch):
-    model = _tiny_model(attention="sdpa", attn_mask_type="block_causal")
+    model = _tiny_model(attention=AttentionConfig(backend="sdpa", attn_mask_type="block_causal"))
     backend = model.attention_backend
     built, seen = [], []
     original_build, original_forward = backend.build_mask, type(backend).forward
@@ -208,7 +213,7 @@ def test_input_ids_alone_give_causal_logits():
 
 @pytest.mark.parametrize("backend", list_attention_backends())
 def test_packed_documents_equal_separate_documents(backend):
-    model = _tiny_model("untied", attention=backend, attn_mask_type="block_causal")
+    model = _tiny_model("untied", attention=AttentionConfig(backend=backend, attn_mask_type="block_causal"))
     eos = torch.tensor([EOS])
     d = [random_ids(1, n, model.config.vocab_size, seed=n)[0] for n in (5, 9, 3, 7, 10)]
     ids, positions, slices = pack(
@@ -216,7 +221,7 @@ def test_packed_documents_equal_separate_documents(backend):
     )  # EOS EOS: a 1-token document
     with torch.no_grad():
         packed = model(ids, position_ids=positions, attention_mask=model.build_attention_mask(ids))
-        reference = _tiny_model("untied", attention="eager")
+        reference = _tiny_model("untied", attention=AttentionConfig(backend="eager"))
         for row, row_slices in enumerate(slices):
             for sl in row_slices:
                 alone = reference(ids[row : row + 1, sl])
@@ -225,18 +230,18 @@ def test_packed_documents_equal_separate_documents(backend):
 
 def test_all_backends_agree():
     ids = random_ids(2, 20, 128)
-    outs = {name: _tiny_model(attention=name)(ids) for name in list_attention_backends()}
+    outs = {name: _tiny_model(attention=AttentionConfig(backend=name))(ids) for name in list_attention_backends()}
     for name, out in outs.items():
         torch.testing.assert_close(out, outs["eager"], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_unknown_backend_is_an_error():
     with pytest.raises(KeyError, match="registered backends"):
-        LlamaForCausalLM(get_preset("tiny"), attention="nope")
+        LlamaForCausalLM(get_preset("tiny"), attention=AttentionConfig(backend="nope"))
 
 
 def test_attention_backend_is_looked_up_in_the_registry():
-    model = _tiny_model(attention="eager")
+    model = _tiny_model(attention=AttentionConfig(backend="eager"))
     assert type(model.attention_backend) is get_attention_backend("eager")
     assert all(layer.attention.backend is model.attention_backend for layer in model.layers)
 
@@ -289,3 +294,18 @@ def test_a_preset_reshaped_by_overrides_derives_head_dim_again():
     assert get_preset("qwen3-0.6b", hidden_size=512).head_dim == 128  # the preset chose it apart from its shape
     with pytest.raises(ValueError, match="hidden_size=100 is not divisible by num_attention_heads=8: set head_dim"):
         get_preset("tiny", hidden_size=100, num_attention_heads=8)
+
+
+def test_the_small_preset_is_tiny_with_the_pretraining_shape():
+    """``small`` (the pretraining recipe's model) is the tiny preset with the shape configs/model/small.yaml
+    gave it as overrides, so the recipe's numbers stay those of that shape."""
+    shape = dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+        max_position_embeddings=1024,
+    )
+    assert get_preset("small") == get_preset("tiny", **shape)

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from conftest import require_smollm2
 
-from nemo_lite.components.attention import list_attention_backends
-from nemo_lite.components.models import LlamaForCausalLM, generate, get_preset, smollm2_checkpoint
-from nemo_lite.components.models.smollm2_checkpoint import (
+from nemo_lite.components.attention import AttentionConfig, list_attention_backends
+from nemo_lite.components.models import LlamaForCausalLM, generate, get_preset
+from nemo_lite.testing import smollm2 as smollm2_checkpoint
+from nemo_lite.testing.smollm2 import (
     ENGLISH_TEXT,
     default_smollm2_dir,
     ensure_smollm2,
@@ -67,7 +68,7 @@ def test_config_is_the_preset(smollm2_dir):
 def test_same_logits_and_greedy_tokens_as_transformers(
     backend, smollm2_dir, text_ids, reference_logits, prompt_and_generation, tokenizer
 ):
-    model = LlamaForCausalLM.from_pretrained(smollm2_dir, attention=backend)
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, attention=AttentionConfig(backend=backend))
     with torch.no_grad():
         logits = model(text_ids)
     diff = (logits - reference_logits).abs().max().item()
@@ -95,7 +96,9 @@ def test_loss_on_english_is_that_of_a_trained_model(smollm2_dir, text_ids, refer
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list_attention_backends())
 def test_packed_documents_match_transformers_per_document(backend, smollm2_dir, reference, tokenizer):
-    model = LlamaForCausalLM.from_pretrained(smollm2_dir, attention=backend, attn_mask_type="block_causal")
+    model = LlamaForCausalLM.from_pretrained(
+        smollm2_dir, attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
+    )
     eos = model.config.eos_token_id
     paragraphs = [tokenizer(p, return_tensors="pt").input_ids[0][:60] for p in ENGLISH_TEXT.split("\n\n")]
     docs = [torch.cat([p, torch.tensor([eos])]) for p in paragraphs[:-1]] + [paragraphs[-1]]

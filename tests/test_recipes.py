@@ -205,6 +205,6 @@ def test_a_model_shape_that_does_not_add_up_is_refused_before_the_data_are_built
     proc = run_recipe("model.overrides.hidden_size=100", f"run_dir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr == (
-        "error: model.preset=tiny with model.overrides: hidden_size=100 is not divisible by num_attention_heads=8: "
+        "error: model.preset=small with model.overrides: hidden_size=100 is not divisible by num_attention_heads=8: "
         "set head_dim explicitly\n"
     )

@@ -15,6 +15,7 @@ import torch
 from kernel_utils import interpreted
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import LlamaForCausalLM, get_preset
 from nemo_lite.testing.step import dense_gradients
 from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig
@@ -40,7 +41,9 @@ def twins(device: str = "cpu", **overrides) -> list[LlamaForCausalLM]:
     config = get_preset("tiny", num_hidden_layers=1, **overrides)
     models = []
     for _ in range(2):
-        model = LlamaForCausalLM(config, attention="eager", attn_mask_type="block_causal").to(device)
+        model = LlamaForCausalLM(config, attention=AttentionConfig(backend="eager", attn_mask_type="block_causal")).to(
+            device
+        )
         model.init_weights(seed=0)
         models.append(model)
     return models

@@ -9,13 +9,13 @@ import torch
 from attention_reference import reference_allowed
 
 from nemo_lite.components.attention import get_attention_backend
+from nemo_lite.components.attention.masks import allowed_pairs
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.testing.hooks import after_each_checkpoint_file
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate
 from nemo_lite.training.fast.optim import FusedAdamW, clip_factor
 from nemo_lite.training.launch import check_overrides
-from nemo_lite.training.metrics import allowed_pairs
 from nemo_lite.training.schedule import lr_factor
 
 
@@ -254,3 +254,21 @@ def test_values_that_make_no_sense_are_refused(section, key, value, message):
     setattr(getattr(cfg, section), key, value)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_the_attention_line_is_what_the_model_builds(tmp_path, capsys):
+    """sdpa with causal masks cut into fixed blocks builds a dense mask: the log says so (it said is_causal=True
+    when it came from a backend built apart from the model, without the fixed block size)."""
+    from recipe_utils import tiny_config
+
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "sdpa", steps=1)
+    cfg.attention.attn_mask_type, cfg.attention.fixed_block_size = "causal", 16
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.release_run_dir()
+    err = capsys.readouterr().err
+    assert trainer.raw_model.attention_backend.fixed_block_size == 16
+    assert f"[nemo_lite] {trainer.raw_model.attention_backend.describe('cpu')}" in err
+    assert "a dense boolean mask per step" in err and "is_causal=True" not in err

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemo_lite.components.attention.config import AttentionConfig
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.errors import ConfigError
 from nemo_lite.training.converters.float8 import Float8Section
@@ -25,25 +26,13 @@ class ModelSection:
     preset: str = "tiny"
     # A Hugging Face directory to fine-tune from (config.json + safetensors). Overrides `preset`.
     pretrained_path: str | None = None
-    # Field overrides of the preset's LlamaConfig (e.g. {num_layers: 2}); unknown fields are an error.
+    # Field overrides of the preset's config (e.g. {num_hidden_layers: 2}); unknown fields are an error.
     overrides: dict[str, Any] = field(default_factory=dict)
     # From scratch: set vocab_size to the tokenizer's (rounded up to a multiple of 64) unless overridden.
     vocab_from_tokenizer: bool = True
 
 
 @dataclass
-class AttentionSection:
-    # Registered backend name: flex | sdpa | eager | varlen (or any backend registered by the user).
-    backend: str = "flex"
-    # "block_causal" keeps packed documents apart; "causal" lets them see each other.
-    attn_mask_type: str = "block_causal"
-    # Optional extra cut every n tokens (n > 0).
-    fixed_block_size: int | None = None
-    # The backend's own options, passed to it by name; it refuses one it does not know (docs/attention.md).
-    # flex: kernel_options (auto | torch); varlen: host_sync (true | false).
-    options: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass
 class TrainerSection:
     max_steps: int = 200
@@ -114,7 +103,10 @@ class RecipeConfig:
     recipe: str = "pretrain"
     run_dir: str = "runs/${recipe}"
     model: ModelSection = field(default_factory=ModelSection)
-    attention: AttentionSection = field(default_factory=AttentionSection)
+    # The recipes' default: flex attention, packed documents kept apart (a plain model's is sdpa, causal).
+    attention: AttentionConfig = field(
+        default_factory=lambda: AttentionConfig(backend="flex", attn_mask_type="block_causal")
+    )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
@@ -155,14 +147,15 @@ def check_step_impl(impl: str) -> None:
 
 def validate(cfg: RecipeConfig) -> None:
     """Checks the schema's types cannot express. Raises ConfigError naming the bad value."""
-    from nemo_lite.components.attention import MASK_TYPES, list_attention_backends
+    from nemo_lite.components.attention import AttentionConfigError, list_attention_backends
     from nemo_lite.components.models import list_presets
     from nemo_lite.training.converters import check_converter_sections
 
-    _choice("attention", cfg.attention.backend, list_attention_backends())
-    _choice("attention.attn_mask_type", cfg.attention.attn_mask_type, list(MASK_TYPES))
-    if cfg.attention.fixed_block_size is not None:
-        _positive("attention.fixed_block_size", cfg.attention.fixed_block_size)
+    _choice("attention", cfg.attention.backend, list_attention_backends())  # named as the recipe's key
+    try:
+        cfg.attention.check()
+    except AttentionConfigError as err:
+        raise ConfigError(str(err)) from None
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
@@ -209,11 +202,9 @@ def validate(cfg: RecipeConfig) -> None:
 
 def validate_for_device(cfg: RecipeConfig, device_type: str) -> None:
     """Checks that depend on where the run happens; the attention backend checks its own."""
-    from nemo_lite.components.attention import AttentionConfigError, get_attention_backend
+    from nemo_lite.components.attention import AttentionConfigError
 
     try:
-        get_attention_backend(cfg.attention.backend).check_run(
-            seq_len=cfg.data.seq_len, device_type=device_type, options=cfg.attention.options
-        )
+        cfg.attention.check_run(seq_len=cfg.data.seq_len, device_type=device_type)
     except AttentionConfigError as err:
         raise ConfigError(str(err)) from None

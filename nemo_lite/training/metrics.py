@@ -2,8 +2,9 @@
 
 MFU counts the matmul FLOPs per token that the model family gives (``ModelFamily.flops_per_token``: 6 x
 the parameters that multiply each token), plus the attention FLOPs of the pairs the step's mask really
-allows (``ModelFamily.attention_flops_per_pair`` x :func:`allowed_pairs`). A block-causal step with short
-documents therefore counts far fewer attention FLOPs than a causal one.
+allows in each layer, sliding windows included (``ModelFamily.attention_flops``, which counts them with
+:func:`~nemo_lite.components.attention.masks.allowed_pairs`). A block-causal step with short documents
+therefore counts far fewer attention FLOPs than a causal one.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from nemo_lite.components.attention import AttentionMask
-from nemo_lite.components.attention.masks import segment_starts
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment; the H200 shares the H100's compute.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -31,21 +29,6 @@ def peak_flops(device: torch.device) -> float | None:
         if fragment in name:
             return flops
     return None
-
-
-def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
-    """Number of (query, key) pairs the step's mask allows, summed over the batch (a device scalar).
-
-    For every query the visible keys are a contiguous run ending at the query: from the start of its
-    segment (document and fixed block) or of the window, whichever is later.
-    """
-    pos_S = torch.arange(mask.seq_len, device=mask.device)
-    starts_BS = segment_starts(mask)
-    seg_start_BS = torch.cummax(torch.where(starts_BS, pos_S, torch.zeros_like(pos_S)), dim=1).values
-    visible_BS = pos_S - seg_start_BS + 1
-    if sliding_window > 0:
-        visible_BS = visible_BS.clamp(max=sliding_window + 1)
-    return visible_BS.sum()
 
 
 class DeviceTimer:

@@ -153,15 +153,11 @@ def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool
 
 
 def estimate_parameters(config: Any) -> int:
-    """Parameters of a decoder of ``config`` (a family's config dataclass), without building it."""
-    c = config
-    hidden, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads
-    head_dim = c.head_dim or hidden // heads
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * c.intermediate_size
-    per_layer = attention + mlp + 2 * hidden
-    embeddings = c.vocab_size * hidden * (1 if c.tie_word_embeddings else 2)
-    return c.num_hidden_layers * per_layer + embeddings + hidden
+    """Parameters of the model ``config`` (a family's config dataclass) describes, counted by its family
+    without building it."""
+    from nemo_lite.components.models import family_of_config
+
+    return family_of_config(config).num_parameters(config)
 
 
 def available_memory(device_type: str, device_index: int | None = None) -> int | None:

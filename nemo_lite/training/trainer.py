@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from nemo_lite.components.attention import build_attention_backend
 from nemo_lite.components.models import family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
@@ -36,7 +35,7 @@ from nemo_lite.training.config import ConfigError, RecipeConfig, validate, valid
 from nemo_lite.training.converters import build_converters, check_resume, converter_records
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
-from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, allowed_pairs, peak_flops
+from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, peak_flops
 from nemo_lite.training.schedule import build_scheduler
 from nemo_lite.training.step import TrainStep
 from nemo_lite.training.step_choice import build_step
@@ -68,7 +67,7 @@ class StepValues:
 
     loss_sum: Any  # the summed token losses of the step (every rank's under torchrun)
     grad_norm: Any  # the gradient norm before clipping
-    pairs: Any  # the (query, key) pairs the step's masks allow, for the attention FLOPs
+    attention_flops: Any  # the attention FLOPs the step's masks allow (each layer within its window)
     stop: Any  # > 0: a signal asked this run (on some rank) to stop after the step
     bad_weights: Any  # > 0: the previous update left NaN or Inf in the weights
     labels: Any  # the labels the loss was taken over (every rank's under torchrun)
@@ -308,16 +307,9 @@ class Trainer:
     def _build_model(self) -> None:
         """The plain model on the device: model.pretrained_path loaded, or the preset built and initialized."""
         cfg, vocab = self.cfg, self.train_loader.vocab_size
-        att = cfg.attention
-        self.build_kwargs = dict(  # what the family builds a model with, here and for the export
-            attention=att.backend,
-            attn_mask_type=att.attn_mask_type,
-            fixed_block_size=att.fixed_block_size,
-            attention_options=att.options,
-        )
         if self.pretrained_dir is not None:
             self.family = family_of_checkpoint(self.pretrained_dir)
-            model = self.family.load_pretrained(self.pretrained_dir, device=self.device, **self.build_kwargs)
+            model = self.family.load_pretrained(self.pretrained_dir, attention=cfg.attention, device=self.device)
             if model.config.vocab_size < vocab:
                 raise ConfigError(
                     f"the tokenizer has {vocab} ids but the checkpoint's vocabulary has {model.config.vocab_size}: "
@@ -334,7 +326,7 @@ class Trainer:
                     f"the tokenizer has {vocab} ids but the model's vocabulary has {config.vocab_size}: set model."
                     f"overrides.vocab_size to at least {vocab}, or leave it out with model.vocab_from_tokenizer=true"
                 )
-            model = self.family.build(config, **self.build_kwargs)
+            model = self.family.build(config, attention=cfg.attention)
             model.to(self.device)
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
@@ -378,7 +370,6 @@ class Trainer:
         self.flops_per_token = self.family.flops_per_token(self.model)
         for converter in self.converters:
             self.flops_per_token = converter.flops_per_token(self.model, self.flops_per_token)
-        self.attention_flops_per_pair = self.family.attention_flops_per_pair(self.raw_model.config)
         self.peak_flops = peak_flops(self.device)
 
     def _build_step(self) -> None:
@@ -407,9 +398,7 @@ class Trainer:
     def _announce(self) -> None:
         """What will run, in one line each, and the resolved config in run_dir/config.yaml."""
         self._log(self.step_impl.description)
-        att = self.cfg.attention
-        backend = build_attention_backend(att.backend, attn_mask_type=att.attn_mask_type, options=att.options)
-        self._log(backend.describe(self.device.type))
+        self._log(self.raw_model.attention_backend.describe(self.device.type))  # what the model runs
         if self.is_main:
             self._save_config()
 
@@ -578,12 +567,12 @@ class Trainer:
             torch.distributed.all_reduce(global_labels)  # stays on the device: no host sync before backward
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
         loss_sum = torch.zeros((), device=self.device)
-        pairs = torch.zeros((), device=self.device, dtype=torch.float64)  # attention pairs, for the FLOPs
+        attention_flops = torch.zeros((), device=self.device, dtype=torch.float64)  # of the step's masks
         for batch in micro_batches:
             batch = self._to_device(batch)
             with mask_timer:
                 mask = self._build_mask(batch["input_ids"])
-            pairs += allowed_pairs(mask)
+            attention_flops += self.family.attention_flops(self.raw_model.config, mask)
             with self._autocast():
                 loss = strategy.loss(self.model, batch, mask, loss_scale)
             (loss * loss_scale).backward()
@@ -591,7 +580,7 @@ class Trainer:
         values = StepValues(
             loss_sum=loss_sum,
             grad_norm=strategy.grad_norm(),  # this rank's (its shards' under FSDP2) until reduced
-            pairs=pairs.float(),
+            attention_flops=attention_flops.float(),
             stop=torch.full((), float(self._stop_signal is not None), device=self.device),  # a fill, not a copy
             # The previous update's weight check rides with this step's values: no host sync of its own.
             bad_weights=strategy.nonfinite_weights(),
@@ -599,28 +588,33 @@ class Trainer:
             if self.dist.enabled
             else torch.full((), n_labels, device=self.device, dtype=torch.float64),
         )
-        if self.dist.enabled:  # global loss, norm and pairs; a signal on any rank stops every rank
+        if self.dist.enabled:  # global loss, norm and attention FLOPs; a signal on any rank stops every rank
             values = self._all_reduce(values)
         host = values.on_host(strategy.apply(values.as_tensor(), values.grad_norm, self.cfg.trainer.clip_grad_norm))
         if host.bad_weights > 0:
             raise self._nonfinite_weights_error()
         self._stop_requested = host.stop > 0
         loss_value = host.loss_sum / max(host.labels, 1)
-        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.pairs)
+        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.attention_flops)
 
     def _all_reduce(self, values: StepValues) -> StepValues:
         """The step's values summed over ranks, the gradient norm from the shards' squared norms."""
         summed = torch.stack(
-            [values.loss_sum, values.pairs, values.stop, values.bad_weights]
+            [values.loss_sum, values.attention_flops, values.stop, values.bad_weights]
             + [distributed.squared_norm_share(values.grad_norm, self.mesh)]
         )
         torch.distributed.all_reduce(summed)
-        loss_sum, pairs, stop, bad_weights, squared_norm = summed.unbind()
-        return dataclasses.replace(
-            values, loss_sum=loss_sum, pairs=pairs, stop=stop, bad_weights=bad_weights, grad_norm=squared_norm.sqrt()
+        loss_sum, attention_flops, stop, bad_weights, squared_norm = summed.unbind()
+        return StepValues(
+            loss_sum=loss_sum,
+            grad_norm=squared_norm.sqrt(),
+            attention_flops=attention_flops,
+            stop=stop,
+            bad_weights=bad_weights,
+            labels=values.labels,
         )
 
-    def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, pairs: float):
+    def _step_metrics(self, micro_batches, t0: float, mask_timer, loss: float, grad_norm: float, attn_flops: float):
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # what the step's update went by
         if finite:
             self._consecutive_nonfinite = 0
@@ -631,7 +625,7 @@ class Trainer:
         self.scheduler.step()
         step_seconds = time.perf_counter() - t0
         tokens = sum(b["input_ids"].numel() for b in micro_batches) * self.world_size
-        flops = self.flops_per_token * tokens + self.attention_flops_per_pair * pairs
+        flops = self.flops_per_token * tokens + attn_flops
         metrics = {
             "loss": loss,
             "lr": lr,
@@ -825,12 +819,12 @@ class Trainer:
         for converter in self.converters:
             if converter.builds_final_model:
                 return converter.final_model(
-                    self.model, device=self.device, dist=self.dist, build_kwargs=self.build_kwargs
+                    self.model, device=self.device, dist=self.dist, attention=self.cfg.attention
                 )
         if not self.dist.enabled:
             return self.raw_model
         full = distributed.full_state_dict(self.model)
-        plain = self.family.build(self.raw_model.config, **self.build_kwargs)
+        plain = self.family.build(self.raw_model.config, attention=self.cfg.attention)
         plain.tokenizer_dir = self.raw_model.tokenizer_dir
         if self.is_main:
             plain.load_state_dict(full)

@@ -123,3 +123,18 @@ def segment_starts(mask: AttentionMask) -> torch.Tensor:
     if mask.fixed_block_size:
         starts = starts | (pos % mask.fixed_block_size == 0)
     return starts
+
+
+def allowed_pairs(mask: AttentionMask, sliding_window: int = 0) -> torch.Tensor:
+    """Number of (query, key) pairs the step's mask allows, summed over the batch (a device scalar).
+
+    For every query the visible keys are a contiguous run ending at the query: from the start of its
+    segment (document and fixed block) or of the window, whichever is later.
+    """
+    pos_S = torch.arange(mask.seq_len, device=mask.device)
+    starts_BS = segment_starts(mask)
+    seg_start_BS = torch.cummax(torch.where(starts_BS, pos_S, torch.zeros_like(pos_S)), dim=1).values
+    visible_BS = pos_S - seg_start_BS + 1
+    if sliding_window > 0:
+        visible_BS = visible_BS.clamp(max=sliding_window + 1)
+    return visible_BS.sum()

@@ -1,12 +1,13 @@
 """Hugging Face checkpoints <-> the decoder's families: the key map, config.json, safetensors.
 
-Everything Hugging Face-specific is in this file (and in ``hub.py``, which finds a hub id in the cache):
-the one parameter-name table (:data:`HF_KEY_MAP`), shared by Llama, Qwen2, Qwen3 and Mistral; the
-config.json translation of each ``model_type`` (:data:`HF_CONFIG_CLASSES`; both the ``rope_scaling``
-form and transformers 5's ``rope_parameters``),
-loading (meta-device construction, then each tensor read once with safetensors straight into the
-target dtype and device; pickle files are never read) and saving (sharded safetensors written into
-a temporary directory that replaces the target in one rename).
+Everything Hugging Face-specific is in this file (and in ``hub.py``, which finds a hub id in the cache),
+except what is one family's own: its ``model_type``, architecture name, config.json defaults and extra keys,
+refusals and key-map differences are the family entry's :class:`~nemo_lite.components.models.family.HFFacts`,
+read from the registry here. This file has the one parameter-name table of the shared decoder
+(:data:`HF_KEY_MAP`), the config.json translation onto a family's config class (both the ``rope_scaling``
+form and transformers 5's ``rope_parameters``), loading (meta-device construction, then each tensor read
+once with safetensors straight into the target dtype and device; pickle files are never read) and saving
+(sharded safetensors written into a temporary directory that replaces the target in one rename).
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from nemo_lite.components.models.config import (
-    ROPE_FIELDS,
-    ROPE_TYPES,
-    DecoderConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
-    RopeScaling,
+from nemo_lite.components.attention import AttentionConfig
+from nemo_lite.components.models.decoder_config import ROPE_FIELDS, ROPE_TYPES, DecoderConfig, RopeScaling
+from nemo_lite.components.models.family import (
+    ModelFamily,
+    family_of_config,
+    family_of_model_type,
+    model_families,
 )
 from nemo_lite.components.models.hub import (
     CONFIG_NAME,
@@ -46,8 +45,8 @@ from nemo_lite.components.models.hub import (
 from nemo_lite.errors import NemoLiteError
 
 # nemo_lite parameter name -> Hugging Face name; "{i}" is the layer index. Biases appear only where the
-# config puts them (qkv_bias, o_bias, mlp_bias), q_norm/k_norm only with qk_norm (Qwen3), lm_head.weight
-# only when the embedding is untied.
+# config puts them (qkv_bias, o_bias, mlp_bias), q_norm/k_norm only with qk_norm, lm_head.weight
+# only when the embedding is untied. A family whose names differ says so in its HFFacts.key_map.
 HF_KEY_MAP: dict[str, str] = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
@@ -77,40 +76,15 @@ TIED_OUTPUT_KEY = "lm_head.weight"
 # Buffers that checkpoints written by old transformers versions contain; they hold no weights.
 IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-# config.json model_type -> our config class, and the architectures entry transformers loads it with.
-HF_CONFIG_CLASSES: dict[str, type[DecoderConfig]] = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-    "mistral": MistralConfig,
-}
-HF_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
-SUPPORTED_MODEL_TYPES = tuple(HF_CONFIG_CLASSES)
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_TYPES)
 
-# transformers' value of each optional key a config.json may lack, per model_type (its config classes'
-# defaults), so that both libraries read the same file the same way.
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
-    "qwen2": dict(max_position_embeddings=32768, sliding_window=4096, max_window_layers=28),
-    "qwen3": dict(max_position_embeddings=32768, sliding_window=4096, max_window_layers=28, head_dim=128),
-    "mistral": dict(max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, sliding_window=4096),
-}
+# transformers' value of each optional key a config.json may lack, the same in every family's config class
+# (a family's HFFacts.defaults add to and override these).
 _COMMON_DEFAULTS: dict[str, Any] = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None
 )
-# Keys written to config.json for transformers' sake: nothing here reads them.
-_HF_EXTRAS: dict[str, dict[str, Any]] = {
-    "llama": dict(attention_dropout=0.0, pretraining_tp=1, use_cache=True),
-    "qwen2": dict(attention_dropout=0.0, use_cache=True),
-    "qwen3": dict(attention_dropout=0.0, use_cache=True),
-    "mistral": dict(attention_dropout=0.0, use_cache=True),
-}
+# Keys written to every config.json for transformers' sake (a family's HFFacts.extras add to these).
+_COMMON_EXTRAS: dict[str, Any] = dict(attention_dropout=0.0, use_cache=True)
 # The keys of rope_parameters / rope_scaling each rope_type reads (besides rope_type/type and rope_theta).
 _ROPE_KEYS: dict[str, tuple[str, ...]] = {"default": (), **ROPE_FIELDS}
 
@@ -121,24 +95,31 @@ class CheckpointError(NemoLiteError, ValueError):
     """A Hugging Face directory that cannot be loaded as this model (the message says why)."""
 
 
-def to_hf_key(name: str) -> str:
-    """The Hugging Face name of one of our parameters, through :data:`HF_KEY_MAP`."""
+def key_map(family: ModelFamily | None = None) -> dict[str, str]:
+    """The parameter-name table of ``family``: :data:`HF_KEY_MAP` with the family's differences."""
+    return HF_KEY_MAP if family is None or not family.hf.key_map else {**HF_KEY_MAP, **family.hf.key_map}
+
+
+def to_hf_key(name: str, keys: dict[str, str] = HF_KEY_MAP) -> str:
+    """The Hugging Face name of one of our parameters, through ``keys`` (default :data:`HF_KEY_MAP`)."""
     match = _LAYER_PREFIX.match(name)
     template = f"layers.{{i}}.{name[match.end() :]}" if match else name
-    if template not in HF_KEY_MAP:
+    if template not in keys:
         raise KeyError(f"parameter {name!r} has no entry in HF_KEY_MAP")
-    return HF_KEY_MAP[template].format(i=match.group(1)) if match else HF_KEY_MAP[template]
+    return keys[template].format(i=match.group(1)) if match else keys[template]
 
 
 # ---- config.json -----------------------------------------------------------------------------------
 
 
 def model_type_of(config: DecoderConfig) -> str:
-    """The config.json ``model_type`` of one of our configs."""
-    for model_type, cls in HF_CONFIG_CLASSES.items():
-        if type(config) is cls:
-            return model_type
-    raise TypeError(f"{type(config).__name__} has no Hugging Face model_type; known: {', '.join(HF_CONFIG_CLASSES)}")
+    """The config.json ``model_type`` of one of our configs (its family's first)."""
+    return family_of_config(config).hf.model_types[0]
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every config.json ``model_type`` a registered family loads."""
+    return tuple(t for family in model_families() for t in family.hf.model_types)
 
 
 def _rope_from_hf(hf: dict[str, Any], max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
@@ -182,16 +163,18 @@ def _rope_from_hf(hf: dict[str, Any], max_position_embeddings: int) -> tuple[flo
         raise CheckpointError(f"rope scaling {rope_type}: {err}") from None
 
 
-def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> DecoderConfig:
+def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = None) -> DecoderConfig:
     """Our config from a Hugging Face ``config.json`` dict, the class chosen by ``model_type`` (one of
-    ``model_types``). Missing optional keys take transformers' defaults for that model_type, so both
-    sides read the same file the same way."""
+    ``model_types``; None: any registered family's). Missing optional keys take transformers' defaults for
+    that model_type (the family's ``HFFacts.defaults``), so both sides read the same file the same way."""
     model_type = hf.get("model_type")
+    supported = supported_model_types()
+    model_types = supported if model_types is None else model_types
     if model_type not in model_types:
-        others = sorted(set(SUPPORTED_MODEL_TYPES) - set(model_types))
+        others = sorted(set(supported) - set(model_types))
         hint = f" (AutoModelForCausalLM also loads {', '.join(others)})" if others and model_type in others else ""
         raise CheckpointError(
-            f"model_type={model_type!r} is not supported; accepted model_type: {', '.join(model_types)}{hint}"
+            f"model_type={model_type!r} is not supported; accepted model_type: {', '.join(sorted(model_types))}{hint}"
         )
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [key for key in required if key not in hf]
@@ -209,14 +192,12 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_
             "quantization_config is not supported: the weights must be plain float tensors (load an "
             "unquantized checkpoint)"
         )
-    if model_type == "mistral" and hf.get("layer_types") is not None:
-        raise CheckpointError(
-            "layer_types is not supported in a mistral config.json (transformers' Mistral ignores it too: every "
-            "layer uses sliding_window); remove it"
-        )
-    config_cls = HF_CONFIG_CLASSES[model_type]
+    family = family_of_model_type(model_type)
+    if family.hf.check is not None:
+        family.hf.check(hf)
+    config_cls = family.config_cls
     _check_field_types(hf, config_cls)
-    defaults = {**_COMMON_DEFAULTS, **_HF_DEFAULTS[model_type]}
+    defaults = {**_COMMON_DEFAULTS, **family.hf.defaults}
     values = {}
     for field in dataclasses.fields(config_cls):
         if field.name in ("rope_theta", "rope_scaling"):
@@ -229,6 +210,8 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_
         # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents
         if isinstance(values.get(key), list):
             values[key] = values[key][0] if values[key] else None
+    # A family that gives no default for it takes its config class's.
+    values.setdefault("max_position_embeddings", config_cls.__dataclass_fields__["max_position_embeddings"].default)
     values["rope_theta"], values["rope_scaling"] = _rope_from_hf(hf, values["max_position_embeddings"])
     try:
         return config_cls(**values)
@@ -239,8 +222,8 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] = SUPPORTED_
 def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A ``config.json`` dict that transformers 4.x and 5.x both read as this model, every field
     of the config under its Hugging Face name."""
-    model_type = model_type_of(config)
-    out: dict[str, Any] = {"architectures": [HF_ARCHITECTURES[model_type]], "model_type": model_type}
+    facts = family_of_config(config).hf
+    out: dict[str, Any] = {"architectures": [facts.architecture], "model_type": facts.model_types[0]}
     for field in dataclasses.fields(config):
         if field.name != "rope_scaling":
             out[field.name] = getattr(config, field.name)
@@ -255,7 +238,8 @@ def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> d
         else {**rope_scaling, "rope_theta": config.rope_theta},
         torch_dtype=dtype_name,
         dtype=dtype_name,
-        **_HF_EXTRAS[model_type],
+        **_COMMON_EXTRAS,
+        **facts.extras,
     )
     return out
 
@@ -306,7 +290,7 @@ def _check_field_types(hf: dict[str, Any], config_cls: type) -> None:
             raise CheckpointError(f"{field.name}={value!r} must be {want}")
 
 
-def read_config(path: str | Path, model_types: tuple[str, ...] = SUPPORTED_MODEL_TYPES) -> DecoderConfig:
+def read_config(path: str | Path, model_types: tuple[str, ...] | None = None) -> DecoderConfig:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: not a Hugging Face model directory")
@@ -374,16 +358,13 @@ def load_pretrained(
     cls: type[nn.Module],
     path: str | Path,
     *,
-    attention: str = "sdpa",
-    attn_mask_type: str = "causal",
-    fixed_block_size: int | None = None,
-    attention_options: Any = None,
+    attention: AttentionConfig | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Load a Hugging Face directory (or a hub id, see :func:`~nemo_lite.components.models.hub.resolve_pretrained`)
-    into ``cls``, a family's model class (:class:`~nemo_lite.components.models.llama.LlamaForCausalLM`, ...),
-    whose ``config_class`` decides the model_types it accepts.
+    into ``cls``, a family's model class (``LlamaForCausalLM``, ...), whose ``config_class`` decides the
+    model_types it accepts; ``attention`` says how it attends (None: sdpa, causal).
 
     The model is built on the meta device, its storage allocated once in ``dtype`` on ``device``
     (``to_empty``), and each checkpoint tensor is read and copied into place one at a time, so peak
@@ -394,22 +375,17 @@ def load_pretrained(
         raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
     path = resolve_pretrained(path)
     config_class = getattr(cls, "config_class", DecoderConfig)
-    model_types = tuple(t for t, c in HF_CONFIG_CLASSES.items() if issubclass(c, config_class))
+    model_types = tuple(t for f in model_families() if issubclass(f.config_cls, config_class) for t in f.hf.model_types)
     config = read_config(path, model_types)
     with torch.device("meta"):
-        model = cls(
-            config,
-            attention=attention,
-            attn_mask_type=attn_mask_type,
-            fixed_block_size=fixed_block_size,
-            attention_options=attention_options,
-        )
+        model = cls(config, attention=attention)
+    keys = key_map(family_of_config(config))
 
     files = checkpoint_files(path)
-    expected = {to_hf_key(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {to_hf_key(name, keys): tuple(t.shape) for name, t in model.state_dict().items()}
     skipped = {name for name in files if IGNORED_HF_KEYS.fullmatch(name)}
     if config.tie_word_embeddings and TIED_OUTPUT_KEY in files:
-        _check_tied_copy(path, files)
+        _check_tied_copy(path, files, keys)
         skipped.add(TIED_OUTPUT_KEY)
     shapes = _tensor_shapes({name: file for name, file in files.items() if name in expected})
     missing = sorted(set(expected) - set(files))
@@ -432,7 +408,7 @@ def load_pretrained(
 
     model.to(dtype=dtype)  # still on meta: only the dtype of the placeholders changes
     model.to_empty(device=device)
-    targets = {to_hf_key(name): t for name, t in model.state_dict().items()}
+    targets = {to_hf_key(name, keys): t for name, t in model.state_dict().items()}
     with torch.no_grad():
         for file, names in _group_by_file({n: files[n] for n in targets}).items():
             with _safetensors(file) as f:
@@ -442,10 +418,10 @@ def load_pretrained(
     return model
 
 
-def _check_tied_copy(path: Path, files: dict[str, Path]) -> None:
+def _check_tied_copy(path: Path, files: dict[str, Path], keys: dict[str, str]) -> None:
     """A tied checkpoint's lm_head.weight is skipped, which is right only when it is the embedding's copy: a
     distinct one would be dropped, so it is refused (config.json and the weights disagree)."""
-    embed_key = to_hf_key("embed_tokens.weight")
+    embed_key = to_hf_key("embed_tokens.weight", keys)
     if embed_key not in files:
         return  # reported as a missing tensor
     with _safetensors(files[TIED_OUTPUT_KEY]) as f:
@@ -547,7 +523,8 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     max_bytes = parse_size(max_shard_size)
-    tensors = {to_hf_key(name): t.detach() for name, t in model.state_dict().items()}
+    keys = key_map(family_of_config(model.config))
+    tensors = {to_hf_key(name, keys): t.detach() for name, t in model.state_dict().items()}
     dtype = model.embed_tokens.weight.dtype
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model.tokenizer_dir
     shards = _shards(tensors, max_bytes)

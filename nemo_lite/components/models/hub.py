@@ -1,8 +1,8 @@
 """Where a checkpoint is: a local Hugging Face directory, or a hub id resolved through the Hugging Face cache.
 
     resolve_pretrained("~/ckpt/smollm2-135m")        # a directory with config.json: returned as it is
-    resolve_pretrained("Qwen/Qwen2.5-0.5B")          # the cached snapshot of the main branch
-    resolve_pretrained("Qwen/Qwen2.5-0.5B@v1.0")     # a branch, a tag or a commit hash after "@"
+    resolve_pretrained("HuggingFaceTB/SmolLM2-135M")  # the cached snapshot of the main branch
+    resolve_pretrained("HuggingFaceTB/SmolLM2-135M@main")  # a branch, a tag or a commit hash after "@"
 
 A hub id goes through ``huggingface_hub.snapshot_download`` with the standard cache (``HF_HUB_CACHE``,
 ``HF_HOME``) and its switches (``HF_HUB_OFFLINE=1``: the cache only, no network). Only what loading

@@ -82,12 +82,10 @@ class ModelConverter:
         """Refuse, in one line, resuming ``path`` whose record is ``saved`` in a run whose record is ``current``
         (None: that side does not have this converter). Static: a run without the converter checks too."""
 
-    def final_model(
-        self, model: nn.Module, *, device: torch.device, dist: Any, build_kwargs: dict[str, Any]
-    ) -> nn.Module | None:
+    def final_model(self, model: nn.Module, *, device: torch.device, dist: Any, attention: Any) -> nn.Module | None:
         """With :attr:`builds_final_model`: the trained ``model`` as a plain module of its family, for the export
         (every rank calls it; rank 0 gets the model, on ``device`` under torchrun, where it also samples, the
-        others None). ``build_kwargs``: the attention options the family builds a model with."""
+        others None). ``attention``: the attention spec (an ``AttentionConfig``) the family builds it with."""
         raise NotImplementedError
 
     def export_extra(self, run_dir: Path) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.errors import ConfigError
 from nemo_lite.training import distributed
 from nemo_lite.training.converters.base import ModelConverter, register_converter
@@ -227,7 +228,7 @@ class LoraConverter(ModelConverter):
             )
 
     def final_model(
-        self, model: nn.Module, *, device: torch.device, dist: distributed.DistInfo, build_kwargs: dict[str, Any]
+        self, model: nn.Module, *, device: torch.device, dist: distributed.DistInfo, attention: AttentionConfig | None
     ) -> nn.Module | None:
         """The base read from disk again with the adapters merged in (on the CPU; on ``device`` under torchrun,
         where it also serves the sample)."""
@@ -242,7 +243,7 @@ class LoraConverter(ModelConverter):
             self._final_adapters,
             section=self.settings,
             target_names=self.target_names,
-            **build_kwargs,
+            attention=attention,
         )
         return merged.to(device) if dist.enabled else merged
 
@@ -353,13 +354,14 @@ def merged_model(
     *,
     section: PeftSection,
     target_names: list[str],
-    **load_kwargs: Any,
+    attention: AttentionConfig | None = None,
 ) -> nn.Module:
     """The base read from ``base_dir`` in float32 on the CPU, the adapters added and merged into its weights by
-    PEFT (``W + alpha / r * B @ A``): a plain model of the family again, as full fine-tuning leaves it."""
+    PEFT (``W + alpha / r * B @ A``): a plain model of the family again, as full fine-tuning leaves it, attending
+    as ``attention`` says (None: sdpa, causal)."""
     from peft.tuners.lora import LoraModel
 
-    model = family.load_pretrained(base_dir, dtype=torch.float32, device="cpu", **load_kwargs)
+    model = family.load_pretrained(base_dir, attention=attention, dtype=torch.float32, device="cpu")
     paths = [path for path, leaf in block_linears(model, family).items() if leaf in target_names]
     tuner = LoraModel(model, lora_config(section, paths), ADAPTER_NAME)
     state = {name: t.detach().float().cpu() for name, t in adapters.items()}

