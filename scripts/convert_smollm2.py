@@ -6,14 +6,14 @@
 
 Needs transformers, gguf and accelerate (``pip install -e .[hf]``). Skips the work when the output
 directory is already complete (``--force`` redoes it). The logic lives in
-``nemo_lite.components.models.smollm2_checkpoint.ensure_smollm2``.
+``nemo_lite.testing.smollm2.ensure_smollm2``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from nemo_lite.components.models.smollm2_checkpoint import default_smollm2_dir, ensure_smollm2
+from nemo_lite.testing.smollm2 import default_smollm2_dir, ensure_smollm2
 
 
 def main() -> None:

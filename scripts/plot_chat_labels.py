@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from nemo_lite.components.datasets import IGNORE_INDEX, DataConfig, build_dataloader  # noqa: E402
-from nemo_lite.components.models.smollm2_checkpoint import default_smollm2_dir  # noqa: E402
+from nemo_lite.testing.smollm2 import default_smollm2_dir  # noqa: E402
 
 COLUMNS = 14
 TRAINED, IGNORED = "#8FD19E", "#E3E3E3"
