@@ -70,7 +70,7 @@ def test_every_named_path_and_module_exists():
 
 def test_the_path_check_catches_a_moved_file():
     text = (
-        "| `nemo_lite/components/models/` | `llama.py`, `no_such_family.py` |\n"
+        "| `nemo_lite/components/models/` | `decoder.py`, `no_such_family.py` |\n"
         "See `nemo_lite/training/gone.py`, `nemo_lite.components.nowhere` and [a page](nowhere.md)."
     )
     missing = {name for name, context in named_paths(text) if not exists(name, context)}
