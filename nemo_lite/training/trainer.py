@@ -151,7 +151,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_requested = False
 
-    # ---- set-up: the phases in the order they run ----------------------------------------------
+    # ---- set-up: the phases in the order they run -------------------------------------------------
     def setup(self) -> None:
         """Build everything the loop needs; a failure gives up the run directory."""
         try:
@@ -410,152 +410,140 @@ class Trainer:
         tmp.write_text(text)
         os.replace(tmp, self.run_dir / "config.yaml")
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    def _train_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_name": self.cfg.optim.name,
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.train_loader.state_dict(),
-            "rng": ckpt.rng_state(),
-            "nonfinite_total": self.nonfinite_total,
-            **converter_records(self.converters),
-        }
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        if not hasattr(self, "model"):
+            self.setup()
+        try:
+            return self._fit()
+        finally:
+            self.release_run_dir()
 
-    def _layout(self) -> dict[str, Any]:
-        """What a checkpoint must agree with to be resumed by this run: the model's shape and the data's."""
-        model = {f"model.{key}": value for key, value in dataclasses.asdict(self.raw_model.config).items()}
-        data = {"data.seq_len": self.cfg.data.seq_len, "data.batch_size": self.cfg.data.batch_size}
-        return {**model, **data, "tokenizer.vocab_size": self.train_loader.vocab_size}
-
-    def _check_weights_finite(self) -> None:
-        """Stop, naming the last good checkpoint, if the last update left NaN or Inf in the weights."""
-        bad = self.step_impl.nonfinite_weights()
-        if self.dist.enabled:
-            bad = distributed.all_reduce_sum([float(bad)], self.device)[0]
-        if float(bad) > 0:
-            raise self._nonfinite_weights_error()
-
-    def _nonfinite_weights_error(self) -> NonFiniteWeightsError:
-        return NonFiniteWeightsError(
-            f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
-            f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
-        )
-
-    def _last_good(self) -> Path | None:
-        return getattr(self, "last_checkpoint", None) or self.resumed_from
-
-    def save(self) -> Path:
-        """A checkpoint of the step, with the converters' records (and, where a converter says so, the trainable
-        parameters only: the frozen ones are model.pretrained_path's)."""
-        self._check_weights_finite()  # a checkpoint is never written from non-finite weights
-        state = self._train_state()
-        if self.dist.enabled:
-            del state["optimizer"]  # sharded through DCP with the model
-            path = distributed.save_sharded(
-                self.run_dir / "checkpoints",
-                self.step,
-                self.model,
-                self.optimizer,
-                state,
-                self.dist,
-                self.cfg.trainer.keep_last,
-                only_trainable=self.only_trainable,
+    def _fit(self) -> FitResult:
+        cfg = self.cfg.trainer
+        self.last_checkpoint = None
+        self._consecutive_nonfinite = 0
+        if self.resumed_from is not None and self.step >= cfg.max_steps:
+            self._log(
+                f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
+                "finished, nothing to do (raise trainer.max_steps to train on)"
             )
-            self.last_checkpoint = path
-            return path
-        path = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.step,
-            self.raw_model,
-            state,
-            keep_last=self.cfg.trainer.keep_last,
-            layout=self._layout(),
-            only_trainable=self.only_trainable,
+            return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
+        self._log(
+            f"{self.n_params / 1e6:.2f}M parameters, attention={self.cfg.attention.backend} "
+            f"({self.cfg.attention.attn_mask_type}), device={self.device}, run_dir={self.run_dir}"
         )
-        self.last_checkpoint = path
-        return path
+        losses: list[float] = []
+        status = "completed"
+        self.model.train()
+        with self._progress() as progress, self._signal_handlers():
+            while self.step < cfg.max_steps:
+                micro_batches = self._next_micro_batches()
+                if not micro_batches:
+                    self._log("the training data ran out")
+                    break
+                metrics = self.train_step(micro_batches)
+                self.step += 1
+                losses.append(metrics["loss"])
+                self._after_step(metrics, progress)
+                # One process stops at once; under torchrun the flag is agreed on in the next step's
+                # reduction, so every rank stops after the same step.
+                if self._stop_requested or (not self.dist.enabled and self._stop_signal is not None):
+                    status = "interrupted"
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+            if status == "interrupted" or self.step > 0:
+                self.save()
+        stopped_by = (self._stop_signal or signal.SIGTERM) if status == "interrupted" else None
+        result = FitResult(self.step, losses, self.run_dir, status, self.last_checkpoint, signal=stopped_by)
+        if status == "completed" and self.step >= cfg.max_steps:
+            self._finish(result)
+        return result
 
-    def _resume(self, newest: Path) -> Path:
-        """Load ``newest``, or when it is damaged the newest complete checkpoint before it (unless
-        trainer.resume named that one checkpoint). Returns the checkpoint loaded."""
-        if self.dist.enabled or ckpt.is_sharded(newest):
-            self._load(newest)
-            return newest
-        exact = ckpt.named_exactly(self.cfg.trainer.resume)
-        candidates = [newest] if exact else [newest, *ckpt.earlier_checkpoints(newest)]
-        problems = []
-        for path in candidates:
+    def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for _ in range(self.cfg.trainer.grad_accum):
             try:
-                self._load(path)
-                return path
-            except ckpt.CheckpointDamagedError as err:
-                problems.append(f"{path.name}: {err}")
-                if path is not candidates[-1]:
-                    self._log(f"checkpoint {path} is damaged ({err}); resuming from the one before it")
-        if exact:
-            raise ckpt.ResumeError(
-                f"cannot resume from {newest}: it is damaged ({problems[0].split(': ', 1)[1]}); name another "
-                "checkpoint in trainer.resume, or pass trainer.resume=true for the newest usable one"
+                with data_errors():
+                    out.append(next(self._train_iter))
+            except StopIteration:
+                break
+        return out
+
+    def _after_step(self, metrics: dict[str, Any], progress) -> None:
+        """What follows each step: the non-finite count (too many in a row stop the run), validation every
+        trainer.val_every steps, the metrics line and the progress bar."""
+        cfg = self.cfg.trainer
+        if progress.profiler is not None:
+            progress.profiler.step()
+        if metrics["skipped_nonfinite"]:
+            self._log(
+                f"step {self.step}: non-finite loss ({metrics['loss']}) or grad norm "
+                f"({metrics['grad_norm']}); update skipped ({self._consecutive_nonfinite} in a row)"
             )
-        raise ckpt.ResumeError(
-            f"no usable checkpoint in {newest.parent} ({'; '.join(problems)}): start fresh with "
-            "trainer.resume=false trainer.overwrite=true (moves them aside), or in another run_dir"
-        )
-
-    def _load(self, path: Path) -> None:
-        if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
-            peek = path / "rank00000.pt"  # the converters' records are the same in every rank's file
-            if peek.is_file():
-                saved = torch.load(peek, weights_only=True)
-                check_resume(self.converters, path, saved)
-                self._check_optimizer_name(path, saved)
-            try:
-                state = distributed.load_checkpoint_any(
-                    path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable
+            if self._consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self._consecutive_nonfinite} non-finite steps in a row (limit "
+                    f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
+                    f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
                 )
-            except ValueError as err:  # its refusals, in one line
-                raise ckpt.ResumeError(str(err)) from None
+        if cfg.val_every and self.step % cfg.val_every == 0:
+            metrics.update(self.evaluate() or {})
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            progress.writer.write({"step": self.step, **metrics})
+        if progress.bar is not None:
+            progress.bar.update(1)
+            progress.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    @contextlib.contextmanager
+    def _progress(self):
+        """The loop's outputs: metrics.jsonl (and wandb), the progress bar and the profiler, closed at the end."""
+        cfg = self.cfg.trainer
+        progress = types.SimpleNamespace(bar=None, profiler=None)
+        progress.writer = MetricsWriter(
+            self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main, resumed_step=self.step
+        )
+        try:
+            if self.is_main and cfg.progress_bar:
+                from tqdm.auto import tqdm
+
+                progress.bar = tqdm(
+                    total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr
+                )
+            if cfg.profile_steps > 0 and self.is_main:
+                from nemo_lite.training.profiling import StepProfiler
+
+                progress.profiler = StepProfiler(
+                    self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type
+                )
+            yield progress
+        finally:
+            if progress.profiler is not None:
+                progress.profiler.close()
+            if progress.bar is not None:
+                progress.bar.close()
+            progress.writer.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self._log(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        if threading_main():
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         else:
-            state = ckpt.load_checkpoint(path, None, layout=self._layout())
-            check_resume(self.converters, path, state)  # before the weights, which may be only some of them
-            self._check_optimizer_name(path, state)
-            ckpt.load_weights(path, self.raw_model, self.device, only_trainable=self.only_trainable)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_loader.load_state_dict(state["data"])
-        self._train_iter = iter(self.train_loader)
-        ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.step_impl.weights_changed()
-        self._log(f"resumed from {path} at step {self.step}")
+            yield
 
-    def _check_optimizer_name(self, path: Path, state: dict[str, Any]) -> None:
-        saved = state.get("optimizer_name", "adamw")  # checkpoints from before the table hold AdamW's state
-        if saved != self.cfg.optim.name:
-            raise ckpt.ResumeError(
-                f"checkpoint {path} holds optim={saved}'s state but this run has optim={self.cfg.optim.name}: "
-                f"resume with optim={saved}, or start a fresh run"
-            )
-
-    # ---- the step ----------------------------------------------------------------------------
-    def _autocast_dtype(self) -> torch.dtype | None:
-        if self.device.type == "cuda" and self.cfg.trainer.autocast_dtype == "bfloat16":
-            return torch.bfloat16
-        return None
-
-    def _autocast(self):
-        dtype = self._autocast_dtype()
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def _build_mask(self, input_ids: torch.Tensor):
-        return self.raw_model.build_attention_mask(input_ids, self.eos_id)
-
+    # ---- one step ---------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """One optimizer step over ``micro_batches``: forward and backward here, the clip and the update by
         the step strategy (``trainer.step_impl``). Returns the step's metrics (host values)."""
@@ -643,6 +631,21 @@ class Trainer:
             metrics["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return metrics
 
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.device.type == "cuda" and self.cfg.trainer.autocast_dtype == "bfloat16":
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        dtype = self._autocast_dtype()
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _build_mask(self, input_ids: torch.Tensor):
+        return self.raw_model.build_attention_mask(input_ids, self.eos_id)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         if not self.val_batches:
@@ -661,89 +664,137 @@ class Trainer:
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    # ---- the loop ----------------------------------------------------------------------------
-    def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for _ in range(self.cfg.trainer.grad_accum):
-            try:
-                with data_errors():
-                    out.append(next(self._train_iter))
-            except StopIteration:
-                break
-        return out
-
-    def _log(self, message: str) -> None:
-        if self.is_main:
-            print(f"[nemo_lite] {message}", file=sys.stderr, flush=True)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-        self._log(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
-
-    @contextlib.contextmanager
-    def _signal_handlers(self):
-        if threading_main():
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-        else:
-            yield
-
-    def fit(self) -> FitResult:
-        if not hasattr(self, "model"):
-            self.setup()
-        try:
-            return self._fit()
-        finally:
-            self.release_run_dir()
-
-    def _fit(self) -> FitResult:
-        cfg = self.cfg.trainer
-        self.last_checkpoint = None
-        self._consecutive_nonfinite = 0
-        if self.resumed_from is not None and self.step >= cfg.max_steps:
-            self._log(
-                f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
-                "finished, nothing to do (raise trainer.max_steps to train on)"
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """A checkpoint of the step, with the converters' records (and, where a converter says so, the trainable
+        parameters only: the frozen ones are model.pretrained_path's)."""
+        self._check_weights_finite()  # a checkpoint is never written from non-finite weights
+        state = self._train_state()
+        if self.dist.enabled:
+            del state["optimizer"]  # sharded through DCP with the model
+            path = distributed.save_sharded(
+                self.run_dir / "checkpoints",
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                self.dist,
+                self.cfg.trainer.keep_last,
+                only_trainable=self.only_trainable,
             )
-            return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
-        self._log(
-            f"{self.n_params / 1e6:.2f}M parameters, attention={self.cfg.attention.backend} "
-            f"({self.cfg.attention.attn_mask_type}), device={self.device}, run_dir={self.run_dir}"
+            self.last_checkpoint = path
+            return path
+        path = ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.raw_model,
+            state,
+            keep_last=self.cfg.trainer.keep_last,
+            layout=self._layout(),
+            only_trainable=self.only_trainable,
         )
-        losses: list[float] = []
-        status = "completed"
-        self.model.train()
-        with self._progress() as progress, self._signal_handlers():
-            while self.step < cfg.max_steps:
-                micro_batches = self._next_micro_batches()
-                if not micro_batches:
-                    self._log("the training data ran out")
-                    break
-                metrics = self.train_step(micro_batches)
-                self.step += 1
-                losses.append(metrics["loss"])
-                self._after_step(metrics, progress)
-                # One process stops at once; under torchrun the flag is agreed on in the next step's
-                # reduction, so every rank stops after the same step.
-                if self._stop_requested or (not self.dist.enabled and self._stop_signal is not None):
-                    status = "interrupted"
-                    break
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save()
-            if status == "interrupted" or self.step > 0:
-                self.save()
-        stopped_by = (self._stop_signal or signal.SIGTERM) if status == "interrupted" else None
-        result = FitResult(self.step, losses, self.run_dir, status, self.last_checkpoint, signal=stopped_by)
-        if status == "completed" and self.step >= cfg.max_steps:
-            self._finish(result)
-        return result
+        self.last_checkpoint = path
+        return path
 
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optim.name,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "nonfinite_total": self.nonfinite_total,
+            **converter_records(self.converters),
+        }
+
+    def _layout(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed by this run: the model's shape and the data's."""
+        model = {f"model.{key}": value for key, value in dataclasses.asdict(self.raw_model.config).items()}
+        data = {"data.seq_len": self.cfg.data.seq_len, "data.batch_size": self.cfg.data.batch_size}
+        return {**model, **data, "tokenizer.vocab_size": self.train_loader.vocab_size}
+
+    def _check_weights_finite(self) -> None:
+        """Stop, naming the last good checkpoint, if the last update left NaN or Inf in the weights."""
+        bad = self.step_impl.nonfinite_weights()
+        if self.dist.enabled:
+            bad = distributed.all_reduce_sum([float(bad)], self.device)[0]
+        if float(bad) > 0:
+            raise self._nonfinite_weights_error()
+
+    def _nonfinite_weights_error(self) -> NonFiniteWeightsError:
+        return NonFiniteWeightsError(
+            f"step {self.step}: the update left NaN or Inf in the weights (too high an optim.lr?); stopping "
+            f"without saving them. The last good checkpoint is {self._last_good() or 'none'}"
+        )
+
+    def _last_good(self) -> Path | None:
+        return getattr(self, "last_checkpoint", None) or self.resumed_from
+
+    def _resume(self, newest: Path) -> Path:
+        """Load ``newest``, or when it is damaged the newest complete checkpoint before it (unless
+        trainer.resume named that one checkpoint). Returns the checkpoint loaded."""
+        if self.dist.enabled or ckpt.is_sharded(newest):
+            self._load(newest)
+            return newest
+        exact = ckpt.named_exactly(self.cfg.trainer.resume)
+        candidates = [newest] if exact else [newest, *ckpt.earlier_checkpoints(newest)]
+        problems = []
+        for path in candidates:
+            try:
+                self._load(path)
+                return path
+            except ckpt.CheckpointDamagedError as err:
+                problems.append(f"{path.name}: {err}")
+                if path is not candidates[-1]:
+                    self._log(f"checkpoint {path} is damaged ({err}); resuming from the one before it")
+        if exact:
+            raise ckpt.ResumeError(
+                f"cannot resume from {newest}: it is damaged ({problems[0].split(': ', 1)[1]}); name another "
+                "checkpoint in trainer.resume, or pass trainer.resume=true for the newest usable one"
+            )
+        raise ckpt.ResumeError(
+            f"no usable checkpoint in {newest.parent} ({'; '.join(problems)}): start fresh with "
+            "trainer.resume=false trainer.overwrite=true (moves them aside), or in another run_dir"
+        )
+
+    def _load(self, path: Path) -> None:
+        if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
+            peek = path / "rank00000.pt"  # the converters' records are the same in every rank's file
+            if peek.is_file():
+                saved = torch.load(peek, weights_only=True)
+                check_resume(self.converters, path, saved)
+                self._check_optimizer_name(path, saved)
+            try:
+                state = distributed.load_checkpoint_any(
+                    path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable
+                )
+            except ValueError as err:  # its refusals, in one line
+                raise ckpt.ResumeError(str(err)) from None
+        else:
+            state = ckpt.load_checkpoint(path, None, layout=self._layout())
+            check_resume(self.converters, path, state)  # before the weights, which may be only some of them
+            self._check_optimizer_name(path, state)
+            ckpt.load_weights(path, self.raw_model, self.device, only_trainable=self.only_trainable)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["data"])
+        self._train_iter = iter(self.train_loader)
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.step_impl.weights_changed()
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def _check_optimizer_name(self, path: Path, state: dict[str, Any]) -> None:
+        saved = state.get("optimizer_name", "adamw")  # checkpoints from before the table hold AdamW's state
+        if saved != self.cfg.optim.name:
+            raise ckpt.ResumeError(
+                f"checkpoint {path} holds optim={saved}'s state but this run has optim={self.cfg.optim.name}: "
+                f"resume with optim={saved}, or start a fresh run"
+            )
+
+    # ---- the end of a run: validation, export, sample ---------------------------------------------
     def _finish(self, result: FitResult) -> None:
         """After the last step: the final validation, the export and the sample."""
         cfg = self.cfg.trainer
@@ -758,60 +809,6 @@ class Trainer:
             if self.is_main and cfg.sample_tokens > 0:
                 on_device = plain if self.dist.enabled else None  # a converter's final model may be on the CPU
                 result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, on_device)
-
-    @contextlib.contextmanager
-    def _progress(self):
-        """The loop's outputs: metrics.jsonl (and wandb), the progress bar and the profiler, closed at the end."""
-        cfg = self.cfg.trainer
-        progress = types.SimpleNamespace(bar=None, profiler=None)
-        progress.writer = MetricsWriter(
-            self.run_dir, self.cfg.logger, dataclasses.asdict(self.cfg), enabled=self.is_main, resumed_step=self.step
-        )
-        try:
-            if self.is_main and cfg.progress_bar:
-                from tqdm.auto import tqdm
-
-                progress.bar = tqdm(
-                    total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr
-                )
-            if cfg.profile_steps > 0 and self.is_main:
-                from nemo_lite.training.profiling import StepProfiler
-
-                progress.profiler = StepProfiler(
-                    self.run_dir / "profile", cfg.profile_start, cfg.profile_steps, self.device.type
-                )
-            yield progress
-        finally:
-            if progress.profiler is not None:
-                progress.profiler.close()
-            if progress.bar is not None:
-                progress.bar.close()
-            progress.writer.close()
-
-    def _after_step(self, metrics: dict[str, Any], progress) -> None:
-        """What follows each step: the non-finite count (too many in a row stop the run), validation every
-        trainer.val_every steps, the metrics line and the progress bar."""
-        cfg = self.cfg.trainer
-        if progress.profiler is not None:
-            progress.profiler.step()
-        if metrics["skipped_nonfinite"]:
-            self._log(
-                f"step {self.step}: non-finite loss ({metrics['loss']}) or grad norm "
-                f"({metrics['grad_norm']}); update skipped ({self._consecutive_nonfinite} in a row)"
-            )
-            if self._consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self._consecutive_nonfinite} non-finite steps in a row (limit "
-                    f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
-                    f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
-                )
-        if cfg.val_every and self.step % cfg.val_every == 0:
-            metrics.update(self.evaluate() or {})
-        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            progress.writer.write({"step": self.step, **metrics})
-        if progress.bar is not None:
-            progress.bar.update(1)
-            progress.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
 
     def _plain_model(self):
         """The trained model as one unsharded module (the model itself when not distributed), or the one a
@@ -858,6 +855,10 @@ class Trainer:
         text = self.tokenizer.decode(out[0].tolist())
         self._log(f"sample ({self.train_loader.record_kind}, greedy, {max_new_tokens} tokens): {text!r}")
         return text
+
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[nemo_lite] {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
