@@ -184,7 +184,7 @@ def test_every_built_in_kind_implements_the_protocol():
     import nemo_lite.components.datasets.kinds as kinds
 
     for name in list_record_kinds():
-        cls = kinds._KINDS[name]
+        cls = kinds.KINDS.get(name)
         assert cls.kind == name
         missing = [m for m in members if not callable(getattr(cls, m, None))]
         assert not missing, f"record kind {name!r} lacks {missing}"

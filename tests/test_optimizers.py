@@ -15,6 +15,7 @@ from recipe_utils import tiny_config
 from test_step import OPTIM, batches, run_step, twins
 from torch import nn
 
+from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import family_of_preset
 from nemo_lite.training.config import ConfigError, OptimSection, RecipeConfig, validate
 from nemo_lite.training.muon import MuonWithAdamW, ShardedMuon
@@ -49,7 +50,7 @@ def qwen2_model() -> nn.Module:
         eos_token_id=1,
         tie_word_embeddings=False,
     )
-    model = family.build(config, attention="eager")
+    model = family.build(config, attention=AttentionConfig(backend="eager"))
     model.init_weights(seed=0)
     return model
 

@@ -21,14 +21,15 @@ where the entry says it is AdamW (``adamw_compatible``). docs/optimizers.md has 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from nemo_lite.errors import ConfigError
+from nemo_lite.registry import Registry
 
 
 @dataclass
@@ -82,40 +83,29 @@ class OptimizerEntry:
         return {**cls.option_defaults, **given}
 
 
-_OPTIMIZERS: dict[str, type[OptimizerEntry]] = {}
-
-E = TypeVar("E", bound=type[OptimizerEntry])
+OPTIMIZERS: Registry[type[OptimizerEntry]] = Registry("optimizer", attribute="name")
 
 
-def register_optimizer(name: str) -> Callable[[E], E]:
+def register_optimizer(name: str):
     """Class decorator: make the entry selectable as ``optim.name=<name>`` (``optim=<name>`` with a YAML)."""
-
-    def decorator(cls: E) -> E:
-        existing = _OPTIMIZERS.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"optimizer {name!r} is already registered by {existing.__qualname__}")
-        cls.name = name
-        _OPTIMIZERS[name] = cls
-        return cls
-
-    return decorator
+    return OPTIMIZERS.register(name)
 
 
 def unregister_optimizer(name: str) -> None:
     """Remove an entry (for tests that register temporary ones)."""
-    _OPTIMIZERS.pop(name, None)
+    OPTIMIZERS.unregister(name)
 
 
 def list_optimizers() -> list[str]:
-    return sorted(_OPTIMIZERS)
+    return OPTIMIZERS.names()
 
 
 def get_optimizer(name: str) -> type[OptimizerEntry]:
     """The entry ``name``; an unknown name raises with the registered ones."""
-    try:
-        return _OPTIMIZERS[name]
-    except KeyError:
-        raise ConfigError(f"optim.name={name!r} is not valid; choose one of: {', '.join(list_optimizers())}") from None
+    entry = OPTIMIZERS.get(name)
+    if entry is None:
+        raise ConfigError(f"optim.name={name!r} is not valid; choose one of: {', '.join(list_optimizers())}")
+    return entry
 
 
 def check_optim(optim: OptimSection) -> type[OptimizerEntry]:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from nemo_lite.errors import NemoLiteError
+from nemo_lite.registry import Registry
 
 if TYPE_CHECKING:
     from nemo_lite.components.attention.base import AttentionBackend
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-B = TypeVar("B", bound="type[AttentionBackend]")
+BACKENDS: Registry[type[AttentionBackend]] = Registry("attention backend", attribute="name")
 
 
 class UnknownAttentionBackendError(NemoLiteError, KeyError):
@@ -20,36 +19,27 @@ class UnknownAttentionBackendError(NemoLiteError, KeyError):
         return str(self.args[0])
 
 
-def register_attention_backend(name: str) -> Callable[[B], B]:
+def register_attention_backend(name: str):
     """Class decorator: make the backend selectable as ``attention=<name>``."""
-
-    def decorator(cls: B) -> B:
-        existing = _BACKENDS.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"attention backend {name!r} is already registered by {existing.__qualname__}")
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-
-    return decorator
+    return BACKENDS.register(name)
 
 
 def unregister_attention_backend(name: str) -> None:
     """Remove a backend (for tests that register temporary ones)."""
-    _BACKENDS.pop(name, None)
+    BACKENDS.unregister(name)
 
 
 def get_attention_backend(name: str) -> type[AttentionBackend]:
-    try:
-        return _BACKENDS[name]
-    except KeyError:
+    backend_cls = BACKENDS.get(name)
+    if backend_cls is None:
         raise UnknownAttentionBackendError(
             f"unknown attention backend {name!r}; registered backends: {', '.join(list_attention_backends())}"
-        ) from None
+        )
+    return backend_cls
 
 
 def list_attention_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def build_attention_backend(

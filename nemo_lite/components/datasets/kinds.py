@@ -13,12 +13,13 @@ Importing ``nemo_lite.components.datasets`` registers the built-in kinds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import Document
 from nemo_lite.errors import NemoLiteError
+from nemo_lite.registry import Registry
 
 
 class RecordEncoder(Protocol):
@@ -98,32 +99,21 @@ class UnknownRecordKindError(NemoLiteError, ValueError):
     pass
 
 
-_KINDS: dict[str, type[RecordEncoder]] = {}
-
-E = TypeVar("E", bound=type)
+KINDS: Registry[type[RecordEncoder]] = Registry("record kind", attribute="kind")
 
 
-def register_record_kind(name: str) -> Callable[[E], E]:
+def register_record_kind(name: str):
     """Class decorator: make the encoder class selectable as ``data.kind: <name>``."""
-
-    def decorator(cls: E) -> E:
-        existing = _KINDS.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"record kind {name!r} is already registered by {existing.__qualname__}")
-        cls.kind = name
-        _KINDS[name] = cls
-        return cls
-
-    return decorator
+    return KINDS.register(name)
 
 
 def unregister_record_kind(name: str) -> None:
     """Remove a kind (for tests that register temporary ones)."""
-    _KINDS.pop(name, None)
+    KINDS.unregister(name)
 
 
 def list_record_kinds() -> list[str]:
-    return sorted(_KINDS)
+    return KINDS.names()
 
 
 def record_kind(cfg: DataConfig) -> str:
@@ -136,10 +126,9 @@ def record_kind(cfg: DataConfig) -> str:
 def build_encoder(cfg: DataConfig, tokenizer: Any, *, description: str) -> RecordEncoder:
     """The one place a record kind is chosen: the encoder of ``record_kind(cfg)`` for one source."""
     name = record_kind(cfg)
-    try:
-        encoder_cls = _KINDS[name]
-    except KeyError:
+    encoder_cls = KINDS.get(name)
+    if encoder_cls is None:
         raise UnknownRecordKindError(
             f"unknown record kind DataConfig.kind={name!r}; registered kinds: {', '.join(list_record_kinds())}"
-        ) from None
+        )
     return encoder_cls.from_config(cfg, tokenizer, description=description)

@@ -16,12 +16,14 @@ converter may change, through hooks whose defaults change nothing:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
+
+from nemo_lite.registry import Registry
 
 
 class ModelConverter:
@@ -94,30 +96,19 @@ class ModelConverter:
         return None
 
 
-_CONVERTERS: dict[str, type[ModelConverter]] = {}
-
-C = TypeVar("C", bound="type[ModelConverter]")
+CONVERTERS: Registry[type[ModelConverter]] = Registry("converter section", attribute="section")
 
 
-def register_converter(section: str) -> Callable[[C], C]:
+def register_converter(section: str):
     """Class decorator: the converter that the config section ``section`` turns on."""
-
-    def decorator(cls: C) -> C:
-        existing = _CONVERTERS.get(section)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"converter section {section!r} is already registered by {existing.__qualname__}")
-        cls.section = section
-        _CONVERTERS[section] = cls
-        return cls
-
-    return decorator
+    return CONVERTERS.register(section)
 
 
 def unregister_converter(section: str) -> None:
     """Remove a converter (for tests that register temporary ones)."""
-    _CONVERTERS.pop(section, None)
+    CONVERTERS.unregister(section)
 
 
 def registered_converters() -> list[type[ModelConverter]]:
     """Every registered converter class, in the order they are applied."""
-    return sorted(_CONVERTERS.values(), key=lambda cls: cls.order)
+    return sorted(CONVERTERS, key=lambda cls: cls.order)
