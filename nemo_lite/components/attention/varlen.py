@@ -102,7 +102,7 @@ def _kernel_usable(q: torch.Tensor) -> str | None:
 class VarlenAttention(AttentionBackend):
     """Option ``host_sync``: True (default) builds exactly the step's segments with one device-to-host
     sync; False builds them without (fixed-length ``cu_seqlens`` padded with empty segments, longest
-    segment bounded by the row); docs/benchmarks.md compares the two."""
+    segment bounded by the row), so the host never waits for the device (docs/attention.md)."""
 
     supports_sinks = False
 

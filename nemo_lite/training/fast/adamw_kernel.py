@@ -2,10 +2,10 @@
 
 The update is bound by memory traffic (a float32 parameter, its gradient and two moments read and
 written), so this kernel moves as few bytes as it can: it does not write the unscaled gradient back
-(docs/benchmarks.md has the measured figures). Each program updates one block of one tensor; a table built once
+(``scripts/bench_optimizer.py`` times it). Each program updates one block of one tensor; a table built once
 per set of sizes says which, and the tensors' addresses travel in a small int64 tensor each step, so
 the update costs one launch instead of one per tensor (146 for the 1B model; launched one by one
-from Python the host could not keep up). ``scripts/bench_optimizer.py``, docs/benchmarks.md.
+from Python the host could not keep up).
 
 The arithmetic follows torch's fused AdamW line by line (decoupled weight decay, bias corrections
 from the step count, ``sqrt(v) / sqrt(1 - beta2^t) + eps``), in float32, with the gradients divided

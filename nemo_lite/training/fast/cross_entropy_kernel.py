@@ -2,7 +2,7 @@
 
 The compiled head loss reads the logits three times: once for the log-sum-exp in forward, and in backward
 once more to write their gradient (softmax minus one-hot). With a 128k vocabulary the logits of a step are
-gigabytes, so those passes are bound by memory traffic (docs/benchmarks.md has the figures). Here one program
+gigabytes, so those passes are bound by memory traffic (``scripts/bench_loss.py`` times them). Here one program
 per row reads its logits for the log-sum-exp and reads them again, from L2 where they are still there, to
 overwrite them with the gradient, already in forward: ``(softmax - onehot) * scale``, rounded to the logits'
 dtype. The caller passes the gradient it expects the loss to receive as ``scale`` (the trainer knows it: one
