@@ -83,7 +83,9 @@ class TrainerSection:
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
     export_hf: bool = True
-    sample_prompt: str = "The"
+    # The end-of-run sample: its prompt (None = the data kind's own: "The" for text, a question for chat,
+    # where it is the user turn rendered through the chat template) and its greedy new tokens (0 = none).
+    sample_prompt: str | None = None
     sample_tokens: int = 32
     progress_bar: bool = True
 

@@ -844,15 +844,19 @@ class Trainer:
         self._log(f"exported a Hugging Face checkpoint to {path}")
         return path
 
-    def sample(self, prompt: str, max_new_tokens: int, model=None) -> str:
-        """Greedy continuation of ``prompt``, encoded and stopped by the loader's record kind (in a chat run one
-        user turn, rendered with the chat template and its generation prompt, ending at the end of the turn)."""
-        from nemo_lite.components.models import generate
+    def sample(self, prompt: str | None, max_new_tokens: int, model=None) -> str:
+        """Greedy continuation of ``prompt`` (None: the record kind's own), encoded and stopped by the loader's
+        record kind (in a chat run one user turn, rendered with the chat template and its generation prompt,
+        ending at the end of the turn). The prompt is seen causally, as one sequence, whatever mask the run
+        trained with; generation runs over a KV cache (``components/models/generate.py``)."""
+        from nemo_lite.components.models.generate import GenerationConfig, generate_ids
 
-        input_ids = torch.tensor([self.train_loader.prompt_ids(prompt)], device=self.device)
+        prompt = self.train_loader.sample_prompt if prompt is None else prompt
+        prompt_ids = self.train_loader.prompt_ids(prompt)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=(self.train_loader.end_id,))
         with self._autocast():
-            out = generate(model or self.raw_model, input_ids, max_new_tokens, eos_token_id=self.train_loader.end_id)
-        text = self.tokenizer.decode(out[0].tolist())
+            out = generate_ids(model or self.raw_model, [prompt_ids], config)
+        text = self.tokenizer.decode(prompt_ids + out.tokens[0])
         self._log(f"sample ({self.train_loader.record_kind}, greedy, {max_new_tokens} tokens): {text!r}")
         return text
 
