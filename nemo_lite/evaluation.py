@@ -88,3 +88,35 @@ def run(cfg: EvalConfig) -> Path:
     path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
     print(f"[nemo_lite] wrote lm-eval's results to {path}", file=sys.stderr)
     return path
+
+
+# ---- trainer.eval_tasks -------------------------------------------------------------------------------
+
+
+def check_training_eval(tasks: list[str], limit: int | None) -> None:
+    """Refuse, before a run starts, ``trainer.eval_tasks`` without lm-eval or with a task it does not know."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("trainer.eval_tasks needs lm-eval: pip install 'nemo_lite[eval]'") from None
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"trainer.eval_limit={limit} must be > 0 (documents per task), or null for all")
+    manager = TaskManager(include_path=[str(SHIPPED_TASKS)])
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"trainer.eval_tasks: lm-eval does not know {unknown}; see `lm-eval ls tasks`")
+
+
+def evaluate_in_training(model, tokenizer, tasks: list[str], *, limit: int | None = None) -> dict[str, float]:
+    """Score ``tasks`` on the model being trained; ``{"eval/<task>/<metric>": value}`` (no stderr)."""
+    from nemo_lite.lm_eval_model import NemoLiteLM, evaluate
+
+    lm = NemoLiteLM(model=model, tokenizer=tokenizer)
+    results = evaluate(lm, tasks, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    scores = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, _ = key.partition(",")
+            if isinstance(value, int | float) and not isinstance(value, bool) and not metric.endswith("_stderr"):
+                scores[f"eval/{task}/{metric}"] = float(value)
+    return scores

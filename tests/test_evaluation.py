@@ -98,3 +98,35 @@ def test_the_evaluate_recipe_writes_lm_evals_results_json_into_the_run_dir(check
     )
     missing = subprocess.run([*command], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "error: tasks is required: pass tasks=[name,...]" in missing.stderr
+
+
+def test_eval_tasks_during_training_are_logged_and_equal_lm_eval_on_the_export(tmp_path):
+    from recipe_utils import tiny_config
+
+    from nemo_lite.training.metrics import read_metrics
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "run", backend="sdpa", steps=3)
+    cfg.trainer.val_every, cfg.trainer.sample_tokens = 2, 0
+    cfg.trainer.eval_tasks, cfg.trainer.eval_limit = ["nemo_lite_arithmetic_mc"], 5
+    result = Trainer(cfg).fit()
+    records = read_metrics(result.run_dir)
+    assert "eval/nemo_lite_arithmetic_mc/acc" in records[1] and "eval/nemo_lite_arithmetic_mc/acc" not in records[0]
+    # the end of the run scores the final model: what lm-eval gives on its export
+    export = evaluate(NemoLiteLM(str(result.run_dir)), ["nemo_lite_arithmetic_mc"], limit=5, bootstrap_iters=0)
+    assert (
+        result.eval_metrics["eval/nemo_lite_arithmetic_mc/acc"]
+        == export["results"]["nemo_lite_arithmetic_mc"]["acc,none"]
+    )
+
+
+def test_bad_eval_tasks_are_refused_before_the_run(tmp_path):
+    from recipe_utils import tiny_config
+
+    from nemo_lite.errors import ConfigError
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(tmp_path / "run", backend="sdpa", steps=3)
+    cfg.trainer.eval_tasks = ["no_such_task"]
+    with pytest.raises(ConfigError, match=r"trainer.eval_tasks: lm-eval does not know \['no_such_task'\]"):
+        Trainer(cfg)
