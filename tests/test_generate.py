@@ -15,7 +15,9 @@ from nemo_lite.components.models.generate import (
     GenerationConfig,
     GenerationError,
     KVCache,
+    cache_lengths,
     generate_ids,
+    kv_cache_bytes,
     sample_next,
 )
 
@@ -68,6 +70,17 @@ def test_the_sliding_window_changes_what_is_generated(tmp_path):
     prompts = _prompts()
     out = generate_ids(ours, prompts, GenerationConfig(max_new_tokens=NEW)).tokens
     assert out != [_reference(unwindowed, p) for p in prompts]
+
+
+def test_a_sliding_window_layer_keeps_a_ring_of_window_plus_one_slots(tmp_path):
+    """Mistral's window 5 (q - k < 5): 5 slots per layer whatever the length; Qwen2's window layer alone."""
+    _, mistral = _twins("mistral", tmp_path)
+    _, qwen2 = _twins("qwen2_window", tmp_path)
+    assert cache_lengths(mistral.config, 100) == (5, 5) and cache_lengths(mistral.config, 4) == (4, 4)
+    assert cache_lengths(qwen2.config, 100) == (100, 6)
+    cache = KVCache(qwen2.config, 2, 100, dtype=torch.float32, device="cpu")
+    assert [tuple(cache.layer(i)[0].shape) for i in range(2)] == [(2, 2, 100, 16), (2, 2, 6, 16)]
+    assert kv_cache_bytes(qwen2.config, 2, 100, torch.float32) == 2 * 2 * 2 * 16 * 106 * 4
 
 
 def test_generation_stops_at_any_eos_id_and_at_stop_strings(tmp_path):

@@ -10,15 +10,16 @@ token per step over the cache.
 
 How it works, for a batch of ``B`` prompts (the longest ``P`` tokens) and ``N`` new tokens:
 
-- :class:`KVCache`: one key and one value buffer ``[B, Hkv, P + N, D]`` per layer, allocated once, after
-  checking that the device has the memory for it. Prompts are right-padded, so every prompt starts at
-  position 0 and row ``b`` writes its next key at its own position ``pos[b]``.
+- :class:`KVCache`: one key and one value buffer ``[B, Hkv, P + N, D]`` per layer (``w + 1`` slots, a ring, in
+  a layer with a sliding window ``w`` shorter than that), allocated once, after checking that the device has
+  the memory for it. Prompts are right-padded, so every prompt starts at position 0 and row ``b`` writes its
+  next key at its own position ``pos[b]``.
 - Prefill: the prompts go through the model's layers with a *causal* view of the prompt (a run trained with
   block-causal masks would otherwise split a chat prompt at every end-of-turn token), through the model's
   own attention backend. Padding sits after each prompt, so no prompt token ever sees it.
 - Decode: one token per row per step, with static shapes (the token ``[B]``, the positions ``[B]``, the whole
   cache), so a step compiles once and, on a GPU, is captured in a CUDA graph and replayed. Each query attends
-  to the cache slots ``<= pos[b]``, and a sliding-window layer only to those within its window.
+  to the positions ``<= pos[b]`` the cache holds, and a sliding-window layer only to those within its window.
 - Sampling on the logits of the last position: greedy (``temperature=0``), or temperature, top-k and top-p
   with a seeded generator. A row stops at any of ``eos_token_ids`` or a stop string; the others go on.
 
@@ -27,6 +28,7 @@ Everything here needs torch only; a tokenizer comes in as a ``decode`` function 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -100,10 +102,16 @@ class GenerationOutput:
 # ---- the cache ----------------------------------------------------------------------------------------
 
 
+def cache_lengths(config, max_len: int) -> tuple[int, ...]:
+    """Slots per row of each layer's cache: ``max_len``, or ``w + 1`` for a layer whose sliding window ``w``
+    makes older keys unreachable (its cache is then a ring)."""
+    return tuple(min(max_len, w + 1) if w else max_len for w in config.layer_windows())
+
+
 def kv_cache_bytes(config, batch_size: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of the keys and values of every layer for ``batch_size`` rows of ``max_len`` tokens."""
-    per_layer = 2 * batch_size * config.num_key_value_heads * max_len * config.head_dim
-    return per_layer * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+    per_slot = 2 * batch_size * config.num_key_value_heads * config.head_dim
+    return per_slot * sum(cache_lengths(config, max_len)) * torch.empty((), dtype=dtype).element_size()
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -120,10 +128,12 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 class KVCache(nn.Module):
-    """Keys and values ``[B, Hkv, T, D]`` of every layer, as buffers (so a compiled step sees fixed addresses).
+    """Keys and values ``[B, Hkv, T_layer, D]`` of every layer, as buffers (a compiled step sees fixed addresses).
 
-    Slot ``t`` of row ``b`` holds position ``t`` of that row; a query at position ``pos[b]`` reads the slots
-    ``<= pos[b]`` (and, in a layer with sliding window ``w``, only those with ``pos[b] - t <= w``).
+    Position ``p`` of a row lives in slot ``p % T_layer``. ``T_layer`` is ``max_len`` (slot = position), or
+    ``w + 1`` in a layer with sliding window ``w`` shorter than that: a ring that keeps exactly the keys a query
+    can still see. A query at position ``pos`` reads in slot ``s`` the latest position ``p <= pos`` with
+    ``p % T_layer == s``, where ``p >= 0`` (and ``pos - p <= w``).
     """
 
     def __init__(self, config, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -136,9 +146,9 @@ class KVCache(nn.Module):
                 f"the KV cache for {batch_size} prompts x {max_len} tokens needs {need / 2**30:.2f} GiB and "
                 f"{device} has {free / 2**30:.2f} GiB free; generate fewer prompts at once or fewer new tokens"
             )
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.num_layers = config.num_hidden_layers
-        for i in range(self.num_layers):
+        self.lengths = cache_lengths(config, max_len)
+        for i, length in enumerate(self.lengths):
+            shape = (batch_size, config.num_key_value_heads, length, config.head_dim)
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
@@ -178,6 +188,23 @@ def causal_view(model: nn.Module, batch_size: int, seq_len: int, device: torch.d
     )
 
 
+def _keep_prompt(cache: KVCache, i: int, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, lengths_B: torch.Tensor) -> None:
+    """Write the prompt's keys and values of layer ``i``: all of them, or in a ring only each row's last ones."""
+    k_cache, v_cache = cache.layer(i)
+    length, seq_len = cache.lengths[i], k_BKSD.shape[2]
+    if seq_len <= length:  # every position fits at its own slot
+        k_cache[:, :, :seq_len].copy_(k_BKSD)
+        v_cache[:, :, :seq_len].copy_(v_BKSD)
+        return
+    # the last `length` positions of each row (those before position 0 are clamped: their slots stay unread)
+    wanted_BL = lengths_B[:, None] - length + torch.arange(length, device=lengths_B.device)
+    wanted_BL = torch.where(wanted_BL < 0, wanted_BL + length, wanted_BL)  # distinct slots, never read
+    index_BKLD = wanted_BL[:, None, :, None].expand(-1, k_BKSD.shape[1], -1, k_BKSD.shape[3])
+    slots_BKLD = index_BKLD % length
+    k_cache.scatter_(2, slots_BKLD, k_BKSD.gather(2, index_BKLD).to(k_cache.dtype))
+    v_cache.scatter_(2, slots_BKLD, v_BKSD.gather(2, index_BKLD).to(v_cache.dtype))
+
+
 def prefill(model: nn.Module, cache: KVCache, ids_BS: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
     """Run the right-padded prompts ``ids_BS`` through the model with a causal view, keep every layer's keys
     and values in ``cache`` (slots ``0 .. S-1``), and return the logits ``[B, vocab]`` of each prompt's last
@@ -190,9 +217,7 @@ def prefill(model: nn.Module, cache: KVCache, ids_BS: torch.Tensor, lengths_B: t
     for i, block in enumerate(model.layers):
         attention = block.attention
         q_BHSD, k_BKSD, v_BKSD = _qkv(attention, block.attention_norm(h_BSE), cos_B1SD, sin_B1SD)
-        k_cache, v_cache = cache.layer(i)
-        k_cache[:, :, :seq_len].copy_(k_BKSD)
-        v_cache[:, :, :seq_len].copy_(v_BKSD)
+        _keep_prompt(cache, i, k_BKSD, v_BKSD, lengths_B)
         out_BHSD = attention.backend(
             q_BHSD, k_BKSD, v_BKSD, sliding_window=attention.sliding_window, enable_gqa=True, attention_mask=mask
         )
@@ -203,6 +228,21 @@ def prefill(model: nn.Module, cache: KVCache, ids_BS: torch.Tensor, lengths_B: t
     return F.linear(model.norm(last_BE), model.output_weight)
 
 
+def _cached_attention(
+    q_BH1D: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, allowed_BT: torch.Tensor
+) -> torch.Tensor:
+    """One query per row against the whole cache; ``[B, Hkv, H / Hkv, D]``.
+
+    The query heads of a KV head are stacked against it (query head h reads KV head h // (H / Hkv)), so the
+    cache is read once per step and never repeated per query head; softmax in float32."""
+    batch, heads, _, dim = q_BH1D.shape
+    kv_heads = k_BKTD.shape[1]
+    q_BKGD = q_BH1D.view(batch, kv_heads, heads // kv_heads, dim)
+    scores_BKGT = torch.matmul(q_BKGD, k_BKTD.transpose(-1, -2)).float() * (1.0 / math.sqrt(dim))
+    scores_BKGT = scores_BKGT.masked_fill(~allowed_BT[:, None, None, :], float("-inf"))
+    return torch.matmul(scores_BKGT.softmax(dim=-1).to(v_BKTD.dtype), v_BKTD)
+
+
 def decode_step(model: nn.Module, cache: KVCache, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
     """One token per row: ``token_B`` at position ``pos_B`` goes through every layer, its key and value are
     written to slot ``pos_B`` of the cache, and the logits ``[B, vocab]`` of the next token come back.
@@ -211,23 +251,25 @@ def decode_step(model: nn.Module, cache: KVCache, token_B: torch.Tensor, pos_B: 
     masked), so the step compiles once and can be replayed as a CUDA graph."""
     batch = token_B.shape[0]
     rows_B = torch.arange(batch, device=token_B.device)
-    slots_T = torch.arange(cache.max_len, device=token_B.device)
-    behind_BT = pos_B[:, None] - slots_T[None]  # how far each slot lies behind the query (< 0: not yet written)
+    behind = {}  # per cache length: how far behind the query each slot's position lies (> pos: never written)
+    for length in sorted(set(cache.lengths)):
+        slots_T = torch.arange(length, device=token_B.device)
+        behind[length] = (pos_B[:, None] - slots_T[None]) % length  # pos - p for p the latest position in slot
     cos_B1SD, sin_B1SD = rotary_cos_sin(model.config, pos_B[:, None])
     h_B1E = model.embed_tokens(token_B[:, None])
     for i, block in enumerate(model.layers):
         attention = block.attention
         q_BH1D, k_BK1D, v_BK1D = _qkv(attention, block.attention_norm(h_B1E), cos_B1SD, sin_B1SD)
         k_cache, v_cache = cache.layer(i)
-        k_cache[rows_B, :, pos_B] = k_BK1D[:, :, 0].to(k_cache.dtype)
-        v_cache[rows_B, :, pos_B] = v_BK1D[:, :, 0].to(v_cache.dtype)
-        allowed_BT = behind_BT >= 0
+        length = cache.lengths[i]
+        k_cache[rows_B, :, pos_B % length] = k_BK1D[:, :, 0].to(k_cache.dtype)
+        v_cache[rows_B, :, pos_B % length] = v_BK1D[:, :, 0].to(v_cache.dtype)
+        behind_BT = behind[length]
+        allowed_BT = behind_BT <= pos_B[:, None]  # that position is >= 0
         if attention.sliding_window:
             allowed_BT = allowed_BT & (behind_BT <= attention.sliding_window)
-        out_BH1D = F.scaled_dot_product_attention(
-            q_BH1D.to(k_cache.dtype), k_cache, v_cache, attn_mask=allowed_BT[:, None, None, :], enable_gqa=True
-        )
-        h_B1E = h_B1E + attention.o_proj(out_BH1D.transpose(1, 2).reshape(batch, 1, -1).to(h_B1E.dtype))
+        out_BKGD = _cached_attention(q_BH1D.to(k_cache.dtype), k_cache, v_cache, allowed_BT)
+        h_B1E = h_B1E + attention.o_proj(out_BKGD.reshape(batch, 1, -1).to(h_B1E.dtype))
         h_B1E = h_B1E + block.mlp(block.mlp_norm(h_B1E))
     return F.linear(model.norm(h_B1E[:, 0]), model.output_weight)
 
