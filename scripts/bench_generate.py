@@ -121,16 +121,18 @@ def main() -> None:
 
     config = get_preset(preset)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config, attention=AttentionConfig(backend="sdpa", attn_mask_type="causal"))
+    with torch.device(device):  # built and initialized on the card: no float32 copy on the host
+        model = LlamaForCausalLM(config, attention=AttentionConfig(backend="sdpa", attn_mask_type="causal"))
     model.init_weights(seed=0)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     hf = None
     if not args.skip_hf:
         import transformers
 
         hf_config = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "model_type"})
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        with torch.device(device):
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
         hf = hf.to(device).eval()
 
     gen = torch.Generator().manual_seed(0)
