@@ -19,10 +19,6 @@ import torch
 
 from nemo_lite.errors import ConfigError
 
-# nemo_lite's offline tasks (a task YAML over a local jsonl each): nemo_lite_arithmetic_mc (multiple choice),
-# nemo_lite_arithmetic_ppl (rolling perplexity), nemo_lite_arithmetic_gen (generation).
-SHIPPED_TASKS = Path(__file__).resolve().parent / "assets" / "eval_tasks"
-
 
 @dataclass
 class EvalConfig:
@@ -97,6 +93,8 @@ def check_training_eval(tasks: list[str], limit: int | None) -> None:
     """Refuse, before a run starts, ``trainer.eval_tasks`` without lm-eval or with a task it does not know."""
     try:
         from lm_eval.tasks import TaskManager
+
+        from nemo_lite.lm_eval_model import SHIPPED_TASKS
     except ImportError:
         raise ConfigError("trainer.eval_tasks needs lm-eval: pip install 'nemo_lite[eval]'") from None
     if limit is not None and limit <= 0:

@@ -30,6 +30,10 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normaliz
 from nemo_lite.components.models.generate import GenerationConfig, causal_view, generate_ids
 from nemo_lite.inference import load_for_inference, parse_dtype
 
+# nemo_lite's offline tasks (a task YAML over a local jsonl each): nemo_lite_arithmetic_mc (multiple choice),
+# nemo_lite_arithmetic_ppl (rolling perplexity), nemo_lite_arithmetic_gen (generation).
+SHIPPED_TASKS = Path(__file__).resolve().parent / "assets" / "eval_tasks"
+
 
 @register_model("nemo_lite")
 class NemoLiteLM(TemplateLM):
@@ -209,12 +213,10 @@ class NemoLiteLM(TemplateLM):
 
 
 def evaluate(lm: NemoLiteLM, tasks: list[str], *, task_dirs: list[str] | None = None, **kwargs) -> dict[str, Any]:
-    """lm-eval's ``simple_evaluate`` of ``tasks``: lm-eval's own, nemo_lite's offline ones
-    (:data:`~nemo_lite.evaluation.SHIPPED_TASKS`), or tasks in YAML files under ``task_dirs``."""
+    """lm-eval's ``simple_evaluate`` of ``tasks``: lm-eval's own, nemo_lite's offline ones (:data:`SHIPPED_TASKS`),
+    or tasks in YAML files under ``task_dirs``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-
-    from nemo_lite.evaluation import SHIPPED_TASKS
 
     manager = TaskManager(include_path=[str(SHIPPED_TASKS), *(task_dirs or [])])
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, **kwargs)
