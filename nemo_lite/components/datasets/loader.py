@@ -110,8 +110,9 @@ class PackedDataLoader:
 
     @property
     def sample_prompt(self) -> str:
-        """The prompt of a sample when none is given: the record kind's own ("The" for text, a question for chat)."""
-        return "The" if self.encoder is None else self.encoder.sample_prompt
+        """The prompt of a sample when none is given: the record kind's own ("The" for text, a question for chat;
+        "The" for a kind written before kinds named one)."""
+        return getattr(self.encoder, "sample_prompt", "The")
 
     def prompt_ids(self, text: str) -> list[int]:
         """``text`` as the ids a sample starts from: its tokens, or in a chat run one user turn rendered with
