@@ -33,7 +33,6 @@ class ModelSection:
 
 
 @dataclass
-@dataclass
 class TrainerSection:
     max_steps: int = 200
     grad_accum: int = 1
@@ -83,8 +82,14 @@ class TrainerSection:
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
     export_hf: bool = True
-    sample_prompt: str = "The"
+    # The end-of-run sample: its prompt (None = the data kind's own: "The" for text, a question for chat,
+    # where it is the user turn rendered through the chat template) and its greedy new tokens (0 = none).
+    sample_prompt: str | None = None
     sample_tokens: int = 32
+    # lm-eval tasks scored every val_every steps and at the end (docs/evaluation.md; needs the eval extra and
+    # one process), logged as eval/<task>/<metric>; eval_limit documents per task (None = all).
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
     progress_bar: bool = True
 
 
@@ -158,6 +163,10 @@ def validate(cfg: RecipeConfig) -> None:
         raise ConfigError(str(err)) from None
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
+    if cfg.trainer.eval_tasks:
+        from nemo_lite.evaluation import check_training_eval
+
+        check_training_eval(cfg.trainer.eval_tasks, cfg.trainer.eval_limit)
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
     check_step_impl(cfg.trainer.step_impl)
     check_optim(cfg.optim)

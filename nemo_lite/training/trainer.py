@@ -59,6 +59,7 @@ class FitResult:
     signal: int | None = None  # what interrupted the run (a signal on another rank counts as SIGTERM)
     hf_dir: Path | None = None
     sample: str | None = None
+    eval_metrics: dict[str, float] | None = None  # trainer.eval_tasks' last scores
 
 
 @dataclasses.dataclass
@@ -139,6 +140,9 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         distributed.check_dp_replicate(self.cfg.trainer.dp_replicate, self.world_size)
+        if self.cfg.trainer.eval_tasks and self.world_size > 1:
+            raise ConfigError("trainer.eval_tasks runs in one process; under torchrun evaluate the export instead")
+        self.eval_metrics: dict[str, float] | None = None
         self.mesh = None  # the data-parallel DeviceMesh under torchrun
         self.is_main = self.rank == 0
         run_dir = str(Path(self.cfg.run_dir).expanduser())
@@ -490,6 +494,7 @@ class Trainer:
                 )
         if cfg.val_every and self.step % cfg.val_every == 0:
             metrics.update(self.evaluate() or {})
+            metrics.update(self.evaluate_tasks())
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             progress.writer.write({"step": self.step, **metrics})
         if progress.bar is not None:
@@ -664,6 +669,20 @@ class Trainer:
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def evaluate_tasks(self) -> dict[str, float]:
+        """``trainer.eval_tasks`` scored by lm-eval on the model as it is (``eval/<task>/<metric>``)."""
+        cfg = self.cfg.trainer
+        if not cfg.eval_tasks or not self.is_main:
+            return {}
+        from nemo_lite.evaluation import evaluate_in_training
+
+        with self._autocast():
+            scores = evaluate_in_training(self.raw_model, self.tokenizer, cfg.eval_tasks, limit=cfg.eval_limit)
+        self.model.train()
+        self._log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        self.eval_metrics = scores
+        return scores
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
         """A checkpoint of the step, with the converters' records (and, where a converter says so, the trainable
@@ -801,6 +820,9 @@ class Trainer:
         final = self.evaluate()
         if final:
             self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+        if cfg.eval_tasks and not (cfg.val_every and self.step % cfg.val_every == 0):
+            self.evaluate_tasks()  # the last step's scores, unless the loop has just taken them
+        result.eval_metrics = self.eval_metrics
         if cfg.export_hf or cfg.sample_tokens > 0:
             # a collective under torchrun, where rank 0 samples on it; one process samples on its own model
             plain = self._plain_model() if cfg.export_hf or self.dist.enabled else None
@@ -844,15 +866,19 @@ class Trainer:
         self._log(f"exported a Hugging Face checkpoint to {path}")
         return path
 
-    def sample(self, prompt: str, max_new_tokens: int, model=None) -> str:
-        """Greedy continuation of ``prompt``, encoded and stopped by the loader's record kind (in a chat run one
-        user turn, rendered with the chat template and its generation prompt, ending at the end of the turn)."""
-        from nemo_lite.components.models import generate
+    def sample(self, prompt: str | None, max_new_tokens: int, model=None) -> str:
+        """Greedy continuation of ``prompt`` (None: the record kind's own), encoded and stopped by the loader's
+        record kind (in a chat run one user turn, rendered with the chat template and its generation prompt,
+        ending at the end of the turn). The prompt is seen causally, as one sequence, whatever mask the run
+        trained with; generation runs over a KV cache (``components/models/generate.py``)."""
+        from nemo_lite.components.models.generate import GenerationConfig, generate_ids
 
-        input_ids = torch.tensor([self.train_loader.prompt_ids(prompt)], device=self.device)
+        prompt = self.train_loader.sample_prompt if prompt is None else prompt
+        prompt_ids = self.train_loader.prompt_ids(prompt)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=(self.train_loader.end_id,))
         with self._autocast():
-            out = generate(model or self.raw_model, input_ids, max_new_tokens, eos_token_id=self.train_loader.end_id)
-        text = self.tokenizer.decode(out[0].tolist())
+            out = generate_ids(model or self.raw_model, [prompt_ids], config)
+        text = self.tokenizer.decode(prompt_ids + out.tokens[0])
         self._log(f"sample ({self.train_loader.record_kind}, greedy, {max_new_tokens} tokens): {text!r}")
         return text
 

@@ -172,6 +172,8 @@ class ChatEncoder:
     """
 
     has_prompts = whole_documents = True
+    # The user turn of the end-of-run sample: a question the default conversation set teaches to answer.
+    sample_prompt = "What is 12 times 3?"
 
     def __init__(
         self, tokenizer: Any, field: str, *, template: str, delimiter_id: int, max_tokens: int, description: str

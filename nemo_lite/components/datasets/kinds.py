@@ -41,6 +41,7 @@ class RecordEncoder(Protocol):
     end_id: int  # where generation stops: the EOS, or e.g. the end of a chat turn
     has_prompts: bool  # documents may carry prompt_len > 0 or a trainable mask
     whole_documents: bool  # no document may be cut by a row boundary (the packer pads the row instead)
+    sample_prompt: str  # what the end-of-run sample starts from when trainer.sample_prompt is unset
 
     @classmethod
     def from_config(cls, cfg: DataConfig, tokenizer: Any, *, description: str) -> RecordEncoder:

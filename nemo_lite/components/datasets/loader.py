@@ -108,6 +108,12 @@ class PackedDataLoader:
         ``eos_id`` is then a token the chat template never writes)."""
         return self.eos_id if self.encoder is None else self.encoder.end_id
 
+    @property
+    def sample_prompt(self) -> str:
+        """The prompt of a sample when none is given: the record kind's own ("The" for text, a question for chat;
+        "The" for a kind written before kinds named one)."""
+        return getattr(self.encoder, "sample_prompt", "The")
+
     def prompt_ids(self, text: str) -> list[int]:
         """``text`` as the ids a sample starts from: its tokens, or in a chat run one user turn rendered with
         the chat template and its generation prompt."""

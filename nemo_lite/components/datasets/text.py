@@ -38,6 +38,7 @@ class TextEncoder:
     """
 
     whole_documents = False
+    sample_prompt = "The"
 
     def __init__(
         self, tokenizer: Any, fields: list[str], *, parse_special_tokens: bool, mask_prompt: bool, eos_id: int

@@ -25,6 +25,7 @@ class TokenIdsEncoder:
     """``{"input_ids": [...]}`` records -> ``Document(ids)``: a :class:`~kinds.RecordEncoder`."""
 
     has_prompts = whole_documents = False
+    sample_prompt = "The"
 
     def __init__(self, tokenizer: Any, *, eos_id: int, description: str) -> None:
         self.tokenizer = tokenizer
