@@ -222,8 +222,17 @@ class Trainer:
         what = f"model.pretrained_path={self.cfg.model.pretrained_path}"
         if self.pretrained_dir is None:
             what = f"model.preset={self.cfg.model.preset} with model.overrides"
+        data, trainer = self.cfg.data, self.cfg.trainer
+        step = rundir.StepShape(
+            data.batch_size, data.seq_len, trainer.grad_accum, 2 if trainer.autocast_dtype == "bfloat16" else 4
+        )
         rundir.check_model_fits(
-            config, what=what, device_type=self.device.type, device_index=self.device.index, world_size=self.world_size
+            config,
+            what=what,
+            device_type=self.device.type,
+            device_index=self.device.index,
+            world_size=self.world_size,
+            step=step,
         )
 
     def _claim_run_dir(self, *, fresh: bool) -> None:
