@@ -477,6 +477,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -492,6 +493,28 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def share_modes(directory: Path) -> None:
+    """Give each file in ``directory`` the mode a newly created file gets (0644 under the usual umask):
+    safetensors writes its files private (0600), unlike every other file of a checkpoint or an export."""
+    mode = 0o666 & ~process_umask()
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
