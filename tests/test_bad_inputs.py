@@ -306,3 +306,23 @@ def test_the_recipe_refuses_a_fresh_run_over_checkpoints_in_one_line(tmp_path):
     ]
     assert "Traceback" not in proc.stderr
     assert (earlier / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"]
+)
+def test_an_index_that_names_a_file_outside_the_checkpoint_is_refused(tiny_hf_checkpoint, shard):
+    """Each shard an index names lies beside it: the file outside is never opened, even when it is there."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from nemo_lite.components.models import CheckpointError
+
+    shutil.copy(tiny_hf_checkpoint / "model.safetensors", tiny_hf_checkpoint.parent / "outside.safetensors")
+    with safe_open(tiny_hf_checkpoint / "model.safetensors", "pt") as f:
+        weight_map = {name: shard for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    (tiny_hf_checkpoint / "model.safetensors").unlink()
+    (tiny_hf_checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"names shard files outside its directory: {shard};"):
+        _load(tiny_hf_checkpoint)

@@ -323,6 +323,25 @@ def _run_dir_is_a_file(tmp):
     _quick_trainer(tmp / "run").fit()
 
 
+def _index_outside(tmp):
+    from safetensors import safe_open
+
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    path = _tiny_checkpoint(tmp)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "../outside.safetensors")  # noqa: SIM118 - safe_open is not a dict
+    (path / "model.safetensors").rename(path / "shard.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    LlamaForCausalLM.from_pretrained(path)
+
+
+def _revision_outside_the_cache(tmp):
+    from nemo_lite.components.models.hub import resolve_pretrained
+
+    resolve_pretrained("org/name@../../x")
+
+
 def _preflight(run_dir, *overrides: str) -> str | None:
     from nemo_lite.training import launch
 
@@ -630,6 +649,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "it was saved by a run of another shape": call_error(_resume_with_another_shape),
     "is not a readable safetensors file": call_error(_truncated_safetensors),
     "holds a JSON list, not an object": call_error(_config_json_list),
+    "names shard files outside its directory": call_error(_index_outside),
+    "is not a branch, a tag or a commit hash": call_error(_revision_outside_the_cache),
     "rms_norm_eps='1e-5' must be a number": call_error(
         lambda tmp: _load_models_md_example_config(tmp, rms_norm_eps="1e-5")
     ),

@@ -301,6 +301,15 @@ def read_config(path: str | Path, model_types: tuple[str, ...] | None = None) ->
         raise CheckpointError(f"{config_file}: {e}") from None
 
 
+def _inside_the_directory(file: object) -> bool:
+    """A shard name of an index stays in the checkpoint's directory: relative, no ``..``. Judged on the name,
+    not on where links lead (a hub cache's snapshot files are links into its blob store)."""
+    if not isinstance(file, str) or not file or "\\" in file:
+        return False
+    parts = Path(file).parts
+    return not Path(file).is_absolute() and ".." not in parts
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Hugging Face tensor name -> the safetensors file that holds it (single file or index)."""
 
@@ -309,6 +318,12 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path / INDEX_FILE} has no weight_map object: fix it or fetch it again")
+        outside = sorted({str(f) for f in weight_map.values() if not _inside_the_directory(f)})
+        if outside:
+            raise CheckpointError(
+                f"{path / INDEX_FILE} names shard files outside its directory: {', '.join(outside)}; an index "
+                "names files beside it (model-00001-of-00002.safetensors): fix it or fetch it again"
+            )
         files = {name: path / file for name, file in weight_map.items()}
         absent = sorted({str(file) for file in files.values() if not file.is_file()})
         if absent:
