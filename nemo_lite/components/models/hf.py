@@ -127,6 +127,12 @@ def _rope_from_hf(hf: dict[str, Any], max_position_embeddings: int) -> tuple[flo
     (with rope_theta inside); older versions write a top-level "rope_theta" and "rope_scaling" (null for
     the default rope). "rope_scaling" wins when both are present, as in transformers."""
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    nested = sorted(key for key, value in rope.items() if isinstance(value, dict))
+    if nested:  # transformers' form for models whose layer types each have a rope: not one these families read
+        raise CheckpointError(
+            f"rope_parameters is given per layer type ({', '.join(nested)}); this family has one rotary embedding "
+            "for every layer: give rope_parameters as one object (rope_type, rope_theta, ...)"
+        )
     rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.pop("rope_type", None) or rope.pop("type", "default")
     rope.pop("type", None)
@@ -182,11 +188,11 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
         raise CheckpointError(f"config.json lacks required keys: {', '.join(missing)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; the MLP is SwiGLU (silu)")
-    if hf.get("attention_dropout") or hf.get("mlp_dropout"):
-        raise CheckpointError(
-            f"attention_dropout={hf.get('attention_dropout')!r} is not supported (nemo_lite has no dropout): "
-            "set it to 0.0 in config.json"
-        )
+    for key in ("attention_dropout", "mlp_dropout"):
+        if hf.get(key):
+            raise CheckpointError(
+                f"{key}={hf[key]!r} is not supported (nemo_lite has no dropout): set it to 0.0 in config.json"
+            )
     if hf.get("quantization_config"):
         raise CheckpointError(
             "quantization_config is not supported: the weights must be plain float tensors (load an "
