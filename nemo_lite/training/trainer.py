@@ -203,7 +203,7 @@ class Trainer:
             try:
                 for check in checks:
                     check()
-            except (rundir.RunDirError, ConfigError) as err:
+            except NemoLiteError as err:
                 if not self.dist.enabled:
                     raise
                 problem = f"{type(err).__name__}\0{err}"
@@ -211,7 +211,7 @@ class Trainer:
             problem = distributed.broadcast_str(problem)
         if problem:
             kind, message = problem.split("\0", 1)
-            raise (ConfigError if kind == "ConfigError" else rundir.RunDirError)(message)
+            raise {"ConfigError": ConfigError, "RunDirError": rundir.RunDirError}.get(kind, NemoLiteError)(message)
 
     def _check_model_fits(self) -> None:
         """The model's parameters, as far as they are known before the data, fit the device."""
@@ -249,16 +249,13 @@ class Trainer:
                 self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
 
     def _model_config_estimate(self):
-        """The model's config as far as it is known before the data (None: a checkpoint the loader will refuse)."""
+        """The model's config as far as it is known before the data. A checkpoint's config.json is read here, so
+        a bad one is reported as itself before the tokenizer (which reads it too) can blame the tokenizer."""
         if self.pretrained_dir is None:
             return self._preset_config
-        from nemo_lite.components.models import CheckpointError
         from nemo_lite.components.models.hf import read_config
 
-        try:
-            return read_config(self.pretrained_dir)
-        except CheckpointError:
-            return None  # reported by the model's loading, with the family's own message
+        return read_config(self.pretrained_dir)
 
     def release_run_dir(self) -> None:
         """Give up the run directory's lock (the end of fit() does; so does the process's end)."""
