@@ -253,8 +253,11 @@ class Trainer:
         a bad one is reported as itself before the tokenizer (which reads it too) can blame the tokenizer."""
         if self.pretrained_dir is None:
             return self._preset_config
-        from nemo_lite.components.models.hf import read_config
+        from nemo_lite.components.models.family import family_of_model_type
+        from nemo_lite.components.models.hf import CONFIG_NAME, read_config, read_json_object
 
+        config_file = self.pretrained_dir / CONFIG_NAME
+        family_of_model_type(read_json_object(config_file).get("model_type"), str(config_file))  # as the loader says
         return read_config(self.pretrained_dir)
 
     def release_run_dir(self) -> None:
