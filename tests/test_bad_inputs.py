@@ -5,6 +5,7 @@ and nothing is written that a later run could mistake for work. docs/reliability
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from recipe_utils import tiny_config
@@ -306,3 +307,44 @@ def test_the_recipe_refuses_a_fresh_run_over_checkpoints_in_one_line(tmp_path):
     ]
     assert "Traceback" not in proc.stderr
     assert (earlier / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"]
+)
+def test_an_index_that_names_a_file_outside_the_checkpoint_is_refused(tiny_hf_checkpoint, shard):
+    """Each shard an index names lies beside it: the file outside is never opened, even when it is there."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from nemo_lite.components.models import CheckpointError
+
+    shutil.copy(tiny_hf_checkpoint / "model.safetensors", tiny_hf_checkpoint.parent / "outside.safetensors")
+    with safe_open(tiny_hf_checkpoint / "model.safetensors", "pt") as f:
+        weight_map = {name: shard for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    (tiny_hf_checkpoint / "model.safetensors").unlink()
+    (tiny_hf_checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"names shard files outside its directory: {shard};"):
+        _load(tiny_hf_checkpoint)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda text: text[: len(text) // 2], r"ckpt/config.json is not valid JSON"),
+        (lambda text: text.replace('"num_hidden_layers": 2', '"num_hidden_layers": "two"'), "num_hidden_layers='two'"),
+    ],
+)
+def test_a_bad_config_json_is_named_before_the_tokenizer_reads_it(tmp_path, tiny_hf_checkpoint, edit, match):
+    """The tokenizer loader reads config.json too; its error blamed the tokenizer for the checkpoint's file."""
+    from nemo_lite.components.datasets import default_tokenizer_file
+    from nemo_lite.components.models import CheckpointError
+
+    shutil.copy(default_tokenizer_file(), tiny_hf_checkpoint / "tokenizer.json")
+    config = tiny_hf_checkpoint / "config.json"
+    config.write_text(edit(config.read_text()))
+    cfg = _finetune_config(tmp_path, tiny_hf_checkpoint)
+    cfg.data.tokenizer = "model"
+    message = fails("bad config.json", cfg, CheckpointError, match)
+    assert "tokenizer" not in message

@@ -323,6 +323,41 @@ def _run_dir_is_a_file(tmp):
     _quick_trainer(tmp / "run").fit()
 
 
+def _index_outside(tmp):
+    from safetensors import safe_open
+
+    from nemo_lite.components.models import LlamaForCausalLM
+
+    path = _tiny_checkpoint(tmp)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "../outside.safetensors")  # noqa: SIM118 - safe_open is not a dict
+    (path / "model.safetensors").rename(path / "shard.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    LlamaForCausalLM.from_pretrained(path)
+
+
+def _revision_outside_the_cache(tmp):
+    from nemo_lite.components.models.hub import resolve_pretrained
+
+    resolve_pretrained("org/name@../../x")
+
+
+def _preflight(run_dir, *overrides: str) -> str | None:
+    from nemo_lite.training import launch
+
+    return launch.preflight(str(REPO / "configs"), "pretrain", [f"run_dir={run_dir}", *overrides])
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+def _dangling_link(tmp: Path) -> Path:
+    (tmp / "link").symlink_to(tmp / "gone")
+    return tmp / "link"
+
+
 def _read_only_run_dir(tmp):
     import errno
     from unittest import mock
@@ -590,6 +625,11 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "is in use by another run": call_error(_run_dir_in_use),
     "already holds checkpoints of an earlier run": call_error(_fresh_run_over_checkpoints),
     "is a file, not a directory": call_error(_run_dir_is_a_file),
+    "DataConfig.batch_size must be an int >= 1, got 0": lambda tmp: [_preflight(tmp / "run", "data.batch_size=0")],
+    "is a file; choose another run_dir": lambda tmp: [_preflight(_touch(tmp / "f") / "run")],
+    "which does not exist: create its target": lambda tmp: [_preflight(_dangling_link(tmp))],
+    "Interpolation key 'x' not found": lambda tmp: [_preflight("runs/${x}")],
+    "for one step's batches and": fit_error({"data.seq_len": 1_000_000_000}),
     "is not writable (Read-only file system)": call_error(_read_only_run_dir),
     "the checkpoints need about": call_error(_small_disk),
     "whose training state needs about": fit_error({"model.overrides": {"num_hidden_layers": 5_000_000}}),
@@ -609,6 +649,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "it was saved by a run of another shape": call_error(_resume_with_another_shape),
     "is not a readable safetensors file": call_error(_truncated_safetensors),
     "holds a JSON list, not an object": call_error(_config_json_list),
+    "names shard files outside its directory": call_error(_index_outside),
+    "is not a branch, a tag or a commit hash": call_error(_revision_outside_the_cache),
     "rms_norm_eps='1e-5' must be a number": call_error(
         lambda tmp: _load_models_md_example_config(tmp, rms_norm_eps="1e-5")
     ),

@@ -193,3 +193,15 @@ def test_the_finetune_recipe_takes_a_hub_id_offline(tmp_path):
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert "revision 'v9' of tiny-org/tiny-mistral is not in the Hugging Face cache" in line
+
+
+@pytest.mark.parametrize("revision", ["../../outside", "main/../../../outside", "/etc"])
+def test_a_revision_that_would_leave_the_cache_is_refused(offline_cache, tiny_qwen2, revision):
+    cache_repo(offline_cache, "tiny-org/tiny-qwen2", tiny_qwen2)
+    shutil.copytree(tiny_qwen2, offline_cache / "outside")  # what the revision would reach as a "snapshot"
+    for ask in (
+        lambda: resolve_pretrained(f"tiny-org/tiny-qwen2@{revision}"),
+        lambda: resolve_pretrained("tiny-org/tiny-qwen2", revision=revision),
+    ):
+        with pytest.raises(PretrainedNotFoundError, match=r"^revision .* is not a branch, a tag or a commit hash"):
+            ask()

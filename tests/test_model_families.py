@@ -488,6 +488,11 @@ BASE.update(num_hidden_layers=2, num_attention_heads=2)
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
+        ({"mlp_dropout": 0.1}, "mlp_dropout=0.1 is not supported"),
+        (
+            {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+            "rope_parameters is given per layer type .full_attention.",
+        ),
         ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types ['chunked_attention']"),
         ({"use_sliding_window": True, "sliding_window": 1}, "sliding_window=1 is not supported"),
         ({"model_type": "mistral", "sliding_window": 0}, "sliding_window=0 is not supported"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -61,6 +62,11 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, step_impl):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if r["skipped_nonfinite"]] == list(NAN_STEPS)
     assert records[-1]["nonfinite_total"] == len(NAN_STEPS)
+    assert all(math.isnan(r["loss"]) == (r["step"] in NAN_STEPS) for r in records)
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():  # strict JSON: null, never a bare NaN
+        record = json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}"))
+        if record["step"] in NAN_STEPS:
+            assert record["loss"] is None and record["nonfinite_values"]["loss"] == "nan"
     for key in before:  # the poisoned steps changed no weight, and no weight is NaN at the end
         assert torch.equal(snapshots[2][key], snapshots[4][key])
         assert torch.isfinite(snapshots[8][key]).all()
@@ -238,3 +244,13 @@ def test_non_finite_weights_stop_the_run_on_the_gpu(tmp_path, step_impl):
     with pytest.raises(NonFiniteWeightsError, match=r"^step 5: .*step_000004$"):
         trainer.fit()
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_checkpoint_and_export_files_are_as_readable_as_the_rest_of_the_run(tmp_path):
+    """safetensors writes its files 0600; a run's weights get the mode of its other files (0644 under umask 022)."""
+    cfg = tiny_config(tmp_path, "sdpa", steps=2)
+    cfg.trainer.export_hf, cfg.trainer.sample_tokens = True, 0
+    Trainer(cfg).fit()
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert "hf/model.safetensors" in modes and "checkpoints/step_000002/model.safetensors" in modes
+    assert set(modes.values()) == {(tmp_path / "config.yaml").stat().st_mode & 0o777}, modes

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from nemo_lite.components.models.hf import share_modes
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training.run_dir import disk_full, host, human_bytes, pid_alive
 
@@ -179,6 +180,7 @@ def save_checkpoint(
         meta = {"step": step, "time": time.time(), "files": files, "layout": layout or {}}
         (tmp / META_FILE).write_text(json.dumps(meta))
         _fsync_file(tmp / META_FILE)
+        share_modes(tmp)
         _fsync_dir(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # this writer's own partial checkpoint

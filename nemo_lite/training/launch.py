@@ -14,6 +14,7 @@ import errno
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from nemo_lite.training.config import ConfigError, RecipeConfig
@@ -136,15 +137,28 @@ def overrides_only(argv: list[str]) -> list[str]:
     return out
 
 
-def compose_errors(config_dir: str, config_name: str, overrides: list[str]) -> str | None:
-    """Compose the config as Hydra will, and turn a composition error into one line (None: it composes)."""
+def preflight(config_dir: str, config_name: str, overrides: list[str]) -> str | None:
+    """Compose the config as Hydra will and check every value before Hydra or the data touch anything:
+    composition, the schema's own checks, the data section's, and whether ``run_dir`` can be used (Hydra
+    creates it before the recipe runs). Returns the first problem as one line (None: all is well)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    from nemo_lite.errors import NemoLiteError
+    from nemo_lite.training.config import register_schema, validate
+    from nemo_lite.training.run_dir import check_writable
+    from nemo_lite.training.trainer import as_recipe_config
+
+    register_schema()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            composed = compose(config_name=config_name, overrides=overrides)
+        recipe = as_recipe_config(composed)  # resolves interpolations and runs the sections' own checks
+        validate(recipe)
+        check_writable(Path(recipe.run_dir), need_bytes=0)  # Hydra would create it next; the space is checked later
+    except NemoLiteError as err:
+        return str(err)
     except MissingConfigException as err:
         group, _, choice = (err.missing_cfg_file or "").rpartition("/")
         options = ", ".join(err.options or [])
@@ -152,20 +166,20 @@ def compose_errors(config_dir: str, config_name: str, overrides: list[str]) -> s
     except OverrideParseException as err:
         return f"cannot parse the command line: {str(err).splitlines()[0]}"
     except (HydraException, OmegaConfBaseException) as err:
-        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+        cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException | NemoLiteError) else err
+        if isinstance(cause, NemoLiteError):  # a section's check, run by OmegaConf while it builds the object
+            return str(cause)
         key = getattr(cause, "full_key", None)
         message = str(getattr(cause, "msg", None) or cause).splitlines()[0]
         given = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith(f"{key}=")), None)
         if key and given is not None:
             return f"{key}={given!r} is not valid: {message}"
-        return message
+        return f"{key}: {message}" if key else message
     return None
 
 
 def main(config_name: str) -> None:
     """Entry point shared by recipes/pretrain.py and recipes/finetune.py."""
-    from pathlib import Path
-
     import hydra
 
     from nemo_lite.training.config import register_schema
@@ -179,7 +193,7 @@ def main(config_name: str) -> None:
     register_schema()
     config_dir = str(Path(__file__).resolve().parents[2] / "configs")
     if not any(a in ("-m", "--multirun") for a in sys.argv[1:]):  # a sweep composes once per job
-        problem = compose_errors(config_dir, config_name, overrides_only(sys.argv[1:]))
+        problem = preflight(config_dir, config_name, overrides_only(sys.argv[1:]))
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(2)

@@ -10,6 +10,7 @@ therefore counts far fewer attention FLOPs than a causal one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -102,7 +103,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -139,6 +140,20 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     return dropped
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """``record`` as strict JSON: a NaN or infinite value (a step whose loss or gradient norm was not finite)
+    is written as null and named with its value under ``"nonfinite_values"`` (``{"loss": "nan"}``), since JSON has no
+    NaN and readers other than Python's refuse one."""
+    nonfinite = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if nonfinite:
+        record = {**{k: None if k in nonfinite else v for k, v in record.items()}, "nonfinite_values": nonfinite}
+    return json.dumps(record, allow_nan=False)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``, non-finite values restored as floats."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        record.update({k: float(v) for k, v in record.pop("nonfinite_values", {}).items()})
+    return records

@@ -26,6 +26,8 @@ LOCK_FILE = ".lock"
 CHECKPOINT_BYTES_PER_PARAM = 12
 # Memory per parameter while training, float32: weights, gradient and two moments.
 TRAINING_BYTES_PER_PARAM = 16
+# Input ids, labels and positions of a batch, int64 each.
+BATCH_BYTES_PER_TOKEN = 3 * 8
 # Free space asked for: a new checkpoint is written before the oldest kept one is removed.
 FREE_SPACE_FACTOR = 3
 
@@ -100,10 +102,29 @@ class RunLock:
         self.key = None
 
 
-def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free."""
+def check_run_dir_path(run_dir: Path) -> None:
+    """What can be said of ``run_dir`` without creating it: not a file, not a link to nowhere, and either a
+    directory or creatable (its nearest existing parent is a writable directory). The launcher calls it before
+    Hydra makes the directory, so a bad path is one line, not a traceback."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunDirError(
+            f"run_dir {run_dir} is a symbolic link to {os.readlink(run_dir)}, which does not exist: "
+            "create its target or choose another run_dir"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"run_dir {run_dir} cannot be created: {existing} is a file; choose another run_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run_dir {run_dir} is not writable ({existing} is read-only): choose another run_dir")
+
+
+def check_writable(run_dir: Path, need_bytes: int) -> None:
+    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free."""
+    check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -182,12 +203,44 @@ def available_memory(device_type: str, device_index: int | None = None) -> int |
         return None
 
 
-def check_model_fits(config: Any, *, what: str, device_type: str, device_index: int | None, world_size: int) -> None:
-    """Refuse a model whose training state cannot fit in the device's memory, before it is built."""
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step holds besides the model: ``grad_accum`` micro-batches of ``batch_size`` rows of
+    ``seq_len`` tokens, and activations of ``activation_bytes`` per element."""
+
+    batch_size: int
+    seq_len: int
+    grad_accum: int = 1
+    activation_bytes: int = 4
+
+    def batch_bytes(self) -> int:
+        """The step's batches, all taken before it runs: input ids, labels and positions as int64."""
+        return self.grad_accum * self.batch_size * self.seq_len * BATCH_BYTES_PER_TOKEN
+
+    def activation_floor(self, config: Any) -> int:
+        """A floor under one micro-batch's activations that holds even with activation checkpointing: each
+        decoder block keeps at least its input, ``seq_len x hidden_size`` per row."""
+        layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+        return self.batch_size * self.seq_len * hidden * layers * self.activation_bytes
+
+
+def check_model_fits(
+    config: Any,
+    *,
+    what: str,
+    device_type: str,
+    device_index: int | None,
+    world_size: int,
+    step: StepShape | None = None,
+) -> None:
+    """Refuse a run whose training state, batches and activations cannot fit in the device's memory, before
+    the model or the data are built. Every term is a floor, so a run that fits is never refused."""
     n = estimate_parameters(config)
     need = TRAINING_BYTES_PER_PARAM * n // max(world_size, 1)
     have = available_memory(device_type, device_index)
-    if have is not None and need > have:
+    if have is None:
+        return
+    if need > have:
         shape = ", ".join(
             f"{f}={getattr(config, f)}"
             for f in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
@@ -196,6 +249,16 @@ def check_model_fits(config: Any, *, what: str, device_type: str, device_index: 
         raise ConfigError(
             f"{what} ({shape}) has about {n / 1e9:.2f}B parameters, whose training state needs about "
             f"{human_bytes(need)} per rank; this {device_type} has {human_bytes(have)} free: choose a smaller shape"
+        )
+    if step is None:
+        return
+    batches, activations = step.batch_bytes(), step.activation_floor(config)
+    if need + batches + activations > have:
+        raise ConfigError(
+            f"data.batch_size={step.batch_size} x data.seq_len={step.seq_len} x trainer.grad_accum={step.grad_accum} "
+            f"needs at least {human_bytes(batches)} for one step's batches and {human_bytes(activations)} of "
+            f"activations per micro-batch, beside {human_bytes(need)} of training state; this {device_type} has "
+            f"{human_bytes(have)} free: lower data.seq_len, data.batch_size or trainer.grad_accum"
         )
 
 

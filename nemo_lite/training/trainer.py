@@ -207,7 +207,7 @@ class Trainer:
             try:
                 for check in checks:
                     check()
-            except (rundir.RunDirError, ConfigError) as err:
+            except NemoLiteError as err:
                 if not self.dist.enabled:
                     raise
                 problem = f"{type(err).__name__}\0{err}"
@@ -215,7 +215,7 @@ class Trainer:
             problem = distributed.broadcast_str(problem)
         if problem:
             kind, message = problem.split("\0", 1)
-            raise (ConfigError if kind == "ConfigError" else rundir.RunDirError)(message)
+            raise {"ConfigError": ConfigError, "RunDirError": rundir.RunDirError}.get(kind, NemoLiteError)(message)
 
     def _check_model_fits(self) -> None:
         """The model's parameters, as far as they are known before the data, fit the device."""
@@ -226,8 +226,17 @@ class Trainer:
         what = f"model.pretrained_path={self.cfg.model.pretrained_path}"
         if self.pretrained_dir is None:
             what = f"model.preset={self.cfg.model.preset} with model.overrides"
+        data, trainer = self.cfg.data, self.cfg.trainer
+        step = rundir.StepShape(
+            data.batch_size, data.seq_len, trainer.grad_accum, 2 if trainer.autocast_dtype == "bfloat16" else 4
+        )
         rundir.check_model_fits(
-            config, what=what, device_type=self.device.type, device_index=self.device.index, world_size=self.world_size
+            config,
+            what=what,
+            device_type=self.device.type,
+            device_index=self.device.index,
+            world_size=self.world_size,
+            step=step,
         )
 
     def _claim_run_dir(self, *, fresh: bool) -> None:
@@ -244,16 +253,16 @@ class Trainer:
                 self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
 
     def _model_config_estimate(self):
-        """The model's config as far as it is known before the data (None: a checkpoint the loader will refuse)."""
+        """The model's config as far as it is known before the data. A checkpoint's config.json is read here, so
+        a bad one is reported as itself before the tokenizer (which reads it too) can blame the tokenizer."""
         if self.pretrained_dir is None:
             return self._preset_config
-        from nemo_lite.components.models import CheckpointError
-        from nemo_lite.components.models.hf import read_config
+        from nemo_lite.components.models.family import family_of_model_type
+        from nemo_lite.components.models.hf import CONFIG_NAME, read_config, read_json_object
 
-        try:
-            return read_config(self.pretrained_dir)
-        except CheckpointError:
-            return None  # reported by the model's loading, with the family's own message
+        config_file = self.pretrained_dir / CONFIG_NAME
+        family_of_model_type(read_json_object(config_file).get("model_type"), str(config_file))  # as the loader says
+        return read_config(self.pretrained_dir)
 
     def release_run_dir(self) -> None:
         """Give up the run directory's lock (the end of fit() does; so does the process's end)."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_lite.errors import ConfigError
+
 DATA_FORMATS = ("text", "json", "parquet", "csv")
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 # `tokenizer: model` in a recipe: the fine-tuned checkpoint's own tokenizer (model.pretrained_path).
@@ -130,21 +132,23 @@ class DataConfig:
         if self.validation_source is not None:
             _check_source("validation_source", self.validation_source)
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
-            raise ValueError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
+            raise ConfigError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
         if self.text_sample_by not in TEXT_SAMPLE_BY:
-            raise ValueError(f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}")
+            raise ConfigError(
+                f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}"
+            )
         if (self.prompt_field is None) != (self.response_field is None):
-            raise ValueError(
+            raise ConfigError(
                 "DataConfig.prompt_field and response_field go together: set both (fine-tuning data) "
                 f"or neither, got prompt_field={self.prompt_field!r}, response_field={self.response_field!r}"
             )
         if self.messages_field is not None and self.prompt_field is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"DataConfig.messages_field={self.messages_field!r} (conversations) and prompt_field/response_field "
                 "(prompt/response pairs) are two kinds of fine-tuning data; set one of them"
             )
         if self.chat_template is not None and self.messages_field is None:
-            raise ValueError(
+            raise ConfigError(
                 f"DataConfig.chat_template={self.chat_template!r} renders conversations; set messages_field too"
             )
         _check_int("seq_len", self.seq_len, 1)
@@ -159,9 +163,9 @@ class DataConfig:
         if self.eos_id is not None:
             _check_int("eos_id", self.eos_id, 0)
         if not 0.0 <= float(self.validation_fraction) < 1.0:
-            raise ValueError(f"DataConfig.validation_fraction={self.validation_fraction!r}; it must be in [0, 1)")
+            raise ConfigError(f"DataConfig.validation_fraction={self.validation_fraction!r}; it must be in [0, 1)")
         if self.validation_source is not None and self.validation_fraction > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"DataConfig.validation_source={self.validation_source!r} and validation_fraction="
                 f"{self.validation_fraction} both choose validation data; set validation_fraction=0 to "
                 "validate on validation_source"
@@ -171,18 +175,18 @@ class DataConfig:
 def _check_int(name: str, value: object, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = "an int" if minimum is None else f"an int >= {minimum}"
-        raise ValueError(f"DataConfig.{name} must be {bound}, got {value!r}")
+        raise ConfigError(f"DataConfig.{name} must be {bound}, got {value!r}")
 
 
 def _check_source(name: str, value: object) -> None:
     if isinstance(value, str):
         if not value:
-            raise ValueError(f"DataConfig.{name} is empty; give 'default', a path, a glob or a hub name")
+            raise ConfigError(f"DataConfig.{name} is empty; give 'default', a path, a glob or a hub name")
         return
     if not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"DataConfig.{name} must be a string or a list of non-empty strings, got {value!r}")
+        raise ConfigError(f"DataConfig.{name} must be a string or a list of non-empty strings, got {value!r}")
     if not value:
-        raise ValueError(f"DataConfig.{name} is an empty list")
+        raise ConfigError(f"DataConfig.{name} is an empty list")
 
 
 def _split_commas(value: Any) -> Any:
@@ -194,7 +198,7 @@ def _split_commas(value: Any) -> Any:
 def resolve_data_config(cfg: DataConfig, *, pretrained_path: str | None, pin_memory: bool) -> DataConfig:
     """The config the loader reads, from a recipe's ``data:`` values (a new DataConfig).
 
-    - ``tokenizer="model"`` -> ``pretrained_path`` (the checkpoint's own tokenizer); ValueError
+    - ``tokenizer="model"`` -> ``pretrained_path`` (the checkpoint's own tokenizer); ConfigError
       when there is no pretrained path.
     - ``source`` / ``validation_source`` ``"a.jsonl,b.jsonl"`` -> ``["a.jsonl", "b.jsonl"]``.
     - ``pin_memory=None`` (auto) -> ``pin_memory``: the trainer passes ``device.type == "cuda"``.
@@ -202,7 +206,7 @@ def resolve_data_config(cfg: DataConfig, *, pretrained_path: str | None, pin_mem
     tokenizer = cfg.tokenizer
     if tokenizer == MODEL_TOKENIZER:
         if pretrained_path is None:
-            raise ValueError("data.tokenizer=model needs model.pretrained_path (a directory with a tokenizer)")
+            raise ConfigError("data.tokenizer=model needs model.pretrained_path (a directory with a tokenizer)")
         tokenizer = str(Path(pretrained_path).expanduser())
     return dataclasses.replace(
         cfg,

@@ -127,6 +127,12 @@ def _rope_from_hf(hf: dict[str, Any], max_position_embeddings: int) -> tuple[flo
     (with rope_theta inside); older versions write a top-level "rope_theta" and "rope_scaling" (null for
     the default rope). "rope_scaling" wins when both are present, as in transformers."""
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    nested = sorted(key for key, value in rope.items() if isinstance(value, dict))
+    if nested:  # transformers' form for models whose layer types each have a rope: not one these families read
+        raise CheckpointError(
+            f"rope_parameters is given per layer type ({', '.join(nested)}); this family has one rotary embedding "
+            "for every layer: give rope_parameters as one object (rope_type, rope_theta, ...)"
+        )
     rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.pop("rope_type", None) or rope.pop("type", "default")
     rope.pop("type", None)
@@ -182,11 +188,11 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
         raise CheckpointError(f"config.json lacks required keys: {', '.join(missing)}")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; the MLP is SwiGLU (silu)")
-    if hf.get("attention_dropout") or hf.get("mlp_dropout"):
-        raise CheckpointError(
-            f"attention_dropout={hf.get('attention_dropout')!r} is not supported (nemo_lite has no dropout): "
-            "set it to 0.0 in config.json"
-        )
+    for key in ("attention_dropout", "mlp_dropout"):
+        if hf.get(key):
+            raise CheckpointError(
+                f"{key}={hf[key]!r} is not supported (nemo_lite has no dropout): set it to 0.0 in config.json"
+            )
     if hf.get("quantization_config"):
         raise CheckpointError(
             "quantization_config is not supported: the weights must be plain float tensors (load an "
@@ -301,6 +307,15 @@ def read_config(path: str | Path, model_types: tuple[str, ...] | None = None) ->
         raise CheckpointError(f"{config_file}: {e}") from None
 
 
+def _inside_the_directory(file: object) -> bool:
+    """A shard name of an index stays in the checkpoint's directory: relative, no ``..``. Judged on the name,
+    not on where links lead (a hub cache's snapshot files are links into its blob store)."""
+    if not isinstance(file, str) or not file or "\\" in file:
+        return False
+    parts = Path(file).parts
+    return not Path(file).is_absolute() and ".." not in parts
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Hugging Face tensor name -> the safetensors file that holds it (single file or index)."""
 
@@ -309,6 +324,12 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         weight_map = read_json_object(path / INDEX_FILE).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{path / INDEX_FILE} has no weight_map object: fix it or fetch it again")
+        outside = sorted({str(f) for f in weight_map.values() if not _inside_the_directory(f)})
+        if outside:
+            raise CheckpointError(
+                f"{path / INDEX_FILE} names shard files outside its directory: {', '.join(outside)}; an index "
+                "names files beside it (model-00001-of-00002.safetensors): fix it or fetch it again"
+            )
         files = {name: path / file for name, file in weight_map.items()}
         absent = sorted({str(file) for file in files.values() if not file.is_file()})
         if absent:
@@ -477,6 +498,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -492,6 +514,28 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def share_modes(directory: Path) -> None:
+    """Give each file in ``directory`` the mode a newly created file gets (0644 under the usual umask):
+    safetensors writes its files private (0600), unlike every other file of a checkpoint or an export."""
+    mode = 0o666 & ~process_umask()
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

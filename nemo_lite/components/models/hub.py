@@ -51,7 +51,18 @@ def split_hub_id(path_or_id: str) -> tuple[str, str | None] | None:
     match = _HUB_ID.fullmatch(path_or_id)
     if match is None or "--" in match["repo"] or ".." in match["repo"]:
         return None
+    check_revision(match["revision"])
     return match["repo"], match["revision"]
+
+
+def check_revision(revision: str | None) -> None:
+    """A revision is a branch, a tag or a commit: names that never climb out of the cache (``..``) or start at
+    the root, since the cache keeps revisions as paths."""
+    if revision is not None and (revision.startswith("/") or ".." in revision.split("/") or not revision.strip("/")):
+        raise PretrainedNotFoundError(
+            f"revision {revision!r} is not a branch, a tag or a commit hash (it would name a path outside the "
+            "Hugging Face cache): give one such as main, v1.0 or refs/pr/1"
+        )
 
 
 def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -> Path:
@@ -76,6 +87,7 @@ def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -
             "hub id (org/name or org/name@revision). For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
         )
     repo_id, id_revision = hub_id
+    check_revision(revision)
     if revision is not None and id_revision is not None and revision != id_revision:
         raise PretrainedNotFoundError(f"{text!r} names revision {id_revision!r} but revision={revision!r} was given")
     return download_snapshot(repo_id, revision or id_revision)
