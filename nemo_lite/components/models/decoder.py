@@ -301,7 +301,7 @@ class DecoderForCausalLM(nn.Module):
         self.attention_backend = as_attention_config(attention).build()  # shared by every layer
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         windows = config.layer_windows()
-        self.layers = nn.ModuleList(DecoderBlock(config, self.attention_backend, window) for window in windows)
+        self.layers = nn.ModuleList(self.build_block(i, window) for i, window in enumerate(windows))
         # The distinct sliding windows of the layers (0 = none): each gets its mask built once per step.
         self.sliding_windows: tuple[int, ...] = tuple(sorted(set(windows)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -310,6 +310,10 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Directory of the tokenizer that goes with these weights (set by from_pretrained).
         self.tokenizer_dir: Path | None = None
+
+    def build_block(self, index: int, sliding_window: int) -> nn.Module:
+        """Block ``index`` of the model (a family whose blocks differ, e.g. mixture-of-experts, overrides it)."""
+        return DecoderBlock(self.config, self.attention_backend, sliding_window)
 
     @property
     def output_weight(self) -> torch.Tensor:

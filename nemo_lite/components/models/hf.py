@@ -100,6 +100,29 @@ def key_map(family: ModelFamily | None = None) -> dict[str, str]:
     return HF_KEY_MAP if family is None or not family.hf.key_map else {**HF_KEY_MAP, **family.hf.key_map}
 
 
+def hf_layout(
+    shapes: dict[str, tuple[int, ...]], family: ModelFamily
+) -> dict[str, tuple[str, int | None, slice | None, tuple[int, ...]]]:
+    """Each checkpoint tensor of a model whose parameters have ``shapes``: Hugging Face name -> (our name,
+    expert, rows, shape), expert and rows None where the tensor is our whole parameter, else the checkpoint
+    tensor is ``ours[expert, rows]`` (the family's ``HFFacts.expert_keys``)."""
+    keys, experts = key_map(family), family.hf.expert_keys
+    layout = {}
+    for name, shape in shapes.items():
+        match = _LAYER_PREFIX.match(name)
+        template = f"layers.{{i}}.{name[match.end() :]}" if match else name
+        if template not in experts:
+            layout[to_hf_key(name, keys)] = (name, None, None, shape)
+            continue
+        parts = experts[template]
+        rows = shape[1] // len(parts)
+        for e in range(shape[0]):
+            for j, part in enumerate(parts):
+                hf_name = part.format(i=match.group(1), e=e)
+                layout[hf_name] = (name, e, slice(j * rows, (j + 1) * rows), (rows, *shape[2:]))
+    return layout
+
+
 def to_hf_key(name: str, keys: dict[str, str] = HF_KEY_MAP) -> str:
     """The Hugging Face name of one of our parameters, through ``keys`` (default :data:`HF_KEY_MAP`)."""
     match = _LAYER_PREFIX.match(name)
@@ -199,6 +222,7 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
     _check_field_types(hf, config_cls)
     defaults = {**_COMMON_DEFAULTS, **family.hf.defaults}
     values = {}
+    hf = {**hf, **{ours: hf[theirs] for theirs, ours in family.hf.aliases.items() if theirs in hf and ours not in hf}}
     for field in dataclasses.fields(config_cls):
         if field.name in ("rope_theta", "rope_scaling"):
             continue
@@ -273,7 +297,10 @@ def _check_field_types(hf: dict[str, Any], config_cls: type) -> None:
             continue
         value, hint = hf[field.name], hints.get(field.name)
         args = set(typing.get_args(hint)) or {hint}
-        if bool in args:
+        if typing.get_origin(hint) is list:
+            ok = isinstance(value, list)
+            want = "a list"
+        elif bool in args:
             ok = isinstance(value, bool)
             want = "true or false"
         elif float in args:
@@ -379,10 +406,12 @@ def load_pretrained(
     config = read_config(path, model_types)
     with torch.device("meta"):
         model = cls(config, attention=attention)
-    keys = key_map(family_of_config(config))
+    family = family_of_config(config)
+    keys = key_map(family)
 
     files = checkpoint_files(path)
-    expected = {to_hf_key(name, keys): tuple(t.shape) for name, t in model.state_dict().items()}
+    layout = hf_layout({name: tuple(t.shape) for name, t in model.state_dict().items()}, family)
+    expected = {hf_name: shape for hf_name, (*_, shape) in layout.items()}
     skipped = {name for name in files if IGNORED_HF_KEYS.fullmatch(name)}
     if config.tie_word_embeddings and TIED_OUTPUT_KEY in files:
         _check_tied_copy(path, files, keys)
@@ -408,12 +437,14 @@ def load_pretrained(
 
     model.to(dtype=dtype)  # still on meta: only the dtype of the placeholders changes
     model.to_empty(device=device)
-    targets = {to_hf_key(name, keys): t for name, t in model.state_dict().items()}
+    state = model.state_dict()
     with torch.no_grad():
-        for file, names in _group_by_file({n: files[n] for n in targets}).items():
+        for file, names in _group_by_file({n: files[n] for n in layout}).items():
             with _safetensors(file) as f:
                 for name in names:
-                    targets[name].copy_(f.get_tensor(name))
+                    ours, expert, rows, _ = layout[name]
+                    target = state[ours] if expert is None else state[ours][expert, rows]
+                    target.copy_(f.get_tensor(name))
     model.tokenizer_dir = path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
     return model
 
@@ -523,8 +554,13 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     max_bytes = parse_size(max_shard_size)
-    keys = key_map(family_of_config(model.config))
-    tensors = {to_hf_key(name, keys): t.detach() for name, t in model.state_dict().items()}
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    layout = hf_layout({name: tuple(t.shape) for name, t in state.items()}, family_of_config(model.config))
+    # A slice of a stacked expert weight is cloned: safetensors refuses tensors that share storage.
+    tensors = {
+        hf_name: state[ours] if expert is None else state[ours][expert, rows].clone()
+        for hf_name, (ours, expert, rows, _) in layout.items()
+    }
     dtype = model.embed_tokens.weight.dtype
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model.tokenizer_dir
     shards = _shards(tensors, max_bytes)
