@@ -409,3 +409,46 @@ def test_the_step_adds_the_aux_loss_only_when_the_config_asks(tmp_path):
             assert added.requires_grad
         else:
             assert added == 0.0
+
+
+def test_the_finetune_recipe_runs_lora_on_a_cached_qwen3_moe_offline(tmp_path):
+    """python recipes/finetune.py model.pretrained_path=org/name peft=lora, offline from a hub cache: adapters on
+    the attention and the dense MLP (the stacked experts and the routers stay frozen), merged on export."""
+    from test_hub import _finetune, cache_repo
+
+    files = tmp_path / "files"
+    theirs = _tiny_checkpoint(files)
+    cache_repo(tmp_path / "hub", "tiny-org/tiny-qwen3-moe", files)
+    done = _finetune(
+        "model.pretrained_path=tiny-org/tiny-qwen3-moe",
+        "peft=lora",
+        "peft.target_modules=[all-linear]",
+        cache=tmp_path / "hub",
+        run_dir=tmp_path / "run",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "q_proj" in done.stdout + done.stderr
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", experts_implementation="eager")
+    assert type(merged).__name__ == "Qwen3MoeForCausalLM"
+    before, after = theirs.state_dict(), merged.state_dict()
+    assert torch.equal(
+        before["model.layers.0.mlp.experts.gate_up_proj"], after["model.layers.0.mlp.experts.gate_up_proj"]
+    )
+    assert torch.equal(before["model.layers.0.mlp.gate.weight"], after["model.layers.0.mlp.gate.weight"])
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not torch.equal(before["model.layers.2.mlp.up_proj.weight"], after["model.layers.2.mlp.up_proj.weight"])
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_on_the_stacked_experts_is_refused_in_one_line(tmp_path):
+    from nemo_lite.errors import ConfigError
+    from nemo_lite.training.trainer import Trainer
+
+    ckpt = tmp_path / "ckpt"
+    _tiny_checkpoint(ckpt)
+    cfg = _finetune_config(tmp_path, ckpt, steps=1)
+    cfg.peft.method, cfg.peft.target_modules = "lora", ["q_proj", "gate_up_proj"]
+    with pytest.raises(ConfigError, match=r"\['gate_up_proj'\] are stacked weights, not linears: LoRA on them"):
+        Trainer(cfg).setup()
