@@ -452,3 +452,32 @@ def test_lora_on_the_stacked_experts_is_refused_in_one_line(tmp_path):
     cfg.peft.method, cfg.peft.target_modules = "lora", ["q_proj", "gate_up_proj"]
     with pytest.raises(ConfigError, match=r"\['gate_up_proj'\] are stacked weights, not linears: LoRA on them"):
         Trainer(cfg).setup()
+
+
+@pytest.mark.skipif(not _grouped_mm_runs_on_cpu(), reason="torch._grouped_mm has no CPU kernel in this torch")
+def test_the_grouped_layer_compiles_whole_and_never_recompiles_as_the_routing_changes():
+    """fullgraph=True: no host sync and no data-dependent shape in the grouped path; one graph for steps whose
+    expert loads all differ. (bf16: what torch._grouped_mm takes under torch.compile.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from nemo_lite.components.models.moe import SparseMoE
+
+    config = Qwen3MoeConfig(**{**TINY, "hidden_size": 32, "moe_intermediate_size": 16, "num_experts": 8})
+    layer = SparseMoE(config).bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    layer.experts.impl = "grouped"
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    loads = []
+    for _ in range(4):
+        x = torch.randn(2, 24, 32, generator=gen).bfloat16().requires_grad_(True)
+        y, stats = compiled(x)
+        y.float().sum().backward()
+        loads.append(tuple(stats[1].tolist()))
+        layer.experts.impl = "loop"
+        torch.testing.assert_close(y, layer(x)[0])
+        layer.experts.impl = "grouped"
+    assert len(set(loads)) == 4 and counter.frame_count == 1

@@ -62,19 +62,26 @@ EXPERT_IMPLS = ("auto", "grouped", "loop")
 # ---- the grouped GEMM --------------------------------------------------------------------------------
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` by ``weight`` runs in here: the autocast dtype where autocast is on."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs these operands here: a CUDA GPU of compute capability >= 8.0 (its
-    CPU kernel exists in recent torch but wants 16-byte aligned strides, and the loop is as fast there)."""
+    """Whether ``torch._grouped_mm`` runs these operands here: bf16 (what it supports under torch.compile) on a
+    CUDA GPU of compute capability >= 8.0. (Its CPU kernel, in recent torch, wants 16-byte aligned rows, and
+    the loop is as fast there.)"""
     if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return compute_dtype(x, weight) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """``out[rows of group e] = x[rows of group e] @ w[e]``, group ``e`` being rows ``offsets[e-1]:offsets[e]``
     (int32, the running row count; the last is ``N``). ``torch._grouped_mm`` is not autocast-aware: both
     operands are cast to the autocast dtype where autocast is on."""
-    dtype = torch.get_autocast_dtype(x_NK.device.type) if torch.is_autocast_enabled(x_NK.device.type) else w_EKM.dtype
+    dtype = compute_dtype(x_NK, w_EKM)
     return torch._grouped_mm(x_NK.to(dtype), w_EKM.to(dtype), offs=offsets_E)
 
 
