@@ -481,3 +481,11 @@ def test_the_grouped_layer_compiles_whole_and_never_recompiles_as_the_routing_ch
         torch.testing.assert_close(y, layer(x)[0])
         layer.experts.impl = "grouped"
     assert len(set(loads)) == 4 and counter.frame_count == 1
+
+
+def test_qwen3_235b_a22b_has_its_published_sizes():
+    """235B parameters, 22B active, 234B without embeddings (the model card's figures)."""
+    config = get_preset("qwen3-235b-a22b")
+    embeddings = 2 * config.vocab_size * config.hidden_size
+    assert round(num_parameters(config) / 1e9) == 235 and round(num_parameters(config, active=True) / 1e9) == 22
+    assert round((num_parameters(config) - embeddings) / 1e9) == 234

@@ -426,12 +426,12 @@ class MoEDecoderForCausalLM(DecoderForCausalLM):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """:meth:`DecoderForCausalLM.init_weights`, the routers and the stacked experts too: N(0, std),
-        biases zero."""
+        """:meth:`DecoderForCausalLM.init_weights`, and the routers, the stacked experts and the attention sinks
+        (their own parameters): N(0, std), biases zero."""
         super().init_weights(seed)
         generator = None
         for module in self.modules():
-            if isinstance(module, (Router, Experts)):
+            if isinstance(module, (Router, Experts)) or getattr(module, "sinks", None) is not None:
                 for name, param in module.named_parameters(recurse=False):
                     if name.endswith("bias"):
                         param.zero_()
