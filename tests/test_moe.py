@@ -489,3 +489,35 @@ def test_qwen3_235b_a22b_has_its_published_sizes():
     embeddings = 2 * config.vocab_size * config.hidden_size
     assert round(num_parameters(config) / 1e9) == 235 and round(num_parameters(config, active=True) / 1e9) == 22
     assert round((num_parameters(config) - embeddings) / 1e9) == 234
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_experts_equal_the_loop_and_train_compiled_without_recompiles(tmp_path):
+    """On the GPU, ``auto`` takes the grouped GEMM under bf16 autocast (widths 48 and 24: 16-byte aligned rows): the
+    loop's logits within bf16 rounding, and a compiled model keeps its graphs while the routing changes."""
+    import torch._dynamo
+
+    from nemo_lite.components.models.moe import grouped_mm_runs
+
+    path = tmp_path / "aligned"
+    hf_qwen3_moe(seed=1, hidden_size=48, moe_intermediate_size=24).save_pretrained(path)
+    ours = AutoModelForCausalLM.from_pretrained(path, attention=AttentionConfig(backend="flex"), device="cuda")
+    experts = ours.layers[0].mlp.experts
+    ids = random_ids(2, 128, TINY["vocab_size"]).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert grouped_mm_runs(ids.float(), experts.gate_up_proj)
+        with torch.no_grad():
+            grouped = ours(ids).float()
+            experts_implementation(ours, "loop")
+            loop = ours(ids).float()
+            experts_implementation(ours, "auto")
+    assert (grouped - loop).abs().max().item() <= 0.05 * loop.abs().max().item()
+    for layer in ours.layers:
+        layer.compile(dynamic=False)
+    graphs = []
+    for step in range(4):
+        ids = random_ids(2, 128, TINY["vocab_size"], seed=step).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours.forward_hidden(ids).float().sum().backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1]

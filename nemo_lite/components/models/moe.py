@@ -70,11 +70,13 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` runs these operands here: bf16 (what it supports under torch.compile) on a
-    CUDA GPU of compute capability >= 8.0. (Its CPU kernel, in recent torch, wants 16-byte aligned rows, and
-    the loop is as fast there.)"""
+    CUDA GPU of compute capability >= 8.0, every width a multiple of 8 (its rows must be 16-byte aligned). (Its
+    CPU kernel, in recent torch, wants the same alignment, and the loop is as fast there.)"""
     if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
         return False
-    return compute_dtype(x, weight) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    aligned = all(size % 8 == 0 for size in weight.shape[1:])
+    recent = torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return aligned and recent and compute_dtype(x, weight) == torch.bfloat16
 
 
 def grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
