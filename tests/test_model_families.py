@@ -494,7 +494,7 @@ BASE.update(num_hidden_layers=2, num_attention_heads=2)
         ({"model_type": "mistral", "layer_types": ["full_attention"] * 2}, "layer_types is not supported"),
         (
             {"model_type": "gpt2"},
-            "model_type='gpt2' is not supported; accepted model_type: gpt_oss, llama, mistral, qwen2, qwen3, qwen3_moe",
+            "model_type='gpt2' is not supported; accepted model_type: gpt_oss, llama, mistral, mixtral, qwen2, qwen3",
         ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config is not supported"),
     ],
