@@ -259,3 +259,23 @@ def test_finetune_trains_gpt_oss_with_and_without_lora(tmp_path):
         assert result.status == "completed" and len(result.losses) == 2
         exported = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir, experts_implementation="eager")
         assert type(exported).__name__ == "GptOssForCausalLM"
+
+
+def test_lora_stores_the_frozen_experts_in_the_autocast_dtype():
+    """On a GPU run (bf16 autocast) LoRA stores frozen weights in bf16: the stacked experts too, which are most of
+    a mixture's weights (gpt-oss-20b's would not fit one GPU in float32)."""
+    from nemo_lite.training.converters.lora import LoraConverter, PeftSection
+
+    config = GptOssConfig(
+        **{k: v for k, v in TINY.items() if k not in ("rope_parameters", "num_local_experts")}, num_experts=5
+    )
+    model = GptOssForCausalLM(config)
+    model.init_weights(seed=0)
+    converter = LoraConverter(PeftSection(method="lora", r=4, alpha=8.0), frozen_dtype=torch.bfloat16)
+    converter.convert(model, get_model_family("gpt_oss"))
+    experts = model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.bfloat16
+    assert not experts.gate_up_proj.requires_grad and model.layers[0].mlp.router.weight.dtype == torch.float32
+    assert "q_proj" in converter.target_names
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen linears are bf16 too: as the GPU run autocasts
+        assert torch.isfinite(model(random_ids(1, 9, 97))).all()

@@ -179,6 +179,9 @@ class LoraConverter(ModelConverter):
             for module in model.modules():
                 if isinstance(module, nn.Linear) and not module.weight.requires_grad:
                     module.to(self.frozen_dtype)
+            for param in model.parameters():  # stacked weights (a mixture's experts) are frozen matrices too
+                if param.dim() > 2 and not param.requires_grad:
+                    param.data = param.data.to(self.frozen_dtype)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self.description += (
