@@ -17,6 +17,15 @@ documents told apart by position_ids), ``hf-eager`` (its per-expert loop). Repor
 after warm-up, MFU on the *active* parameters (6 x active parameters x tokens + the attention FLOPs of the
 document mask, against 989 TFLOP/s bf16 dense), peak memory, and graphs compiled after the second step
 (recompilations).
+
+LoRA on the gpt-oss-20b shape (random bf16 weights built on the GPU, r=16 on q/k/v/o, the experts frozen in
+bf16), the same loop for both sides (bf16 autocast, AdamW on the adapters, clip 1.0) on the same batches:
+``lora-gpt-oss-compile`` and ``lora-gpt-oss`` (nemo_lite: flex attention with sinks and windows, grouped
+experts, PEFT's layers injected) against ``hf-peft-gpt-oss-compile`` and ``hf-peft-gpt-oss`` (transformers'
+GptOssForCausalLM with flex_attention and grouped_mm experts, ``peft.get_peft_model``); needs peft. MFU there
+counts 4 FLOPs per active parameter (no weight gradient on the frozen ones).
+
+    python scripts/bench_moe.py --configs lora-gpt-oss-compile,hf-peft-gpt-oss,hf-peft-gpt-oss-compile
 """
 
 from __future__ import annotations
@@ -193,6 +202,128 @@ def medians(records: list[dict]) -> dict:
     return out
 
 
+# ---- LoRA on the gpt-oss-20b shape (random bf16 weights): nemo_lite + PEFT's layers vs transformers + PEFT ----
+
+LORA_SHAPES = {
+    "gpu": {},  # the gpt-oss-20b preset itself
+    "toy": dict(vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_experts=8, eos_token_id=4095, pad_token_id=4094),
+}  # fmt: skip
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_model_config(size: str):
+    from nemo_lite.components.models import get_preset
+
+    return get_preset("gpt-oss-20b", **LORA_SHAPES[size])
+
+
+def lora_loader(size: str):
+    from nemo_lite.testing.data import SyntheticPackedLoader
+
+    config = lora_model_config(size)
+    rows, seq_len = ROWS[size]
+    return SyntheticPackedLoader(
+        rows, seq_len, vocab_size=config.vocab_size, eos_id=config.eos_token_id,
+        mean_doc=600.0 if size == "gpu" else 40.0, pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
+
+
+def lora_loop(model, forward, params, size: str, steps: int, flops_per_token: int) -> dict:
+    """The same loop for both: bf16 autocast (GPU), summed token loss over the labels, clip 1.0, AdamW."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device == "cuda")
+    batches = iter(lora_loader(size))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    records, after_2 = [], []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        dt = time.perf_counter() - t0
+        tokens = batch["input_ids"].numel()
+        mfu = flops_per_token * tokens / dt / PEAK_FLOPS
+        records.append({"tokens_per_s": tokens / dt, "step_ms": 1000 * dt, "loss": value, "mfu": mfu})
+        if step == 2:
+            after_2.append(graphs())
+    return {
+        **medians(records),
+        "mfu": statistics.median(r["mfu"] for r in records[WARMUP:]) if device == "cuda" else None,
+        "recompiles_after_step_2": graphs() - after_2[0] if after_2 else None,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def lora_flops(config) -> int:
+    """Active parameters without the embedding lookup, 4 FLOPs each a token (frozen: no weight gradient);
+    the adapters' few are left out on both sides."""
+    from nemo_lite.components.models.moe import num_parameters
+
+    return 4 * (num_parameters(config, active=True) - config.vocab_size * config.hidden_size)
+
+
+def run_nemo_lora(size: str, steps: int, *, compile: bool) -> dict:
+    from nemo_lite.components.attention import AttentionConfig
+    from nemo_lite.components.models import get_model_family
+    from nemo_lite.training.converters.lora import LoraConverter, PeftSection
+    from nemo_lite.training.loss import cross_entropy_sum
+
+    cuda = torch.cuda.is_available()
+    family, config = get_model_family("gpt_oss"), lora_model_config(size)
+    attention = AttentionConfig(backend="flex" if cuda else "sdpa", attn_mask_type="block_causal")
+    with torch.device("meta"):
+        model = family.build(config, attention=attention)
+    model.to(dtype=torch.bfloat16 if cuda else torch.float32)  # random weights, built in place: bf16 on the GPU
+    model.to_empty(device="cuda" if cuda else "cpu")
+    model.init_weights(seed=0)
+    section = PeftSection(method="lora", r=16, alpha=32.0, target_modules=list(LORA_TARGETS))
+    LoraConverter(section, frozen_dtype=torch.bfloat16 if cuda else None).convert(model, family)
+    if compile and cuda:
+        for unit in family.compile_units(model):
+            unit.compile(dynamic=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(batch):
+        mask = model.build_attention_mask(batch["input_ids"])
+        hidden = model.forward_hidden(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask)
+        loss = cross_entropy_sum(hidden, model.output_weight, batch["labels"], compiled=compile and cuda)
+        return loss / (batch["labels"] != -100).sum()
+
+    return lora_loop(model, forward, params, size, steps, lora_flops(config))
+
+
+def run_hf_lora(size: str, steps: int, *, compile: bool) -> dict:
+    import peft
+    import transformers
+
+    from nemo_lite.components.models.hf import config_to_hf
+
+    cuda = torch.cuda.is_available()
+    config = lora_model_config(size)
+    hf_config = transformers.GptOssConfig(**config_to_hf(config))
+    hf_config._attn_implementation = "flex_attention" if cuda else "eager"  # sdpa cannot take sinks
+    hf_config._experts_implementation = "grouped_mm" if cuda else "eager"
+    model = transformers.GptOssForCausalLM._from_config(hf_config, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = peft.get_peft_model(model.to("cuda" if cuda else "cpu"), peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS), bias="none"
+    ))  # fmt: skip
+    forward_model = torch.compile(model) if compile and cuda else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(batch):
+        logits = forward_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+    return lora_loop(model, forward, params, size, steps, lora_flops(config))
+
+
 CONFIGS = {
     "flex-compile": (run_nemo, {"compile": True}),
     "flex": (run_nemo, {"compile": False}),
@@ -200,6 +331,11 @@ CONFIGS = {
     "hf-grouped_mm-compile": (run_hf, {"experts": "grouped_mm", "compile": True}),
     "hf-grouped_mm": (run_hf, {"experts": "grouped_mm", "compile": False}),
     "hf-eager": (run_hf, {"experts": "eager", "compile": False}),
+    # LoRA on the gpt-oss-20b shape (attention q/k/v/o, r=16), transformers + PEFT as the baseline
+    "lora-gpt-oss-compile": (run_nemo_lora, {"compile": True}),
+    "lora-gpt-oss": (run_nemo_lora, {"compile": False}),
+    "hf-peft-gpt-oss-compile": (run_hf_lora, {"compile": True}),
+    "hf-peft-gpt-oss": (run_hf_lora, {"compile": False}),
 }
 
 
@@ -252,7 +388,11 @@ def main() -> None:
             torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps({"meta": meta(args.size), "rows": rows}, indent=1, default=str))
-    base = max((r["tokens_per_s"] for r in rows if r["config"].startswith("hf-") and "error" not in r), default=None)
+
+    def baseline(name: str) -> float | None:  # the best transformers row of the same workload
+        same = [r for r in rows if r["config"].startswith("hf-") and ("gpt-oss" in r["config"]) == ("gpt-oss" in name)]
+        return max((r["tokens_per_s"] for r in same if "error" not in r), default=None)
+
     print(f"\n{json.dumps(meta(args.size))}\n")
     print("| config | tokens/s | vs best transformers | MFU (active) | peak GiB | recompiles after step 2 |")
     print("|---|---|---|---|---|---|")
@@ -260,6 +400,7 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['config']} | {r['error']} | | | | |")
             continue
+        base = baseline(r["config"])
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         peak = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
