@@ -36,7 +36,9 @@ from nemo_lite.errors import NemoLiteError
 
 
 class CausalLM(Protocol):
-    """What the trainer calls on a model, whatever its family."""
+    """What the trainer calls on a model, whatever its family. Optional: ``auxiliary()``, read after each
+    forward, returns what the model adds to the training loss and the metrics to log (a mixture of experts'
+    load-balancing loss: ``moe.Auxiliary``), or None."""
 
     config: Any  # has vocab_size and eos_token_id
     tokenizer_dir: Path | None  # the tokenizer that goes with the weights (set by loading a checkpoint)
