@@ -481,6 +481,15 @@ def test_the_grouped_layer_compiles_whole_and_never_recompiles_as_the_routing_ch
         torch.testing.assert_close(y, layer(x)[0])
         layer.experts.impl = "grouped"
     assert len(set(loads)) == 4 and counter.frame_count == 1
+    # float32 weights under bf16 autocast (a training run's setting): the operands are cast, still one graph
+    layer.float()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _stats = compiled(torch.randn(2, 24, 32, generator=gen))
+        y.sum().backward()
+    assert counter.frame_count == 1 and layer.experts.gate_up_proj.grad.dtype == torch.float32
 
 
 def test_qwen3_235b_a22b_has_its_published_sizes():
