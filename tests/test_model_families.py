@@ -499,7 +499,7 @@ BASE.update(num_hidden_layers=2, num_attention_heads=2)
         ({"model_type": "mistral", "layer_types": ["full_attention"] * 2}, "layer_types is not supported"),
         (
             {"model_type": "gpt2"},
-            "model_type='gpt2' is not supported; accepted model_type: llama, mistral, qwen2, qwen3",
+            "model_type='gpt2' is not supported; accepted model_type: gpt_oss, llama, mistral, mixtral, qwen2, qwen3",
         ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config is not supported"),
     ],
@@ -525,7 +525,7 @@ def test_missing_keys_take_each_familys_transformers_defaults():
 def test_unknown_model_type_and_the_wrong_class_say_what_to_do(checkpoints, tmp_path):
     cfg = json.loads((checkpoints["qwen2"][1] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(UnknownModelTypeError, match="model_type='gpt2' is not supported; supported: llama, mistral"):
+    with pytest.raises(UnknownModelTypeError, match="model_type='gpt2' is not supported; supported: gpt_oss, llama"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"accepted model_type: llama \(AutoModelForCausalLM also loads"):
         LlamaForCausalLM.from_pretrained(checkpoints["qwen3"][1])

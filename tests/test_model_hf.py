@@ -143,11 +143,14 @@ def test_presets_have_the_parameter_shapes_of_transformers(preset):
 
 
 def test_key_map_covers_every_parameter_of_every_variant():
+    from nemo_lite.components.models.families.gpt_oss import GptOssForCausalLM
     from nemo_lite.components.models.families.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
     qwen3 = Qwen3ForCausalLM(Qwen3Config(**TINY))
+    # gpt_oss: the sinks, a router with a bias, stacked experts with biases
+    gpt_oss = GptOssForCausalLM(get_preset("gpt-oss-20b", **TINY, num_experts=3, num_experts_per_tok=2))
     used = set()
-    for model in [*(LlamaForCausalLM(ours_config(variant)) for variant in VARIANTS), qwen3]:  # qwen3: q/k norms
+    for model in [*(LlamaForCausalLM(ours_config(variant)) for variant in VARIANTS), qwen3, gpt_oss]:
         for name in model.state_dict():
             to_hf_key(name)
             used.add(name.replace("layers.0.", "layers.{i}.").replace("layers.1.", "layers.{i}."))

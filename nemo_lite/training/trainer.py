@@ -570,6 +570,7 @@ class Trainer:
             loss_scale = (self.world_size / global_labels.clamp(min=1.0)).float()
         loss_sum = torch.zeros((), device=self.device)
         attention_flops = torch.zeros((), device=self.device, dtype=torch.float64)  # of the step's masks
+        extras: dict[str, torch.Tensor] = {}  # the model's own metrics (auxiliary losses), micro-batch means
         for batch in micro_batches:
             batch = self._to_device(batch)
             with mask_timer:
@@ -577,7 +578,7 @@ class Trainer:
             attention_flops += self.family.attention_flops(self.raw_model.config, mask)
             with self._autocast():
                 loss = strategy.loss(self.model, batch, mask, loss_scale)
-            (loss * loss_scale).backward()
+            (loss * loss_scale + self._auxiliary_loss(extras, len(micro_batches))).backward()
             loss_sum += loss.detach()
         values = StepValues(
             loss_sum=loss_sum,
@@ -592,12 +593,36 @@ class Trainer:
         )
         if self.dist.enabled:  # global loss, norm and attention FLOPs; a signal on any rank stops every rank
             values = self._all_reduce(values)
-        host = values.on_host(strategy.apply(values.as_tensor(), values.grad_norm, self.cfg.trainer.clip_grad_norm))
+        report = torch.cat([values.as_tensor(), self._reduced_extras(extras)])  # the extras ride the one sync
+        host_values = strategy.apply(report, values.grad_norm, self.cfg.trainer.clip_grad_norm)
+        host = values.on_host(host_values[: len(dataclasses.fields(values))])
         if host.bad_weights > 0:
             raise self._nonfinite_weights_error()
         self._stop_requested = host.stop > 0
         loss_value = host.loss_sum / max(host.labels, 1)
-        return self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.attention_flops)
+        metrics = self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.attention_flops)
+        return {**metrics, **dict(zip(extras, host_values[len(dataclasses.fields(values)) :], strict=True))}
+
+    def _auxiliary_loss(self, extras: dict[str, torch.Tensor], micro_batches: int) -> torch.Tensor | float:
+        """What the model adds to the loss after its forward (a mixture of experts' load-balancing loss), a
+        micro-batch's share of it; its metrics are added to ``extras``. 0.0 for a model without any."""
+        auxiliary = getattr(self.raw_model, "auxiliary", None)
+        found = auxiliary() if auxiliary is not None else None
+        if found is None:
+            return 0.0
+        for name, value in found.metrics.items():
+            extras[name] = extras.get(name, 0.0) + value.detach().float() / micro_batches
+        return 0.0 if found.loss is None else found.loss / micro_batches
+
+    def _reduced_extras(self, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The extras as one float64 vector, averaged over ranks under torchrun."""
+        if not extras:
+            return torch.zeros(0, device=self.device, dtype=torch.float64)
+        stacked = torch.stack([value.double().reshape(()) for value in extras.values()])
+        if self.dist.enabled:
+            torch.distributed.all_reduce(stacked)
+            stacked = stacked / self.world_size
+        return stacked
 
     def _all_reduce(self, values: StepValues) -> StepValues:
         """The step's values summed over ranks, the gradient norm from the shards' squared norms."""

@@ -34,7 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemo_lite.components.attention import AttentionBackend, AttentionConfig, AttentionMask, as_attention_config
+from nemo_lite.components.attention import (
+    AttentionBackend,
+    AttentionConfig,
+    AttentionConfigError,
+    AttentionMask,
+    as_attention_config,
+    get_attention_backend,
+    list_attention_backends,
+)
 from nemo_lite.components.attention.masks import allowed_pairs
 from nemo_lite.components.models.decoder_config import (  # noqa: F401  (the decoder's config, re-exported)
     ROPE_FIELDS,
@@ -198,6 +206,14 @@ class Attention(nn.Module):
         # qk_norm: each head of q and k is RMS-normalized (one weight of head_dim shared by the heads).
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # attention_sinks: one learned logit per query head that takes softmax mass without a value.
+        if config.attention_sinks and not backend.supports_sinks:
+            can = [n for n in list_attention_backends() if get_attention_backend(n).supports_sinks]
+            raise AttentionConfigError(
+                f"this model has attention sinks, which attention={backend.name} cannot carry; use one of: "
+                f"{', '.join(can)}"
+            )
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if config.attention_sinks else None
         # nemo_lite's convention: a query sees keys with q - k <= sliding_window (0 = no window).
         self.sliding_window = sliding_window
         self.backend = backend  # shared by every layer; it has no parameters
@@ -223,6 +239,7 @@ class Attention(nn.Module):
             q_BHSD,
             k_BKSD,
             v_BKSD,
+            sink_weights=self.sinks,
             sliding_window=self.sliding_window,
             enable_gqa=True,
             attention_mask=attention_mask,
@@ -301,7 +318,7 @@ class DecoderForCausalLM(nn.Module):
         self.attention_backend = as_attention_config(attention).build()  # shared by every layer
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         windows = config.layer_windows()
-        self.layers = nn.ModuleList(DecoderBlock(config, self.attention_backend, window) for window in windows)
+        self.layers = nn.ModuleList(self.build_block(i, window) for i, window in enumerate(windows))
         # The distinct sliding windows of the layers (0 = none): each gets its mask built once per step.
         self.sliding_windows: tuple[int, ...] = tuple(sorted(set(windows)))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -310,6 +327,10 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = None if tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Directory of the tokenizer that goes with these weights (set by from_pretrained).
         self.tokenizer_dir: Path | None = None
+
+    def build_block(self, index: int, sliding_window: int) -> nn.Module:
+        """Block ``index`` of the model (a family whose blocks differ, e.g. mixture-of-experts, overrides it)."""
+        return DecoderBlock(self.config, self.attention_backend, sliding_window)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -446,6 +467,7 @@ def num_parameters(config: DecoderConfig) -> int:
     hidden, q_width, kv_width = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     attention = 2 * hidden * q_width + 2 * hidden * kv_width
     attention += (q_width + 2 * kv_width) * c.qkv_bias + hidden * c.o_bias + 2 * c.head_dim * c.qk_norm
+    attention += c.num_attention_heads * c.attention_sinks
     mlp = 3 * hidden * c.intermediate_size + (2 * c.intermediate_size + hidden) * c.mlp_bias
     per_layer = attention + mlp + 2 * hidden  # + the two norms
     embeddings = c.vocab_size * hidden * (1 if c.tie_word_embeddings else 2)

@@ -184,6 +184,11 @@ class DecoderConfig:
         """RMSNorm over each head of q and of k (weights of head_dim), before the rotary embedding."""
         return False
 
+    @property
+    def attention_sinks(self) -> bool:
+        """A learned sink logit per query head (``attention.sinks``), for backends that carry sinks."""
+        return False
+
     def layer_windows(self) -> tuple[int, ...]:
         """Each layer's sliding window in nemo_lite's convention (``q - k <= w``; 0 = none)."""
         return (0,) * self.num_hidden_layers

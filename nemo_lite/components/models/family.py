@@ -36,7 +36,9 @@ from nemo_lite.errors import NemoLiteError
 
 
 class CausalLM(Protocol):
-    """What the trainer calls on a model, whatever its family."""
+    """What the trainer calls on a model, whatever its family. Optional: ``auxiliary()``, read after each
+    forward, returns what the model adds to the training loss and the metrics to log (a mixture of experts'
+    load-balancing loss: ``moe.Auxiliary``), or None."""
 
     config: Any  # has vocab_size and eos_token_id
     tokenizer_dir: Path | None  # the tokenizer that goes with the weights (set by loading a checkpoint)
@@ -88,6 +90,12 @@ class HFFacts:
     # Parameter names that differ from the shared decoder's map (``hf.HF_KEY_MAP``): ours -> Hugging Face's,
     # ``{i}`` the layer index.
     key_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Parameters stored stacked over experts here and one tensor per expert in the checkpoint: ours (``{i}`` the
+    # layer) -> the Hugging Face names of one expert's parts (``{i}``, ``{e}`` the expert), which are
+    # concatenated along dim 0 to give row ``e`` of ours (``gate_up_proj`` <- ``gate_proj``, ``up_proj``).
+    expert_keys: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # config.json keys read as one of our fields (``num_local_experts`` -> ``num_experts``).
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -67,6 +67,14 @@ HF_KEY_MAP: dict[str, str] = {
     "layers.{i}.mlp.up_proj.bias": "model.layers.{i}.mlp.up_proj.bias",
     "layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
     "layers.{i}.mlp.down_proj.bias": "model.layers.{i}.mlp.down_proj.bias",
+    # attention sinks (attention_sinks) and a mixture of experts' router and stacked experts (moe.py)
+    "layers.{i}.attention.sinks": "model.layers.{i}.self_attn.sinks",
+    "layers.{i}.mlp.router.weight": "model.layers.{i}.mlp.router.weight",
+    "layers.{i}.mlp.router.bias": "model.layers.{i}.mlp.router.bias",
+    "layers.{i}.mlp.experts.gate_up_proj": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "layers.{i}.mlp.experts.gate_up_proj_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+    "layers.{i}.mlp.experts.down_proj": "model.layers.{i}.mlp.experts.down_proj",
+    "layers.{i}.mlp.experts.down_proj_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
@@ -98,6 +106,29 @@ class CheckpointError(NemoLiteError, ValueError):
 def key_map(family: ModelFamily | None = None) -> dict[str, str]:
     """The parameter-name table of ``family``: :data:`HF_KEY_MAP` with the family's differences."""
     return HF_KEY_MAP if family is None or not family.hf.key_map else {**HF_KEY_MAP, **family.hf.key_map}
+
+
+def hf_layout(
+    shapes: dict[str, tuple[int, ...]], family: ModelFamily
+) -> dict[str, tuple[str, int | None, slice | None, tuple[int, ...]]]:
+    """Each checkpoint tensor of a model whose parameters have ``shapes``: Hugging Face name -> (our name,
+    expert, rows, shape), expert and rows None where the tensor is our whole parameter, else the checkpoint
+    tensor is ``ours[expert, rows]`` (the family's ``HFFacts.expert_keys``)."""
+    keys, experts = key_map(family), family.hf.expert_keys
+    layout = {}
+    for name, shape in shapes.items():
+        match = _LAYER_PREFIX.match(name)
+        template = f"layers.{{i}}.{name[match.end() :]}" if match else name
+        if template not in experts:
+            layout[to_hf_key(name, keys)] = (name, None, None, shape)
+            continue
+        parts = experts[template]
+        rows = shape[1] // len(parts)
+        for e in range(shape[0]):
+            for j, part in enumerate(parts):
+                hf_name = part.format(i=match.group(1), e=e)
+                layout[hf_name] = (name, e, slice(j * rows, (j + 1) * rows), (rows, *shape[2:]))
+    return layout
 
 
 def to_hf_key(name: str, keys: dict[str, str] = HF_KEY_MAP) -> str:
@@ -193,7 +224,7 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
             raise CheckpointError(
                 f"{key}={hf[key]!r} is not supported (nemo_lite has no dropout): set it to 0.0 in config.json"
             )
-    if hf.get("quantization_config"):
+    if hf.get("quantization_config") and _quant_method(hf) != "mxfp4":  # MXFP4 experts: dequantized on loading
         raise CheckpointError(
             "quantization_config is not supported: the weights must be plain float tensors (load an "
             "unquantized checkpoint)"
@@ -205,6 +236,7 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
     _check_field_types(hf, config_cls)
     defaults = {**_COMMON_DEFAULTS, **family.hf.defaults}
     values = {}
+    hf = {**hf, **{ours: hf[theirs] for theirs, ours in family.hf.aliases.items() if theirs in hf and ours not in hf}}
     for field in dataclasses.fields(config_cls):
         if field.name in ("rope_theta", "rope_scaling"):
             continue
@@ -223,6 +255,11 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
         return config_cls(**values)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"model_type={model_type!r}: {err}") from None
+
+
+def _quant_method(hf: dict[str, Any]) -> Any:
+    quantization = hf.get("quantization_config")
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
 
 
 def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -247,6 +284,8 @@ def config_to_hf(config: DecoderConfig, dtype: torch.dtype = torch.float32) -> d
         **_COMMON_EXTRAS,
         **facts.extras,
     )
+    for theirs, ours in facts.aliases.items():  # transformers' own name too, where it has one
+        out.setdefault(theirs, out[ours])
     return out
 
 
@@ -279,7 +318,10 @@ def _check_field_types(hf: dict[str, Any], config_cls: type) -> None:
             continue
         value, hint = hf[field.name], hints.get(field.name)
         args = set(typing.get_args(hint)) or {hint}
-        if bool in args:
+        if typing.get_origin(hint) is list:
+            ok = isinstance(value, list)
+            want = "a list"
+        elif bool in args:
             ok = isinstance(value, bool)
             want = "true or false"
         elif float in args:
@@ -400,16 +442,21 @@ def load_pretrained(
     config = read_config(path, model_types)
     with torch.device("meta"):
         model = cls(config, attention=attention)
-    keys = key_map(family_of_config(config))
+    family = family_of_config(config)
+    keys = key_map(family)
 
     files = checkpoint_files(path)
-    expected = {to_hf_key(name, keys): tuple(t.shape) for name, t in model.state_dict().items()}
+    layout = hf_layout({name: tuple(t.shape) for name, t in model.state_dict().items()}, family)
+    expected = {hf_name: shape for hf_name, (*_, shape) in layout.items()}
     skipped = {name for name in files if IGNORED_HF_KEYS.fullmatch(name)}
+    # MXFP4 weights (gpt-oss's published experts): NAME_blocks + NAME_scales in place of NAME, dequantized below.
+    packed = {name for name in expected if name not in files and {f"{name}_blocks", f"{name}_scales"} <= set(files)}
+    skipped |= {f"{name}_{part}" for name in packed for part in ("blocks", "scales")}
     if config.tie_word_embeddings and TIED_OUTPUT_KEY in files:
         _check_tied_copy(path, files, keys)
         skipped.add(TIED_OUTPUT_KEY)
     shapes = _tensor_shapes({name: file for name, file in files.items() if name in expected})
-    missing = sorted(set(expected) - set(files))
+    missing = sorted(set(expected) - set(files) - packed)
     unexpected = sorted(set(files) - set(expected) - skipped)
     misshaped = sorted(name for name, shape in shapes.items() if shape != expected[name])
     if missing or unexpected or misshaped:
@@ -429,14 +476,51 @@ def load_pretrained(
 
     model.to(dtype=dtype)  # still on meta: only the dtype of the placeholders changes
     model.to_empty(device=device)
-    targets = {to_hf_key(name, keys): t for name, t in model.state_dict().items()}
+    state = model.state_dict()
     with torch.no_grad():
-        for file, names in _group_by_file({n: files[n] for n in targets}).items():
+        for file, names in _group_by_file({n: files[n] for n in layout if n not in packed}).items():
             with _safetensors(file) as f:
                 for name in names:
-                    targets[name].copy_(f.get_tensor(name))
+                    ours, expert, rows, _ = layout[name]
+                    target = state[ours] if expert is None else state[ours][expert, rows]
+                    target.copy_(f.get_tensor(name))
+        for name in sorted(packed):
+            blocks, scales = (_read_tensor(files[f"{name}_{part}"], f"{name}_{part}") for part in ("blocks", "scales"))
+            weight = dequantize_mxfp4(blocks, scales)
+            if tuple(weight.shape) != expected[name]:
+                raise CheckpointError(
+                    f"{path}: {name}_blocks/_scales dequantize to {list(weight.shape)}, expected {list(expected[name])}"
+                )
+            state[layout[name][0]].copy_(weight)
     model.tokenizer_dir = path if any((path / name).is_file() for name in TOKENIZER_FILES) else None
     return model
+
+
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    with _safetensors(file) as f:
+        return f.get_tensor(name)
+
+
+# The 16 values of a 4-bit E2M1 float (MXFP4's elements), by their code: sign bit, 2 exponent bits, 1 mantissa bit.
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's MXFP4 expert weights as float32 ``[E, in, out]`` (the layout its model computes with).
+
+    ``blocks`` ``[E, out, G, 16]`` uint8: each byte two E2M1 codes, the low nibble first, 32 elements per group
+    ``G`` along the input dimension; ``scales`` ``[E, out, G]`` uint8: each group's power of two, biased by 127
+    (E8M0). Element ``2j`` of a group is ``FP4[byte_j & 15] * 2^(scale - 127)``, element ``2j + 1`` the high
+    nibble's. Every value is exact in float32.
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"MXFP4 blocks {list(blocks.shape)} do not fit scales {list(scales.shape)}")
+    table = torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
+    codes = blocks.to(torch.int64)
+    pairs = torch.stack([table[codes & 0x0F], table[codes >> 4]], dim=-1)  # [E, out, G, 16, 2]
+    elements = pairs.flatten(-3)  # [E, out, G * 32]
+    exponents = (scales.to(torch.int32) - 127).repeat_interleave(2 * blocks.shape[-1], dim=-1)
+    return torch.ldexp(elements, exponents.float()).transpose(1, 2).contiguous()
 
 
 def _check_tied_copy(path: Path, files: dict[str, Path], keys: dict[str, str]) -> None:
@@ -567,8 +651,13 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     max_bytes = parse_size(max_shard_size)
-    keys = key_map(family_of_config(model.config))
-    tensors = {to_hf_key(name, keys): t.detach() for name, t in model.state_dict().items()}
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    layout = hf_layout({name: tuple(t.shape) for name, t in state.items()}, family_of_config(model.config))
+    # A slice of a stacked expert weight is cloned: safetensors refuses tensors that share storage.
+    tensors = {
+        hf_name: state[ours] if expert is None else state[ours][expert, rows].clone()
+        for hf_name, (ours, expert, rows, _) in layout.items()
+    }
     dtype = model.embed_tokens.weight.dtype
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model.tokenizer_dir
     shards = _shards(tensors, max_bytes)

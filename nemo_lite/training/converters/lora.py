@@ -153,6 +153,12 @@ class LoraConverter(ModelConverter):
         if ALL_LINEAR in wanted:
             wanted = existing
         unknown = [name for name in wanted if name not in existing]
+        stacked = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() > 2} & set(unknown))
+        if stacked:
+            raise ConfigError(
+                f"peft.target_modules {stacked} are stacked weights, not linears: LoRA on them (PEFT's "
+                f"target_parameters) is not supported; adapt the decoder linears: {', '.join(existing)}"
+            )
         if unknown:
             raise ConfigError(
                 f"peft.target_modules {unknown} match(es) no module of this model; its decoder linears are: "
@@ -173,6 +179,9 @@ class LoraConverter(ModelConverter):
             for module in model.modules():
                 if isinstance(module, nn.Linear) and not module.weight.requires_grad:
                     module.to(self.frozen_dtype)
+            for param in model.parameters():  # stacked weights (a mixture's experts) are frozen matrices too
+                if param.dim() > 2 and not param.requires_grad:
+                    param.data = param.data.to(self.frozen_dtype)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         self.description += (
