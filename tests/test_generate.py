@@ -183,3 +183,19 @@ def test_the_compiled_step_replayed_as_a_cuda_graph_generates_what_the_plain_ste
     plain = generate_ids(ours, prompts, GenerationConfig(max_new_tokens=NEW)).tokens
     fast = generate_ids(ours, prompts, GenerationConfig(max_new_tokens=NEW, compile=True, cuda_graphs=True)).tokens
     assert fast == plain == [_reference(theirs, p) for p in prompts]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_mixture_of_experts_models_generate_what_transformers_does(family, backend, tmp_path):
+    """MoE layers return their routing statistics beside the output; gpt-oss adds per-head sinks and
+    sliding-window layers (window 4, shorter than the prompts), so the ring and the sink column are crossed."""
+    from test_gpt_oss import hf_gpt_oss
+    from test_moe import hf_qwen3_moe
+
+    theirs = {"qwen3_moe": hf_qwen3_moe, "gpt_oss": hf_gpt_oss}[family](seed=1)
+    theirs.save_pretrained(tmp_path / family)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / family, attention=AttentionConfig(backend=backend))
+    prompts = [random_ids(1, n, 97, seed=n)[0].tolist() for n in (3, 11, 7)]
+    out = generate_ids(ours, prompts, GenerationConfig(max_new_tokens=NEW))
+    assert out.tokens == [_reference(theirs, p) for p in prompts]

@@ -219,28 +219,51 @@ def prefill(model: nn.Module, cache: KVCache, ids_BS: torch.Tensor, lengths_B: t
         q_BHSD, k_BKSD, v_BKSD = _qkv(attention, block.attention_norm(h_BSE), cos_B1SD, sin_B1SD)
         _keep_prompt(cache, i, k_BKSD, v_BKSD, lengths_B)
         out_BHSD = attention.backend(
-            q_BHSD, k_BKSD, v_BKSD, sliding_window=attention.sliding_window, enable_gqa=True, attention_mask=mask
+            q_BHSD,
+            k_BKSD,
+            v_BKSD,
+            sliding_window=attention.sliding_window,
+            enable_gqa=True,
+            attention_mask=mask,
+            **({} if attention.sinks is None else {"sink_weights": attention.sinks}),
         )
         out_BSE = attention.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq_len, -1))
         h_BSE = h_BSE + out_BSE
-        h_BSE = h_BSE + block.mlp(block.mlp_norm(h_BSE))
+        h_BSE = h_BSE + _feed_forward(block, h_BSE)
     last_BE = h_BSE[torch.arange(batch, device=ids_BS.device), lengths_B - 1]
     return F.linear(model.norm(last_BE), model.output_weight)
 
 
+def _feed_forward(block: nn.Module, h_BSE: torch.Tensor) -> torch.Tensor:
+    """The block's MLP on its normed input; a mixture-of-experts layer also returns routing statistics,
+    which generation does not need."""
+    out = block.mlp(block.mlp_norm(h_BSE))
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _cached_attention(
-    q_BH1D: torch.Tensor, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, allowed_BT: torch.Tensor
+    q_BH1D: torch.Tensor,
+    k_BKTD: torch.Tensor,
+    v_BKTD: torch.Tensor,
+    allowed_BT: torch.Tensor,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per row against the whole cache; ``[B, Hkv, H / Hkv, D]``.
 
     The query heads of a KV head are stacked against it (query head h reads KV head h // (H / Hkv)), so the
-    cache is read once per step and never repeated per query head; softmax in float32."""
+    cache is read once per step and never repeated per query head; softmax in float32. ``sinks_H``: one
+    learned logit per query head that takes part in the softmax with no value (gpt-oss)."""
     batch, heads, _, dim = q_BH1D.shape
     kv_heads = k_BKTD.shape[1]
     q_BKGD = q_BH1D.view(batch, kv_heads, heads // kv_heads, dim)
     scores_BKGT = torch.matmul(q_BKGD, k_BKTD.transpose(-1, -2)).float() * (1.0 / math.sqrt(dim))
     scores_BKGT = scores_BKGT.masked_fill(~allowed_BT[:, None, None, :], float("-inf"))
-    return torch.matmul(scores_BKGT.softmax(dim=-1).to(v_BKTD.dtype), v_BKTD)
+    if sinks_H is None:
+        probs_BKGT = scores_BKGT.softmax(dim=-1)
+    else:
+        sink_BKG1 = sinks_H.float().view(1, kv_heads, heads // kv_heads, 1).expand(batch, -1, -1, -1)
+        probs_BKGT = torch.cat([scores_BKGT, sink_BKG1], dim=-1).softmax(dim=-1)[..., :-1]
+    return torch.matmul(probs_BKGT.to(v_BKTD.dtype), v_BKTD)
 
 
 def decode_step(model: nn.Module, cache: KVCache, token_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
@@ -268,9 +291,9 @@ def decode_step(model: nn.Module, cache: KVCache, token_B: torch.Tensor, pos_B: 
         allowed_BT = behind_BT <= pos_B[:, None]  # that position is >= 0
         if attention.sliding_window:
             allowed_BT = allowed_BT & (behind_BT <= attention.sliding_window)
-        out_BKGD = _cached_attention(q_BH1D.to(k_cache.dtype), k_cache, v_cache, allowed_BT)
+        out_BKGD = _cached_attention(q_BH1D.to(k_cache.dtype), k_cache, v_cache, allowed_BT, attention.sinks)
         h_B1E = h_B1E + attention.o_proj(out_BKGD.reshape(batch, 1, -1).to(h_B1E.dtype))
-        h_B1E = h_B1E + block.mlp(block.mlp_norm(h_B1E))
+        h_B1E = h_B1E + _feed_forward(block, h_B1E)
     return F.linear(model.norm(h_B1E[:, 0]), model.output_weight)
 
 
