@@ -67,3 +67,33 @@ def tiny_chat_checkpoint(path: str | Path, *, seed: int = 0, layers: int = 2) ->
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def perturbed_copy(source: str | Path, dest: str | Path, *, scale: float = 0.05, seed: int = 1) -> Path:
+    """``source``'s weights plus seeded noise, saved with its tokenizer at ``dest`` (a policy that differs
+    from its reference)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(dest))
+    transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(dest))
+    return Path(dest)
+
+
+def one_row_batch(encoder, records: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
+    """All ``records`` (preference pairs, in order) packed into one row of ``seq_len`` tokens, EOS after."""
+    from nemo_lite.components.datasets.packing import DocumentPacker, collate_rows
+
+    packer = DocumentPacker(seq_len=seq_len, eos_id=encoder.eos_id, whole_documents=True)
+    values = [tuple(r[f] for f in encoder.fields) for r in records]
+    for doc in encoder.documents(values, list(range(len(records)))):
+        packer.push(doc.ids, trainable=doc.trainable, positions=doc.positions)
+    while not packer.rows_ready:
+        packer.push([encoder.eos_id], trainable=[0])
+    if packer.rows_ready != 1:
+        raise ValueError(f"the pairs need more than one row of seq_len={seq_len}")
+    return collate_rows([packer.pop_row()], eos_id=encoder.eos_id, answer_ids=True)

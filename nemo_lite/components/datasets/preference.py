@@ -129,6 +129,11 @@ class PreferenceEncoder:
                 "DataConfig.kind=preference reads prompt_field, chosen_field and rejected_field; unset messages_field "
                 "and response_field"
             )
+        if cfg.shared_prompt and not cfg.position_ids:
+            raise ValueError(
+                "DataConfig.shared_prompt=true restarts the positions after the prompt for each answer, which "
+                "position_ids=false would drop; set position_ids=true"
+            )
         template = None
         if cfg.chat_template is not None or getattr(tokenizer, "chat_template", None):
             template = chat_template_of(tokenizer, cfg.chat_template)

@@ -319,10 +319,15 @@ class DecoderForCausalLM(nn.Module):
         """
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask:
-        """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id)."""
+    def build_attention_mask(
+        self, input_ids_BS: torch.Tensor, eos_id: int | None = None, position_ids: torch.Tensor | None = None
+    ) -> AttentionMask:
+        """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id;
+        ``position_ids`` are read by the shared_prompt rule)."""
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
-        return self.attention_backend.build_mask(input_ids_BS, eos_id, sliding_windows=self.sliding_windows)
+        return self.attention_backend.build_mask(
+            input_ids_BS, eos_id, sliding_windows=self.sliding_windows, position_ids_BS=position_ids
+        )
 
     def forward_hidden(
         self,
