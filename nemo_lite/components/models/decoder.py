@@ -342,12 +342,12 @@ class DecoderForCausalLM(nn.Module):
         ``arange(S)``. ``attention_mask`` is the step's mask from :meth:`build_attention_mask`; when
         None it is built here from ``input_ids`` and ``config.eos_token_id``.
         """
-        if attention_mask is None:
-            attention_mask = self.build_attention_mask(input_ids_BS)
         if position_ids is None:
             position_ids = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
+        if attention_mask is None:
+            attention_mask = self.build_attention_mask(input_ids_BS, position_ids=position_ids.expand_as(input_ids_BS))
         cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
         h_BSE = self.embed_tokens(input_ids_BS)
         for layer in self.layers:
