@@ -77,6 +77,9 @@ class Objective:
 
     def __init__(self, section: ObjectiveSection, model: nn.Module) -> None:
         self.section = section
+        # Models of the objective's own that run forward only (a DPO reference copy): the trainer compiles
+        # them as it compiles the trained model.
+        self.frozen_models: list[nn.Module] = []
 
     @classmethod
     def check(cls, section: ObjectiveSection) -> None:
@@ -220,6 +223,7 @@ class DPO(PairObjective):
         self.reference_model: nn.Module | None = None
         if reference == "copy":  # the starting weights, before any update (and before a resumed checkpoint)
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.frozen_models.append(self.reference_model)
 
     def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], mask: Any):
         with torch.no_grad():

@@ -362,7 +362,7 @@ class Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
         if cfg.compile:
-            for module in family.compile_units(model):
+            for module in [unit for m in (model, *self.objective.frozen_models) for unit in family.compile_units(m)]:
                 module.compile()
         if self.dist.enabled:
             self.mesh = distributed.build_mesh(self.dist, cfg.dp_replicate, self.device.type)

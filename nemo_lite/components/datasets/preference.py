@@ -92,6 +92,20 @@ def preference_delimiter_id(tokenizer: Any, template: str | None, eos_id: int | 
     )
 
 
+def pair_document(
+    prompt: list[int], chosen: list[int], rejected: list[int], *, delimiter_id: int, shared_prompt: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """One pair as a packed document: ``(ids, trainable, positions)`` (positions empty in the separate layout,
+    where the packer counts them from the delimiter). ``prompt`` must not be empty."""
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    if shared_prompt:
+        ids = prompt + chosen + prompt[-1:] + rejected
+        trainable = [0] * p + [CHOSEN] * c + [0] + [REJECTED] * r
+        return ids, trainable, [*range(p + c), *range(p - 1, p + r)]
+    ids = prompt + chosen + [delimiter_id] + prompt + rejected
+    return ids, [0] * p + [CHOSEN] * c + [0] * (1 + p) + [REJECTED] * r, []
+
+
 @register_record_kind("preference")
 class PreferenceEncoder:
     """Prompt/chosen/rejected records -> one ``Document`` per pair: a :class:`~kinds.RecordEncoder`."""
@@ -224,15 +238,9 @@ class PreferenceEncoder:
     def encode(self, values: Sequence[Any], index: int) -> tuple[list[int], list[int], list[int], bool]:
         """``(ids, trainable, positions, too_long)``; positions are empty in the separate layout."""
         prompt, chosen, rejected = self.pair_ids(values, index)
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        if self.shared_prompt:
-            ids = prompt + chosen + prompt[-1:] + rejected
-            trainable = [0] * p + [CHOSEN] * c + [0] + [REJECTED] * r
-            positions = [*range(p + c), *range(p - 1, p + r)]
-        else:
-            ids = prompt + chosen + [self.delimiter_id] + prompt + rejected
-            trainable = [0] * p + [CHOSEN] * c + [0] * (1 + p) + [REJECTED] * r
-            positions = []
+        ids, trainable, positions = pair_document(
+            prompt, chosen, rejected, delimiter_id=self.delimiter_id, shared_prompt=self.shared_prompt
+        )
         if len(ids) > self.max_tokens:
             return [], [], [], True
         return ids, trainable, positions, False
