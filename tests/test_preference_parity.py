@@ -169,3 +169,44 @@ def test_simpo_matches_trls_cpo_simpo(checkpoints, shared):
     section = ObjectiveSection(name="simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=0.1)
     theirs = trl_simpo(checkpoints, PAIRS_CHAT, section)
     assert_same(ours(checkpoints, SimPO, section, PAIRS_CHAT, shared=shared), theirs)
+
+
+def test_the_lora_reference_is_the_base_model_with_its_adapters_off(checkpoints):
+    """objective.reference=adapters_off: the reference log-probabilities of a model whose LoRA adapters are
+    trained (non-zero) are the base checkpoint's, and the adapters are on again (and trainable) afterwards."""
+    pytest.importorskip("peft")
+    from nemo_lite.components.models import family_of_checkpoint
+    from nemo_lite.training.converters import lora
+    from nemo_lite.training.converters.lora import PeftSection
+    from nemo_lite.training.objectives import answer_logps
+
+    reference, _ = checkpoints
+    attention = AttentionConfig(backend="sdpa", attn_mask_type="shared_prompt")
+    base = LlamaForCausalLM.from_pretrained(reference, attention=attention)
+    model = LlamaForCausalLM.from_pretrained(reference, attention=attention)
+    lora.LoraConverter(PeftSection(method="lora", r=4, target_modules=["all-linear"])).convert(
+        model, family_of_checkpoint(reference)
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    objective = DPO(ObjectiveSection(name="dpo", beta=0.3), model)
+    assert objective.reference == "adapters_off" and objective.reference_model is None
+    encoder = build_encoder(
+        DataConfig(kind="preference", tokenizer=str(reference), shared_prompt=True, seq_len=512),
+        build_tokenizer(str(reference)),
+        description="the parity pairs",
+    )
+    batch = one_row_batch(encoder, PAIRS_CHAT, 512)
+    mask = model.build_attention_mask(batch["input_ids"], encoder.eos_id, batch["position_ids"])
+    with torch.no_grad():
+        want = answer_logps(base, batch, mask)[:2]
+        adapted = answer_logps(model, batch, mask)[:2]
+    got = objective.reference_logps(model, batch, mask)
+    for g, w, a in zip(got, want, adapted, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, w, atol=1e-3)  # the adapters do change the answers' log-probabilities
+    after = answer_logps(model, batch, mask)[:2]
+    torch.testing.assert_close(after[0], adapted[0])
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
