@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from nemo_lite.components.datasets import DataConfig, build_dataloader
 from nemo_lite.components.datasets.default_preference import generate_pairs
@@ -19,6 +20,7 @@ def checkpoint(tmp_path_factory):
 
 
 def loader_of(tmp_path, checkpoint, records, *, shared=False, seq_len=128, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = DataConfig(
@@ -122,3 +124,13 @@ def test_the_default_preference_set_is_deterministic_and_prefers_the_right_answe
     add = next(r for r in first if " plus " in r["prompt"][-1]["content"])
     a, _, b = add["prompt"][-1]["content"].removeprefix("What is ").rstrip("?").split()
     assert add["chosen"][0]["content"].endswith(f" is {int(a) + int(b)}.")
+
+
+@pytest.mark.parametrize("records", [PAIRS_TEXT, PAIRS_CHAT], ids=["text", "chat"])
+def test_an_implicit_prompt_is_the_answers_common_start(tmp_path, checkpoint, records):
+    """TRL's implicit-prompt format (no prompt column, the prompt inside both answers) packs as the explicit one."""
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in records]
+    explicit_rows = next(iter(loader_of(tmp_path / "explicit", checkpoint, records)))
+    implicit_rows = next(iter(loader_of(tmp_path / "implicit", checkpoint, implicit)))
+    for key in ("input_ids", "labels", "answer_ids", "position_ids"):
+        assert torch.equal(implicit_rows[key], explicit_rows[key]), key

@@ -2,7 +2,9 @@
 
 The records are TRL's preference formats with an explicit prompt: three columns (``DataConfig.prompt_field``,
 default ``"prompt"``, ``chosen_field``, ``rejected_field``), each plain text, or each a conversation in the
-Hugging Face chat format (the prompt's messages, and the answers' assistant messages). They are tokenized as
+Hugging Face chat format (the prompt's messages, and the answers' assistant messages). Without a prompt column
+(and ``prompt_field`` unset), TRL's implicit-prompt format: the prompt is the answers' longest common start
+(messages, or characters less a space just before where they part). They are tokenized as
 TRL's ``DPOTrainer`` does, so both train on the same tokens:
 
 - plain text: the tokenizer's EOS is appended to an answer that does not end with it; the prompt, prompt +
@@ -92,6 +94,19 @@ def preference_delimiter_id(tokenizer: Any, template: str | None, eos_id: int | 
     )
 
 
+def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """TRL's implicit-prompt format: the prompt is the longest common start of the two answers (messages of
+    two conversations, or characters of two texts, less a space just before where they part)."""
+    if not isinstance(chosen, type(rejected)) or not isinstance(chosen, list | str):
+        return None, chosen, rejected  # refused with the record's index by pair_ids
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and n and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def pair_document(
     prompt: list[int], chosen: list[int], rejected: list[int], *, delimiter_id: int, shared_prompt: bool
 ) -> tuple[list[int], list[int], list[int]]:
@@ -134,6 +149,8 @@ class PreferenceEncoder:
         self.max_tokens = max_tokens
         self.shared_prompt = shared_prompt
         self.description = description
+        self.prompt_field_set = False  # DataConfig.prompt_field named explicitly (no implicit prompt then)
+        self.implicit_prompt = False  # no prompt column: the prompt is the answers' common start (check_columns)
         self._warned = False
 
     @classmethod
@@ -152,7 +169,7 @@ class PreferenceEncoder:
         if cfg.chat_template is not None or getattr(tokenizer, "chat_template", None):
             template = chat_template_of(tokenizer, cfg.chat_template)
             tokenizer.chat_template = template  # the one the exported tokenizer carries
-        return cls(
+        encoder = cls(
             tokenizer,
             [cfg.prompt_field or "prompt", cfg.chosen_field, cfg.rejected_field],
             template=template,
@@ -161,6 +178,8 @@ class PreferenceEncoder:
             shared_prompt=cfg.shared_prompt,
             description=description,
         )
+        encoder.prompt_field_set = cfg.prompt_field is not None
+        return encoder
 
     # -- one pair -------------------------------------------------------------------------------
     def _where(self, index: int, field: str) -> str:
@@ -182,6 +201,8 @@ class PreferenceEncoder:
     def pair_ids(self, values: Sequence[Any], index: int) -> tuple[list[int], list[int], list[int]]:
         """``(prompt, chosen, rejected)`` token ids of one record, as TRL's ``DPOTrainer`` tokenizes it."""
         prompt_field, chosen_field, rejected_field = self.fields
+        if self.implicit_prompt:
+            values = implicit_prompt(values[1], values[2])
         prompt, chosen, rejected = values
         conversation = isinstance(prompt, list)
         for field, value in zip(self.fields, values, strict=True):
@@ -248,7 +269,10 @@ class PreferenceEncoder:
     # -- the RecordEncoder protocol -------------------------------------------------------------
     def check_columns(self, columns: Sequence[str], features: Any, description: str) -> None:
         keys = ("prompt_field", "chosen_field", "rejected_field")
+        self.implicit_prompt = self.fields[0] not in columns and not self.prompt_field_set
         for field, key in zip(self.fields, keys, strict=True):
+            if field == self.fields[0] and self.implicit_prompt:
+                continue
             if field not in columns:
                 raise ValueError(
                     f"field {field!r} is not in {description}; its fields are {list(columns)}. Set DataConfig.{key} "
@@ -256,6 +280,8 @@ class PreferenceEncoder:
                 )
 
     def columns(self, table: Any) -> list[list[Any]]:
+        if self.implicit_prompt:
+            return [[None] * table.num_rows, *(table.column(f).to_pylist() for f in self.fields[1:])]
         return [table.column(f).to_pylist() for f in self.fields]
 
     def _document(self, ids, trainable, positions) -> Document:
@@ -296,7 +322,7 @@ class PreferenceEncoder:
 
     def cache_key(self) -> str:
         template = hashlib.sha256((self.template or "").encode()).hexdigest()
-        options = (self.fields, template, self.delimiter_id, self.max_tokens, self.shared_prompt)
+        options = (self.fields, self.implicit_prompt, template, self.delimiter_id, self.max_tokens, self.shared_prompt)
         return repr((PREFERENCE_TOKENIZED_VERSION, *options))
 
     def report(self, tokenized: Any, description: str) -> None:
