@@ -52,6 +52,30 @@ def test_the_rule_is_the_handwritten_one_and_counts_its_pairs():
     assert int(allowed_pairs(mask)) == int(want.sum())
 
 
+@pytest.mark.parametrize("window", [0, 2, 5])
+def test_every_backend_builds_the_rule_with_windows_on_positions(window):
+    """flex's mask_mod and the dense mask of sdpa/eager agree with the hand-written rule, a sliding window
+    counting position ids (so each answer's window is its own sequence's)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from nemo_lite.components.attention import build_attention_backend
+
+    ids = [5, 6, 7, 8, 11, 12, 13, 8, 21, 22, EOS, 40, 41, 42, 41, 51, 52, 53]
+    positions = [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 0, 1, 2, 1, 2, 3, 4]
+    want = reference_mask(ids, positions)
+    if window:
+        pos = torch.tensor(positions)
+        want = want & (pos[:, None] - pos[None, :] <= window)
+    ids_BS, pos_BS = torch.tensor([ids]), torch.tensor([positions])
+    for name in ("flex", "sdpa", "eager"):
+        backend = build_attention_backend(name, attn_mask_type="shared_prompt")
+        mask = backend.build_mask(ids_BS, EOS, sliding_windows=(window,), position_ids_BS=pos_BS)
+        built = mask.masks[mask.key(window)]
+        if name == "flex":
+            built = create_mask(built.mask_mod, 1, 1, len(ids), len(ids), device="cpu")
+        assert torch.equal(built[0, 0], want), name
+
+
 def test_without_forks_it_is_block_causal():
     ids = torch.tensor([[5, 6, EOS, 7, 8, 9, EOS, 4]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
