@@ -224,7 +224,7 @@ def test_mask_of_another_backend_is_refused():
 
 
 def test_bad_mask_config_lists_valid_choices():
-    with pytest.raises(ValueError, match=r"\['causal', 'block_causal'\]"):
+    with pytest.raises(ValueError, match=r"\['causal', 'block_causal', 'shared_prompt'\]"):
         get_attention_backend("sdpa")(attn_mask_type="sliding")
     with pytest.raises(ValueError, match="fixed_block_size"):
         get_attention_backend("sdpa")(fixed_block_size=0)

@@ -195,7 +195,7 @@ def test_attention_config_builds_the_backend_it_names():
         (
             dict(attn_mask_type="sliding"),
             AttentionConfigError,
-            "attention.attn_mask_type='sliding' is not valid; choose one of: causal, block_causal",
+            "attention.attn_mask_type='sliding' is not valid; choose one of: causal, block_causal, shared_prompt",
         ),
         (dict(fixed_block_size=0), AttentionConfigError, "attention.fixed_block_size=0 must be an integer > 0"),
         (dict(fixed_block_size=True), AttentionConfigError, "attention.fixed_block_size=True must be an integer"),

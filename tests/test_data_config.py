@@ -31,6 +31,9 @@ PRETRAIN_DATA = {
     "response_field": None,
     "mask_prompt_labels": True,
     "messages_field": None,
+    "chosen_field": "chosen",
+    "rejected_field": "rejected",
+    "shared_prompt": False,
     "chat_template": None,
     "text_sample_by": "line",
     "hub_config": None,
@@ -71,6 +74,9 @@ text_field: body
 prompt_field: question
 response_field: answer
 mask_prompt_labels: false
+chosen_field: better
+rejected_field: worse
+shared_prompt: true
 text_sample_by: paragraph
 hub_config: en
 train_split: train[:90%]

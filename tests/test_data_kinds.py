@@ -164,7 +164,8 @@ def test_an_unknown_kind_names_the_registered_ones(tmp_path, id_pairs_kind):
         build_dataloader(loader_config(source, tmp_path, kind="pairs"))
     assert isinstance(err.value, NemoLiteError) and isinstance(err.value, ValueError)
     assert str(err.value) == (
-        "unknown record kind DataConfig.kind='pairs'; registered kinds: chat, test_id_pairs, text, token_ids"
+        "unknown record kind DataConfig.kind='pairs'; registered kinds: "
+        "chat, preference, test_id_pairs, text, token_ids"
     )
     with pytest.raises(ValueError, match="is already registered by IdPairsEncoder"):
         register_record_kind("test_id_pairs")(type("Other", (IdPairsEncoder,), {}))

@@ -556,7 +556,21 @@ def _messages_and_prompts(tmp):
     DataConfig(messages_field="messages", prompt_field="prompt", response_field="response")
 
 
+def _mixed_preference_record(tmp):
+    from nemo_lite.components.datasets import DataConfig, build_encoder, build_tokenizer
+
+    encoder = build_encoder(DataConfig(kind="preference", eos_id=1), build_tokenizer("default"),
+                            description="'pairs.jsonl' (1 json file)")  # fmt: skip
+    prompt = [{"role": "user", "content": "Hi"}]
+    encoder.documents([("Hi", " yes", " no"), (prompt, " yes", " no")], [0, 1])
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
+    "packs both answers after one prompt": fit_error({"data.kind": "preference", "data.shared_prompt": True}),
+    "cannot express attn_mask_type=shared_prompt": call_error(
+        lambda tmp: _build("varlen", attn_mask_type="shared_prompt")
+    ),
+    "holds str but 'prompt' holds a conversation": call_error(_mixed_preference_record),
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
     # docs/finetuning.md

@@ -17,6 +17,7 @@ from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.errors import ConfigError
 from nemo_lite.training.converters.float8 import Float8Section
 from nemo_lite.training.converters.lora import PeftSection
+from nemo_lite.training.objectives import ObjectiveSection, check_objective
 from nemo_lite.training.optimizers import OptimSection, check_optim
 
 
@@ -114,6 +115,7 @@ class RecipeConfig:
     )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     peft: PeftSection = field(default_factory=PeftSection)
     float8: Float8Section = field(default_factory=Float8Section)
@@ -170,6 +172,12 @@ def validate(cfg: RecipeConfig) -> None:
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
     check_step_impl(cfg.trainer.step_impl)
     check_optim(cfg.optim)
+    check_objective(cfg.objective)
+    if cfg.data.shared_prompt and cfg.attention.attn_mask_type != "shared_prompt":
+        raise ConfigError(
+            "data.shared_prompt=true packs both answers after one prompt; set attention.attn_mask_type=shared_prompt "
+            f"(it is {cfg.attention.attn_mask_type!r}), or the rejected answer would see the chosen one"
+        )
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])
     _choice("logger.mode", cfg.logger.mode, ["online", "offline", "disabled"])
     if cfg.trainer.device not in ("auto", "cpu") and not cfg.trainer.device.startswith("cuda"):

@@ -110,7 +110,8 @@ def rank_batches(
         return []
     n_batches = math.ceil(math.ceil(len(rows) / world_size) / batch_size)
     mine = rows[rank::world_size]
-    filler = {k: (torch.full_like(v, IGNORE_INDEX) if k == "labels" else v) for k, v in rows[0].items()}
+    blank = {"labels": IGNORE_INDEX, "answer_ids": 0}  # no label, no preference pair
+    filler = {k: (torch.full_like(v, blank[k]) if k in blank else v) for k, v in rows[0].items()}
     mine += [filler] * (n_batches * batch_size - len(mine))
     return [
         {k: torch.stack([row[k] for row in mine[i : i + batch_size]]) for k in filler}
@@ -165,6 +166,7 @@ class Trainer:
             self._build_data()
             self._build_model()
             self._apply_converters()
+            self._build_objective()
             self._parallelize()
             self._count_flops()
             self._build_step()
@@ -359,13 +361,21 @@ class Trainer:
             self._log(converter.description)
         self.only_trainable = any(c.saves_only_trainable for c in self.converters)
 
+    def _build_objective(self) -> None:
+        """What the loss is (``objective.name``): built on the plain model, before sharding, so that a reference
+        copy holds the starting weights."""
+        from nemo_lite.training.objectives import build_objective
+
+        pairs = bool(getattr(self.train_loader, "pairs", False))
+        self.objective = build_objective(self.cfg.objective, self.raw_model, pairs=pairs)
+
     def _parallelize(self) -> None:
         """Activation checkpointing, torch.compile and FSDP2 (under torchrun), each unit chosen by the family."""
         cfg, family, model = self.cfg.trainer, self.family, self.raw_model
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(family.blocks(model))
         if cfg.compile:
-            for module in family.compile_units(model):
+            for module in [unit for m in (model, *self.objective.frozen_models) for unit in family.compile_units(m)]:
                 module.compile()
         if self.dist.enabled:
             self.mesh = distributed.build_mesh(self.dist, cfg.dp_replicate, self.device.type)
@@ -562,7 +572,7 @@ class Trainer:
         """One optimizer step over ``micro_batches``: forward and backward here, the clip and the update by
         the step strategy (``trainer.step_impl``). Returns the step's metrics (host values)."""
         t0, strategy, mask_timer = time.perf_counter(), self.step_impl, DeviceTimer(self.device)
-        n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)  # CPU tensors: no sync
+        n_labels = sum(self.objective.count(b) for b in micro_batches)  # the loss's units; CPU tensors: no sync
         loss_scale = 1.0 / max(n_labels, 1)  # the summed token losses, scaled to the step's mean
         if self.dist.enabled:  # gradients are averaged over ranks: scale so the result is the global mean
             global_labels = torch.full((), float(n_labels), device=self.device, dtype=torch.float64)
@@ -574,10 +584,10 @@ class Trainer:
         for batch in micro_batches:
             batch = self._to_device(batch)
             with mask_timer:
-                mask = self._build_mask(batch["input_ids"])
+                mask = self._build_mask(batch)
             attention_flops += self.family.attention_flops(self.raw_model.config, mask)
             with self._autocast():
-                loss = strategy.loss(self.model, batch, mask, loss_scale)
+                loss = self.objective.loss(strategy, self.model, batch, mask, loss_scale)
             (loss * loss_scale + self._auxiliary_loss(extras, len(micro_batches))).backward()
             loss_sum += loss.detach()
         values = StepValues(
@@ -601,7 +611,8 @@ class Trainer:
         self._stop_requested = host.stop > 0
         loss_value = host.loss_sum / max(host.labels, 1)
         metrics = self._step_metrics(micro_batches, t0, mask_timer, loss_value, host.grad_norm, host.attention_flops)
-        return {**metrics, **dict(zip(extras, host_values[len(dataclasses.fields(values)) :], strict=True))}
+        model_metrics = dict(zip(extras, host_values[len(dataclasses.fields(values)) :], strict=True))
+        return metrics | model_metrics | self._objective_metrics(host.labels)
 
     def _auxiliary_loss(self, extras: dict[str, torch.Tensor], micro_batches: int) -> torch.Tensor | float:
         """What the model adds to the loss after its forward (a mixture of experts' load-balancing loss), a
@@ -623,6 +634,16 @@ class Trainer:
             torch.distributed.all_reduce(stacked)
             stacked = stacked / self.world_size
         return stacked
+
+    def _objective_metrics(self, count: float, prefix: str = "") -> dict[str, float]:
+        """The objective's own metrics (e.g. ``rewards/margins``), summed over ranks, per unit of its count."""
+        sums = self.objective.metric_sums()
+        if not sums:
+            return {}
+        values = torch.stack(list(sums.values()))
+        if self.dist.enabled:
+            torch.distributed.all_reduce(values)
+        return {prefix + key: value / max(count, 1) for key, value in zip(sums, values.tolist(), strict=True)}
 
     def _all_reduce(self, values: StepValues) -> StepValues:
         """The step's values summed over ranks, the gradient norm from the shards' squared norms."""
@@ -682,8 +703,9 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _build_mask(self, input_ids: torch.Tensor):
-        return self.raw_model.build_attention_mask(input_ids, self.eos_id)
+    def _build_mask(self, batch: dict[str, torch.Tensor]):
+        # position_ids: a mask rule may read them (shared_prompt: where the positions restart)
+        return self.raw_model.build_attention_mask(batch["input_ids"], self.eos_id, batch.get("position_ids"))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -694,14 +716,14 @@ class Trainer:
         for batch in self.val_batches:
             batch = self._to_device(batch)
             with self._autocast():
-                loss = self.step_impl.loss(self.model, batch, self._build_mask(batch["input_ids"]))
+                loss = self.objective.loss(self.step_impl, self.model, batch, self._build_mask(batch))
             total += float(loss)
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
+            count += self.objective.count(batch)
         self.model.train()
         if self.dist.enabled:
             total, count = distributed.all_reduce_sum([total, count], self.device)
         val_loss = total / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))} | self._objective_metrics(count, "val_")
 
     def evaluate_tasks(self) -> dict[str, float]:
         """``trainer.eval_tasks`` scored by lm-eval on the model as it is (``eval/<task>/<metric>``)."""

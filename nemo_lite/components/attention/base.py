@@ -3,7 +3,7 @@
 A backend is an ``nn.Module`` without parameters, configured once with the mask type:
 
     backend = get_attention_backend("sdpa")(attn_mask_type="block_causal", fixed_block_size=None)
-    mask = backend.build_mask(input_ids_BS, eos_id, sliding_windows=(0,))   # once per step
+    mask = backend.build_mask(input_ids_BS, eos_id, sliding_windows=(0,), position_ids_BS=positions)  # per step
     out_BHSD = backend(q_BHSD, k_BHSD, v_BHSD, attention_mask=mask, enable_gqa=True)  # every layer
 
 ``build_mask`` is the only place a backend's per-step mask is made, so nothing outside the backend
@@ -28,6 +28,7 @@ from torch import nn
 
 from nemo_lite.components.attention.masks import (
     AttentionMask,
+    branches_of,
     dense_mask,
     document_ids,
     validate_mask_config,
@@ -40,6 +41,14 @@ class AttentionConfigError(NemoLiteError, ValueError):
     """A backend option or the run's shape does not suit the backend; one line naming the value and the fix."""
 
 
+def shared_prompt_refusal(backend: str) -> str:
+    return (
+        f"attention={backend} cannot express attn_mask_type=shared_prompt (its segments are contiguous runs of "
+        "tokens, and a shared prompt's second answer sees the prompt but not the first answer); use flex, sdpa or "
+        "eager, or data.shared_prompt=false with block_causal"
+    )
+
+
 class AttentionBackend(nn.Module):
     """Base class: q/k/v are ``[B, H, S, D]``; the output is ``[B, Hq, S, Dv]`` in q's dtype.
 
@@ -49,10 +58,14 @@ class AttentionBackend(nn.Module):
 
     name: ClassVar[str] = "base"
     supports_sinks: ClassVar[bool] = True
+    # Can express attn_mask_type="shared_prompt" (a branch sees the trunk below its fork: not a contiguous run).
+    supports_shared_prompt: ClassVar[bool] = True
 
     def __init__(self, attn_mask_type: str = "causal", fixed_block_size: int | None = None) -> None:
         super().__init__()
         validate_mask_config(attn_mask_type, fixed_block_size)
+        if attn_mask_type == "shared_prompt" and not self.supports_shared_prompt:
+            raise AttentionConfigError(shared_prompt_refusal(self.name))
         self.attn_mask_type = attn_mask_type
         self.fixed_block_size = fixed_block_size
 
@@ -91,15 +104,23 @@ class AttentionBackend(nn.Module):
         input_ids_BS: torch.Tensor,
         eos_id: int | None = None,
         sliding_windows: Iterable[int] = (0,),
+        position_ids_BS: torch.Tensor | None = None,
     ) -> AttentionMask:
-        """Build the step's masks from the token ids, on the ids' device."""
+        """Build the step's masks from the token ids (and for shared_prompt the position ids), on the ids' device."""
         if input_ids_BS.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids_BS.shape)}")
-        doc_ids = None
-        if self.attn_mask_type == "block_causal":
+        doc_ids = branches = None
+        if self.attn_mask_type in ("block_causal", "shared_prompt"):
             if eos_id is None:
-                raise ValueError("attn_mask_type='block_causal' needs eos_id to find document boundaries")
+                raise ValueError(f"attn_mask_type={self.attn_mask_type!r} needs eos_id to find document boundaries")
             doc_ids = document_ids(input_ids_BS, eos_id)
+        if self.attn_mask_type == "shared_prompt":
+            if position_ids_BS is None:
+                raise ValueError(
+                    "attn_mask_type='shared_prompt' finds where answers fork by the position ids: pass "
+                    "position_ids_BS (the batch's position_ids) to build_mask"
+                )
+            branches = branches_of(doc_ids, position_ids_BS)
         batch_size, seq_len = input_ids_BS.shape
         mask = AttentionMask(
             backend=self.name,
@@ -109,6 +130,7 @@ class AttentionBackend(nn.Module):
             batch_size=batch_size,
             device=input_ids_BS.device,
             doc_ids=doc_ids,
+            branches=branches,
         )
         for window in sorted(set(sliding_windows)):
             validate_window(window)
@@ -123,14 +145,15 @@ class AttentionBackend(nn.Module):
             fixed_block_size=mask.fixed_block_size,
             sliding_window=sliding_window,
             device=mask.device,
+            branches=mask.branches,
         )
 
     def _mask_for(self, attention_mask: AttentionMask | None, q: torch.Tensor, sliding_window: int) -> Any:
         """The object for this call's window; built (once, then kept for the step) if missing."""
         if attention_mask is None:
-            if self.attn_mask_type == "block_causal":
+            if self.attn_mask_type != "causal":
                 raise ValueError(
-                    "block_causal attention needs the step's mask: call build_mask(input_ids, eos_id) "
+                    f"{self.attn_mask_type} attention needs the step's mask: call build_mask(input_ids, eos_id) "
                     "once per step and pass it as attention_mask="
                 )
             attention_mask = AttentionMask(

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError
+from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError, shared_prompt_refusal
 from nemo_lite.components.attention.masks import MASK_TYPES
 from nemo_lite.components.attention.registry import get_attention_backend
 
@@ -61,6 +61,12 @@ class AttentionConfig:
                 f"attention.options={self.options!r} must be a mapping of the backend's option names to values"
             )
         backend_cls.check_options(self.options)
+        if self.attn_mask_type == "shared_prompt" and not backend_cls.supports_shared_prompt:
+            raise AttentionConfigError(shared_prompt_refusal(self.backend))
+        if self.attn_mask_type == "shared_prompt" and size is not None:
+            raise AttentionConfigError(
+                f"attention.fixed_block_size={size} does not combine with attn_mask_type=shared_prompt; set it to null"
+            )
 
     def check_run(self, *, seq_len: int, device_type: str) -> None:
         """Refuse, before any data or model work, a run the backend cannot serve (its own rule, one line)."""

@@ -38,7 +38,13 @@ from torch.nn.attention.flex_attention import (
 )
 
 from nemo_lite.components.attention.base import AttentionBackend, AttentionConfigError, attention_math, check_qkv
-from nemo_lite.components.attention.masks import FLEX_ATTN_MASK_T, AttentionMask, document_ids
+from nemo_lite.components.attention.masks import (
+    FLEX_ATTN_MASK_T,
+    AttentionMask,
+    Branches,
+    document_ids,
+    shared_prompt_allowed,
+)
 from nemo_lite.components.attention.registry import register_attention_backend
 
 try:  # torch >= 2.9: the log-sum-exp is requested through AuxRequest; return_lse is deprecated
@@ -172,6 +178,8 @@ class FlexAttention(AttentionBackend):
 
     # ---- per step -------------------------------------------------------------------------
     def _mask_mod(self, mask: AttentionMask, sliding_window: int) -> _mask_mod_signature:
+        if mask.branches is not None:
+            return _shared_prompt_mask_mod(mask.doc_ids, mask.branches, sliding_window)
         if mask.doc_ids is not None:
             mask_mod = _block_causal_from_doc_ids(mask.doc_ids)
             if sliding_window > 0:
@@ -335,6 +343,20 @@ def _block_causal_from_doc_ids(doc_ids_BS: torch.Tensor) -> _mask_mod_signature:
         return (q_idx >= kv_idx) & (doc_ids_BS[b, q_idx] == doc_ids_BS[b, kv_idx])
 
     return block_causal_mask
+
+
+def _shared_prompt_mask_mod(doc_ids_BS: torch.Tensor, branches: Branches, window: int) -> _mask_mod_signature:
+    """block_causal, and a branch sees only its own tokens and the trunk below its fork (masks.py)."""
+    positions = branches.positions
+
+    def shared_prompt_mask(b, h, q_idx, kv_idx):
+        allowed = (q_idx >= kv_idx) & (doc_ids_BS[b, q_idx] == doc_ids_BS[b, kv_idx])
+        allowed = allowed & shared_prompt_allowed(branches, q_idx, kv_idx, b)
+        if window > 0:
+            allowed = allowed & (positions[b, q_idx] - positions[b, kv_idx] <= window)
+        return allowed
+
+    return shared_prompt_mask
 
 
 def _flex(kernel, q, k, v, block_mask, scale, sink_weights, enable_gqa, kernel_options) -> torch.Tensor:

@@ -38,6 +38,7 @@ class SDPAAttention(AttentionBackend):
             fixed_block_size=mask.fixed_block_size,
             sliding_window=sliding_window,
             device=mask.device,
+            branches=mask.branches,
         )
 
     def forward(

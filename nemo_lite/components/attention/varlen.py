@@ -105,6 +105,7 @@ class VarlenAttention(AttentionBackend):
     segment bounded by the row), so the host never waits for the device (docs/attention.md)."""
 
     supports_sinks = False
+    supports_shared_prompt = False
 
     def __init__(
         self, attn_mask_type: str = "causal", fixed_block_size: int | None = None, *, host_sync: bool = True

@@ -15,10 +15,11 @@ The trainer's entry points::
     state = loader.state_dict()  # save with the checkpoint; loader.load_state_dict(state) resumes
     loader.prompt_ids("Hello"), loader.end_id  # what sampling the trained model needs
 
-Importing this package registers the built-in record kinds, ``text``, ``chat`` and ``token_ids`` (``kinds.py``).
+Importing this package registers the built-in record kinds, ``text``, ``chat``, ``token_ids`` and ``preference``
+(``kinds.py``).
 """
 
-from nemo_lite.components.datasets import chat, text, token_ids  # noqa: F401  (registers the record kinds)
+from nemo_lite.components.datasets import chat, preference, text, token_ids  # noqa: F401  (registers the record kinds)
 from nemo_lite.components.datasets.config import DataConfig, resolve_data_config
 from nemo_lite.components.datasets.default_corpus import (
     DEFAULT_EOS_TOKEN,

@@ -55,7 +55,14 @@ class DataConfig:
     # conversation whole in one row, cut at seq_len - 1 tokens (docs/finetuning.md). Excludes
     # prompt_field/response_field; text_field is then unused.
     messages_field: str | None = None
-    # With messages_field: a Jinja chat template file that replaces the tokenizer's own; None = the
+    # Preference pairs (kind: preference, docs/preference.md): the prompt column (prompt_field, default
+    # "prompt") and the two answer columns, plain text or conversations as TRL documents them.
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # Preference pairs: pack prompt, chosen, rejected once, the rejected answer masked from the chosen one
+    # (needs attention.attn_mask_type=shared_prompt); false: prompt + chosen, then prompt + rejected.
+    shared_prompt: bool = False
+    # With messages_field or kind preference: a Jinja chat template file that replaces the tokenizer's own; None = the
     # tokenizer's.
     chat_template: str | None = None
     # Text files: one document per "line", per "paragraph" (blank-line separated) or per file
@@ -134,10 +141,8 @@ class DataConfig:
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ConfigError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
         if self.text_sample_by not in TEXT_SAMPLE_BY:
-            raise ConfigError(
-                f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}"
-            )
-        if (self.prompt_field is None) != (self.response_field is None):
+            raise ConfigError(f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}")
+        if self.kind != "preference" and (self.prompt_field is None) != (self.response_field is None):
             raise ConfigError(
                 "DataConfig.prompt_field and response_field go together: set both (fine-tuning data) "
                 f"or neither, got prompt_field={self.prompt_field!r}, response_field={self.response_field!r}"
@@ -147,7 +152,7 @@ class DataConfig:
                 f"DataConfig.messages_field={self.messages_field!r} (conversations) and prompt_field/response_field "
                 "(prompt/response pairs) are two kinds of fine-tuning data; set one of them"
             )
-        if self.chat_template is not None and self.messages_field is None:
+        if self.chat_template is not None and self.messages_field is None and self.kind != "preference":
             raise ConfigError(
                 f"DataConfig.chat_template={self.chat_template!r} renders conversations; set messages_field too"
             )

@@ -17,6 +17,9 @@ class Document(NamedTuple):
     replaced_chars: int = 0  # U+FFFD characters in the source text (undecodable bytes)
     # Per token: 1 = may be a loss target, 0 = never (a conversation's non-assistant tokens); None = use prompt_len
     trainable: list[int] | None = None
+    # Per token: its position id; None = the distance to the previous EOS (a preference pair with a shared
+    # prompt restarts the positions after the prompt for each answer, docs/preference.md)
+    positions: list[int] | None = None
 
 
 class DocumentSource(Protocol):

@@ -132,4 +132,9 @@ def build_encoder(cfg: DataConfig, tokenizer: Any, *, description: str) -> Recor
         raise UnknownRecordKindError(
             f"unknown record kind DataConfig.kind={name!r}; registered kinds: {', '.join(list_record_kinds())}"
         )
+    if cfg.shared_prompt and not getattr(encoder_cls, "pairs", False):
+        raise ValueError(
+            f"DataConfig.shared_prompt=true packs preference pairs, which kind {name!r} does not read; set "
+            "DataConfig.kind=preference or shared_prompt=false"
+        )
     return encoder_cls.from_config(cfg, tokenizer, description=description)

@@ -89,6 +89,8 @@ class PackedDataLoader:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.encoder = encoder
+        # Preference pairs: batches carry "answer_ids" (collate_rows); optional in RecordEncoder.
+        self.pairs = bool(getattr(encoder, "pairs", False))
         self.pin_memory = pin_memory and torch.cuda.is_available()
         if pin_memory and not self.pin_memory:
             warnings.warn("pin_memory=True ignored: CUDA is not available", stacklevel=2)
@@ -258,7 +260,9 @@ class PackedDataLoader:
                     continue
                 doc += 1
                 stats["replaced_chars"] += document.replaced_chars
-                packed_this_epoch += packer.push(document.ids, document.prompt_len, document.trainable)
+                packed_this_epoch += packer.push(
+                    document.ids, document.prompt_len, document.trainable, document.positions
+                )
             own = []
             for i in range(rows_per_step):
                 if i % world == rank:
@@ -271,6 +275,7 @@ class PackedDataLoader:
                 eos_id=self.eos_id,
                 position_ids=self.position_ids,
                 mask_cross_document_labels=self.mask_cross_document_labels,
+                answer_ids=self.pairs,
             )
             if self.pin_memory:
                 batch = {k: v.pin_memory() for k, v in batch.items()}

@@ -95,11 +95,20 @@ class DocumentPacker:
         self._start = 0  # index of the first token not yet consumed (the next row starts here)
 
     # -- input --------------------------------------------------------------------------------
-    def push(self, ids: Sequence[int], prompt_len: int = 0, trainable: Sequence[int] | None = None) -> bool:
+    def push(
+        self,
+        ids: Sequence[int],
+        prompt_len: int = 0,
+        trainable: Sequence[int] | None = None,
+        positions: Sequence[int] | None = None,
+    ) -> bool:
         """Append one document and its EOS. Returns False (and counts it) if it is empty.
 
-        ``trainable`` (one 0/1 per token) marks the tokens that may be loss targets; its EOS is not one.
-        Without it, the first ``prompt_len`` tokens are not targets and the rest and the EOS are.
+        ``trainable`` (one int per token, 0 = never a target) marks the tokens that may be loss targets;
+        its EOS is not one. A value above 1 is kept as it is (a preference pair marks its chosen answer 1 and
+        its rejected answer 2). Without it, the first ``prompt_len`` tokens are not targets and the rest and
+        the EOS are. ``positions`` (one per token) replaces the distance to the previous EOS; the EOS
+        then gets the last position + 1.
         """
         if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
@@ -114,12 +123,17 @@ class DocumentPacker:
                 raise ValueError(f"prompt_len={prompt_len} is outside the document's {n} tokens")
             if trainable is not None and len(trainable) != n:
                 raise ValueError(f"trainable has {len(trainable)} entries for a document of {n} tokens")
+        if positions is not None and len(positions) != n:
+            raise ValueError(f"positions has {len(positions)} entries for a document of {n} tokens")
         if self.whole_documents:
             self._start_row_if_needed(n)
         eos = self.eos_id
         self._tokens.extend(ids)
         self._tokens.append(eos)
-        if eos in ids:  # an EOS inside the text ends a document there too (the masks' rule)
+        if positions is not None:
+            self._positions.extend(positions)
+            self._positions.append(positions[-1] + 1)
+        elif eos in ids:  # an EOS inside the text ends a document there too (the masks' rule)
             pos = 0
             for t in ids:
                 self._positions.append(pos)
@@ -246,8 +260,13 @@ def collate_rows(
     eos_id: int,
     position_ids: bool = True,
     mask_cross_document_labels: bool = False,
+    answer_ids: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Rows -> ``{"input_ids", "labels", "position_ids"}``, CPU int64 ``[B, S]`` each."""
+    """Rows -> ``{"input_ids", "labels", "position_ids"}``, CPU int64 ``[B, S]`` each.
+
+    ``answer_ids`` (preference pairs, whose rows mark chosen answer tokens 1 and rejected ones 2 in
+    ``trainable``) adds ``"answer_ids"``: per label position, 0 where the label is no answer token, else
+    ``2 * k + 1`` for the chosen and ``2 * k + 2`` for the rejected answer of the row's ``k``-th pair."""
     tokens_BT = torch.tensor([r.tokens for r in rows], dtype=torch.int64)  # T = S + 1
     input_ids_BS = tokens_BT[:, :-1].contiguous()
     labels_BS = tokens_BT[:, 1:].clone()  # its own memory: the masking below must not touch input_ids
@@ -261,4 +280,22 @@ def collate_rows(
         position_ids_BS = torch.tensor([r.positions[:-1] for r in rows], dtype=torch.int64)
     else:
         position_ids_BS = torch.arange(seq_len, dtype=torch.int64).expand(len(rows), seq_len).contiguous()
-    return {"input_ids": input_ids_BS, "labels": labels_BS, "position_ids": position_ids_BS}
+    batch = {"input_ids": input_ids_BS, "labels": labels_BS, "position_ids": position_ids_BS}
+    if answer_ids:
+        batch["answer_ids"] = torch.tensor([pair_answer_ids(r.trainable[1:]) for r in rows], dtype=torch.int64)
+    return batch
+
+
+def pair_answer_ids(sides: Sequence[int]) -> list[int]:
+    """Label sides (0 none, 1 chosen, 2 rejected) -> answer ids (0, ``2k+1``, ``2k+2``): a pair's chosen
+    answer comes before its rejected one, so a chosen token after a rejected one starts the next pair."""
+    out, pair, last = [], -1, 0
+    for side in sides:
+        if side == 0:
+            out.append(0)
+            continue
+        if side == 1 and last != 1:
+            pair += 1
+        last = side
+        out.append(2 * pair + side)
+    return out

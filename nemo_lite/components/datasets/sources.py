@@ -20,6 +20,7 @@ import torch
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.default_chat import DEFAULT_CHAT_SOURCE, default_chat_file
 from nemo_lite.components.datasets.default_corpus import default_corpus_file
+from nemo_lite.components.datasets.default_preference import DEFAULT_PREFERENCE_SOURCE, default_preference_file
 from nemo_lite.components.datasets.documents import Document, epoch_order
 from nemo_lite.components.datasets.kinds import RecordEncoder, build_encoder
 
@@ -116,6 +117,10 @@ class _Spec:
         if isinstance(spec, str) and spec == DEFAULT_CHAT_SOURCE:
             self.files, self.format = [str(default_chat_file())], "json"
             self.description = "the default conversation set"
+            return
+        if isinstance(spec, str) and spec == DEFAULT_PREFERENCE_SOURCE:
+            self.files, self.format = [str(default_preference_file())], "json"
+            self.description = "the default preference set"
             return
         specs = [spec] if isinstance(spec, str) else list(spec)
         if not specs:

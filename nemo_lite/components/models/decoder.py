@@ -340,10 +340,15 @@ class DecoderForCausalLM(nn.Module):
         """
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask:
-        """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id)."""
+    def build_attention_mask(
+        self, input_ids_BS: torch.Tensor, eos_id: int | None = None, position_ids: torch.Tensor | None = None
+    ) -> AttentionMask:
+        """The step's mask, built once by the model's backend (eos_id defaults to config.eos_token_id;
+        ``position_ids`` are read by the shared_prompt rule)."""
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
-        return self.attention_backend.build_mask(input_ids_BS, eos_id, sliding_windows=self.sliding_windows)
+        return self.attention_backend.build_mask(
+            input_ids_BS, eos_id, sliding_windows=self.sliding_windows, position_ids_BS=position_ids
+        )
 
     def forward_hidden(
         self,
@@ -358,12 +363,12 @@ class DecoderForCausalLM(nn.Module):
         ``arange(S)``. ``attention_mask`` is the step's mask from :meth:`build_attention_mask`; when
         None it is built here from ``input_ids`` and ``config.eos_token_id``.
         """
-        if attention_mask is None:
-            attention_mask = self.build_attention_mask(input_ids_BS)
         if position_ids is None:
             position_ids = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
+        if attention_mask is None:
+            attention_mask = self.build_attention_mask(input_ids_BS, position_ids=position_ids.expand_as(input_ids_BS))
         cos_B1SD, sin_B1SD = rotary_cos_sin(self.config, position_ids)  # once, shared by every layer
         h_BSE = self.embed_tokens(input_ids_BS)
         for layer in self.layers:

@@ -44,7 +44,9 @@ class CausalLM(Protocol):
     tokenizer_dir: Path | None  # the tokenizer that goes with the weights (set by loading a checkpoint)
     attention_backend: AttentionBackend  # built once from the model's AttentionConfig, shared by its layers
 
-    def build_attention_mask(self, input_ids_BS: torch.Tensor, eos_id: int | None = None) -> AttentionMask: ...
+    def build_attention_mask(
+        self, input_ids_BS: torch.Tensor, eos_id: int | None = None, position_ids: torch.Tensor | None = None
+    ) -> AttentionMask: ...
 
     def forward_hidden(
         self,
