@@ -141,7 +141,9 @@ class DataConfig:
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ConfigError(f"DataConfig.data_format={self.data_format!r}; choose one of {list(DATA_FORMATS)}")
         if self.text_sample_by not in TEXT_SAMPLE_BY:
-            raise ConfigError(f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}")
+            raise ConfigError(
+                f"DataConfig.text_sample_by={self.text_sample_by!r}; choose one of {list(TEXT_SAMPLE_BY)}"
+            )
         if self.kind != "preference" and (self.prompt_field is None) != (self.response_field is None):
             raise ConfigError(
                 "DataConfig.prompt_field and response_field go together: set both (fine-tuning data) "
