@@ -83,6 +83,9 @@ class TrainerSection:
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
     export_hf: bool = True
+    # The export's weights: "auto" (the dtype of model.pretrained_path's weights; float32 from scratch),
+    # "float32", "bfloat16" or "float16".
+    export_dtype: str = "auto"
     sample_prompt: str = "The"
     sample_tokens: int = 32
     progress_bar: bool = True
@@ -138,6 +141,8 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
 
 
 STEP_IMPLS = ("auto", "fast", "plain")
+# trainer.export_dtype: "auto" is the source checkpoint's dtype (nemo_lite.components.models.hf.EXPORT_DTYPES).
+EXPORT_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_step_impl(impl: str) -> None:
@@ -159,6 +164,7 @@ def validate(cfg: RecipeConfig) -> None:
     if cfg.model.pretrained_path is None:
         _choice("model.preset", cfg.model.preset, list_presets())
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
+    _choice("trainer.export_dtype", cfg.trainer.export_dtype, list(EXPORT_DTYPE_CHOICES))
     check_step_impl(cfg.trainer.step_impl)
     check_optim(cfg.optim)
     _choice("logger.name", cfg.logger.name, ["jsonl", "wandb"])

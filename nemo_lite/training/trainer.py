@@ -828,21 +828,45 @@ class Trainer:
         return plain.to(self.device)
 
     def export(self, model=None) -> Path:
-        """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``), tokenizer
-        included, and what the converters write beside it (``export_extra``)."""
+        """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``) in
+        ``trainer.export_dtype``, with the tokenizer, the chat template the run trained with as the tokenizer's own,
+        and generation_config.json (the source checkpoint's stop ids, and the run's end of a turn or document);
+        then what the converters write beside it (``export_extra``)."""
+        from nemo_lite.components.models import hf
+
         model = model or self._plain_model()
-        for converter in self.converters:
-            line = converter.export_extra(self.run_dir)
-            if line:
-                self._log(line)
         tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"
             self.tokenizer.save_pretrained(str(tokenizer_dir))
-        model.config.eos_token_id = self.train_loader.end_id
-        path = model.save_pretrained(self.run_dir / "hf", tokenizer_dir=tokenizer_dir)
+        generation = hf.generation_config_of(self.pretrained_dir, model.config)
+        # Generation stops at the run's end of a turn (or of a document) and at every id the source stopped at; a
+        # model from scratch has no source, and the id its config was built with delimits documents, ending none.
+        end_id, stop_ids = self.train_loader.end_id, hf.eos_ids(generation) if self.pretrained_dir else []
+        stop_ids = stop_ids if end_id in stop_ids else [end_id, *stop_ids]
+        generation["eos_token_id"] = stop_ids if len(stop_ids) > 1 else end_id
+        path = model.save_pretrained(
+            self.run_dir / "hf",
+            tokenizer_dir=tokenizer_dir,
+            dtype=self._export_dtype(),
+            generation=generation,
+            chat_template=getattr(self.train_loader, "chat_template", None),
+        )
         self._log(f"exported a Hugging Face checkpoint to {path}")
+        for converter in self.converters:
+            line = converter.export_extra(self.run_dir, path)
+            if line:
+                self._log(line)
         return path
+
+    def _export_dtype(self) -> torch.dtype:
+        """``trainer.export_dtype``; "auto" is the dtype of model.pretrained_path's weights (float32 from scratch)."""
+        from nemo_lite.components.models import hf
+
+        name = self.cfg.trainer.export_dtype
+        if name != "auto":
+            return hf.EXPORT_DTYPES[name]
+        return torch.float32 if self.pretrained_dir is None else hf.checkpoint_dtype(self.pretrained_dir)
 
     def sample(self, prompt: str, max_new_tokens: int, model=None) -> str:
         """Greedy continuation of ``prompt``, encoded and stopped by the loader's record kind (in a chat run one

@@ -6,10 +6,10 @@
 
 A hub id goes through ``huggingface_hub.snapshot_download`` with the standard cache (``HF_HUB_CACHE``,
 ``HF_HOME``) and its switches (``HF_HUB_OFFLINE=1``: the cache only, no network). Only what loading
-needs is fetched: config.json, the safetensors weights (the single file, or the index and the shards
-it names) and the tokenizer files; never a pickle ``.bin``, never a second copy of the weights in
-another format (``consolidated.safetensors``, ``original/``). Every failure is one
-:class:`PretrainedNotFoundError` line naming the id, the revision and what to do.
+needs is fetched: config.json, generation_config.json (the stop ids the export keeps), the safetensors
+weights (the single file, or the index and the shards it names) and the tokenizer files; never a pickle
+``.bin``, never a second copy of the weights in another format (``consolidated.safetensors``, ``original/``).
+Every failure is one :class:`PretrainedNotFoundError` line naming the id, the revision and what to do.
 """
 
 from __future__ import annotations
@@ -21,19 +21,23 @@ from pathlib import Path
 from nemo_lite.errors import NemoLiteError
 
 CONFIG_NAME = "config.json"
+# transformers' generate reads its stop ids (eos_token_id, one or a list) and sampling settings here.
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Shards as transformers names them; an index naming other files gets those fetched by name.
 SHARD_PATTERN = "model-*-of-*.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG,
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
-    "chat_template.jinja",
+    CHAT_TEMPLATE_FILE,
 )
 
 # "org/name" or "name", then optionally "@revision" (a branch, a tag or a commit hash).
@@ -129,7 +133,7 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
                 "retry, or set HF_HUB_OFFLINE=1 to use the cache only"
             ) from None
 
-    snapshot = fetch([CONFIG_NAME, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
+    snapshot = fetch([CONFIG_NAME, GENERATION_CONFIG, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
     if not (snapshot / CONFIG_NAME).is_file():
         raise PretrainedNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
     if (snapshot / INDEX_FILE).is_file():
