@@ -53,8 +53,8 @@ class DataConfig:
     # conversation whole in one row, cut at seq_len - 1 tokens (docs/finetuning.md). Excludes
     # prompt_field/response_field; text_field is then unused.
     messages_field: str | None = None
-    # With messages_field: a Jinja chat template file that replaces the tokenizer's own; None = the
-    # tokenizer's.
+    # With messages_field: a Jinja chat template file that replaces the tokenizer's own, or the name of one
+    # nemo_lite ships ("qwen3": Qwen3's with {% generation %} blocks); None = the tokenizer's.
     chat_template: str | None = None
     # Text files: one document per "line", per "paragraph" (blank-line separated) or per file
     # ("document").
