@@ -107,7 +107,7 @@ def raised(fn: Callable[[], object]) -> list[str]:
 
 @cache
 def recipe_stderr(recipe: str, *args: str) -> tuple[int, list[str]]:
-    """Run a recipe (stopping before any work is the point; the timeout catches one that trains).
+    """Run a recipe (stopping before any work is the point; the timeout is a hang guard, not a speed limit).
     Returns the exit code and the lines of stderr, plus each ``error: `` line without that prefix."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     env.pop("NEMO_LITE_DEBUG", None)
@@ -116,7 +116,7 @@ def recipe_stderr(recipe: str, *args: str) -> tuple[int, list[str]]:
             [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *args, f"run_dir={run_dir}"],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,
             env=env,
             cwd=REPO,
         )
@@ -302,7 +302,10 @@ def _run_dir_in_use(tmp):
     run = tmp / "run"
     run.mkdir()
     code = "import sys, time; from nemo_lite.training.run_dir import RunLock; RunLock(sys.argv[1]); print(1, flush=1)"
-    holder = subprocess.Popen([sys.executable, "-c", f"{code}; time.sleep(60)", str(run)], stdout=subprocess.PIPE)
+    # The holder keeps the lock until its stdin closes (killed below), however long the run takes to refuse.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"{code}; sys.stdin.read()", str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         holder.stdout.readline()
         _quick_trainer(run).fit()

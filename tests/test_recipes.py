@@ -175,12 +175,11 @@ def test_the_exit_code_tells_interrupted_from_finished_and_a_finished_run_is_not
         text=True,
     )
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):  # 400 steps: it is still going
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)  # a hang guard, not a speed limit
     assert proc.returncode == 128 + signal.SIGTERM == 143, err[-2000:]
     assert "interrupted at step" in err
     stopped_at = len(metrics.read_text().splitlines())
