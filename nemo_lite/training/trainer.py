@@ -287,7 +287,12 @@ class Trainer:
             try:
                 self.val_batches = self._validation_batches(data_cfg)
             except ValueError as err:  # a held-out split too small for one row: train without it, say so
-                self._log(f"validation disabled: {err}")
+                self._log(f"validation disabled: {err}; hold out more data (data.validation_fraction)")
+        elif self.cfg.trainer.val_tokens > 0 and self.cfg.trainer.val_every > 0:
+            self._log(
+                "no validation: data.validation_fraction is 0 and data.validation_source is unset (hold out part "
+                "of the data with data.validation_fraction, e.g. 0.05)"
+            )
 
     def _validation_batches(self, data_cfg) -> list[dict[str, torch.Tensor]]:
         """This rank's validation batches: the first ``trainer.val_tokens`` tokens of the held-out split (all of
@@ -298,7 +303,9 @@ class Trainer:
 
         want = math.ceil(self.cfg.trainer.val_tokens / data_cfg.seq_len)
         rows: list[dict[str, torch.Tensor]] = []
-        for batch in build_dataloader(data_cfg, split="validation", rank=0, world_size=1):
+        # Read one row at a time: a held-out split smaller than a training step still validates.
+        one_row = dataclasses.replace(data_cfg, batch_size=1)
+        for batch in build_dataloader(one_row, split="validation", rank=0, world_size=1):
             rows += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
             if len(rows) >= want:
                 break
@@ -488,8 +495,9 @@ class Trainer:
                     f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
                     f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
                 )
-        if cfg.val_every and self.step % cfg.val_every == 0:
-            metrics.update(self.evaluate() or {})
+        if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.max_steps:
+            self._validation = (self.step, self.evaluate())  # the last step's is the end of the run's
+            metrics.update(self._validation[1] or {})
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             progress.writer.write({"step": self.step, **metrics})
         if progress.bar is not None:
@@ -798,7 +806,9 @@ class Trainer:
     def _finish(self, result: FitResult) -> None:
         """After the last step: the final validation, the export and the sample."""
         cfg = self.cfg.trainer
-        final = self.evaluate()
+        step, final = getattr(self, "_validation", (None, None))
+        if step != self.step:
+            final = self.evaluate()
         if final:
             self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
         if cfg.export_hf or cfg.sample_tokens > 0:
