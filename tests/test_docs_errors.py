@@ -524,6 +524,32 @@ def _messages_and_prompts(tmp):
     DataConfig(messages_field="messages", prompt_field="prompt", response_field="response")
 
 
+def _smollm2_not_converted(tmp: Path) -> list[str]:
+    """model.pretrained_path at the directory scripts/convert_smollm2.py writes, before it ran."""
+    saved = os.environ.get("NEMO_LITE_CACHE")
+    os.environ["NEMO_LITE_CACHE"] = str(tmp / "cache")
+    try:
+        return fit_error({"model.pretrained_path": lambda tmp: str(tmp / "cache" / "smollm2-135m")})(tmp)
+    finally:
+        if saved is None:
+            del os.environ["NEMO_LITE_CACHE"]
+        else:
+            os.environ["NEMO_LITE_CACHE"] = saved
+
+
+def _convert_without_gguf(tmp: Path) -> list[str]:
+    """scripts/convert_smollm2.py where gguf cannot be imported: its one line on stderr."""
+    code = (
+        "import importlib.util, runpy, sys; real = importlib.util.find_spec; "
+        "importlib.util.find_spec = lambda name, *a: None if name == 'gguf' else real(name, *a); "
+        f"sys.argv = ['convert_smollm2.py', '--out', {str(tmp / 'out')!r}]; "
+        f"runpy.run_path({str(REPO / 'scripts' / 'convert_smollm2.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    return [proc.stderr.strip().removeprefix("error: ")]
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
@@ -586,7 +612,11 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
             )
         }
     ),
-    "holds no Hugging Face checkpoint": fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")}),
+    "holds no Hugging Face checkpoint (no config.json) and is not a hub id (org/name or org/name@revision). Give": (
+        fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")})
+    ),
+    "Create it with: python scripts/convert_smollm2.py": _smollm2_not_converted,
+    "converting SmolLM2-135M needs gguf": _convert_without_gguf,
     "trainer.resume='/nonexistent/run': no checkpoint there": call_error(_resume_nowhere),
     "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
     # run directory, checkpoints and weights (docs/reliability.md)

@@ -15,6 +15,7 @@ Every failure is one :class:`PretrainedNotFoundError` line naming the id, the re
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -48,6 +49,12 @@ class PretrainedNotFoundError(NemoLiteError, ValueError):
     """``model.pretrained_path`` names no checkpoint that can be read; the message says what to do."""
 
 
+def smollm2_dir() -> Path:
+    """Where scripts/convert_smollm2.py writes SmolLM2-135M by default: ``$NEMO_LITE_CACHE/smollm2-135m``
+    (``~/.cache/nemo_lite/smollm2-135m``); the one missing checkpoint a script of this project creates."""
+    return Path(os.environ.get("NEMO_LITE_CACHE") or Path.home() / ".cache" / "nemo_lite").expanduser() / "smollm2-135m"
+
+
 def split_hub_id(path_or_id: str) -> tuple[str, str | None] | None:
     """``("org/name", revision or None)`` if ``path_or_id`` has the form of a hub id, else None."""
     if path_or_id.startswith(("/", ".", "~")) or "\\" in path_or_id:
@@ -75,9 +82,14 @@ def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -
         return path
     hub_id = None if path.exists() else split_hub_id(text)
     if hub_id is None:
+        create = (
+            " Create it with: python scripts/convert_smollm2.py"
+            if path.absolute() == smollm2_dir().absolute()
+            else " Give a directory with config.json and safetensors weights, or a hub id"
+        )
         raise PretrainedNotFoundError(
             f"model.pretrained_path={text!r} holds no Hugging Face checkpoint (no config.json) and is not a "
-            "hub id (org/name or org/name@revision). For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
+            f"hub id (org/name or org/name@revision).{create}"
         )
     repo_id, id_revision = hub_id
     if revision is not None and id_revision is not None and revision != id_revision:
