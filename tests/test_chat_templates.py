@@ -1,15 +1,14 @@
-"""Templates that rewrite earlier turns, with Qwen3's real stock chat template (tests/assets, as Qwen/Qwen3-0.6B
-ships it): refused by prefix rendering with a message naming the shipped generation-marked copy, and that copy
-renders the very same text while marking exactly what each assistant turn writes."""
+"""Templates that rewrite earlier turns, with Qwen3's real stock chat template (nemo_lite.testing.chat_templates,
+as Qwen/Qwen3-0.6B ships it): refused by prefix rendering with a message naming the shipped generation-marked
+copy, and that copy renders the very same text while marking exactly what each assistant turn writes."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from nemo_lite.components.datasets import DataConfig, build_dataloader, build_tokenizer
+from nemo_lite.components.datasets import DataConfig, build_dataloader
 from nemo_lite.components.datasets.chat import (
     SHIPPED_TEMPLATES,
     TEMPLATES_DIR,
@@ -19,8 +18,10 @@ from nemo_lite.components.datasets.chat import (
     shipped_template,
     shipped_variant_of,
 )
+from nemo_lite.testing.chat_templates import QWEN3_STOCK_TEMPLATE
+from nemo_lite.testing.chat_templates import qwen_style_tokenizer as make_qwen_style_tokenizer
 
-QWEN3_STOCK = (Path(__file__).parent / "assets" / "qwen3_stock_chat_template.jinja").read_text(encoding="utf-8")
+QWEN3_STOCK = QWEN3_STOCK_TEMPLATE
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -62,13 +63,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def qwen_style_tokenizer():
-    """The default tokenizer with Qwen3's ChatML and thinking tokens, its EOS <|im_end|> (as Qwen3-Instruct's)."""
-    tokenizer = build_tokenizer("default")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.chat_template = QWEN3_STOCK
-    return tokenizer
+    return make_qwen_style_tokenizer()
 
 
 def encoder(tokenizer, template: str) -> ChatEncoder:

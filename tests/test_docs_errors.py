@@ -550,6 +550,38 @@ def _convert_without_gguf(tmp: Path) -> list[str]:
     return [proc.stderr.strip().removeprefix("error: ")]
 
 
+def _encode_with(template: Callable[[str], str]) -> Callable[[Path], object]:
+    """A multi-turn conversation encoded with ``template(Qwen3's stock template)``."""
+
+    def encode(tmp: Path) -> object:
+        from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id
+        from nemo_lite.testing.chat_templates import QWEN3_STOCK_TEMPLATE, qwen_style_tokenizer
+
+        tokenizer, text = qwen_style_tokenizer(), template(QWEN3_STOCK_TEMPLATE)
+        delimiter = chat_delimiter_id(tokenizer, text)
+        encoder = ChatEncoder(
+            tokenizer, "messages", template=text, delimiter_id=delimiter, max_tokens=512, description="x"
+        )
+        return encoder.encode(_MULTI_TURN, 0)
+
+    return encode
+
+
+_MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "5."},
+    {"role": "user", "content": "And 4 plus 4?"},
+    {"role": "assistant", "content": "8."},
+]
+
+
+def _unknown_chat_template(tmp: Path) -> None:
+    from nemo_lite.components.datasets.chat import chat_template_of
+
+    chat_template_of(None, "qwen9")
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
@@ -561,6 +593,12 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
     "are two kinds of fine-tuning data": call_error(_messages_and_prompts),
+    "pass data.chat_template=qwen3 (the same template": call_error(_encode_with(lambda stock: stock)),
+    "in a copy of the template and pass it as data.chat_template=FILE": call_error(
+        _encode_with(lambda stock: "{{ messages | length }}\n" + stock)
+    ),
+    "nor a template nemo_lite ships": call_error(_unknown_chat_template),
+    "trainer.export_dtype='fp8' is not valid": fit_error({"trainer.export_dtype": "fp8"}),
     # the command line (docs/reliability.md, docs/recipes.md)
     "unknown config key 'trainer.max_step'": cli("trainer.max_step=5"),
     "attention=flash9 is not one of the attention configs": cli("attention=flash9"),
