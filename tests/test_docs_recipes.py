@@ -58,3 +58,15 @@ def test_every_script_is_named_in_the_docs():
     helpers = {"bench_utils.py"}  # imported by the bench_*.py scripts, not run
     unnamed = [p.name for p in sorted((REPO / "scripts").iterdir()) if p.is_file() and p.name not in helpers]
     assert [name for name in unnamed if f"scripts/{name}" not in docs] == []
+
+
+def test_no_snippet_hands_a_tilde_path_to_transformers():
+    """transformers and PEFT take "~/..." literally (a hub id that does not exist), unlike nemo_lite's own
+    from_pretrained: a snippet that loads with them expands it first."""
+    found = []
+    for doc in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]:
+        for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S):
+            uses_them = re.search(r"^(from|import) (transformers|peft)\b", block, flags=re.M)
+            if uses_them and re.search(r"from_pretrained\(\s*[\"']~", block):
+                found.append(doc.name)
+    assert found == []
