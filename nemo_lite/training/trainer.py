@@ -430,6 +430,7 @@ class Trainer:
         cfg = self.cfg.trainer
         self.last_checkpoint = None
         self._consecutive_nonfinite = 0
+        self._validation: tuple[int | None, dict[str, float] | None] = (None, None)  # (step, its validation)
         if self.resumed_from is not None and self.step >= cfg.max_steps:
             self._log(
                 f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
@@ -806,7 +807,7 @@ class Trainer:
     def _finish(self, result: FitResult) -> None:
         """After the last step: the final validation, the export and the sample."""
         cfg = self.cfg.trainer
-        step, final = getattr(self, "_validation", (None, None))
+        step, final = self._validation
         if step != self.step:
             final = self.evaluate()
         if final:
