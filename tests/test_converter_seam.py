@@ -59,7 +59,7 @@ class FreezeEmbeddings(ModelConverter):
         if saved != current:
             raise ConfigError(f"{path} was saved with {saved} and this run has {current}")
 
-    def export_extra(self, run_dir: Path) -> str:
+    def export_extra(self, run_dir: Path, hf_dir: Path) -> str:
         (run_dir / "toy.txt").write_text(self.tag)
         return f"wrote {run_dir / 'toy.txt'}"
 

@@ -310,6 +310,18 @@ def test_a_conversation_longer_than_seq_len_is_cut_with_a_warning(tmp_path, llam
     assert second[: len(short_ids) + 1] == [*short_ids, loader.eos_id]  # the next row starts the next conversation
 
 
+def test_what_tokenizing_changed_is_told_once_for_both_splits(tmp_path, llama_style_dir):
+    long = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(map(str, range(200)))}]
+    path = write_jsonl(tmp_path / "c.jsonl", [long, *generate_conversations(40)])
+    cfg = chat_config(path, llama_style_dir, batch_size=1, validation_fraction=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_dataloader(cfg, split="train")
+        build_dataloader(cfg, split="validation")
+    told = [str(w.message) for w in caught if "longer than seq_len" in str(w.message)]
+    assert len(told) == 1 and told[0].startswith(f"{path!r} (1 json file): 1 conversations are longer"), told
+
+
 def test_chat_loader_resumes_exactly(tmp_path, llama_style_dir):
     path = write_jsonl(tmp_path / "c.jsonl", generate_conversations(80))
     cfg = chat_config(path, llama_style_dir, seq_len=64, shuffle=True)

@@ -107,7 +107,7 @@ def raised(fn: Callable[[], object]) -> list[str]:
 
 @cache
 def recipe_stderr(recipe: str, *args: str) -> tuple[int, list[str]]:
-    """Run a recipe (stopping before any work is the point; the timeout catches one that trains).
+    """Run a recipe (stopping before any work is the point; the timeout is a hang guard, not a speed limit).
     Returns the exit code and the lines of stderr, plus each ``error: `` line without that prefix."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     env.pop("NEMO_LITE_DEBUG", None)
@@ -116,7 +116,7 @@ def recipe_stderr(recipe: str, *args: str) -> tuple[int, list[str]]:
             [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), *args, f"run_dir={run_dir}"],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,
             env=env,
             cwd=REPO,
         )
@@ -302,7 +302,10 @@ def _run_dir_in_use(tmp):
     run = tmp / "run"
     run.mkdir()
     code = "import sys, time; from nemo_lite.training.run_dir import RunLock; RunLock(sys.argv[1]); print(1, flush=1)"
-    holder = subprocess.Popen([sys.executable, "-c", f"{code}; time.sleep(60)", str(run)], stdout=subprocess.PIPE)
+    # The holder keeps the lock until its stdin closes (killed below), however long the run takes to refuse.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"{code}; sys.stdin.read()", str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         holder.stdout.readline()
         _quick_trainer(run).fit()
@@ -565,6 +568,64 @@ def _mixed_preference_record(tmp):
     encoder.documents([("Hi", " yes", " no"), (prompt, " yes", " no")], [0, 1])
 
 
+def _smollm2_not_converted(tmp: Path) -> list[str]:
+    """model.pretrained_path at the directory scripts/convert_smollm2.py writes, before it ran."""
+    saved = os.environ.get("NEMO_LITE_CACHE")
+    os.environ["NEMO_LITE_CACHE"] = str(tmp / "cache")
+    try:
+        return fit_error({"model.pretrained_path": lambda tmp: str(tmp / "cache" / "smollm2-135m")})(tmp)
+    finally:
+        if saved is None:
+            del os.environ["NEMO_LITE_CACHE"]
+        else:
+            os.environ["NEMO_LITE_CACHE"] = saved
+
+
+def _convert_without_gguf(tmp: Path) -> list[str]:
+    """scripts/convert_smollm2.py where gguf cannot be imported: its one line on stderr."""
+    code = (
+        "import importlib.util, runpy, sys; real = importlib.util.find_spec; "
+        "importlib.util.find_spec = lambda name, *a: None if name == 'gguf' else real(name, *a); "
+        f"sys.argv = ['convert_smollm2.py', '--out', {str(tmp / 'out')!r}]; "
+        f"runpy.run_path({str(REPO / 'scripts' / 'convert_smollm2.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    return [proc.stderr.strip().removeprefix("error: ")]
+
+
+def _encode_with(template: Callable[[str], str]) -> Callable[[Path], object]:
+    """A multi-turn conversation encoded with ``template(Qwen3's stock template)``."""
+
+    def encode(tmp: Path) -> object:
+        from nemo_lite.components.datasets.chat import ChatEncoder, chat_delimiter_id
+        from nemo_lite.testing.chat_templates import QWEN3_STOCK_TEMPLATE, qwen_style_tokenizer
+
+        tokenizer, text = qwen_style_tokenizer(), template(QWEN3_STOCK_TEMPLATE)
+        delimiter = chat_delimiter_id(tokenizer, text)
+        encoder = ChatEncoder(
+            tokenizer, "messages", template=text, delimiter_id=delimiter, max_tokens=512, description="x"
+        )
+        return encoder.encode(_MULTI_TURN, 0)
+
+    return encode
+
+
+_MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "5."},
+    {"role": "user", "content": "And 4 plus 4?"},
+    {"role": "assistant", "content": "8."},
+]
+
+
+def _unknown_chat_template(tmp: Path) -> None:
+    from nemo_lite.components.datasets.chat import chat_template_of
+
+    chat_template_of(None, "qwen9")
+
+
 CASES: dict[str, Callable[[Path], list[str]]] = {
     "packs both answers after one prompt": fit_error({"data.kind": "preference", "data.shared_prompt": True}),
     "cannot express attn_mask_type=shared_prompt": call_error(
@@ -581,6 +642,12 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
     "are two kinds of fine-tuning data": call_error(_messages_and_prompts),
+    "pass data.chat_template=qwen3 (the same template": call_error(_encode_with(lambda stock: stock)),
+    "in a copy of the template and pass it as data.chat_template=FILE": call_error(
+        _encode_with(lambda stock: "{{ messages | length }}\n" + stock)
+    ),
+    "nor a template nemo_lite ships": call_error(_unknown_chat_template),
+    "trainer.export_dtype='fp8' is not valid": fit_error({"trainer.export_dtype": "fp8"}),
     # the command line (docs/reliability.md, docs/recipes.md)
     "unknown config key 'trainer.max_step'": cli("trainer.max_step=5"),
     "attention=flash9 is not one of the attention configs": cli("attention=flash9"),
@@ -632,7 +699,11 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
             )
         }
     ),
-    "holds no Hugging Face checkpoint": fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")}),
+    "holds no Hugging Face checkpoint (no config.json) and is not a hub id (org/name or org/name@revision). Give": (
+        fit_error({"model.pretrained_path": lambda tmp: str(tmp / "none")})
+    ),
+    "Create it with: python scripts/convert_smollm2.py": _smollm2_not_converted,
+    "converting SmolLM2-135M needs gguf": _convert_without_gguf,
     "trainer.resume='/nonexistent/run': no checkpoint there": call_error(_resume_nowhere),
     "model.overrides has unknown field(s) ['num_layers']": fit_error({"model.overrides": {"num_layers": 2}}),
     # run directory, checkpoints and weights (docs/reliability.md)

@@ -113,8 +113,8 @@ def test_a_pickle_only_snapshot_is_refused_unread(offline_cache, tiny_qwen2, tmp
 
 
 def test_only_what_loading_needs_is_fetched(tiny_qwen2, monkeypatch):
-    """The patterns handed to snapshot_download: config, safetensors weights, tokenizer; no pickles, no
-    second copy of the weights in another layout."""
+    """The patterns handed to snapshot_download: config, generation config, safetensors weights, tokenizer; no
+    pickles, no second copy of the weights in another layout."""
     calls = []
 
     def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kwargs):
@@ -126,14 +126,14 @@ def test_only_what_loading_needs_is_fetched(tiny_qwen2, monkeypatch):
     ((repo_id, revision, patterns),) = calls
     assert (repo_id, revision) == ("Qwen/Qwen2.5-0.5B", "abc123")
     wanted = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-00001-of-00004.safetensors"]
-    wanted += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    wanted += ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    wanted += ["generation_config.json"]  # its stop ids travel into the export
     unwanted = ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "consolidated.safetensors"]
     unwanted += [
         "original/consolidated.00.pth",
         "model.ckpt",
         "flax_model.msgpack",
         "README.md",
-        "generation_config.json",
     ]
     assert all(any(fnmatch(name, p) for p in patterns) for name in wanted)
     assert not any(fnmatch(name, p) for name in unwanted for p in patterns)

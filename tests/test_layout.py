@@ -207,3 +207,19 @@ def test_a_family_cannot_take_another_familys_preset():
     clash = ModelFamily(**{**fields, "name": "clash", "hf": HFFacts(model_types=("clash",), architecture="X")})
     with pytest.raises(ValueError, match=r"preset\(s\) .*'tiny'.* already belong to 'llama'"):
         register_model_family(clash)
+
+
+# A clock read (time.time/monotonic/perf_counter) or a sleep of a second or more: a test that measures the
+# machine, or a helper process whose lifetime is a budget (one that lives until killed serves instead).
+_WALL_CLOCK = re.compile(r"\btime\.(time|monotonic|perf_counter)\(|\bsleep\(\s*(?:[1-9]|0\.[5-9])")
+
+
+def test_no_test_depends_on_wall_clock_time():
+    """A timed unit test is not a benchmark: under load it fails without a bug. Benchmarks live in scripts/."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "tests").glob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _WALL_CLOCK.search(line)
+    ]
+    assert not offenders, "\n".join(offenders)

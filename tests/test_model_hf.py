@@ -330,7 +330,11 @@ def test_save_replaces_an_existing_directory(tmp_path):
     assert (target / "model.safetensors.index.json").exists()
     second = randomize_(LlamaForCausalLM(ours_config("untied")), seed=9).eval()
     second.save_pretrained(target)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]  # stale shards gone
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]  # stale shards gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     loaded = LlamaForCausalLM.from_pretrained(target)
     for p, q in zip(loaded.parameters(), second.parameters(), strict=True):

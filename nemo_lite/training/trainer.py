@@ -302,7 +302,12 @@ class Trainer:
             try:
                 self.val_batches = self._validation_batches(data_cfg)
             except ValueError as err:  # a held-out split too small for one row: train without it, say so
-                self._log(f"validation disabled: {err}")
+                self._log(f"validation disabled: {err}; hold out more data (data.validation_fraction)")
+        elif self.cfg.trainer.val_tokens > 0 and self.cfg.trainer.val_every > 0:
+            self._log(
+                "no validation: data.validation_fraction is 0 and data.validation_source is unset (hold out part "
+                "of the data with data.validation_fraction, e.g. 0.05)"
+            )
 
     def _validation_batches(self, data_cfg) -> list[dict[str, torch.Tensor]]:
         """This rank's validation batches: the first ``trainer.val_tokens`` tokens of the held-out split (all of
@@ -313,7 +318,9 @@ class Trainer:
 
         want = math.ceil(self.cfg.trainer.val_tokens / data_cfg.seq_len)
         rows: list[dict[str, torch.Tensor]] = []
-        for batch in build_dataloader(data_cfg, split="validation", rank=0, world_size=1):
+        # Read one row at a time: a held-out split smaller than a training step still validates.
+        one_row = dataclasses.replace(data_cfg, batch_size=1)
+        for batch in build_dataloader(one_row, split="validation", rank=0, world_size=1):
             rows += [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
             if len(rows) >= want:
                 break
@@ -446,6 +453,7 @@ class Trainer:
         cfg = self.cfg.trainer
         self.last_checkpoint = None
         self._consecutive_nonfinite = 0
+        self._validation: tuple[int | None, dict[str, float] | None] = (None, None)  # (step, its validation)
         if self.resumed_from is not None and self.step >= cfg.max_steps:
             self._log(
                 f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
@@ -511,8 +519,9 @@ class Trainer:
                     f"trainer.max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); "
                     f"stopping. The last good checkpoint is {self._last_good() or 'none'}"
                 )
-        if cfg.val_every and self.step % cfg.val_every == 0:
-            metrics.update(self.evaluate() or {})
+        if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.max_steps:
+            self._validation = (self.step, self.evaluate())  # the last step's is the end of the run's
+            metrics.update(self._validation[1] or {})
             metrics.update(self.evaluate_tasks())
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             progress.writer.write({"step": self.step, **metrics})
@@ -873,10 +882,12 @@ class Trainer:
     def _finish(self, result: FitResult) -> None:
         """After the last step: the final validation, the export and the sample."""
         cfg = self.cfg.trainer
-        final = self.evaluate()
+        step, final = self._validation
+        if step != self.step:
+            final = self.evaluate()
         if final:
             self._log(f"validation loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
-        if cfg.eval_tasks and not (cfg.val_every and self.step % cfg.val_every == 0):
+        if cfg.eval_tasks and step != self.step:
             self.evaluate_tasks()  # the last step's scores, unless the loop has just taken them
         result.eval_metrics = self.eval_metrics
         if cfg.export_hf or cfg.sample_tokens > 0:
@@ -906,21 +917,45 @@ class Trainer:
         return plain.to(self.device)
 
     def export(self, model=None) -> Path:
-        """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``), tokenizer
-        included, and what the converters write beside it (``export_extra``)."""
+        """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``) in
+        ``trainer.export_dtype``, with the tokenizer, the chat template the run trained with as the tokenizer's own,
+        and generation_config.json (the source checkpoint's stop ids, and the run's end of a turn or document);
+        then what the converters write beside it (``export_extra``)."""
+        from nemo_lite.components.models import hf
+
         model = model or self._plain_model()
-        for converter in self.converters:
-            line = converter.export_extra(self.run_dir)
-            if line:
-                self._log(line)
         tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"
             self.tokenizer.save_pretrained(str(tokenizer_dir))
-        model.config.eos_token_id = self.train_loader.end_id
-        path = model.save_pretrained(self.run_dir / "hf", tokenizer_dir=tokenizer_dir)
+        generation = hf.generation_config_of(self.pretrained_dir, model.config)
+        # Generation stops at the run's end of a turn (or of a document) and at every id the source stopped at; a
+        # model from scratch has no source, and the id its config was built with delimits documents, ending none.
+        end_id, stop_ids = self.train_loader.end_id, hf.eos_ids(generation) if self.pretrained_dir else []
+        stop_ids = stop_ids if end_id in stop_ids else [end_id, *stop_ids]
+        generation["eos_token_id"] = stop_ids if len(stop_ids) > 1 else end_id
+        path = model.save_pretrained(
+            self.run_dir / "hf",
+            tokenizer_dir=tokenizer_dir,
+            dtype=self._export_dtype(),
+            generation=generation,
+            chat_template=getattr(self.train_loader, "chat_template", None),
+        )
         self._log(f"exported a Hugging Face checkpoint to {path}")
+        for converter in self.converters:
+            line = converter.export_extra(self.run_dir, path)
+            if line:
+                self._log(line)
         return path
+
+    def _export_dtype(self) -> torch.dtype:
+        """``trainer.export_dtype``; "auto" is the dtype of model.pretrained_path's weights (float32 from scratch)."""
+        from nemo_lite.components.models import hf
+
+        name = self.cfg.trainer.export_dtype
+        if name != "auto":
+            return hf.EXPORT_DTYPES[name]
+        return torch.float32 if self.pretrained_dir is None else hf.checkpoint_dtype(self.pretrained_dir)
 
     def sample(self, prompt: str | None, max_new_tokens: int, model=None) -> str:
         """Greedy continuation of ``prompt`` (None: the record kind's own), encoded and stopped by the loader's

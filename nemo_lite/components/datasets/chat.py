@@ -13,7 +13,9 @@ tokenized once. Which tokens the loss sees (docs/finetuning.md has a picture):
   rendering ``messages[:i]`` with the generation prompt, i.e. what the model has to write after the
   assistant header. Whitespace the template writes after the turn's closing special token
   (ChatML's ``"\\n"`` after ``<|im_end|>``) is layout, not trained. A template whose prefix renderings
-  are not prefixes of the whole conversation (one that rewrites earlier turns) is refused.
+  are not prefixes of the whole conversation (one that rewrites earlier turns) is refused; where nemo_lite
+  ships a generation-marked copy of that template (:data:`SHIPPED_TEMPLATES`, e.g. Qwen3's, which drops the
+  thinking of earlier assistant turns), the refusal names the ``data.chat_template`` value that selects it.
 
 Each conversation is one document of the packed rows. The rows delimit documents by one token id
 (the masks' EOS); a chat template usually ends every turn with the tokenizer's EOS (``<|im_end|>``),
@@ -35,6 +37,13 @@ from nemo_lite.components.datasets.documents import Document
 from nemo_lite.components.datasets.kinds import register_record_kind
 
 CHAT_TOKENIZED_VERSION = "nemo_lite-chat-v1"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "assets" / "chat_templates"
+# data.chat_template=<name> -> a template shipped in TEMPLATES_DIR/<name>.jinja: a stock template that rewrites
+# earlier turns, the same text with {% generation %} blocks; with the sha256 of each stock template (stripped)
+# it stands for, so that refusing one of those names the value that selects its copy.
+SHIPPED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "qwen3": ("a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",),  # Qwen/Qwen3-0.6B ... 32B
+}
 ASSISTANT = "assistant"
 # How HF templates mark assistant tokens (transformers looks for the same tag).
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -54,14 +63,31 @@ def _name(tokenizer: Any) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
+def shipped_template(name: str) -> str:
+    """The text of the template :data:`SHIPPED_TEMPLATES` names ``name``."""
+    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def shipped_variant_of(template: str) -> str | None:
+    """The name of the shipped generation-marked copy of ``template`` (None: nemo_lite ships none)."""
+    digest = hashlib.sha256(template.strip().encode()).hexdigest()
+    return next((name for name, stock in SHIPPED_TEMPLATES.items() if digest in stock), None)
+
+
 def chat_template_of(tokenizer: Any, chat_template: str | None = None) -> str:
-    """The Jinja template conversations are rendered with: the file ``chat_template`` when given,
-    else the tokenizer's own. ValueError (one line) when there is none."""
+    """The Jinja template conversations are rendered with: ``chat_template`` when given (the name of a shipped
+    template, :data:`SHIPPED_TEMPLATES`, or a file), else the tokenizer's own. ValueError (one line) when there
+    is none."""
     if chat_template is not None:
         path = Path(chat_template).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"DataConfig.chat_template={chat_template!r} is not a file (a Jinja chat template)")
-        return path.read_text(encoding="utf-8")
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        if chat_template in SHIPPED_TEMPLATES:
+            return shipped_template(chat_template)
+        raise FileNotFoundError(
+            f"DataConfig.chat_template={chat_template!r} is not a file (a Jinja chat template) nor a template "
+            f"nemo_lite ships ({', '.join(SHIPPED_TEMPLATES)})"
+        )
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default")
@@ -237,6 +263,20 @@ class ChatEncoder:
                 break
         return f"the conversation (roles {[m['role'] for m in messages]})"
 
+    def _generation_advice(self) -> str:
+        """What to do about a template whose prefixes cannot be rendered: the shipped copy that marks the assistant's
+        tokens, where there is one."""
+        name = shipped_variant_of(self.template)
+        if name is not None:
+            return (
+                f"pass data.chat_template={name} (the same template with {{% generation %}} blocks, shipped with "
+                "nemo_lite)"
+            )
+        return (
+            "wrap what each assistant turn writes in {% generation %} ... {% endgeneration %} in a copy of the "
+            "template and pass it as data.chat_template=FILE (docs/finetuning.md)"
+        )
+
     def _assistant_spans(self, messages: list[dict], full: str, index: int) -> list[tuple[int, int]]:
         """Character spans of ``full`` that are trained, by rendering prefixes."""
         spans = []
@@ -249,8 +289,7 @@ class ChatEncoder:
                 raise ValueError(
                     f"{self._where(index)}: the chat template of {_name(self.tokenizer)!r} renders the first {i + 1} "
                     "messages as text that is not a prefix of the whole conversation (it rewrites earlier turns), so "
-                    "the assistant's tokens cannot be found by rendering prefixes; use a template with "
-                    "{% generation %} blocks"
+                    f"the assistant's tokens cannot be found by rendering prefixes; {self._generation_advice()}"
                 )
             if i and before == self._render_checked(messages[:i], index):
                 raise ValueError(

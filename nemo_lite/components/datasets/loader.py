@@ -116,6 +116,12 @@ class PackedDataLoader:
         "The" for a kind written before kinds named one)."""
         return getattr(self.encoder, "sample_prompt", "The")
 
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template conversations were rendered with (None: the data are not conversations); the export
+        writes it as the tokenizer's own."""
+        return getattr(self.encoder, "template", None)
+
     def prompt_ids(self, text: str) -> list[int]:
         """``text`` as the ids a sample starts from: its tokens, or in a chat run one user turn rendered with
         the chat template and its generation prompt."""

@@ -350,6 +350,8 @@ def build_document_source(
         raise ValueError(f"no documents in {description}")
     encoder.check_columns(raw.column_names, raw.features, description)
     tokenized = _tokenize(raw, encoder, cfg, description)
+    if not (validation and fraction > 0):  # what tokenizing changed, told once: both splits share one tokenizing
+        encoder.report(tokenized, spec.description)
     indices = _split_indices(len(tokenized), held_out[0], held_out[1])
     if len(indices) == 0:
         raise ValueError(
@@ -379,5 +381,4 @@ def _tokenize(raw: datasets.Dataset, encoder: RecordEncoder, cfg: DataConfig, de
         new_fingerprint=fingerprint,
         desc=f"Tokenizing {description}",
     )
-    encoder.report(tokenized, description)
     return tokenized

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -434,12 +435,18 @@ class DecoderForCausalLM(nn.Module):
         return hf.load_pretrained(cls, path, attention=attention, dtype=dtype, device=device)
 
     def save_pretrained(
-        self, path: str | Path, *, max_shard_size: int | str = "2GB", tokenizer_dir: str | Path | None = None
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int | str = "2GB",
+        tokenizer_dir: str | Path | None = None,
+        **export: Any,
     ) -> Path:
-        """Write a Hugging Face directory of this model's family atomically; see ``hf.save_pretrained``."""
+        """Write a Hugging Face directory of this model's family atomically; ``export`` (dtype, generation,
+        chat_template) and the rest: see ``hf.save_pretrained``."""
         from nemo_lite.components.models import hf
 
-        return hf.save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
+        return hf.save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir, **export)
 
 
 # ---- what a family entry of this decoder says: FSDP2 plan, parameter and FLOP counts ---------------

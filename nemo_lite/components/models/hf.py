@@ -36,9 +36,12 @@ from nemo_lite.components.models.family import (
     model_families,
 )
 from nemo_lite.components.models.hub import (
+    CHAT_TEMPLATE_FILE,
     CONFIG_NAME,
+    GENERATION_CONFIG,
     INDEX_FILE,
     SINGLE_FILE,
+    TOKENIZER_CONFIG,
     TOKENIZER_FILES,
     resolve_pretrained,
 )
@@ -85,6 +88,10 @@ TIED_OUTPUT_KEY = "lm_head.weight"
 IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 SUPPORTED_ROPE_TYPES = ("default", *ROPE_TYPES)
+# The ids that config.json and generation_config.json carry for transformers' generate.
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# The dtypes an export writes its weights in (trainer.export_dtype).
+EXPORT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # transformers' value of each optional key a config.json may lack, the same in every family's config class
 # (a family's HFFacts.defaults add to and override these).
@@ -244,8 +251,9 @@ def config_from_hf(hf: dict[str, Any], model_types: tuple[str, ...] | None = Non
             values[field.name] = hf[field.name]
         elif field.name in defaults:
             values[field.name] = defaults[field.name]
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents
+    for key in SPECIAL_IDS:
+        # eos_token_id may be a list (Llama 3 Instruct): the first one delimits documents; the export writes
+        # the whole list again (generation_config_of)
         if isinstance(values.get(key), list):
             values[key] = values[key][0] if values[key] else None
     # A family that gives no default for it takes its config class's.
@@ -622,12 +630,15 @@ def share_modes(directory: Path) -> None:
             os.chmod(file, mode)
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy, in order; a tensor larger than the limit gets a shard of its own (as transformers)."""
+def _shards(
+    tensors: dict[str, torch.Tensor], max_bytes: int, element_size: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in order, at ``element_size`` bytes per element (default: each tensor's own); a tensor larger than
+    the limit gets a shard of its own (as transformers)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * (element_size or t.element_size())
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
@@ -636,17 +647,85 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a Hugging Face directory stores its weights in: config.json's ``dtype`` (``torch_dtype`` before
+    transformers 5), else the embedding's dtype in the safetensors header."""
+    path = Path(path)
+    hf = read_json_object(path / CONFIG_NAME)
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if isinstance(name, str) and name.removeprefix("torch.") in EXPORT_DTYPES:
+        return EXPORT_DTYPES[name.removeprefix("torch.")]
+    files = checkpoint_files(path)
+    name = next((n for n in files if n.endswith("embed_tokens.weight")), next(iter(files)))
+    with _safetensors(files[name]) as f:
+        return f.get_tensor(name).dtype
+
+
+def generation_config_of(path: str | Path | None, config: DecoderConfig) -> dict[str, Any]:
+    """What ``generation_config.json`` of an export holds: the source checkpoint's own (sampling settings kept)
+    with the bos/eos/pad ids of its config.json, lists kept (Llama 3 Instruct stops at several ids); without a
+    source, the ids of ``config``."""
+    out: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        hf = read_json_object(path / CONFIG_NAME)
+        out = {key: hf[key] for key in SPECIAL_IDS if hf.get(key) is not None}
+        if (path / GENERATION_CONFIG).is_file():
+            own = read_json_object(path / GENERATION_CONFIG)
+            out = {**out, **{k: v for k, v in own.items() if v is not None and k != "transformers_version"}}
+    else:
+        out = {key: getattr(config, key) for key in SPECIAL_IDS if getattr(config, key) is not None}
+    return out
+
+
+def eos_ids(generation: dict[str, Any]) -> list[int]:
+    """The eos ids of a generation config, as a list (it may hold one id or several)."""
+    eos = generation.get("eos_token_id")
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+
+def write_tokenizer(directory: Path, tokenizer_dir: Path | None, chat_template: str | None = None) -> None:
+    """The tokenizer files of ``tokenizer_dir`` copied into ``directory``; ``chat_template`` (the template a run
+    trained with) becomes the tokenizer's own: written as chat_template.jinja, which transformers reads before
+    tokenizer_config.json's entry, and in that entry too, for versions that read only it."""
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, directory / name)
+    if chat_template is None:
+        return
+    (directory / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+    config_file = directory / TOKENIZER_CONFIG
+    if config_file.is_file():
+        config = read_json_object(config_file)
+        if isinstance(config.get("chat_template"), list):  # several named templates: replace the default one
+            named = [t for t in config["chat_template"] if t.get("name") != "default"]
+            config["chat_template"] = [{"name": "default", "template": chat_template}, *named]
+        else:
+            config["chat_template"] = chat_template
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
 def save_pretrained(
     model: nn.Module,
     path: str | Path,
     *,
     max_shard_size: int | str = "2GB",
     tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    generation: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory of its family (config.json with the model_type and
-    architectures transformers loads it as), safetensors (sharded with an
-    index beyond ``max_shard_size``) and the tokenizer files of ``tokenizer_dir`` (default: the
-    directory the model was loaded from). Atomic: see :func:`atomic_directory`. Returns the path.
+    architectures transformers loads it as), safetensors in ``dtype`` (default: the model's; sharded with an
+    index beyond ``max_shard_size``), generation_config.json and the tokenizer files of ``tokenizer_dir``
+    (default: the directory the model was loaded from), with ``chat_template`` as the tokenizer's own when
+    given.
+
+    ``generation`` is generation_config.json's content (default: the config's bos/eos/pad ids); its ids are
+    config.json's too, an eos list included. Atomic: see :func:`atomic_directory`. Returns the path.
     """
     from safetensors.torch import save_file
 
@@ -658,30 +737,36 @@ def save_pretrained(
         hf_name: state[ours] if expert is None else state[ours][expert, rows].clone()
         for hf_name, (ours, expert, rows, _) in layout.items()
     }
-    dtype = model.embed_tokens.weight.dtype
+    dtype = dtype or model.embed_tokens.weight.dtype
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else model.tokenizer_dir
-    shards = _shards(tensors, max_bytes)
+    generation = dict(generation) if generation is not None else generation_config_of(None, model.config)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    shards = _shards(tensors, max_bytes, element_size)
     names = (
         [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     with atomic_directory(path) as tmp:
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(config_to_hf(model.config, dtype), f, indent=2, sort_keys=True)
-            f.write("\n")
+        config = config_to_hf(model.config, dtype)
+        config.update({key: generation[key] for key in SPECIAL_IDS if key in generation})
+        _write_json(tmp / CONFIG_NAME, config)
+        _write_json(tmp / GENERATION_CONFIG, generation)
         for shard, file in zip(shards, names, strict=True):  # one shard at a time on the CPU
-            save_file({k: t.cpu().contiguous() for k, t in shard.items()}, tmp / file, metadata={"format": "pt"})
+            save_file(
+                {k: t.cpu().to(dtype).contiguous() for k, t in shard.items()}, tmp / file, metadata={"format": "pt"}
+            )
         if len(shards) > 1:
             index = {
-                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "metadata": {"total_size": sum(t.numel() * element_size for t in tensors.values())},
                 "weight_map": {name: file for shard, file in zip(shards, names, strict=True) for name in shard},
             }
-            with open(tmp / INDEX_FILE, "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-                f.write("\n")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
+            _write_json(tmp / INDEX_FILE, index)
+        write_tokenizer(tmp, tokenizer_dir, chat_template)
     return Path(path).expanduser().absolute()
+
+
+def _write_json(file: Path, value: dict[str, Any]) -> None:
+    with open(file, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -6,34 +6,39 @@
 
 A hub id goes through ``huggingface_hub.snapshot_download`` with the standard cache (``HF_HUB_CACHE``,
 ``HF_HOME``) and its switches (``HF_HUB_OFFLINE=1``: the cache only, no network). Only what loading
-needs is fetched: config.json, the safetensors weights (the single file, or the index and the shards
-it names) and the tokenizer files; never a pickle ``.bin``, never a second copy of the weights in
-another format (``consolidated.safetensors``, ``original/``). Every failure is one
-:class:`PretrainedNotFoundError` line naming the id, the revision and what to do.
+needs is fetched: config.json, generation_config.json (the stop ids the export keeps), the safetensors
+weights (the single file, or the index and the shards it names) and the tokenizer files; never a pickle
+``.bin``, never a second copy of the weights in another format (``consolidated.safetensors``, ``original/``).
+Every failure is one :class:`PretrainedNotFoundError` line naming the id, the revision and what to do.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from nemo_lite.errors import NemoLiteError
 
 CONFIG_NAME = "config.json"
+# transformers' generate reads its stop ids (eos_token_id, one or a list) and sampling settings here.
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Shards as transformers names them; an index naming other files gets those fetched by name.
 SHARD_PATTERN = "model-*-of-*.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG,
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
-    "chat_template.jinja",
+    CHAT_TEMPLATE_FILE,
 )
 
 # "org/name" or "name", then optionally "@revision" (a branch, a tag or a commit hash).
@@ -42,6 +47,12 @@ _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(
 
 class PretrainedNotFoundError(NemoLiteError, ValueError):
     """``model.pretrained_path`` names no checkpoint that can be read; the message says what to do."""
+
+
+def smollm2_dir() -> Path:
+    """Where scripts/convert_smollm2.py writes SmolLM2-135M by default: ``$NEMO_LITE_CACHE/smollm2-135m``
+    (``~/.cache/nemo_lite/smollm2-135m``); the one missing checkpoint a script of this project creates."""
+    return Path(os.environ.get("NEMO_LITE_CACHE") or Path.home() / ".cache" / "nemo_lite").expanduser() / "smollm2-135m"
 
 
 def split_hub_id(path_or_id: str) -> tuple[str, str | None] | None:
@@ -82,9 +93,14 @@ def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -
         return path
     hub_id = None if path.exists() else split_hub_id(text)
     if hub_id is None:
+        create = (
+            " Create it with: python scripts/convert_smollm2.py"
+            if path.absolute() == smollm2_dir().absolute()
+            else " Give a directory with config.json and safetensors weights, or a hub id"
+        )
         raise PretrainedNotFoundError(
             f"model.pretrained_path={text!r} holds no Hugging Face checkpoint (no config.json) and is not a "
-            "hub id (org/name or org/name@revision). For SmolLM2-135M create it with: python scripts/convert_smollm2.py"
+            f"hub id (org/name or org/name@revision).{create}"
         )
     repo_id, id_revision = hub_id
     check_revision(revision)
@@ -141,7 +157,7 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
                 "retry, or set HF_HUB_OFFLINE=1 to use the cache only"
             ) from None
 
-    snapshot = fetch([CONFIG_NAME, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
+    snapshot = fetch([CONFIG_NAME, GENERATION_CONFIG, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
     if not (snapshot / CONFIG_NAME).is_file():
         raise PretrainedNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
     if (snapshot / INDEX_FILE).is_file():

@@ -90,9 +90,10 @@ class ModelConverter:
         others None). ``attention``: the attention spec (an ``AttentionConfig``) the family builds it with."""
         raise NotImplementedError
 
-    def export_extra(self, run_dir: Path) -> str | None:
-        """Write what this converter exports beside ``run_dir/hf`` (after :meth:`final_model`, on rank 0);
-        returns the line to log (None: nothing written)."""
+    def export_extra(self, run_dir: Path, hf_dir: Path) -> str | None:
+        """Write what this converter exports beside ``hf_dir`` (``run_dir/hf``, just written, whose tokenizer files
+        carry the run's chat template), after :meth:`final_model`, on rank 0; returns the line to log (None:
+        nothing written)."""
         return None
 
 

@@ -256,13 +256,14 @@ class LoraConverter(ModelConverter):
         )
         return merged.to(device) if dist.enabled else merged
 
-    def export_extra(self, run_dir: Path) -> str:
+    def export_extra(self, run_dir: Path, hf_dir: Path) -> str:
         path = save_adapter(
             self._final_adapters,
             run_dir / "adapter",
             section=self.settings,
             target_names=self.target_names,
             base_model_name_or_path=str(self.base_path),
+            tokenizer_dir=hf_dir,
         )
         return f"exported the LoRA adapters (PEFT) to {path}"
 
@@ -339,12 +340,14 @@ def save_adapter(
     section: PeftSection,
     target_names: list[str],
     base_model_name_or_path: str | None,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
-    ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads. Atomic (``atomic_directory``)."""
+    ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads, with the tokenizer files of
+    ``tokenizer_dir`` (the export's: its chat template is the run's). Atomic (``atomic_directory``)."""
     from safetensors.torch import save_file
 
-    from nemo_lite.components.models.hf import atomic_directory
+    from nemo_lite.components.models.hf import atomic_directory, write_tokenizer
 
     tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
     config = lora_config(section, target_names, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
@@ -352,6 +355,7 @@ def save_adapter(
     with atomic_directory(path) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_tokenizer(tmp, None if tokenizer_dir is None else Path(tokenizer_dir))
     return Path(path).expanduser().absolute()
 
 
