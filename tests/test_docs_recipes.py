@@ -35,9 +35,11 @@ def test_the_groups_table_lists_every_group_and_choice():
 
 
 def _as_written(value: object) -> str:
-    """A default as the table writes it: true/false, names bare, text (a prompt) in quotes."""
+    """A default as the table writes it: true/false, null, names bare, text (a prompt) in quotes."""
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "null"
     return f'"{value}"' if isinstance(value, str) and value != value.lower() else str(value)
 
 
@@ -48,7 +50,10 @@ def test_the_trainer_table_lists_every_key_with_its_default():
         defaults = [row[1].split(" (")[0]] if len(keys) == 1 else row[1].split(", ")
         assert len(defaults) == len(keys), row
         documented.update(zip(keys, defaults, strict=True))
-    fields = {f.name: _as_written(f.default) for f in dataclasses.fields(TrainerSection)}
+    fields = {
+        f.name: _as_written(f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(TrainerSection)
+    }
     assert documented == fields
 
 
