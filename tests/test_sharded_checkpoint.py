@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nemo_lite.testing import sharded
 from nemo_lite.training import checkpoint as ckpt
@@ -102,3 +104,58 @@ def test_a_save_after_resuming_an_older_step_prunes_no_later_one(pool, tmp_path)
     ok(pool.run(sharded.train, str(tmp_path), 1, 1, None, 3))  # re-saving step 3 swaps it, prunes step 2
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
     assert not list(tmp_path.glob(ckpt.TMP_PREFIX + "*"))
+
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def straight(pool, tmp_path_factory):
+    return ok(pool.run(sharded.train, str(tmp_path_factory.mktemp("straight")), STEPS, 2))[0]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fault=st.sampled_from(["kill", "flip", "truncate"]),
+    at_step=st.integers(1, STEPS),
+    stage=st.sampled_from(sharded.STAGES),
+    file=st.integers(0, 63),
+    where=st.floats(0.0, 0.999),
+    bit=st.integers(0, 7),
+)
+def test_a_torchrun_resume_is_exact_or_one_line(
+    pool, straight, tmp_path_factory, fault, at_step, stage, file, where, bit
+):
+    """Kill every rank at a random stage of a random save, or flip a bit / cut short a random file of the newest
+    checkpoint: the resume loads a checkpoint whose weights and optimizer state are bit for bit a straight run's
+    at its step (the newest whole one for a kill), or refuses in one line; never a damaged weight."""
+    root = tmp_path_factory.mktemp("faulted")
+    if fault == "kill":
+        results = pool.run(sharded.train, str(root), STEPS, 2, (at_step, stage))
+        assert all(not good and value[0] == "Killed" for good, value in results), results
+        whole = at_step if stage == "renamed" else at_step - 1
+    else:
+        ok(pool.run(sharded.train, str(root), STEPS, 2))
+        newest = ckpt.latest_checkpoint(root)
+        files = sorted(p for p in newest.rglob("*") if p.is_file())
+        target = files[file % len(files)]
+        data = bytearray(target.read_bytes())
+        if fault == "flip" and data:
+            data[int(len(data) * where)] ^= 1 << bit
+        else:
+            data = data[: int(len(data) * where)]
+        target.write_bytes(bytes(data))
+        whole = None  # the newest if the change was harmless (meta.json's time), else the one before
+    results = pool.run(sharded.resume, str(root))
+    if not all(good for good, _ in results):
+        kind, line = refused(results)  # one line, the same on every rank
+        assert fault != "kill" and kind == "ResumeError", (kind, line)
+        return
+    (step, state, _), _ = [value for _, value in results]
+    if whole is not None:
+        assert step == (whole or None)
+    if step is None:
+        return
+    assert state.keys() == straight[step].keys()
+    for key, value in straight[step].items():
+        assert state[key].equal(value), (step, key)
