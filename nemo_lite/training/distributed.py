@@ -311,9 +311,10 @@ def _load_dcp(dcp_dir: Path, model, optimizer, *, only_trainable: bool = False) 
         dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not dist.is_initialized())
     except CheckpointException as err:  # the same on every rank: DCP gathers each rank's failure
         first = next(iter(err.failures.values()), err)
+        first = first[0] if isinstance(first, tuple) else first  # (exception, its frames)
         raise ckpt.ResumeError(
             f"cannot resume from {dcp_dir.parent}: its shards do not fit this model "
-            f"({ckpt._first_line(getattr(first, 'exception', first), 300)}); resume with the model it was saved "
+            f"({ckpt._first_line(first, 300)}); resume with the model it was saved "
             "with, or start fresh in another run_dir"
         ) from None
     set_state_dict(
