@@ -159,3 +159,13 @@ def test_a_torchrun_resume_is_exact_or_one_line(
     assert state.keys() == straight[step].keys()
     for key, value in straight[step].items():
         assert state[key].equal(value), (step, key)
+
+
+def test_the_batch_is_compared_as_a_global_batch_across_rank_counts(tmp_path):
+    from nemo_lite.training.sharded_checkpoint import check_layout
+
+    meta = {"world_size": 2, "layout": {"data.batch_size": 2, "data.seq_len": 64}}
+    check_layout(tmp_path, meta, {"data.batch_size": 4, "data.seq_len": 64}, 1)  # 2 ranks x 2 rows = 1 x 4
+    check_layout(tmp_path, meta, {"data.batch_size": 1, "data.seq_len": 64}, 4)
+    with pytest.raises(ckpt.ResumeError, match=r"another shape \(data.batch_size x ranks 4 -> 2\)"):
+        check_layout(tmp_path, meta, {"data.batch_size": 2, "data.seq_len": 64}, 1)

@@ -241,7 +241,7 @@ def verify_any(path: Path, info: DistInfo, layout: dict[str, Any] | None = None)
     if info.rank == 0:
         try:
             meta = verify_sharded(path) if ckpt.is_sharded(path) else ckpt.verify_checkpoint(path)
-            check_layout(path, meta, layout)
+            check_layout(path, meta, layout, info.world_size)
         except (ckpt.CheckpointDamagedError, ckpt.ResumeError) as err:
             verdict = (type(err).__name__, str(err))
     if info.enabled:

@@ -156,9 +156,23 @@ def verify_sharded(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_layout(path: Path, meta: dict[str, Any], layout: dict[str, Any] | None) -> None:
-    """The single-process refusal of a checkpoint of another shape, in the same words."""
-    differences = ckpt.layout_differences(meta.get("layout") or {}, layout or {})
+GLOBAL_BATCH = "data.batch_size x ranks"
+
+
+def _global_batch(layout: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """``data.batch_size`` is per rank; what a checkpoint must agree with across rank counts is the global
+    batch (the data-loader state counts global rows, docs/distributed.md)."""
+    layout = dict(layout)
+    if isinstance(layout.get("data.batch_size"), int):
+        layout[GLOBAL_BATCH] = layout.pop("data.batch_size") * world_size
+    return layout
+
+
+def check_layout(path: Path, meta: dict[str, Any], layout: dict[str, Any] | None, world_size: int = 1) -> None:
+    """The single-process refusal of a checkpoint of another shape, in the same words; the batch is compared
+    as a global batch (``world_size``: this run's ranks; the checkpoint's are in its meta, 1 if absent)."""
+    saved = _global_batch(meta.get("layout") or {}, int(meta.get("world_size") or 1))
+    differences = ckpt.layout_differences(saved, _global_batch(layout or {}, world_size))
     if differences:
         raise ckpt.ResumeError(
             f"cannot resume from {path}: it was saved by a run of another shape ({', '.join(differences)}); "
