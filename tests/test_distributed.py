@@ -265,3 +265,24 @@ def test_a_muon_checkpoint_resumes_on_another_number_of_ranks(muon_runs, writer,
     resumed, uninterrupted = losses(out), losses(muon_runs / reference)[3:]
     assert len(resumed) == 3
     assert max(abs(a - b) for a, b in zip(resumed, uninterrupted, strict=True)) <= 1e-5
+
+
+def test_a_damaged_shard_falls_back_and_another_seq_len_is_refused_in_one_line(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "double", run)
+    newest = run / "checkpoints" / "step_000006"
+    shard = sorted((newest / "dcp").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    other = launch(2, "data.batch_size=2", "data.seq_len=32", f"run_dir={tmp_path}/other", f"trainer.resume={run}")
+    # torchrun reports the ranks' exit code 2 as its own failure; no rank prints a traceback of nemo_lite's
+    assert other.returncode != 0 and "nemo_lite/training" not in other.stderr, other.stderr[-2000:]
+    assert f"checkpoint {newest} is damaged (dcp/{shard.name} does not match its checksum)" in other.stderr
+    assert "it was saved by a run of another shape (data.seq_len 64 -> 32)" in other.stderr
+    resumed = launch(2, "data.batch_size=2", f"run_dir={run}", "trainer.resume=true", "trainer.max_steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from the one before it" in resumed.stderr
+    assert losses(run)[-3:] == losses(runs / "double")[3:]

@@ -441,6 +441,60 @@ def _no_usable_checkpoint(tmp):
     _quick_trainer(tmp / "run", resume="true").fit()
 
 
+def _sharded_checkpoint(tmp) -> Path:
+    """A sharded checkpoint of a Linear(4, 4), saved by one gloo rank in this process."""
+    import torch.distributed as dist
+
+    from nemo_lite.training import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 4)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return distributed.save_sharded(tmp, 1, model, optimizer, {"step": 1}, distributed.DistInfo(), 2)
+    finally:
+        dist.destroy_process_group()
+
+
+def _damaged_shard(tmp):
+    from nemo_lite.training import distributed
+
+    path = _sharded_checkpoint(tmp)
+    shard = path / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    distributed.verify_any(path, distributed.DistInfo())
+
+
+def _tampered_metadata(tmp):
+    import pickle
+
+    from nemo_lite.training.sharded_checkpoint import SafeReader
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (tmp / "dcp").mkdir()
+    (tmp / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    SafeReader(str(tmp / "dcp")).read_metadata()
+
+
+def _sharded_of_another_model(tmp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from nemo_lite.training import distributed
+
+    model = torch.nn.Linear(4, 4)
+    model_sd, optim_sd = get_state_dict(model, torch.optim.AdamW(model.parameters()))
+    dcp_dir = tmp / "step_000001" / "dcp"
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(dcp_dir), no_dist=True)
+    other = torch.nn.Linear(4, 8)
+    distributed._load_dcp(dcp_dir, other, torch.optim.AdamW(other.parameters()))
+
+
 def _resume_with_another_shape(tmp):
     from nemo_lite.testing.data import SyntheticPackedLoader
     from nemo_lite.training.trainer import Trainer
@@ -732,6 +786,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "resuming from the one before it": _damaged_newest_checkpoint,
     "no usable checkpoint in": call_error(_no_usable_checkpoint),
     "it was saved by a run of another shape": call_error(_resume_with_another_shape),
+    "distcp does not match its checksum": call_error(_damaged_shard),
+    "which is not part of DCP checkpoint metadata": call_error(_tampered_metadata),
+    "its shards do not fit this model": call_error(_sharded_of_another_model),
     "is not a readable safetensors file": call_error(_truncated_safetensors),
     "holds a JSON list, not an object": call_error(_config_json_list),
     "names shard files outside its directory": call_error(_index_outside),

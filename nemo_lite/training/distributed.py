@@ -10,9 +10,10 @@ each parameter over the ranks of one ``shard`` group (normally the GPUs of one n
 ``dp_replicate=1`` it is plain FSDP over every rank. Every rank is a data-parallel rank either way.
 
 Checkpoints go through ``torch.distributed.checkpoint`` (each rank writes its shards) into a temporary
-directory that rank 0 renames once every rank has finished. Any checkpoint resumes on any number of
-ranks (:func:`load_checkpoint_any`): DCP reshards, and a single-process checkpoint is broadcast from
-rank 0 and sharded.
+directory that rank 0 renames once every rank has finished and the manifest (every file's size and CRC-32,
+nemo_lite.training.sharded_checkpoint) is written; loading checks the manifest first.
+Any checkpoint resumes on any number of ranks (:func:`load_checkpoint_any`): DCP reshards, and a
+single-process checkpoint is broadcast from rank 0 and sharded.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def full_state_dict(model: torch.nn.Module, *, only_trainable: bool = False) -> 
 # ---- sharded checkpoints ---------------------------------------------------------------------------
 
 
+def _reached(stage: str) -> None:
+    """Called on every rank at each stage of a sharded save, where no collective is half done (a test
+    kills the save there: nemo_lite.testing.sharded)."""
+
+
 def save_sharded(
     ckpt_root: Path,
     step: int,
@@ -150,42 +156,116 @@ def save_sharded(
     keep_last: int,
     *,
     only_trainable: bool = False,
+    layout: dict[str, Any] | None = None,
 ) -> Path:
-    """Model and optimizer through DCP (sharded), per-rank extras (data, RNG) beside them.
+    """Model and optimizer through DCP (sharded), per-rank extras (data, RNG) beside them, and meta.json: every
+    file's size and CRC-32 and the run's ``layout`` (see nemo_lite.training.sharded_checkpoint). Written into a
+    temporary directory renamed into place, then the checkpoints up to this step are pruned to ``keep_last``.
     ``only_trainable``: the frozen parameters are left out (a LoRA run saves its adapters only)."""
+    import json
+    import time
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from nemo_lite.training.checkpoint import TMP_PREFIX, list_checkpoints
+    from nemo_lite.components.models.hf import share_modes
+    from nemo_lite.training import checkpoint as ckpt
+    from nemo_lite.training.sharded_checkpoint import owned_files
 
     final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f"{TMP_PREFIX}{final.name}"
+    tmp = ckpt_root / f"{ckpt.TMP_PREFIX}{final.name}"
     if info.rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    _reached("tmp")
     options = StateDictOptions(ignore_frozen_params=only_trainable)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    torch.save(extra_per_rank, tmp / f"rank{info.rank:05d}.pt")
-    dist.barrier()
+    _reached("dcp")
+    rank_file = tmp / f"rank{info.rank:05d}.pt"
+    torch.save(extra_per_rank, rank_file)
+    ckpt._fsync_file(rank_file)
+    dist.barrier()  # every file is written: each rank checksums its own
+    _reached("rank files")
+    mine = {name: ckpt.file_record(tmp / name) for name in owned_files(tmp, info.rank, info.world_size)}
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
     if info.rank == 0:
-        (tmp / "meta.json").write_text(f'{{"step": {step}, "world_size": {info.world_size}, "format": "dcp"}}')
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        files = {name: record for part in gathered for name, record in part.items()}
+        meta = {
+            "step": step,
+            "world_size": info.world_size,
+            "format": "dcp",
+            "time": time.time(),
+            "files": dict(sorted(files.items())),
+            "layout": layout or {},
+        }
+        (tmp / ckpt.META_FILE).write_text(json.dumps(meta))
+        ckpt._fsync_file(tmp / ckpt.META_FILE)
+        share_modes(tmp)
+        ckpt._fsync_dir(tmp)
+    dist.barrier()
+    _reached("manifest")
+    if info.rank == 0:
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave it missing
+            old = ckpt_root / f"{ckpt.TMP_PREFIX}old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        ckpt._fsync_dir(ckpt_root)
+    dist.barrier()
+    _reached("renamed")
+    if info.rank == 0:
+        # As for single-process checkpoints: only those up to this step are pruned, never a later one (left by
+        # the run this one resumed from an earlier checkpoint of).
+        for old in [p for p in ckpt.list_checkpoints(ckpt_root) if ckpt.step_of(p) <= step][:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+def verify_any(path: Path, info: DistInfo, layout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a checkpoint of any kind before anything of it is read: every file against its meta.json (size,
+    CRC-32) and its layout against this run's ``layout``. Rank 0 checks and sends its verdict, so every rank
+    raises the same CheckpointDamagedError or ResumeError, or none. Returns the meta."""
+    from nemo_lite.training import checkpoint as ckpt
+    from nemo_lite.training.sharded_checkpoint import check_layout, verify_sharded
+
+    verdict: tuple[str, str] | None = None
+    meta: dict[str, Any] = {}
+    if info.rank == 0:
+        try:
+            meta = verify_sharded(path) if ckpt.is_sharded(path) else ckpt.verify_checkpoint(path)
+            check_layout(path, meta, layout, info.world_size)
+        except (ckpt.CheckpointDamagedError, ckpt.ResumeError) as err:
+            verdict = (type(err).__name__, str(err))
+    if info.enabled:
+        box = [(verdict, meta)]
+        dist.broadcast_object_list(box, src=0)
+        verdict, meta = box[0]
+    if verdict is not None:
+        raise getattr(ckpt, verdict[0])(verdict[1])
+    return meta
+
+
 def load_checkpoint_any(
-    path: Path, model, optimizer, info: DistInfo, *, only_trainable: bool = False
+    path: Path,
+    model,
+    optimizer,
+    info: DistInfo,
+    *,
+    only_trainable: bool = False,
+    layout: dict[str, Any] | None = None,
+    verified: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint written by any number of ranks into this run's model and optimizer (sharded under
-    torchrun, plain in one process) and return its train state (step, scheduler, data, RNG).
+    torchrun, plain in one process) and return its train state (step, scheduler, data, RNG). It is first
+    checked with :func:`verify_any` (``layout``: this run's), unless the caller did (``verified``).
 
     - sharded (DCP) checkpoint: ``torch.distributed.checkpoint`` reads each tensor's region this run needs,
       whatever the mesh that wrote it (one process reads whole tensors);
@@ -195,12 +275,10 @@ def load_checkpoint_any(
     The data-loader state counts global rows and is the same on every rank, so it holds for any rank count
     (docs/distributed.md, Resharding). RNG states are per rank: rank r takes the one of rank r mod N.
     """
-    import json
+    from nemo_lite.training.checkpoint import is_sharded, read_meta
 
-    from nemo_lite.training.checkpoint import META_FILE, is_sharded
-
+    meta = read_meta(path) if verified else verify_any(path, info, layout)
     if is_sharded(path):
-        meta = json.loads((path / META_FILE).read_text())
         _load_dcp(path / "dcp", model, optimizer, only_trainable=only_trainable)
         extra = torch.load(path / f"rank{info.rank % int(meta['world_size']):05d}.pt", weights_only=True)
         return extra
@@ -215,14 +293,30 @@ def load_checkpoint_any(
 
 
 def _load_dcp(dcp_dir: Path, model, optimizer, *, only_trainable: bool = False) -> None:
+    """DCP into this run's state dicts, through the reader and planner that never unpickle untrusted bytes."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from nemo_lite.training import checkpoint as ckpt
+    from nemo_lite.training.sharded_checkpoint import SafePlanner, SafeReader
 
     options = StateDictOptions(ignore_frozen_params=only_trainable, strict=not only_trainable)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)  # this run's layout: DCP fills it
     state = {"model": model_sd, "optimizer": optim_sd}
+    reader = SafeReader(str(dcp_dir))
+    reader.read_metadata()  # refused here, in one line, before DCP's own error handling sees it
     # One process (no process group) reads the whole tensors from the shards.
-    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # the same on every rank: DCP gathers each rank's failure
+        first = next(iter(err.failures.values()), err)
+        first = first[0] if isinstance(first, tuple) else first  # (exception, its frames)
+        raise ckpt.ResumeError(
+            f"cannot resume from {dcp_dir.parent}: its shards do not fit this model "
+            f"({ckpt._first_line(first, 300)}); resume with the model it was saved "
+            "with, or start fresh in another run_dir"
+        ) from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )

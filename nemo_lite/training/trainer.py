@@ -765,6 +765,7 @@ class Trainer:
                 self.dist,
                 self.cfg.trainer.keep_last,
                 only_trainable=self.only_trainable,
+                layout=self._layout(),
             )
             self.last_checkpoint = path
             return path
@@ -818,9 +819,6 @@ class Trainer:
     def _resume(self, newest: Path) -> Path:
         """Load ``newest``, or when it is damaged the newest complete checkpoint before it (unless
         trainer.resume named that one checkpoint). Returns the checkpoint loaded."""
-        if self.dist.enabled or ckpt.is_sharded(newest):
-            self._load(newest)
-            return newest
         exact = ckpt.named_exactly(self.cfg.trainer.resume)
         candidates = [newest] if exact else [newest, *ckpt.earlier_checkpoints(newest)]
         problems = []
@@ -844,6 +842,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         if self.dist.enabled or ckpt.is_sharded(path):  # any rank count -> this one (docs/distributed.md)
+            distributed.verify_any(path, self.dist, layout=self._layout())  # before any of it is read
             peek = path / "rank00000.pt"  # the converters' records are the same in every rank's file
             if peek.is_file():
                 saved = torch.load(peek, weights_only=True)
@@ -851,7 +850,7 @@ class Trainer:
                 self._check_optimizer_name(path, saved)
             try:
                 state = distributed.load_checkpoint_any(
-                    path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable
+                    path, self.model, self.optimizer, self.dist, only_trainable=self.only_trainable, verified=True
                 )
             except ValueError as err:  # its refusals, in one line
                 raise ckpt.ResumeError(str(err)) from None
