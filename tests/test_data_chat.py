@@ -428,15 +428,16 @@ def _all_batches(cfg: DataConfig) -> list[dict]:
     return list(build_dataloader(dataclasses.replace(cfg, num_epochs=1)))
 
 
+@pytest.mark.parametrize("extra_key", [False, True], ids=["parts", "parts_and_extra_key"])
 @pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
 def test_one_record_of_another_shape_leaves_every_conversation_as_written(
-    tmp_path, llama_style_dir, llama_tokenizer, streaming
+    tmp_path, llama_style_dir, llama_tokenizer, streaming, extra_key
 ):
-    """Content parts in one message and an extra key in another make datasets type the column as JSON; every
+    """Content parts in one message (and an extra key in another) make datasets type the column as JSON; every
     conversation must still train on its own text (no JSON quotes), the parts joined as templates join them."""
     odd = [
         {"role": "user", "content": [{"type": "text", "text": "What is 2 "}, {"type": "text", "text": "plus 3?"}]},
-        {"role": "assistant", "content": "2 plus 3 is 5.", "name": "calculator"},
+        {"role": "assistant", "content": "2 plus 3 is 5."} | ({"name": "calculator"} if extra_key else {}),
     ]
     # A content that reads as JSON ("42") stays the string it is, though the column is typed as JSON.
     answer = [{"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": "42"}]

@@ -566,6 +566,13 @@ def _image_part(tmp):
     _check_messages([{"role": "user", "content": "Hi"}, image], "conversation 1 of chat.jsonl")
 
 
+def _text_among_numbers(tmp):
+    from nemo_lite.components.datasets import DataConfig, build_dataloader
+
+    (tmp / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Hello", 3]))
+    build_dataloader(DataConfig(source=str(tmp / "a.jsonl"), seq_len=16, batch_size=1, validation_fraction=0.0))
+
+
 def _messages_and_prompts(tmp):
     from nemo_lite.components.datasets import DataConfig
 
@@ -647,6 +654,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "holds str but 'prompt' holds a conversation": call_error(_mixed_preference_record),
     "field 'content' holds int (3); content must be": call_error(_content_number),
     "can be trained on as text": call_error(_image_part),
+    "holds text in some records and other values": call_error(_text_among_numbers),
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
     # docs/finetuning.md
