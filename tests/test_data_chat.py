@@ -400,7 +400,8 @@ def test_a_tokenizer_without_a_chat_template(tmp_path):
             [{"from": "human", "value": "Hi"}],
             r"message 0 has keys \['from', 'value'\]; each message needs a string 'role'",
         ),
-        ([{"role": "user", "content": 3}], r"message 0 has keys \['content', 'role'\]; each message needs"),
+        ([{"role": "user", "content": 3}], r"message 0, field 'content' holds int \(3\); content must be a string"),
+        ([{"role": 1, "content": "Hi"}], r"message 0, field 'role' holds int \(1\); the role must be a string"),
     ],
 )
 def test_a_wrong_shape_names_the_conversation_and_message(tmp_path, llama_style_dir, llama_tokenizer, messages, match):
@@ -411,6 +412,76 @@ def test_a_wrong_shape_names_the_conversation_and_message(tmp_path, llama_style_
     with pytest.raises(ValueError) as err:  # the encoder itself (streaming reads Python objects)
         encoder(llama_tokenizer).encode(messages, 5)
     assert re.match(r"conversation 5 of the test conversations: " + match, one_line(err))
+
+
+# -- one odd record among good ones: datasets types the column as JSON ----------------------------
+
+
+def _odd_file(tmp_path, odd: list[dict], name: str = "odd.jsonl") -> tuple[str, list[list[dict]]]:
+    """Good conversations with ``odd`` (one conversation) second: the file and its conversations."""
+    conversations = generate_conversations(12)
+    conversations.insert(1, odd)
+    return write_jsonl(tmp_path / name, conversations), conversations
+
+
+def _all_batches(cfg: DataConfig) -> list[dict]:
+    return list(build_dataloader(dataclasses.replace(cfg, num_epochs=1)))
+
+
+@pytest.mark.parametrize("extra_key", [False, True], ids=["parts", "parts_and_extra_key"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+def test_one_record_of_another_shape_leaves_every_conversation_as_written(
+    tmp_path, llama_style_dir, llama_tokenizer, streaming, extra_key
+):
+    """Content parts in one message (and an extra key in another) make datasets type the column as JSON; every
+    conversation must still train on its own text (no JSON quotes), the parts joined as templates join them."""
+    odd = [
+        {"role": "user", "content": [{"type": "text", "text": "What is 2 "}, {"type": "text", "text": "plus 3?"}]},
+        {"role": "assistant", "content": "2 plus 3 is 5."} | ({"name": "calculator"} if extra_key else {}),
+    ]
+    # A content that reads as JSON ("42") stays the string it is, though the column is typed as JSON.
+    answer = [{"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": "42"}]
+    path, conversations = _odd_file(tmp_path, odd)
+    path = write_jsonl(tmp_path / "odd.jsonl", [*conversations, answer])
+    assert not any('"' in m["content"] for c in conversations if c is not odd for m in c)
+    plain = [[{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 is 5."}]]
+    reference = write_jsonl(tmp_path / "plain.jsonl", [conversations[0], *plain, *conversations[2:], answer])
+    got = _all_batches(chat_config(path, llama_style_dir, streaming=streaming))
+    want = _all_batches(chat_config(reference, llama_style_dir, streaming=streaming))
+    trained = [t for b in got for t in b["labels"].flatten().tolist() if t != IGNORE_INDEX]
+    assert trained and '"' not in llama_tokenizer.decode(trained)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("odd", "match"),
+    [
+        (
+            [{"role": "user", "content": 3}, {"role": "assistant", "content": "3."}],
+            r"message 0, field 'content' holds int \(3\); content must be a string or a list of \{'type': 'text'",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "image", "url": "x.png"}]}],
+            r"message 1, field 'content', part 0 is type 'image'; only text parts .* can be trained on as text$",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": 7}]}, {"role": "assistant", "content": "7."}],
+            r"message 0, field 'content', part 0 is \{'type': 'text', 'text': 7\}; only text parts",
+        ),
+        ([{"role": "user", "content": {"text": "Hi"}}], r"message 0, field 'content' holds dict \(\{'text': 'Hi'\}\)"),
+        ("Hi there", r"the messages field holds str, not a list of \{'role', 'content'\} messages"),
+        (["Hi", "Hello"], r"message 0 is str, not a \{'role', 'content'\} dict"),
+    ],
+)
+def test_one_bad_record_among_good_ones_is_named(tmp_path, llama_style_dir, odd, match):
+    """The record that is wrong is named (conversation 1), not the file or conversation 0."""
+    path, _ = _odd_file(tmp_path, odd)
+    for streaming in (False, True):
+        with pytest.raises(ValueError) as err:
+            _all_batches(chat_config(path, llama_style_dir, streaming=streaming))
+        assert re.match(r"conversation 1 of '.*odd.jsonl' \(1 json file\): " + match, one_line(err)), one_line(err)
 
 
 def test_a_messages_field_of_text_is_refused(tmp_path, llama_style_dir):

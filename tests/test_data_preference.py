@@ -107,6 +107,24 @@ def test_a_bad_record_is_refused_in_one_line_naming_record_and_field(tmp_path, c
     assert "\n" not in message and "record 1 " in message and f"field {field!r}" in message and words in message
 
 
+def test_one_record_of_another_shape_leaves_every_pair_as_written(tmp_path, checkpoint):
+    """Content parts in one answer make datasets type the column as JSON: every pair still trains on its own
+    tokens (no JSON quotes), the parts joined; a number as content is refused naming the record and field."""
+    parts = dict(PAIRS_CHAT[1], chosen=[{"role": "assistant", "content": [{"type": "text", "text": "Lima."}]}])
+    odd = [PAIRS_CHAT[0], parts, *PAIRS_CHAT[2:]]
+    got = list(loader_of(tmp_path / "odd", checkpoint, odd, num_epochs=1))
+    want = list(loader_of(tmp_path / "plain", checkpoint, PAIRS_CHAT, num_epochs=1))
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = [PAIRS_CHAT[0], dict(PAIRS_CHAT[1], rejected=[{"role": "assistant", "content": 6}]), *PAIRS_CHAT[2:]]
+    with pytest.raises(ValueError) as err:
+        list(loader_of(tmp_path / "bad", checkpoint, bad, num_epochs=1))
+    assert str(err.value).startswith("record 1 of ") and (
+        "field 'rejected': message 0, field 'content' holds int (6); content must be a string" in str(err.value)
+    )
+
+
 def test_a_pair_longer_than_a_row_is_skipped_with_a_warning(tmp_path, checkpoint):
     long = {"prompt": "word " * 200, "chosen": " yes", "rejected": " no"}
     with pytest.warns(UserWarning, match="1 preference pairs are longer than seq_len - 1"):

@@ -139,6 +139,24 @@ def test_missing_field_lists_the_fields(tmp_path):
     assert build_dataloader(config(tmp_path, path, text_field="content")).source.num_documents == 1
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+def test_one_record_that_is_not_text_is_refused_not_trained_quoted(tmp_path, streaming):
+    """One number among texts makes datasets type the column as JSON and hand every text back quoted."""
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["hello world", 3, "more text"]))
+    with pytest.raises(ValueError) as err:
+        next(iter(build_dataloader(config(tmp_path, str(path), streaming=streaming))))
+    message = str(err.value)
+    assert (
+        "\n" not in message
+        and message.startswith("field 'text' of ")
+        and message.endswith(
+            "holds text in some records and other values (numbers, lists, objects) in others; every record's field "
+            "must be a string"
+        )
+    )
+
+
 def test_empty_sources(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -607,6 +607,26 @@ def _message_without_role(tmp):
     _check_messages([{"role": "user", "content": "hi"}, {"text": "hello"}], "conversation 0 of chat.jsonl")
 
 
+def _content_number(tmp):
+    from nemo_lite.components.datasets.chat import _check_messages
+
+    _check_messages([{"role": "user", "content": 3}], "conversation 1 of chat.jsonl")
+
+
+def _image_part(tmp):
+    from nemo_lite.components.datasets.chat import _check_messages
+
+    image = {"role": "assistant", "content": [{"type": "image", "url": "x.png"}]}
+    _check_messages([{"role": "user", "content": "Hi"}, image], "conversation 1 of chat.jsonl")
+
+
+def _text_among_numbers(tmp):
+    from nemo_lite.components.datasets import DataConfig, build_dataloader
+
+    (tmp / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Hello", 3]))
+    build_dataloader(DataConfig(source=str(tmp / "a.jsonl"), seq_len=16, batch_size=1, validation_fraction=0.0))
+
+
 def _messages_and_prompts(tmp):
     from nemo_lite.components.datasets import DataConfig
 
@@ -686,6 +706,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         lambda tmp: _build("varlen", attn_mask_type="shared_prompt")
     ),
     "holds str but 'prompt' holds a conversation": call_error(_mixed_preference_record),
+    "field 'content' holds int (3); content must be": call_error(_content_number),
+    "can be trained on as text": call_error(_image_part),
+    "holds text in some records and other values": call_error(_text_among_numbers),
     # the README: a recipe run outside the quickstart's environment
     "No module named 'nemo_lite'": without_the_project,
     # docs/finetuning.md

@@ -26,6 +26,7 @@ writes, chosen by :func:`chat_delimiter_id`, and every conversation is checked n
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import Document
 from nemo_lite.components.datasets.kinds import register_record_kind
 
-CHAT_TOKENIZED_VERSION = "nemo_lite-chat-v1"
+CHAT_TOKENIZED_VERSION = "nemo_lite-chat-v2"  # v2: JSON-typed columns parsed back
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "assets" / "chat_templates"
 # data.chat_template=<name> -> a template shipped in TEMPLATES_DIR/<name>.jinja: a stock template that rewrites
 # earlier turns, the same text with {% generation %} blocks; with the sha256 of each stock template (stripped)
@@ -45,6 +46,7 @@ SHIPPED_TEMPLATES: dict[str, tuple[str, ...]] = {
     "qwen3": ("a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",),  # Qwen/Qwen3-0.6B ... 32B
 }
 ASSISTANT = "assistant"
+_JSON_EXTENSION = "arrow.json"  # how datasets stores a column of mixed types (datasets.Json)
 # How HF templates mark assistant tokens (transformers looks for the same tag).
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Tokens tried as the document delimiter after the tokenizer's eos/pad/unk/bos (chat_delimiter_id).
@@ -166,8 +168,84 @@ def chat_delimiter_id(tokenizer: Any, template: str, eos_id: int | None = None) 
     )
 
 
+def _has_json(arrow_type: Any) -> bool:
+    """Whether ``arrow_type`` holds a ``datasets`` JSON column anywhere (see :func:`read_column`)."""
+    if getattr(arrow_type, "extension_name", None) == _JSON_EXTENSION:
+        return True
+    if getattr(arrow_type, "num_fields", 0):
+        return any(_has_json(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    return False
+
+
+def _decode_json(value: Any, arrow_type: Any) -> Any:
+    """``value`` (Python, as ``to_pylist`` gives it) with every JSON-typed part parsed back."""
+    if value is None:
+        return None
+    if getattr(arrow_type, "extension_name", None) == _JSON_EXTENSION:
+        return json.loads(value)
+    if hasattr(arrow_type, "value_type") and isinstance(value, list):  # list, large_list, fixed_size_list
+        return [_decode_json(v, arrow_type.value_type) for v in value]
+    if getattr(arrow_type, "num_fields", 0) and isinstance(value, dict):  # struct
+        types = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
+        return {k: _decode_json(v, types[k]) if k in types else v for k, v in value.items()}
+    return value
+
+
+def read_column(table: Any, field: str) -> list[Any]:
+    """The values of column ``field`` of a ``pyarrow.Table``, as the records hold them.
+
+    When one record's value has another type than the rest (a number or a list of parts where the others hold
+    a string, or a message with an extra key), ``datasets`` types the column, or the part of it that differs, as
+    JSON and hands every value of it as JSON text (``"Hi"`` with its quotes); those parts are parsed back here,
+    so each record keeps its own value and is checked on its own.
+    """
+    column = table.column(field)
+    values = column.to_pylist()
+    if not _has_json(column.type):
+        return values
+    return [_decode_json(v, column.type) for v in values]
+
+
+def _is_json_feature(feature: Any) -> bool:
+    """Whether ``feature`` is the ``datasets.Json`` type a column of mixed types gets."""
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)  # an older datasets refuses such files instead
+    return json_type is not None and isinstance(feature, json_type)
+
+
+def _content_text(content: Any, where: str, i: int) -> str:
+    """A message's content as text: a string, or the concatenated ``{"type": "text", "text": ...}`` parts (as
+    templates that take part lists render them); anything else is refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(
+            f"{where}: message {i}, field 'content' holds {type(content).__name__} ({_short(content)}); content must "
+            "be a string or a list of {'type': 'text', 'text': ...} parts"
+        )
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get("text") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(text, str):
+            shown = f"type {kind!r}" if isinstance(kind, str) and kind != "text" else _short(part)
+            raise ValueError(
+                f"{where}: message {i}, field 'content', part {j} is {shown}; only text parts "
+                "({'type': 'text', 'text': '...'}) can be trained on as text"
+            )
+        texts.append(text)
+    return "".join(texts)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_messages(value: Any, where: str) -> list[dict]:
-    """The conversation as a list of message dicts (keys holding None dropped), or ValueError."""
+    """The conversation as a list of message dicts (keys holding None dropped, content parts joined into one
+    string), or ValueError naming the message and the field."""
     if not isinstance(value, list):
         raise ValueError(
             f"{where}: the messages field holds {type(value).__name__}, not a list of {{'role', 'content'}} messages"
@@ -177,12 +255,18 @@ def _check_messages(value: Any, where: str) -> list[dict]:
         if not isinstance(message, dict):
             raise ValueError(f"{where}: message {i} is {type(message).__name__}, not a {{'role', 'content'}} dict")
         message = {k: v for k, v in message.items() if v is not None}  # arrow gives absent struct keys as None
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not (isinstance(content, str) or "tool_calls" in message):
+        if "role" not in message or ("content" not in message and "tool_calls" not in message):
             raise ValueError(
                 f"{where}: message {i} has keys {sorted(message)}; each message needs a string 'role' and a string "
                 "'content' (the Hugging Face chat format)"
             )
+        if not isinstance(message["role"], str):
+            raise ValueError(
+                f"{where}: message {i}, field 'role' holds {type(message['role']).__name__} "
+                f"({_short(message['role'])}); the role must be a string such as 'user' or 'assistant'"
+            )
+        if "content" in message:
+            message["content"] = _content_text(message["content"], where, i)
         messages.append(message)
     return messages
 
@@ -359,13 +443,15 @@ class ChatEncoder:
                 "DataConfig.messages_field to the field that holds each conversation's messages"
             )
         feature = features[field] if features is not None else None
+        if _is_json_feature(feature):
+            return  # values of several types: each conversation is checked on its own (read_column)
         if feature is not None and not isinstance(feature, list) and not hasattr(feature, "feature"):
             raise ValueError(
                 f"field {field!r} of {description} holds {feature}, not lists of {{'role', 'content'}} messages"
             )
 
     def columns(self, table: Any) -> list[list]:
-        return [table.column(self.fields[0]).to_pylist()]
+        return [read_column(table, self.fields[0])]
 
     def documents(self, records: Sequence[tuple], indices: Sequence[int]) -> list[Document]:
         docs = []

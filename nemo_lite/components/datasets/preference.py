@@ -46,12 +46,13 @@ from nemo_lite.components.datasets.chat import (
     _name,
     _render,
     chat_template_of,
+    read_column,
 )
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.components.datasets.documents import Document
 from nemo_lite.components.datasets.kinds import register_record_kind
 
-PREFERENCE_TOKENIZED_VERSION = "nemo_lite-preference-v1"
+PREFERENCE_TOKENIZED_VERSION = "nemo_lite-preference-v2"  # v2: JSON-typed columns parsed back
 CHOSEN, REJECTED = 1, 2  # the trainable marks of the two answers
 
 
@@ -281,8 +282,8 @@ class PreferenceEncoder:
 
     def columns(self, table: Any) -> list[list[Any]]:
         if self.implicit_prompt:
-            return [[None] * table.num_rows, *(table.column(f).to_pylist() for f in self.fields[1:])]
-        return [table.column(f).to_pylist() for f in self.fields]
+            return [[None] * table.num_rows, *(read_column(table, f) for f in self.fields[1:])]
+        return [read_column(table, f) for f in self.fields]
 
     def _document(self, ids, trainable, positions) -> Document:
         return Document(ids, 0, 0, trainable, positions or None)

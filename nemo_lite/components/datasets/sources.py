@@ -139,7 +139,7 @@ class _Spec:
         self.description = f"{shown} ({len(self.files)} {self.format} file{'s' * (len(self.files) > 1)})"
 
 
-def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool) -> Any:
+def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool, features: Any = None) -> Any:
     import datasets
 
     if spec.hub_name is not None:
@@ -154,7 +154,7 @@ def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool) -> Any:
             ) from e
     if all(os.path.getsize(f) == 0 for f in spec.files):
         raise ValueError(f"no documents in {spec.description}: the files are empty")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if features is None else {"features": features}
     if spec.format == "text":  # undecodable bytes become U+FFFD instead of an error mid-run
         kwargs = {"sample_by": cfg.text_sample_by, "encoding_errors": "replace"}
     try:
@@ -168,6 +168,39 @@ def _load(spec: _Spec, cfg: DataConfig, hub_split: str, streaming: bool) -> Any:
         )
     except Exception as e:
         raise ValueError(f"could not read {spec.description}: {type(e).__name__}: {e}") from e
+
+
+def _whole_json_columns(raw: Any, encoder: RecordEncoder) -> Any:
+    """The features to load ``raw`` (local JSON files) again with, or None when it needs no second load.
+
+    A field whose records differ in type somewhere inside (one message with a number or a list as content, or
+    an extra key) is typed by ``datasets`` as JSON at that place, and a string there that happens to parse as
+    JSON ("42") is then stored as that JSON (the number 42): the record's own value is lost. Typing the whole
+    field the encoder reads as JSON keeps every record's value exactly (a list or an object is always written
+    out whole), so each record is checked on its own (``chat.read_column`` parses it back).
+    """
+    import datasets
+
+    features = raw.features
+    if features is None or not hasattr(datasets, "Json"):
+        return None
+    mixed = [f for f in getattr(encoder, "fields", ()) if f in features and _holds_json(features[f])]
+    if not mixed or all(isinstance(features[f], datasets.Json) for f in mixed):
+        return None
+    return datasets.Features({k: datasets.Json() if k in mixed else v for k, v in features.items()})
+
+
+def _holds_json(feature: Any) -> bool:
+    import datasets
+
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(f) for f in feature.values())
+    if isinstance(feature, list | tuple):
+        return any(_holds_json(f) for f in feature)
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and _holds_json(inner)
 
 
 # -- the tokenizer's part of the cache key ----------------------------------------------------
@@ -328,6 +361,8 @@ def build_document_source(
     shuffle = cfg.shuffle and not validation
 
     raw = _load(spec, cfg, hub_split, cfg.streaming)
+    if spec.hub_name is None and spec.format == "json" and (features := _whole_json_columns(raw, encoder)):
+        raw = _load(spec, cfg, hub_split, cfg.streaming, features)
     if cfg.streaming:
         columns, features = raw.column_names, raw.features
         if columns is None:  # unknown until read: peek at the first record

@@ -30,6 +30,19 @@ def _column_texts(column: Any) -> list[str]:
     return ["" if v is None else v for v in values]
 
 
+def _is_json(arrow_type: Any) -> bool:
+    """Whether ``datasets`` typed the column as JSON: its records hold values of several types."""
+    return getattr(arrow_type, "extension_name", None) == "arrow.json"
+
+
+def _mixed_message(field: str, description: str) -> str:
+    # datasets then hands every text back JSON-quoted ('"Hello"'), which would be trained with its quotes.
+    return (
+        f"field {field!r} of {description} holds text in some records and other values (numbers, lists, objects) "
+        "in others; every record's field must be a string"
+    )
+
+
 @register_record_kind("text")
 class TextEncoder:
     """Text columns -> ``Document(ids, prompt_len, replaced_chars)``: a :class:`~kinds.RecordEncoder`.
@@ -96,11 +109,16 @@ class TextEncoder:
                     "the field that holds the text"
                 )
             feature = features[f] if features is not None else None
+            if _is_json(getattr(feature, "pa_type", None)):
+                raise ValueError(_mixed_message(f, description))
             dtype = getattr(feature, "dtype", "string")
             if dtype not in ("string", "large_string"):
                 raise ValueError(f"field {f!r} of {description} holds {feature}, not text")
 
     def columns(self, table: Any) -> list[list[str]]:
+        for f in self.fields:
+            if _is_json(table.column(f).type):  # a stream whose features were unknown to check_columns
+                raise ValueError(_mixed_message(f, "the source"))
         return [_column_texts(table.column(f)) for f in self.fields]
 
     def documents(self, records: Sequence[tuple[str, ...]], indices: Sequence[int]) -> list[Document]:
