@@ -279,3 +279,41 @@ def test_lora_stores_the_frozen_experts_in_the_autocast_dtype():
     assert "q_proj" in converter.target_names
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen linears are bf16 too: as the GPU run autocasts
         assert torch.isfinite(model(random_ids(1, 9, 97))).all()
+
+
+def test_the_finetune_recipe_trains_gpt_oss_on_conversations_with_lora_from_a_hub_cache(tmp_path):
+    """python recipes/finetune.py model.pretrained_path=org/name data=chat peft=lora, offline from a hub cache:
+    the conversations rendered with the checkpoint's template, adapters trained, the merge loaded by transformers
+    as gpt-oss with its sinks, experts and router as they were."""
+    from test_hub import _finetune, cache_repo
+
+    from nemo_lite.testing.preference import tiny_chat_checkpoint
+
+    files = tmp_path / "files"
+    tiny_chat_checkpoint(files)  # the chat tokenizer and template; its Llama weights are replaced below
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (files / name).unlink(missing_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(files)
+    vocab = 64 * -(-len(tokenizer) // 64)
+    theirs = hf_gpt_oss(seed=5, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
+    theirs.save_pretrained(files)
+    cache_repo(tmp_path / "hub", "tiny-org/tiny-gpt-oss", files)
+    done = _finetune(
+        "model.pretrained_path=tiny-org/tiny-gpt-oss",
+        "data=chat",
+        "data.seq_len=128",
+        "peft=lora",
+        cache=tmp_path / "hub",
+        run_dir=tmp_path / "run",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", experts_implementation="eager")
+    assert type(merged).__name__ == "GptOssForCausalLM"
+    before, after = theirs.state_dict(), merged.state_dict()
+    for frozen in ("model.layers.0.self_attn.sinks", "model.layers.0.mlp.router.weight"):
+        assert torch.equal(before[frozen], after[frozen]), frozen
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert merged.generation_config.eos_token_id is not None
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "hf").chat_template is not None
