@@ -727,8 +727,6 @@ def save_pretrained(
     ``generation`` is generation_config.json's content (default: the config's bos/eos/pad ids); its ids are
     config.json's too, an eos list included. Atomic: see :func:`atomic_directory`. Returns the path.
     """
-    from safetensors.torch import save_file
-
     max_bytes = parse_size(max_shard_size)
     state = {name: t.detach() for name, t in model.state_dict().items()}
     layout = hf_layout({name: tuple(t.shape) for name, t in state.items()}, family_of_config(model.config))
@@ -753,9 +751,8 @@ def save_pretrained(
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / GENERATION_CONFIG, generation)
         for shard, file in zip(shards, names, strict=True):  # one shard at a time on the CPU
-            save_file(
-                {k: t.cpu().to(dtype).contiguous() for k, t in shard.items()}, tmp / file, metadata={"format": "pt"}
-            )
+            tensors_of_shard = {k: t.cpu().to(dtype).contiguous() for k, t in shard.items()}
+            save_safetensors(tensors_of_shard, tmp / file, named=Path(path).expanduser().absolute() / file)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * element_size for t in tensors.values())},
@@ -764,6 +761,23 @@ def save_pretrained(
             _write_json(tmp / INDEX_FILE, index)
         write_tokenizer(tmp, tokenizer_dir, chat_template)
     return Path(path).expanduser().absolute()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, *, named: Path | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures are OSErrors naming the file (``named``: the name to
+    report, the final path of a file written in a temporary directory). safetensors reports a full disk as a
+    SafetensorError, which would read as a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(named or file)) from err
 
 
 def _write_json(file: Path, value: dict[str, Any]) -> None:
