@@ -143,3 +143,23 @@ def test_a_full_disk_during_the_export_is_reported_as_a_full_disk_naming_the_fil
         "another run_dir"
     )
     assert not list(tmp_path.glob(".hf.*")) and not (tmp_path / "hf").exists()
+
+
+def test_a_sigterm_between_the_renames_of_a_re_export_waits_until_the_new_export_is_in_place(tmp_path, monkeypatch):
+    from nemo_lite.components.models import hf
+
+    Trainer(_config(tmp_path)).fit()
+    (tmp_path / "export.json").unlink()  # a finished run whose export is to be redone over the earlier one
+    real = os.rename
+
+    def rename_then_sigterm(src, dst):
+        real(src, dst)
+        if ".hf.old-" in str(dst):  # the earlier export is aside, the new one not yet in its place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(hf.os, "rename", rename_then_sigterm)
+    result = Trainer(_config(tmp_path, resume="true")).fit()
+    monkeypatch.setattr(hf.os, "rename", real)
+    assert (result.status, result.signal, result.stopped_in) == ("interrupted", signal.SIGTERM, "export")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()  # never a moment without hf/ that a kill could keep
+    assert not list(tmp_path.glob(".hf.*")) and not (tmp_path / "export.json").exists()

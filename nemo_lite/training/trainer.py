@@ -1039,8 +1039,13 @@ def _raise_on_stop_signals():
         yield
         return
 
+    raised = False
+
     def stop(signum, frame):
-        raise ExportInterrupted(signum)
+        nonlocal raised
+        if not raised:  # a second signal must not cut short the clean-up the first one started
+            raised = True
+            raise ExportInterrupted(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

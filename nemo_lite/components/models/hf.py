@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -594,18 +595,47 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
-        os.rename(tmp, path)
+    with _stop_signals_held():
+        if not path.exists():
+            os.rename(tmp, path)
+            return
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then reach the handler they would have reached: a
+    handler that raises (the trainer's during an export) must not stop the renames between their first and last
+    step, which would leave no directory at ``path``. (Blocking the signals would not do: the kernel hands a
+    process-directed signal to another thread, and Python runs the handler in the main thread all the same.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
+    arrived: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in arrived[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def process_umask() -> int:
