@@ -443,6 +443,13 @@ def _log_of(fn: Callable[[], object]) -> list[str]:
     return [line.removeprefix("[nemo_lite] ") for line in stderr.getvalue().splitlines()]
 
 
+def _fresh_run_from_its_own_export(tmp):
+    _exporting_trainer(tmp / "run").fit()
+    trainer = _exporting_trainer(tmp / "run", overwrite=True)
+    trainer.cfg.model.pretrained_path = str(tmp / "run" / "hf")
+    trainer.fit()
+
+
 def _finished_run_without_its_export(tmp) -> list[str]:
     _exporting_trainer(tmp / "run").fit()
     (tmp / "run" / "export.json").unlink()  # as a run killed before its export finished leaves it
@@ -796,6 +803,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "the update left NaN or Inf in the weights": call_error(_poisoned_update),
     "the partial checkpoint was removed": call_error(_disk_full_during_a_save),
     "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),
+    "which a fresh run there moves aside": call_error(_fresh_run_from_its_own_export),
     "its export is missing or incomplete: exporting it now": _finished_run_without_its_export,
     "during the export, which was stopped without leaving temporary files": _sigterm_during_the_export,
     "hf/model.safetensors failed": call_error(_disk_full_during_the_export),

@@ -10,6 +10,7 @@ import signal
 import pytest
 from recipe_utils import tiny_config
 
+from nemo_lite.training import run_dir as rundir
 from nemo_lite.training.config import ConfigError
 from nemo_lite.training.launch import user_error_line
 from nemo_lite.training.trainer import Trainer
@@ -163,3 +164,13 @@ def test_a_sigterm_between_the_renames_of_a_re_export_waits_until_the_new_export
     assert (result.status, result.signal, result.stopped_in) == ("interrupted", signal.SIGTERM, "export")
     assert (tmp_path / "hf" / "model.safetensors").is_file()  # never a moment without hf/ that a kill could keep
     assert not list(tmp_path.glob(".hf.*")) and not (tmp_path / "export.json").exists()
+
+
+def test_a_fresh_run_from_an_export_it_would_move_aside_is_refused(tmp_path):
+    Trainer(_config(tmp_path)).fit()
+    before = _listing(tmp_path)
+    cfg = _config(tmp_path, overwrite=True)
+    cfg.model.pretrained_path = str(tmp_path / "hf")
+    with pytest.raises(rundir.RunDirError, match=r"model.pretrained_path .*/hf is the earlier run's hf in run_dir"):
+        Trainer(cfg).fit()
+    assert _listing(tmp_path) == before

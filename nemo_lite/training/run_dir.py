@@ -167,15 +167,26 @@ RUN_OUTPUTS = (
 )
 
 
-def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool) -> None:
+def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, reads: Path | None = None) -> None:
     """A fresh run (not a resume) in ``run_dir`` is refused if an earlier run left checkpoints there, unless
-    ``overwrite``. Nothing is moved here: :func:`move_earlier_outputs` does that once every other check passed."""
+    ``overwrite``, and if it reads (``reads``: its pretrained checkpoint) from an earlier output that it would
+    move aside. Nothing is moved here: :func:`move_earlier_outputs` does that once every other check passed."""
     if has_checkpoints and not overwrite:
         raise RunDirError(
             f"run_dir {run_dir} already holds checkpoints of an earlier run: pass trainer.resume=true to continue "
             "it, choose another run_dir, or pass trainer.overwrite=true to move them aside (into "
             f"{run_dir}/replaced-<time>) and start fresh"
         )
+    if reads is None:
+        return
+    reads = Path(os.path.realpath(reads))
+    for name in RUN_OUTPUTS:
+        output = Path(os.path.realpath(run_dir / name))
+        if os.path.lexists(run_dir / name) and (reads == output or output in reads.parents):
+            raise RunDirError(
+                f"model.pretrained_path {reads} is the earlier run's {name} in run_dir {run_dir}, which a fresh run "
+                "there moves aside (into replaced-<time>): choose another run_dir, or copy the checkpoint elsewhere"
+            )
 
 
 def move_earlier_outputs(run_dir: Path) -> Path | None:

@@ -252,7 +252,12 @@ class Trainer:
         self._lock = rundir.RunLock(self.run_dir)
         if fresh:
             has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
-            rundir.refuse_fresh_run(self.run_dir, overwrite=self.cfg.trainer.overwrite, has_checkpoints=has_checkpoints)
+            rundir.refuse_fresh_run(
+                self.run_dir,
+                overwrite=self.cfg.trainer.overwrite,
+                has_checkpoints=has_checkpoints,
+                reads=self.pretrained_dir,
+            )
 
     def _move_earlier_outputs(self) -> None:
         aside = rundir.move_earlier_outputs(self.run_dir)
