@@ -421,6 +421,80 @@ def _disk_full_elsewhere(tmp):
     raise RuntimeError(user_error_line(OSError(errno.ENOSPC, "No space left", str(tmp / "run" / "metrics.jsonl"))))
 
 
+def _exporting_trainer(run_dir: Path, **trainer_settings):
+    """The tiny model on the default data, 4 steps, exporting at the end."""
+    from nemo_lite.training.trainer import Trainer
+
+    cfg = tiny_config(run_dir, "sdpa", steps=4)
+    t = cfg.trainer
+    t.val_every, t.sample_tokens, t.export_hf = 0, 0, True
+    for key, value in trainer_settings.items():
+        setattr(t, key, value)
+    return Trainer(cfg)
+
+
+def _log_of(fn: Callable[[], object]) -> list[str]:
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        fn()
+    return [line.removeprefix("[nemo_lite] ") for line in stderr.getvalue().splitlines()]
+
+
+def _fresh_run_from_its_own_export(tmp):
+    _exporting_trainer(tmp / "run").fit()
+    trainer = _exporting_trainer(tmp / "run", overwrite=True)
+    trainer.cfg.model.pretrained_path = str(tmp / "run" / "hf")
+    trainer.fit()
+
+
+def _finished_run_without_its_export(tmp) -> list[str]:
+    _exporting_trainer(tmp / "run").fit()
+    (tmp / "run" / "export.json").unlink()  # as a run killed before its export finished leaves it
+    return _log_of(lambda: _exporting_trainer(tmp / "run", resume="true").fit())
+
+
+def _sigterm_during_the_export(tmp) -> list[str]:
+    import signal
+    from unittest import mock
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_then_sigterm(tensors, filename, *args, **kwargs):
+        real(tensors, filename, *args, **kwargs)
+        if ".hf.tmp-" in str(filename):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with mock.patch.object(safetensors.torch, "save_file", save_then_sigterm):
+        return _log_of(lambda: _exporting_trainer(tmp / "run").fit())
+
+
+def _disk_full_during_the_export(tmp):
+    from unittest import mock
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from nemo_lite.training.launch import user_error_line
+
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ".hf.tmp-" not in str(filename):
+            return real(tensors, filename, *args, **kwargs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with mock.patch.object(safetensors.torch, "save_file", full):
+        try:
+            _exporting_trainer(tmp / "run").fit()
+        except OSError as err:
+            raise RuntimeError(user_error_line(err)) from None
+
+
 def _damaged_newest_checkpoint(tmp) -> list[str]:
     import contextlib
     import io
@@ -806,6 +880,10 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "the update left NaN or Inf in the weights": call_error(_poisoned_update),
     "the partial checkpoint was removed": call_error(_disk_full_during_a_save),
     "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),
+    "which a fresh run there moves aside": call_error(_fresh_run_from_its_own_export),
+    "its export is missing or incomplete: exporting it now": _finished_run_without_its_export,
+    "during the export, which was stopped without leaving temporary files": _sigterm_during_the_export,
+    "hf/model.safetensors failed": call_error(_disk_full_during_the_export),
     "resuming from the one before it": _damaged_newest_checkpoint,
     "no usable checkpoint in": call_error(_no_usable_checkpoint),
     "it was saved by a run of another shape": call_error(_resume_with_another_shape),

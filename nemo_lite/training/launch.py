@@ -108,7 +108,8 @@ def run_recipe(cfg: Any) -> int:
     finally:
         distributed.shutdown()
     if result.status == "interrupted":  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
-        print(f"[nemo_lite] interrupted at step {result.steps}; resume with trainer.resume=true", file=sys.stderr)
+        if result.stopped_in != "export":  # the trainer has said what an interrupted export left
+            print(f"[nemo_lite] interrupted at step {result.steps}; resume with trainer.resume=true", file=sys.stderr)
         return 128 + int(result.signal)
     return 0
 

@@ -2,7 +2,8 @@
 
     lock = RunLock(run_dir)          # refuses a second run on the same directory (names its pid)
     check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params))
-    moved = claim_for_fresh_run(run_dir, resume=False, overwrite=False)   # refuses to bury older checkpoints
+    refuse_fresh_run(run_dir, overwrite=False, has_checkpoints=...)   # refuses to bury older checkpoints
+    moved = move_earlier_outputs(run_dir)    # after every other check: the earlier run's files, moved aside
 
 The lock is ``fcntl.flock`` on ``<run_dir>/.lock``: the kernel drops it when its process dies, however it
 dies, so a crash never leaves a stale lock behind. Under torchrun rank 0 holds it for the whole job.
@@ -148,19 +149,51 @@ def checkpoint_bytes(n_params: int) -> int:
     return CHECKPOINT_BYTES_PER_PARAM * n_params
 
 
-def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool) -> Path | None:
-    """A fresh run (not a resume) in ``run_dir``: refuse if an earlier run left checkpoints there, unless
-    ``overwrite``; then (or when only an earlier run's metrics are there) move the earlier run's files into
-    ``run_dir/replaced-<time>`` (renamed, never deleted). Returns that directory (None: nothing was moved)."""
+# What a run writes into its run_dir; a fresh run moves an earlier run's into replaced-<time> (EXPORT_MARKER
+# is written last by an export, so a run without it has no complete export).
+EXPORT_MARKER = "export.json"
+RUN_OUTPUTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "config.yaml",
+    "hf",
+    "adapter",
+    "tokenizer",
+    EXPORT_MARKER,
+    "profile",
+    "eval",
+    "generations.jsonl",
+    "wandb",
+)
+
+
+def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, reads: Path | None = None) -> None:
+    """A fresh run (not a resume) in ``run_dir`` is refused if an earlier run left checkpoints there, unless
+    ``overwrite``, and if it reads (``reads``: its pretrained checkpoint) from an earlier output that it would
+    move aside. Nothing is moved here: :func:`move_earlier_outputs` does that once every other check passed."""
     if has_checkpoints and not overwrite:
         raise RunDirError(
             f"run_dir {run_dir} already holds checkpoints of an earlier run: pass trainer.resume=true to continue "
             "it, choose another run_dir, or pass trainer.overwrite=true to move them aside (into "
             f"{run_dir}/replaced-<time>) and start fresh"
         )
-    earlier = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "config.yaml")]
-    earlier = [p for p in earlier if p.exists()]
-    if not (has_checkpoints or (run_dir / "metrics.jsonl").exists()):
+    if reads is None:
+        return
+    reads = Path(os.path.realpath(reads))
+    for name in RUN_OUTPUTS:
+        output = Path(os.path.realpath(run_dir / name))
+        if os.path.lexists(run_dir / name) and (reads == output or output in reads.parents):
+            raise RunDirError(
+                f"model.pretrained_path {reads} is the earlier run's {name} in run_dir {run_dir}, which a fresh run "
+                "there moves aside (into replaced-<time>): choose another run_dir, or copy the checkpoint elsewhere"
+            )
+
+
+def move_earlier_outputs(run_dir: Path) -> Path | None:
+    """Move what an earlier run wrote (``RUN_OUTPUTS``: checkpoints, metrics, config, exports, ...) into
+    ``run_dir/replaced-<time>``, renamed, never deleted. Returns that directory (None: nothing was there)."""
+    earlier = [run_dir / name for name in RUN_OUTPUTS if os.path.lexists(run_dir / name)]
+    if not earlier:
         return None
     aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
     n = 1
@@ -171,6 +204,12 @@ def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool
     for path in earlier:
         os.rename(path, aside / path.name)
     return aside
+
+
+def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool) -> Path | None:
+    """:func:`refuse_fresh_run`, then :func:`move_earlier_outputs`."""
+    refuse_fresh_run(run_dir, overwrite=overwrite, has_checkpoints=has_checkpoints)
+    return move_earlier_outputs(run_dir)
 
 
 def estimate_parameters(config: Any) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -57,6 +58,7 @@ class FitResult:
     status: str  # "completed" | "interrupted" | "finished before" (resumed at max_steps: nothing to do)
     last_checkpoint: Path | None = None
     signal: int | None = None  # what interrupted the run (a signal on another rank counts as SIGTERM)
+    stopped_in: str = "training"  # where the signal stopped it: "training" or "export"
     hf_dir: Path | None = None
     sample: str | None = None
     eval_metrics: dict[str, float] | None = None  # trainer.eval_tasks' last scores
@@ -171,6 +173,8 @@ class Trainer:
             self._count_flops()
             self._build_step()
             self._restore(resume_from)
+            if resume_from is None and self.is_main:  # after every refusal: a refused run leaves run_dir as it was
+                self._move_earlier_outputs()
             self._announce()
         except BaseException:
             self.release_run_dir()
@@ -248,11 +252,17 @@ class Trainer:
         self._lock = rundir.RunLock(self.run_dir)
         if fresh:
             has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
-            aside = rundir.claim_for_fresh_run(
-                self.run_dir, overwrite=self.cfg.trainer.overwrite, has_checkpoints=has_checkpoints
+            rundir.refuse_fresh_run(
+                self.run_dir,
+                overwrite=self.cfg.trainer.overwrite,
+                has_checkpoints=has_checkpoints,
+                reads=self.pretrained_dir,
             )
-            if aside is not None:
-                self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
+
+    def _move_earlier_outputs(self) -> None:
+        aside = rundir.move_earlier_outputs(self.run_dir)
+        if aside is not None:
+            self._log(f"an earlier run's files in {self.run_dir} were moved to {aside}")
 
     def _model_config_estimate(self):
         """The model's config as far as it is known before the data. A checkpoint's config.json is read here, so
@@ -455,11 +465,18 @@ class Trainer:
         self._consecutive_nonfinite = 0
         self._validation: tuple[int | None, dict[str, float] | None] = (None, None)  # (step, its validation)
         if self.resumed_from is not None and self.step >= cfg.max_steps:
-            self._log(
-                f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is "
-                "finished, nothing to do (raise trainer.max_steps to train on)"
+            result = FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
+            finished = (
+                f"{self.resumed_from} is at step {self.step} and trainer.max_steps={cfg.max_steps}: the run is finished"
             )
-            return FitResult(self.step, [], self.run_dir, "finished before", self.resumed_from)
+            if not self._export_missing():
+                self._log(f"{finished}, nothing to do (raise trainer.max_steps to train on)")
+                return result
+            self._log(f"{finished} but its export is missing or incomplete: exporting it now")
+            plain = self._plain_model()  # a collective under torchrun
+            if self.is_main:
+                self._export_or_interrupted(plain, result)
+            return result
         self._log(
             f"{self.n_params / 1e6:.2f}M parameters, attention={self.cfg.attention.backend} "
             f"({self.cfg.attention.attn_mask_type}), device={self.device}, run_dir={self.run_dir}"
@@ -893,8 +910,8 @@ class Trainer:
             # a collective under torchrun, where rank 0 samples on it; one process samples on its own model
             plain = self._plain_model() if cfg.export_hf or self.dist.enabled else None
             if self.is_main and cfg.export_hf:
-                result.hf_dir = self.export(plain)
-            if self.is_main and cfg.sample_tokens > 0:
+                self._export_or_interrupted(plain, result)
+            if self.is_main and cfg.sample_tokens > 0 and result.status == "completed":
                 on_device = plain if self.dist.enabled else None  # a converter's final model may be on the CPU
                 result.sample = self.sample(cfg.sample_prompt, cfg.sample_tokens, on_device)
 
@@ -915,6 +932,34 @@ class Trainer:
             plain.load_state_dict(full)
         return plain.to(self.device)
 
+    def _export_missing(self) -> bool:
+        """Whether the export this run should have is missing: ``trainer.export_hf`` and no export marker of
+        this step (an export writes the marker last). Rank 0 looks; under torchrun every rank gets its answer."""
+        missing = ""
+        if self.is_main and self.cfg.trainer.export_hf:
+            try:
+                marker = json.loads((self.run_dir / rundir.EXPORT_MARKER).read_text())
+                missing = "" if isinstance(marker, dict) and marker.get("step") == self.step else "missing"
+            except (OSError, ValueError):
+                missing = "missing"
+        if self.dist.enabled:
+            missing = distributed.broadcast_str(missing)
+        return bool(missing)
+
+    def _export_or_interrupted(self, model, result: FitResult) -> None:
+        """:meth:`export` into ``result.hf_dir``; Ctrl-C or SIGTERM during it stops it cleanly (no temporary
+        directory left, the earlier export kept, no marker) and marks ``result`` interrupted, to be redone by a
+        resume."""
+        try:
+            with _raise_on_stop_signals():
+                result.hf_dir = self.export(model)
+        except ExportInterrupted as stop:
+            result.status, result.signal, result.stopped_in = "interrupted", stop.signum, "export"
+            self._log(
+                f"received {signal.Signals(stop.signum).name} during the export, which was stopped without leaving "
+                f"temporary files; resume with trainer.resume=true to redo the export of step {self.step}"
+            )
+
     def export(self, model=None) -> Path:
         """The final model (:meth:`_plain_model`) as a Hugging Face directory (``<run_dir>/hf``) in
         ``trainer.export_dtype``, with the tokenizer, the chat template the run trained with as the tokenizer's own,
@@ -923,6 +968,7 @@ class Trainer:
         from nemo_lite.components.models import hf
 
         model = model or self._plain_model()
+        (self.run_dir / rundir.EXPORT_MARKER).unlink(missing_ok=True)  # written again once all of it is there
         tokenizer_dir = model.tokenizer_dir
         if tokenizer_dir is None and hasattr(self.tokenizer, "save_pretrained"):
             tokenizer_dir = self.run_dir / "tokenizer"
@@ -945,6 +991,10 @@ class Trainer:
             line = converter.export_extra(self.run_dir, path)
             if line:
                 self._log(line)
+        marker = self.run_dir / rundir.EXPORT_MARKER
+        tmp = self.run_dir / f".{rundir.EXPORT_MARKER}.tmp"
+        tmp.write_text(json.dumps({"step": self.step}) + "\n")
+        os.replace(tmp, marker)
         return path
 
     def _export_dtype(self) -> torch.dtype:
@@ -975,6 +1025,38 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.is_main:
             print(f"[nemo_lite] {message}", file=sys.stderr, flush=True)
+
+
+class ExportInterrupted(BaseException):
+    """Ctrl-C or SIGTERM arrived during the export (a BaseException: nothing on the way may swallow it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _raise_on_stop_signals():
+    """Ctrl-C and SIGTERM raise :class:`ExportInterrupted` in the main thread, so the atomic writers on the way
+    remove their temporary directories (SIGTERM's default would end the process without cleaning up)."""
+    if not threading_main():
+        yield
+        return
+
+    raised = False
+
+    def stop(signum, frame):
+        nonlocal raised
+        if not raised:  # a second signal must not cut short the clean-up the first one started
+            raised = True
+            raise ExportInterrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

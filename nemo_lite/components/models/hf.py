@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -594,18 +595,47 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
-        os.rename(tmp, path)
+    with _stop_signals_held():
+        if not path.exists():
+            os.rename(tmp, path)
+            return
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then reach the handler they would have reached: a
+    handler that raises (the trainer's during an export) must not stop the renames between their first and last
+    step, which would leave no directory at ``path``. (Blocking the signals would not do: the kernel hands a
+    process-directed signal to another thread, and Python runs the handler in the main thread all the same.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, old)
+    arrived: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in arrived[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def process_umask() -> int:
@@ -727,8 +757,6 @@ def save_pretrained(
     ``generation`` is generation_config.json's content (default: the config's bos/eos/pad ids); its ids are
     config.json's too, an eos list included. Atomic: see :func:`atomic_directory`. Returns the path.
     """
-    from safetensors.torch import save_file
-
     max_bytes = parse_size(max_shard_size)
     state = {name: t.detach() for name, t in model.state_dict().items()}
     layout = hf_layout({name: tuple(t.shape) for name, t in state.items()}, family_of_config(model.config))
@@ -753,9 +781,8 @@ def save_pretrained(
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / GENERATION_CONFIG, generation)
         for shard, file in zip(shards, names, strict=True):  # one shard at a time on the CPU
-            save_file(
-                {k: t.cpu().to(dtype).contiguous() for k, t in shard.items()}, tmp / file, metadata={"format": "pt"}
-            )
+            tensors_of_shard = {k: t.cpu().to(dtype).contiguous() for k, t in shard.items()}
+            save_safetensors(tensors_of_shard, tmp / file, named=Path(path).expanduser().absolute() / file)
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * element_size for t in tensors.values())},
@@ -764,6 +791,23 @@ def save_pretrained(
             _write_json(tmp / INDEX_FILE, index)
         write_tokenizer(tmp, tokenizer_dir, chat_template)
     return Path(path).expanduser().absolute()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, *, named: Path | None = None) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures are OSErrors naming the file (``named``: the name to
+    report, the final path of a file written in a temporary directory). safetensors reports a full disk as a
+    SafetensorError, which would read as a damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(named or file)) from err
 
 
 def _write_json(file: Path, value: dict[str, Any]) -> None:

@@ -345,16 +345,14 @@ def save_adapter(
     """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
     ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads, with the tokenizer files of
     ``tokenizer_dir`` (the export's: its chat template is the run's). Atomic (``atomic_directory``)."""
-    from safetensors.torch import save_file
-
-    from nemo_lite.components.models.hf import atomic_directory, write_tokenizer
+    from nemo_lite.components.models.hf import atomic_directory, save_safetensors, write_tokenizer
 
     tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
     config = lora_config(section, target_names, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
     config.inference_mode = True
     with atomic_directory(path) as tmp:
         config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, named=Path(path).expanduser().absolute() / ADAPTER_WEIGHTS)
         write_tokenizer(tmp, None if tokenizer_dir is None else Path(tokenizer_dir))
     return Path(path).expanduser().absolute()
 
