@@ -229,3 +229,30 @@ def test_target_parameters_on_a_dense_model_say_it_has_no_experts(tmp_path):
     cfg.peft.target_parameters = ["gate_up_proj"]
     with pytest.raises(ConfigError, match=r"no stacked weight of this model; .* none \(it has no mixture of experts\)"):
         Trainer(cfg).setup()
+
+
+def test_the_finetune_recipe_adapts_the_experts_of_a_cached_qwen3_moe_offline(tmp_path):
+    """python recipes/finetune.py model.pretrained_path=org/name peft=lora 'peft.target_parameters=[...]', offline
+    from a hub cache: the merged export's experts moved, its routers did not."""
+    from test_hub import _finetune, cache_repo
+
+    files = tmp_path / "files"
+    theirs = _tiny_checkpoint(files)
+    cache_repo(tmp_path / "hub", "tiny-org/tiny-qwen3-moe", files)
+    done = _finetune(
+        "model.pretrained_path=tiny-org/tiny-qwen3-moe",
+        "peft=lora",
+        "peft.target_modules=[]",
+        "peft.target_parameters=[gate_up_proj,down_proj]",
+        "optim.lr=1e-2",
+        cache=tmp_path / "hub",
+        run_dir=tmp_path / "run",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "experts' down_proj, gate_up_proj (6 stacked weights)" in done.stdout + done.stderr
+    before, after = theirs.state_dict(), hf_eager(tmp_path / "run" / "hf").state_dict()
+    for key in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.3.mlp.experts.down_proj"):
+        assert not torch.equal(before[key], after[key])
+    for key in ("model.layers.0.mlp.gate.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(before[key], after[key])
+    assert read_adapter_dir(tmp_path / "run" / "adapter")[0]["target_parameters"] == sorted(HF_TARGETS)
