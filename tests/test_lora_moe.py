@@ -256,3 +256,26 @@ def test_the_finetune_recipe_adapts_the_experts_of_a_cached_qwen3_moe_offline(tm
     for key in ("model.layers.0.mlp.gate.weight", "model.layers.0.self_attn.q_proj.weight"):
         assert torch.equal(before[key], after[key])
     assert read_adapter_dir(tmp_path / "run" / "adapter")[0]["target_parameters"] == sorted(HF_TARGETS)
+
+
+def test_fsdp2_on_two_ranks_trains_the_expert_adapters_as_one_process(tmp_path):
+    """torchrun, 2 ranks x 2 rows against 1 process x 4 rows (gloo, CPU): the same losses (the router loss off,
+    so the objective is linear in the batch), and the adapter export PEFT's."""
+    from test_lora_distributed import launch, losses
+
+    base = tmp_path / "base"
+    _tiny_checkpoint(base, output_router_logits=False)
+    args = ["peft.target_modules=[q_proj]", "peft.target_parameters=[gate_up_proj,down_proj]", "optim.lr=1e-2"]
+    args += ["trainer.sample_tokens=0"]
+    for nproc, batch in ((1, 4), (2, 2)):
+        done = launch(nproc, base, f"data.batch_size={batch}", f"run_dir={tmp_path / str(nproc)}", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = losses(tmp_path / "1"), losses(tmp_path / "2")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) <= 1e-5
+    from safetensors.torch import load_file
+
+    single, double = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("1", "2"))
+    assert set(single) == set(double)
+    assert max((single[k] - double[k]).abs().max().item() for k in single) <= 1e-4  # gathered from the shards
+    assert single["base_model.model.model.layers.0.mlp.experts.lora_B.weight"].abs().max() > 0  # they trained
