@@ -279,3 +279,33 @@ def test_fsdp2_on_two_ranks_trains_the_expert_adapters_as_one_process(tmp_path):
     assert set(single) == set(double)
     assert max((single[k] - double[k]).abs().max().item() for k in single) <= 1e-4  # gathered from the shards
     assert single["base_model.model.model.layers.0.mlp.experts.lora_B.weight"].abs().max() > 0  # they trained
+
+
+def test_compiled_blocks_do_not_recompile_as_peft_parametrizes_the_experts(base, tmp_path, monkeypatch):
+    """trainer.compile=true: PEFT parametrizes the experts anew in every forward (a new class each time), so the
+    wrapped experts run eager and the rest of each block keeps its graphs: nothing is compiled after the first
+    step. The losses are the uncompiled run's."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: real_compile(self, backend=counting_backend))
+    torch._dynamo.reset()
+    steps = {}
+    for compiled in (False, True):
+        cfg = lora_moe_config(tmp_path / str(compiled), base, steps=3)
+        cfg.trainer.compile = compiled
+        trainer = Trainer(cfg)
+        trainer.setup()
+        losses = []
+        for seed in range(3):
+            ids = random_ids(2, 33, 8192, seed=seed)
+            losses.append(trainer.train_step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])["loss"])
+            if seed == 0:
+                after_first = len(graphs)
+        steps[compiled] = losses
+    assert after_first > 0 and len(graphs) == after_first
+    assert max(abs(a - b) for a, b in zip(steps[False], steps[True], strict=True)) <= 1e-5

@@ -208,6 +208,11 @@ class LoraConverter(ModelConverter):
         config = lora_config(self.settings, self.module_paths, target_parameters=self.parameter_paths)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         for module in model.modules():
+            if isinstance(module, peft.tuners.lora.ParamWrapper):
+                # PEFT registers a parametrization on the experts in every forward, a new class each time: dynamo
+                # would recompile the experts' frame each step until its limit and then run it eager anyway, so
+                # it runs eager from the start (recursive: the nested wrappers and the experts under them).
+                module.forward = torch.compiler.disable(module.forward)
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 # PEFT casts a layer's input to the adapters' dtype (float32) before A; under autocast the
                 # matmul casts it back to the same bf16 values, so the cast only costs a saved copy per layer.
