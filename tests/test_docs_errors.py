@@ -666,6 +666,32 @@ def _lora_target_matching_nothing(tmp):
     LoraConverter(PeftSection(method="lora", target_modules=["qkv"])).convert(model, family_of_model(model))
 
 
+def _lora_on_a_tiny_moe(**changes):
+    def convert(tmp):
+        from nemo_lite.components.attention import AttentionConfig
+        from nemo_lite.components.models import get_model_family
+        from nemo_lite.components.models.families.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        from nemo_lite.training.config import PeftSection
+        from nemo_lite.training.converters.lora import LoraConverter
+
+        config = Qwen3MoeConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+        model = Qwen3MoeForCausalLM(config, attention=AttentionConfig(backend="eager"))
+        LoraConverter(PeftSection(method="lora", **changes)).convert(model, get_model_family("qwen3_moe"))
+
+    return convert
+
+
 def _tokenizer_without_a_chat_template(tmp):
     from transformers import PreTrainedTokenizerFast
 
@@ -790,6 +816,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "all-linear already names every linear": call_error(_peft(target_modules=["all-linear", "q_proj"])),
     "peft=lora adapts a pretrained model": call_error(_lora_without_a_checkpoint),
     "match(es) no module of this model": call_error(_lora_target_matching_nothing),
+    "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
+    "match(es) no stacked weight of this model": call_error(_lora_on_a_tiny_moe(target_parameters=["w1"])),
+    "PEFT's LoRA on stacked weights has no dropout": call_error(_peft(dropout=0.1, target_parameters=["down_proj"])),
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
     "are two kinds of fine-tuning data": call_error(_messages_and_prompts),

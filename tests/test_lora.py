@@ -259,7 +259,10 @@ def test_a_target_that_matches_nothing_lists_the_modules_that_exist(base, tmp_pa
         (lambda c: setattr(c.peft, "r", 0), "peft.r=0 must be an integer > 0"),
         (lambda c: setattr(c.peft, "alpha", 0.0), "peft.alpha=0.0 must be"),
         (lambda c: setattr(c.peft, "dropout", 1.0), r"peft.dropout=1.0 must be in \[0.0, 1.0\)"),
-        (lambda c: setattr(c.peft, "target_modules", []), "peft.target_modules is empty"),
+        (
+            lambda c: setattr(c.peft, "target_modules", []),
+            "peft.target_modules and peft.target_parameters are both empty",
+        ),
         (lambda c: setattr(c.peft, "target_modules", ["all-linear", "q_proj"]), "give it alone"),
         (lambda c: setattr(c.peft, "method", "qlora"), "peft.method='qlora' is not valid; choose one of: none, lora"),
     ],

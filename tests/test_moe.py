@@ -413,7 +413,8 @@ def test_the_step_adds_the_aux_loss_only_when_the_config_asks(tmp_path):
 
 def test_the_finetune_recipe_runs_lora_on_a_cached_qwen3_moe_offline(tmp_path):
     """python recipes/finetune.py model.pretrained_path=org/name peft=lora, offline from a hub cache: adapters on
-    the attention and the dense MLP (the stacked experts and the routers stay frozen), merged on export."""
+    the attention and the dense MLP (the stacked experts, not named in peft.target_parameters, and the routers stay
+    frozen), merged on export."""
     from test_hub import _finetune, cache_repo
 
     files = tmp_path / "files"
@@ -442,7 +443,7 @@ def test_the_finetune_recipe_runs_lora_on_a_cached_qwen3_moe_offline(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_lora_on_the_stacked_experts_is_refused_in_one_line(tmp_path):
+def test_naming_a_stacked_expert_weight_as_a_module_points_to_target_parameters(tmp_path):
     from nemo_lite.errors import ConfigError
     from nemo_lite.training.trainer import Trainer
 
@@ -450,7 +451,7 @@ def test_lora_on_the_stacked_experts_is_refused_in_one_line(tmp_path):
     _tiny_checkpoint(ckpt)
     cfg = _finetune_config(tmp_path, ckpt, steps=1)
     cfg.peft.method, cfg.peft.target_modules = "lora", ["q_proj", "gate_up_proj"]
-    with pytest.raises(ConfigError, match=r"\['gate_up_proj'\] are stacked weights, not linears: LoRA on them"):
+    with pytest.raises(ConfigError, match=r"\['gate_up_proj'\] are stacked weights, not linears: name them in peft"):
         Trainer(cfg).setup()
 
 

@@ -179,6 +179,12 @@ class Experts(nn.Module):
         self.impl = impl
 
     @property
+    def is_transposed(self) -> bool:
+        """``transposed`` under the name PEFT's LoRA on stacked weights (``target_parameters``) reads to tell
+        ``[E, in, out]`` from ``[E, out, in]``, as on transformers' expert modules."""
+        return self.transposed
+
+    @property
     def impl(self) -> str:
         return self._impl
 

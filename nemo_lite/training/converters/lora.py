@@ -1,11 +1,14 @@
-"""LoRA through PEFT: low-rank adapters on the decoder's linears; only the adapters train.
+"""LoRA through PEFT: low-rank adapters on the decoder's linears (and a mixture's stacked expert weights); only
+the adapters train.
 
 ``peft=lora`` (configs/peft/lora.yaml) sets the rank, alpha, dropout and the target modules by their
 Hugging Face names (``q_proj`` ... ``down_proj``, or ``all-linear``: every linear of the decoder blocks,
 not the output head). PEFT's own layers are injected into nemo_lite's model (:func:`peft.inject_adapter_in_model`
 with the targets spelled as full module paths, since PEFT's ``all-linear`` only knows transformers models); every
 other parameter is frozen, so the optimizer, the gradient norm and the fast step's converters see only the
-adapters.
+adapters. ``peft.target_parameters`` (``gate_up_proj``, ``down_proj``) adapts the stacked expert weights
+``[E, ...]`` of a mixture of experts through PEFT's parameter targeting (``LoraConfig.target_parameters``:
+one rank-``r`` pair per expert, applied as a parametrization of the weight during the forward).
 
 What this module also owns, because only it knows the adapters' names:
 
@@ -22,6 +25,7 @@ What this module also owns, because only it knows the adapters' names:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,20 @@ class PeftSection:
     dropout: float = 0.0
     # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Stacked expert weights of a mixture of experts (gate_up_proj, down_proj), adapted per expert through PEFT's
+    # target_parameters; [] adapts none.
+    target_parameters: list[str] = field(default_factory=list)
+
+
+def block_stacked_weights(model: nn.Module, family: Any) -> dict[str, str]:
+    """Every parameter stacked over experts (``[E, ...]``, three dimensions) inside the family's decoder blocks:
+    full parameter path -> leaf name (``gate_up_proj``)."""
+    in_blocks = {id(p) for block in family.blocks(model) for p in block.parameters()}
+    return {
+        name: name.rsplit(".", 1)[-1]
+        for name, param in model.named_parameters()
+        if param.dim() == 3 and id(param) in in_blocks
+    }
 
 
 def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
@@ -97,6 +115,7 @@ class LoraConverter(ModelConverter):
         self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
         self.target_names: list[str] = []  # leaf names adapted (q_proj, ...), set by convert
         self.module_paths: list[str] = []
+        self.parameter_paths: list[str] = []  # stacked weights adapted (layers.0.mlp.experts.gate_up_proj, ...)
         self.family: Any = None  # the model's family entry, set by convert (the merge builds the model again)
         self._record: dict[str, Any] | None = None
         self._final_adapters: dict[str, torch.Tensor] = {}  # set by final_model, for export_extra
@@ -119,8 +138,16 @@ class LoraConverter(ModelConverter):
         if not 0.0 <= peft.dropout < 1.0:
             raise ConfigError(f"peft.dropout={peft.dropout!r} must be in [0.0, 1.0)")
         targets = list(peft.target_modules)
-        if not targets:
-            raise ConfigError("peft.target_modules is empty; give module names (q_proj, v_proj, ...) or [all-linear]")
+        if not targets and not peft.target_parameters:
+            raise ConfigError(
+                "peft.target_modules and peft.target_parameters are both empty; give module names (q_proj, v_proj, "
+                "...) or [all-linear], or stacked expert weights (gate_up_proj, down_proj)"
+            )
+        if peft.target_parameters and peft.dropout:
+            raise ConfigError(
+                f"peft.dropout={peft.dropout!r} with peft.target_parameters: PEFT's LoRA on stacked weights has no "
+                "dropout; set peft.dropout=0.0"
+            )
         if ALL_LINEAR in targets and len(targets) > 1:
             raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
 
@@ -153,24 +180,39 @@ class LoraConverter(ModelConverter):
         if ALL_LINEAR in wanted:
             wanted = existing
         unknown = [name for name in wanted if name not in existing]
-        stacked = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() > 2} & set(unknown))
+        weights = block_stacked_weights(model, family)
+        stacked = sorted(set(weights.values()) & set(unknown))
         if stacked:
             raise ConfigError(
-                f"peft.target_modules {stacked} are stacked weights, not linears: LoRA on them (PEFT's "
-                f"target_parameters) is not supported; adapt the decoder linears: {', '.join(existing)}"
+                f"peft.target_modules {stacked} are stacked weights, not linears: name them in "
+                f"peft.target_parameters={stacked} (LoRA per expert); the decoder linears are: {', '.join(existing)}"
             )
         if unknown:
             raise ConfigError(
                 f"peft.target_modules {unknown} match(es) no module of this model; its decoder linears are: "
                 f"{', '.join(existing)} (or all-linear)"
             )
+        wanted_weights = list(self.settings.target_parameters)
+        unknown = [name for name in wanted_weights if name not in set(weights.values())]
+        if unknown:
+            have = ", ".join(sorted(set(weights.values()))) or "none (it has no mixture of experts)"
+            raise ConfigError(
+                f"peft.target_parameters {unknown} match(es) no stacked weight of this model; its stacked expert "
+                f"weights are: {have}"
+            )
         self.target_names = sorted(set(wanted))
         self.module_paths = [path for path, leaf in linears.items() if leaf in self.target_names]
+        self.parameter_paths = [path for path, leaf in weights.items() if leaf in wanted_weights]
         for param in model.parameters():
             param.requires_grad_(False)
-        config = lora_config(self.settings, self.module_paths)
+        config = lora_config(self.settings, self.module_paths, target_parameters=self.parameter_paths)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         for module in model.modules():
+            if isinstance(module, peft.tuners.lora.ParamWrapper):
+                # PEFT registers a parametrization on the experts in every forward, a new class each time: dynamo
+                # would recompile the experts' frame each step until its limit and then run it eager anyway, so
+                # it runs eager from the start (recursive: the nested wrappers and the experts under them).
+                module.forward = torch.compiler.disable(module.forward)
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 # PEFT casts a layer's input to the adapters' dtype (float32) before A; under autocast the
                 # matmul casts it back to the same bf16 values, so the cast only costs a saved copy per layer.
@@ -184,10 +226,11 @@ class LoraConverter(ModelConverter):
                     param.data = param.data.to(self.frozen_dtype)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        self.description += (
-            f", on {', '.join(self.target_names)} ({len(self.module_paths)} linears): {trainable / 1e6:.3g}M "
-            f"trainable of {total / 1e6:.4g}M parameters"
-        )
+        on = f"{', '.join(self.target_names)} ({len(self.module_paths)} linears)" if self.target_names else ""
+        if self.parameter_paths:
+            names = ", ".join(sorted(set(self.settings.target_parameters)))
+            on += f"{' and ' if on else ''}experts' {names} ({len(self.parameter_paths)} stacked weights)"
+        self.description += f", on {on}: {trainable / 1e6:.3g}M trainable of {total / 1e6:.4g}M parameters"
         if self.frozen_dtype is not None:
             self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
 
@@ -205,6 +248,7 @@ class LoraConverter(ModelConverter):
                 "r": int(s.r),
                 "alpha": float(s.alpha),
                 "targets": list(self.target_names),
+                "parameters": sorted(set(s.target_parameters)),
                 "base": base_fingerprint(self.base_dir),
             }
         return self._record
@@ -224,11 +268,11 @@ class LoraConverter(ModelConverter):
                 f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with "
                 "peft=lora and the same model.pretrained_path"
             )
-        for key in ("r", "targets"):
-            if saved[key] != current[key]:
+        for key in ("r", "targets", "parameters"):
+            if saved.get(key, []) != current.get(key, []):  # checkpoints from before target_parameters lack it
                 raise ConfigError(
-                    f"{path} has adapters with peft {key}={saved[key]} and this run asks for {current[key]}: "
-                    "resume with the checkpoint's peft settings"
+                    f"{path} has adapters with peft {key}={saved.get(key, [])} and this run asks for "
+                    f"{current.get(key, [])}: resume with the checkpoint's peft settings"
                 )
         if saved["base"]["sha256"] != current["base"]["sha256"]:
             raise ConfigError(
@@ -262,20 +306,23 @@ class LoraConverter(ModelConverter):
             run_dir / "adapter",
             section=self.settings,
             target_names=self.target_names,
+            target_parameters=[hf_parameter_target(path) for path in self.parameter_paths],
             base_model_name_or_path=str(self.base_path),
             tokenizer_dir=hf_dir,
         )
         return f"exported the LoRA adapters (PEFT) to {path}"
 
 
-def lora_config(section: PeftSection, target_modules: list[str], **extra: Any):
+def lora_config(section: PeftSection, target_modules: list[str], target_parameters: list[str] = (), **extra: Any):
     import peft
 
     return peft.LoraConfig(
         r=int(section.r),
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
+        # [], not None, for experts-only adapters: PEFT fills None with its default modules for the model type
         target_modules=list(target_modules),
+        target_parameters=list(target_parameters) or None,
         bias="none",
         **extra,
     )
@@ -320,17 +367,39 @@ def base_fingerprint(path: str | Path) -> dict[str, Any]:
 # ---- export ----------------------------------------------------------------------------------------
 
 
+def hf_module_path(module: str) -> str:
+    """``layers.0.attention.q_proj`` -> ``model.layers.0.self_attn.q_proj``: the Hugging Face path of one of our
+    modules, through the parameter-name table (any parameter under it gives the module's prefix)."""
+    from nemo_lite.components.models.hf import HF_KEY_MAP, to_hf_key
+
+    template = re.sub(r"^layers\.\d+\.", "layers.{i}.", module) + "."
+    for key in HF_KEY_MAP:
+        if key.startswith(template) and "." not in key[len(template) :]:
+            leaf = key[len(template) :]
+            return to_hf_key(f"{module}.{leaf}").removesuffix(f".{leaf}")
+    raise KeyError(f"module {module!r} has no parameter in HF_KEY_MAP")
+
+
+def hf_parameter_target(path: str) -> str:
+    """``layers.0.mlp.experts.gate_up_proj`` -> ``mlp.experts.gate_up_proj``: how PEFT's ``target_parameters``
+    names a stacked weight of a transformers model (the path inside a decoder layer, as PEFT matches suffixes)."""
+    module, leaf = path.rsplit(".", 1)
+    return re.sub(r"^model\.layers\.\d+\.", "", hf_module_path(module)) + f".{leaf}"
+
+
 def hf_adapter_key(name: str) -> str:
     """``layers.0.attention.q_proj.lora_A.default.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.
-    lora_A.weight``: the key PEFT writes for a transformers model (adapter name dropped)."""
-    from nemo_lite.components.models.hf import to_hf_key
-
+    lora_A.weight``: the key PEFT writes for a transformers model (adapter name dropped). Adapters on stacked
+    weights keep PEFT's nesting (``mlp.experts.base_layer.lora_A``: a second weight of one module wraps the
+    first's wrapper)."""
     module, rest = name.split(".lora_", 1)
     which, adapter, tensor = rest.split(".")
     if adapter != ADAPTER_NAME:
         raise KeyError(f"{name!r} belongs to adapter {adapter!r}, not {ADAPTER_NAME!r}")
-    hf_module = to_hf_key(f"{module}.weight").removesuffix(".weight")
-    return f"base_model.model.{hf_module}.lora_{which}.{tensor}"
+    wrappers = ""
+    while module.endswith(".base_layer"):
+        module, wrappers = module.removesuffix(".base_layer"), wrappers + ".base_layer"
+    return f"base_model.model.{hf_module_path(module)}{wrappers}.lora_{which}.{tensor}"
 
 
 def save_adapter(
@@ -341,14 +410,23 @@ def save_adapter(
     target_names: list[str],
     base_model_name_or_path: str | None,
     tokenizer_dir: str | Path | None = None,
+    target_parameters: list[str] = (),
 ) -> Path:
     """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
     ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads, with the tokenizer files of
-    ``tokenizer_dir`` (the export's: its chat template is the run's). Atomic (``atomic_directory``)."""
+    ``tokenizer_dir`` (the export's: its chat template is the run's). ``target_parameters``: the adapted stacked
+    weights as PEFT names them on the transformers model (:func:`hf_parameter_target`). Atomic
+    (``atomic_directory``)."""
     from nemo_lite.components.models.hf import atomic_directory, save_safetensors, write_tokenizer
 
     tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
-    config = lora_config(section, target_names, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
+    config = lora_config(
+        section,
+        target_names,
+        sorted(set(target_parameters)),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
     config.inference_mode = True
     with atomic_directory(path) as tmp:
         config.save_pretrained(str(tmp))
@@ -374,7 +452,8 @@ def merged_model(
 
     model = family.load_pretrained(base_dir, attention=attention, dtype=torch.float32, device="cpu")
     paths = [path for path, leaf in block_linears(model, family).items() if leaf in target_names]
-    tuner = LoraModel(model, lora_config(section, paths), ADAPTER_NAME)
+    weights = [path for path, leaf in block_stacked_weights(model, family).items() if leaf in section.target_parameters]
+    tuner = LoraModel(model, lora_config(section, paths, weights), ADAPTER_NAME)
     state = {name: t.detach().float().cpu() for name, t in adapters.items()}
     missing, unexpected = tuner.model.load_state_dict(state, strict=False)
     missing = [name for name in missing if is_adapter_name(name)]
@@ -396,7 +475,9 @@ __all__ = [
     "adapter_tensors",
     "base_fingerprint",
     "block_linears",
+    "block_stacked_weights",
     "hf_adapter_key",
+    "hf_parameter_target",
     "merged_model",
     "save_adapter",
 ]
