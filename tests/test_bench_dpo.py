@@ -12,9 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-def test_every_config_of_the_dpo_benchmark_runs_at_toy_size():
+def test_every_config_of_the_dpo_benchmark_runs_at_toy_size(monkeypatch):
     pytest.importorskip("trl")
     import bench_dpo
+
+    from nemo_lite.training import run_dir
+
+    # the benchmark turns the free-space check off for its process; the tests after this one need it back
+    monkeypatch.setattr(run_dir, "FREE_SPACE_FACTOR", run_dir.FREE_SPACE_FACTOR)
 
     args = argparse.Namespace(size="toy", prompt=60, answer=6, pairs=2, steps=2)
     shared, separate = bench_dpo.run_nemo(args, shared=True), bench_dpo.run_nemo(args, shared=False)
