@@ -30,7 +30,8 @@ case "$cmd" in
   finetune) exec "$VENV/bin/python" recipes/finetune.py "$@" ;;
   test)
     set +e
-    "$VENV/bin/python" -m pytest -q "$@"
+    # Two workers, each test file whole on one (files share fixtures and run directories); "-n 0" runs serially.
+    "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile "$@"
     rc=$?
     if [ $rc -eq 5 ]; then echo "[quickstart] pytest collected no tests: failing"; exit 1; fi
     exit $rc ;;

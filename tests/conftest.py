@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (the README's test command runs two workers), each worker gets its share of the cores:
+# two workers of two OpenMP threads each on two cores spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import torch  # noqa: E402 - after OMP_NUM_THREADS
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (attention_reference, ...)
 
@@ -47,6 +55,19 @@ def require_smollm2() -> Path:
     from nemo_lite.testing import smollm2
 
     path = smollm2.default_smollm2_dir()
+    if smollm2.is_complete(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time: test workers that start together would each convert and swap the directory
+    # under the others' feet.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_and_convert_smollm2(path)
+
+
+def _fetch_and_convert_smollm2(path: Path) -> Path:
+    from nemo_lite.testing import smollm2
+
     if smollm2.is_complete(path):
         return path
     log = lambda msg: print(f"[smollm2] {msg}", file=sys.stderr, flush=True)

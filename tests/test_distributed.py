@@ -5,13 +5,13 @@ a checkpoint written by N ranks resumes on M (2->1, 1->2, 4->2) with the losses 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from nemo_lite.testing.net import free_port
 from nemo_lite.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +33,6 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc: int, *args: str) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from nemo_lite.testing.data import SyntheticPackedLoader
+from nemo_lite.testing.net import free_port
 from nemo_lite.training.config import RecipeConfig
 from nemo_lite.training.metrics import read_metrics
 
@@ -111,7 +112,7 @@ def max_difference(a: list[float], b: list[float]) -> float:
 def launch(run_dir: Path, resume: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])  # this checkout
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29523"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     cmd += [__file__, str(run_dir), resume or ""]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 

@@ -25,6 +25,7 @@ from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import family_of_preset
 from nemo_lite.testing.data import SyntheticPackedLoader
 from nemo_lite.testing.hooks import after_each_step
+from nemo_lite.testing.net import free_port
 from nemo_lite.training.config import Float8Section, RecipeConfig
 from nemo_lite.training.converters.float8 import Float8Converter
 from nemo_lite.training.fast.step import FastStep
@@ -184,7 +185,7 @@ def test_fsdp2_on_two_gpus_gives_one_gpus_float8_curve(tmp_path):
 
     def launch(nproc: int, batch: int, name: str):
         runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-        cmd = [*runner, "--master-port", "29531", str(REPO / "recipes/pretrain.py"), *common]
+        cmd = [*runner, "--master-port", str(free_port()), str(REPO / "recipes/pretrain.py"), *common]
         cmd += [f"data.batch_size={batch}", f"run_dir={tmp_path / name}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 
 from test_lora import write_base  # noqa: E402
 
+from nemo_lite.testing.net import free_port  # noqa: E402
 from nemo_lite.training.metrics import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(nproc: int, base: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "29533"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+    ]
     cmd = [*(torchrun if nproc > 1 else [sys.executable]), str(REPO / "recipes/finetune.py")]
     common = [
         f"model.pretrained_path={base}",

@@ -4,13 +4,14 @@ ranks that runs one task at a time on every rank (tests/test_sharded_checkpoint.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from nemo_lite.testing.net import free_port
 
 LAYOUT = {"model.dim": 16, "data.seq_len": 8}
 STAGES = ["tmp", "dcp", "rank files", "manifest", "renamed"]
@@ -43,9 +44,7 @@ class RankPool:
 
     def __init__(self, world: int = 2) -> None:
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.world = world
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world)]
