@@ -50,10 +50,17 @@ def _absent_module(name: str, package: str) -> types.ModuleType:
     return module
 
 
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a finder that refuses it; a module set to None in sys.modules
+        return False
+
+
 def import_torchtitan() -> types.ModuleType:
     """``torchtitan.train``, importable without the packages only its text pipeline and loggers need."""
     for name, package in UNUSED_MODULES.items():
-        if importlib.util.find_spec(package) is None and name not in sys.modules:
+        if not _installed(package) and name not in sys.modules:
             sys.modules[name] = _absent_module(name, package)
     import torchtitan.train
 

@@ -108,3 +108,36 @@ def test_torchtitans_train_step_runs_on_the_benchmarks_batches(peer):
     assert [r["pairs"] for r in records] == [int((b["position_ids"] + 1).sum()) for b in batches]
     assert all(0 < r["mfu"] < r["mfu_torchtitan_definition"] for r in records)
     assert trainer.lr_schedulers.schedulers[0].get_last_lr()[0] == pytest.approx(1e-4)  # cosine down to 0.1
+
+
+HIDDEN_IMPORT = """
+import sys
+class Hide:  # as on the GPU machine: neither datasets nor tensorboard installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("datasets", "tensorboard"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Hide())
+sys.path.insert(0, "scripts")
+import torchtitan_peer
+torchtitan_peer.import_torchtitan()
+from torchtitan.components.metrics import MetricsProcessor
+try:
+    MetricsProcessor()
+except RuntimeError as err:
+    print(err)
+print(sorted(m for m in ("datasets", "tensorboard") if m in sys.modules))
+"""
+
+
+def test_torchtitan_imports_without_its_text_pipelines_packages(peer):
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", HIDDEN_IMPORT], cwd=repo, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert run.stdout.splitlines()[-2:] == [
+        "torchtitan.components.metrics.MetricsProcessor needs tensorboard, which is not installed; "
+        "pip install tensorboard",
+        "[]",
+    ]
