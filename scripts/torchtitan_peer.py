@@ -11,10 +11,16 @@ pipeline and a checkpointer); batches reach ``train_step`` through its data-load
 ``({"input": tokens, "positions": position_ids}, labels)``, and the positions restart RoPE per document as
 nemo_lite's do.
 
+What differs from nemo_lite's run besides the code: 0.2.x's output projection is its own matrix (compare with
+``flex-compile-untied``); torchtitan's init (the loss curves differ, the work does not); weight decay on every
+parameter, norms included; its warm-up formula; the loss from fp32 logits (compiled ``F.cross_entropy``) where
+nemo_lite's fast step has a fused kernel; torch's fused AdamW where nemo_lite has its Triton AdamW; flex compiled
+with max-autotune where nemo_lite uses its tuned tiles. Both read the loss on the host every step.
+
 torchtitan imports its text pipeline (Hugging Face ``datasets``) and its TensorBoard logger at import time,
-although neither runs here; where those packages are missing (the GPU machine has neither, and pyarrow alone
-would not fit in what is carried to it), the two torchtitan modules that need them are registered as modules
-whose every name raises when used.
+although neither runs here; where those packages are missing (datasets, which brings pyarrow and pandas, is not
+on the GPU machine), the two torchtitan modules that need them are registered as modules whose every name raises
+when used. The rest of what the model and step import beyond torch: tyro, docstring_parser and torchdata.
 """
 
 from __future__ import annotations
