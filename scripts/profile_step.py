@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_utils import gpu_recipe, meta, synthetic_loader, train
+from bench_utils import gpu_recipe, medians, meta, synthetic_loader, train
 
 from nemo_lite.training.profiling import breakdown_markdown, step_breakdown
+
+AFTER = 5  # steps run after the profiled ones, for the step time without the profiler
 
 
 def profile(out: Path, *, preset: str, start: int, steps: int, toy: bool, trace: bool = False) -> dict:
@@ -38,9 +40,10 @@ def profile(out: Path, *, preset: str, start: int, steps: int, toy: bool, trace:
         loader = SyntheticPackedLoader(2, 256, vocab_size=config.vocab_size, eos_id=config.eos_token_id, mean_doc=60)
     else:
         loader = synthetic_loader()
-    cfg = gpu_recipe("/tmp/profile_step/run", start + steps + 1, preset=preset, **keys)
+    cfg = gpu_recipe("/tmp/profile_step/run", start + steps + AFTER, preset=preset, **keys)
     cfg.trainer.profile_start, cfg.trainer.profile_steps = start, steps
     run = train(cfg, loader, keep=True)
+    timed = ("step_ms", "tokens_per_s") + (("mfu",) if run.records[-1].get("mfu") is not None else ())
     profile_dir = Path(cfg.run_dir) / "profile"
     with gzip.open(profile_dir / "trace_rank0.json.gz", "rt") as f:
         breakdown = step_breakdown(json.load(f))
@@ -51,7 +54,8 @@ def profile(out: Path, *, preset: str, start: int, steps: int, toy: bool, trace:
         "profiled_steps": f"{start + 1}-{start + steps}",
         "breakdown": breakdown,
         "summary": json.loads((profile_dir / "summary.json").read_text()),
-        "unprofiled_step_ms": [r["step_ms"] for r in run.records if r["step"] > start + steps],
+        # the steps after the window, unslowed by the profiler (no MFU without a known peak, e.g. on a CPU)
+        **medians(run.records, start + steps, timed),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile_step.json").write_text(json.dumps(result, indent=1))
