@@ -11,6 +11,9 @@ transformers runs torch's fused AdamW). Reported per config: median tokens/s ove
 the steps after warm-up, MFU (6 x params x tokens + the attention FLOPs of the actual document mask,
 against 989 TFLOP/s bf16 dense), peak memory, mask-build share of the step, and the number of
 graphs compiled after the second step (recompilations). --profile writes a kernel summary of steps 7-9.
+`torchtitan-compile` runs torchtitan's llama3 model and training step on the same batches where torchtitan is
+importable (scripts/torchtitan_peer.py says what runs; 0.2.x has an untied output projection, so compare it
+with `flex-compile-untied`); its MFU is given by nemo_lite's definition, and by torchtitan's (full attention).
 """
 
 from __future__ import annotations
@@ -22,7 +25,20 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import PEAK_FLOPS, gpu_recipe, hf_model, hf_train, medians, meta, run_all, synthetic_loader, train
+from bench_utils import (
+    EOS,
+    PEAK_FLOPS,
+    ROWS,
+    SEQ_LEN,
+    gpu_recipe,
+    hf_model,
+    hf_train,
+    medians,
+    meta,
+    run_all,
+    synthetic_loader,
+    train,
+)
 
 PROFILED_STEPS = 3
 WARMUP = 5
@@ -73,10 +89,36 @@ def run_hf(name: str, steps: int, *, attn_implementation: str, compile: bool) ->
     return result | {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": n_params}
 
 
+def run_titan(name: str, steps: int, *, preset: str = "llama-3.2-1b") -> dict:
+    """torchtitan's model and ``train_step`` with the hyper-parameters of nemo_lite's benchmark recipe."""
+    import torchtitan_peer as peer
+
+    optim = gpu_recipe(f"/tmp/bench_train/{name}", steps).optim
+    started = peer.single_process_group("cuda")
+    try:
+        trainer = peer.build_trainer(
+            preset, steps=steps, seq_len=SEQ_LEN, rows=ROWS, eos_id=EOS, lr=optim.lr,
+            warmup_steps=optim.warmup_steps, min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay,
+            clip=1.0,
+        )  # fmt: skip
+        params = sum(p.numel() for p in trainer.model_parts[0].parameters())
+        torch.cuda.reset_peak_memory_stats()
+        records = peer.titan_train(trainer, synthetic_loader(), steps, PEAK_FLOPS)
+        keys = ("tokens_per_s", "mfu", "mfu_torchtitan_definition", "step_ms")
+        result = {"config": name, **medians(records, WARMUP, keys), "torchtitan": peer.version()}
+        del trainer
+        return result | {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "params": params, "tied": False}
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
 CONFIGS = {
     # name: (runner, keyword arguments: recipe keys for nemo_lite, the model's settings for transformers)
     "flex-compile": (run_nemo, {}),
     "flex-compile-plain": (run_nemo, {"trainer.step_impl": "plain"}),
+    # torchtitan 0.2.x's llama3 has a separate output projection: the same shape untied
+    "flex-compile-untied": (run_nemo, {"model.overrides": {"tie_word_embeddings": False}}),
     "flex-compile-chunk": (run_nemo, {"trainer.loss_chunk_size": 2048}),
     "flex-compile-torchflex": (run_nemo, {"attention.options": {"kernel_options": "torch"}}),
     "flex": (run_nemo, {"trainer.compile": False}),
@@ -87,6 +129,7 @@ CONFIGS = {
     "hf-sdpa": (run_hf, {"attn_implementation": "sdpa", "compile": False}),
     "hf-flex": (run_hf, {"attn_implementation": "flex_attention", "compile": False}),
     "hf-flex-compile": (run_hf, {"attn_implementation": "flex_attention", "compile": True}),
+    "torchtitan-compile": (run_titan, {}),
 }
 
 
@@ -123,9 +166,12 @@ def main() -> None:
             print(f"| {r['config']} | {r['error']} | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        label = r["config"]
+        if "torchtitan" in r:  # which version ran, and its own MFU (attention counted over the full square)
+            label += f" ({r['torchtitan']}; its MFU {100 * r['mfu_torchtitan_definition']:.1f}%)"
         mask = f"{r['mask_ms']:.2f} ({100 * r['mask_share']:.2f}%)" if "mask_ms" in r else "-"
         print(
-            f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
+            f"| {label} | {r['tokens_per_s']:.0f} | {ratio} | {100 * r['mfu']:.1f}% | "
             f"{r['peak_mem_gib']:.1f} | {mask} | {r.get('recompiles_after_step_2', '-')} |"
         )
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
 from recipe_utils import tiny_config
 
-from nemo_lite.training.profiling import kernel_class, summarize_trace
+from nemo_lite.training.profiling import (
+    STEP_CLASS_ORDER,
+    breakdown_markdown,
+    kernel_class,
+    step_breakdown,
+    step_class,
+    summarize_trace,
+)
 from nemo_lite.training.trainer import Trainer
 
 
@@ -98,3 +106,122 @@ def test_a_profiled_run_writes_a_trace_and_a_summary(tmp_path):
     summary = json.loads((profile / "summary.json").read_text())
     assert summary["device"] == "cpu" and summary["steps"] == 2
     assert any(op in summary["top_cpu_ops_ms_per_step"] for op in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+
+# Kernel names as profiles of training steps on H100/H200 show them (the nvjet, triton and nemo_lite kernels
+# from this repository's own profiles in docs/results/; flash-attn 2 and 3, memory-efficient and cuDNN
+# attention, cuBLAS and torch's loss and AdamW kernels as torch, flash-attn and cuDNN name them).
+REAL_KERNELS = {
+    "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT": "matmul",
+    "nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT": "matmul",  # float8
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas": "matmul",  # noqa: E501
+    "triton_tem_fused__unsafe_view_flex_attention_transpose_view_3": "attention forward",
+    "triton_tem_fused_flex_attention_backward_transpose_view_15": "attention backward",
+    "triton_per_fused_flex_attention_backward_transpose_view_3": "attention backward",  # flex's delta = rowsum(dO*O)
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t>, false, true, false, false, true, true, false, false>(pytorch_flash::Flash_fwd_params)": "attention forward",  # noqa: E501
+    "void flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64, 128, 8, 2, 4, 2, false, false, cutlass::bfloat16_t>>": "attention backward",  # noqa: E501
+    "flash_bwd_dot_do_o_kernel": "attention backward",
+    "flash_bwd_convert_dq_kernel": "attention backward",
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2, cute::tuple<cute::C<1>, cute::C<1>, cute::C<1> >>>>>": "attention forward",  # noqa: E501
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnBwdSm90<CollectiveMainloop, CollectiveEpilogue, Scheduler>>>": "attention backward",  # noqa: E501
+    "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention forward",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention backward",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x": "attention forward",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x": "attention backward",
+    "_cross_entropy_kernel": "loss",
+    "triton_red_fused__log_softmax__to_copy_prepare_softmax_online_0": "loss",
+    "void at::native::<unnamed>::cunn_SoftMaxForward<(int)4, float, float, float, at::native::<unnamed>::LogSoftMaxForwardEpilogue>(T4 *, const T2 *, int)": "loss",  # noqa: E501
+    "void at::native::<unnamed>::nll_loss_forward_reduce_cuda_kernel_2d<float, float, long>": "loss",
+    "_adamw_kernel": "optimizer",
+    "_sum_squares_kernel": "optimizer",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, (at::native::ADAM_MODE)1, false>>": "optimizer",  # noqa: E501
+    "triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_0": "elementwise (fused triton)",
+    "triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_4": "elementwise (fused triton)",
+    # a float8 cast fused by inductor
+    "triton_poi_fused__scaled_mm__to_copy_clamp_mul_reciprocal_t_view_15": "elementwise (fused triton)",
+    "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "void at::native::vectorized_gather_kernel<16, long>(char*, char*, long*, int, long, long, long, long, bool)": (
+        "other (eager kernels, copies, indexing)"
+    ),
+    "Memset (Device)": "other (eager kernels, copies, indexing)",
+}
+
+
+@pytest.mark.parametrize("name", REAL_KERNELS, ids=lambda n: n[:48])
+def test_step_classes_of_real_kernel_names(name):
+    assert step_class(name) == REAL_KERNELS[name]
+
+
+def _step_trace() -> dict:
+    """Two profiled steps on the host (0-100 ms and 100-200 ms); kernels launched in each, one of step 1
+    running after its host step ended, an NCCL kernel under a matmul, a kernel with no launch record. Times
+    in ms here, in us in the trace."""
+    events = [
+        {"cat": "user_annotation", "name": "ProfilerStep#5", "ts": 0, "dur": 100_000},
+        {"cat": "user_annotation", "name": "ProfilerStep#6", "ts": 100_000, "dur": 100_000},
+        {"cat": "gpu_user_annotation", "name": "ProfilerStep#5", "ts": 10_000, "dur": 300_000},  # not a host step
+    ]
+
+    def kernel(name, start, stop, launch=None, correlation=None):
+        if correlation is not None:
+            events.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1000 * launch, "dur": 1,
+                           "args": {"correlation": correlation}})  # fmt: skip
+        args = {} if correlation is None else {"correlation": correlation}
+        events.append({**_kernel(name, start, stop), "args": args})
+
+    # step 1: GPU span 10-110: busy 10-40, 45-60, 100-110 -> idle 5 + 40 = 45
+    kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", 10, 40, 5, 1)
+    kernel("triton_tem_fused__unsafe_view_flex_attention_transpose_view_3", 45, 60, 20, 2)
+    kernel("_adamw_kernel", 100, 110, 90, 3)  # launched in step 1, runs after it
+    # step 2: GPU span 120-170: busy 120-150 (the NCCL kernel under the matmul), 160-170 -> idle 10
+    kernel("nvjet_sm90_tst_128x64_64x8_1x2_h_bz_NTT", 120, 150, 115, 4)
+    kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 125, 140, 116, 5)
+    kernel("_cross_entropy_kernel", 160, 170)  # no launch record: its start time places it in step 2
+    return {"traceEvents": events}
+
+
+def test_step_breakdown_adds_up_classes_and_idle_gaps_per_step():
+    breakdown = step_breakdown(_step_trace())
+    assert breakdown["device"] == "cuda" and breakdown["steps"] == 2
+    assert breakdown["host_step_ms"] == 100
+    assert breakdown["gpu_span_ms"] == 75  # (100 + 50) / 2
+    assert breakdown["idle_gaps_per_step"] == 1.5  # two gaps in step 1, one in step 2
+    ms = {cls: ms for cls, ms in breakdown["ms_per_step"].items() if ms}
+    assert ms == {
+        "matmul": 30,  # (30 + 30) / 2
+        "attention forward": 7.5,
+        "optimizer": 5,
+        "communication": 7.5,  # counted in full although the matmul ran beside it
+        "loss": 5,
+        "idle gaps": 27.5,  # (45 + 10) / 2
+    }
+    assert list(breakdown["ms_per_step"]) == STEP_CLASS_ORDER
+    table = breakdown_markdown(breakdown)
+    assert "| idle gaps | 27.50 | 36.7% |" in table and "| matmul | 30.00 | 40.0% |" in table
+
+
+def test_step_breakdown_needs_profiler_steps_and_reports_host_time_without_kernels():
+    with pytest.raises(ValueError, match="ProfilerStep"):
+        step_breakdown({"traceEvents": [_kernel("_adamw_kernel", 0, 1)]})
+    step = {"cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 2000}
+    cpu = step_breakdown({"traceEvents": [step]})
+    assert cpu == {"device": "cpu", "steps": 1, "host_step_ms": 2.0, "ms_per_step": {"cpu": 2.0}}
+
+
+def test_the_profile_script_runs_at_toy_size(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import profile_step
+
+    from nemo_lite.training import run_dir
+
+    monkeypatch.setattr(run_dir, "FREE_SPACE_FACTOR", run_dir.FREE_SPACE_FACTOR)  # the script turns it off
+    result = profile_step.profile(tmp_path, preset="tiny", start=1, steps=1, toy=True)
+    saved = json.loads((tmp_path / "profile_step.json").read_text())
+    assert saved["breakdown"] == result["breakdown"] and saved["profiled_steps"] == "2-2"
+    assert saved["tokens_per_s"] > 0 and "mfu" not in saved  # the steps after the window; no peak on a CPU
+    assert result["breakdown"]["device"] == "cpu" and result["breakdown"]["host_step_ms"] > 0
+    assert (tmp_path / "profile_step.md").read_text() == breakdown_markdown(result["breakdown"])

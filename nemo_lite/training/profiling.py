@@ -7,6 +7,9 @@ communication, ...), how much of the step the GPU was busy, how much NCCL time n
 overlapped, where the GPU sat idle (the largest gaps between kernels, by the kernels around them), and
 the kernels by the operator (and its input shapes) that launched them.
 On CPU the summary lists the operators with the most time instead.
+
+``step_breakdown`` reads the same trace per step, in the classes ``scripts/profile_step.py`` reports
+(matmuls, attention forward and backward, fused elementwise, optimizer, loss, communication, idle gaps).
 """
 
 from __future__ import annotations
@@ -131,6 +134,116 @@ def summarize_trace(trace: dict[str, Any], steps: int, top: int = 25) -> dict[st
         "top_kernels_by_operator_ms_per_step": kernels_by_op(events, kernels, steps, 2 * top),
         **idle_gaps(kernels, steps),
     }
+
+
+# ---- one step by kernel class (scripts/profile_step.py) ----------------------------------------------
+
+ATTENTION_KEYS = ("flex_attention", "flash", "fmha", "sdpa", "attn")
+BACKWARD_KEYS = ("backward", "bwd", "bprop", "cutlassb", "dot_do_o", "convert_dq")
+STEP_CLASSES = [  # (class, substrings of the lower-cased kernel name); the first match wins
+    ("communication", ("nccl",)),
+    ("attention backward", ()),  # attention kernels, split by BACKWARD_KEYS
+    ("attention forward", ()),
+    ("loss", ("cross_entropy", "nll_loss", "log_softmax", "logsoftmax")),
+    ("optimizer", ("adam", "sum_squares", "multi_tensor_apply")),
+    # before matmul: inductor names a fused kernel by the ops it fused, float8 casts "..._scaled_mm_..."
+    ("elementwise (fused triton)", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "triton_tem_fused_mm", "_mm_")),
+    ("elementwise (fused triton)", ("triton_",)),
+    ("other (eager kernels, copies, indexing)", ("",)),
+]
+IDLE = "idle gaps"
+STEP_CLASS_ORDER = [*dict.fromkeys(cls for cls, _ in STEP_CLASSES), IDLE]
+
+
+def step_class(name: str) -> str:
+    """The class of a GPU kernel in a training step's profile (``STEP_CLASS_ORDER`` less the idle gaps)."""
+    lowered = name.lower()
+    if "nccl" not in lowered and any(k in lowered for k in ATTENTION_KEYS):
+        return "attention backward" if any(k in lowered for k in BACKWARD_KEYS) else "attention forward"
+    return next(cls for cls, keys in STEP_CLASSES if any(k in lowered for k in keys))
+
+
+def _clipped_union_us(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    return 1000 * _union_ms([(max(a, lo), min(b, hi)) for a, b in spans if b > lo and a < hi])
+
+
+def step_breakdown(trace: dict[str, Any]) -> dict[str, Any]:
+    """GPU time of the profiled steps by class, per step (mean over the steps of a Chrome trace).
+
+    A kernel belongs to the step (``ProfilerStep#N`` on the host) during which it was launched (its
+    ``correlation`` with the launch call; a kernel without one, to the step its start falls in). A step's GPU
+    span runs from its first kernel's start to its last kernel's end; its idle gaps are the time in that span
+    when no kernel ran, so a step's class times (overlapping kernels each counted) plus its idle gaps make its
+    span when kernels do not overlap. On a trace without GPU kernels (a CPU run), the host time of the steps.
+    """
+    events = [e for e in trace.get("traceEvents", []) if "dur" in e and "ts" in e]
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("cat") != "gpu_user_annotation"
+    )
+    if not steps:
+        raise ValueError("the trace has no ProfilerStep# events: profile with torch.profiler's schedule")
+    host_ms = sum(b - a for a, b in steps) / 1000 / len(steps)
+    kernels = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    if not kernels:
+        host = round(host_ms, 3)
+        return {"device": "cpu", "steps": len(steps), "host_step_ms": host, "ms_per_step": {"cpu": host}}
+    launched = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+
+    def step_of(kernel: dict) -> int | None:
+        t = launched.get(kernel.get("args", {}).get("correlation"), kernel["ts"])
+        return next((i for i, (a, b) in enumerate(steps) if a <= t < b), None)
+
+    per_step: list[list[dict]] = [[] for _ in steps]
+    for k in kernels:
+        i = step_of(k)
+        if i is not None:
+            per_step[i].append(k)
+    all_spans = [(k["ts"], k["ts"] + k["dur"]) for k in kernels]
+    totals = dict.fromkeys(STEP_CLASS_ORDER, 0.0)
+    span_ms = gaps = 0.0
+    counted = [ks for ks in per_step if ks]
+    for ks in counted:
+        for k in ks:
+            totals[step_class(k["name"])] += k["dur"] / 1000
+        lo, hi = min(k["ts"] for k in ks), max(k["ts"] + k["dur"] for k in ks)
+        busy_us = _clipped_union_us(all_spans, lo, hi)
+        totals[IDLE] += (hi - lo - busy_us) / 1000
+        span_ms += (hi - lo) / 1000
+        ordered = sorted((a, b) for a, b in all_spans if b > lo and a < hi)
+        end = ordered[0][1]
+        for a, b in ordered[1:]:
+            gaps += a > end
+            end = max(end, b)
+    n = len(counted)
+    return {
+        "device": "cuda",
+        "steps": n,
+        "host_step_ms": round(host_ms, 3),
+        "gpu_span_ms": round(span_ms / n, 3),
+        "idle_gaps_per_step": round(gaps / n, 1),
+        "ms_per_step": {cls: round(ms / n, 3) for cls, ms in totals.items()},
+    }
+
+
+def breakdown_markdown(breakdown: dict[str, Any]) -> str:
+    """The breakdown as a markdown table: ms per step and share of the step's GPU span, by class."""
+    if breakdown["device"] == "cpu":
+        ms = breakdown["host_step_ms"]
+        return f"| profiled on the CPU: no GPU kernels | ms per step |\n|---|---|\n| host time of a step | {ms:.2f} |\n"
+    span = breakdown["gpu_span_ms"]
+    lines = ["| kernel class | ms per step | share of the GPU span |", "|---|---|---|"]
+    for cls, ms in breakdown["ms_per_step"].items():
+        lines.append(f"| {cls} | {ms:.2f} | {100 * ms / span:.1f}% |")
+    lines.append(f"| GPU span of a step (first kernel to last) | {span:.2f} | |")
+    lines.append(f"| host time of a profiled step | {breakdown['host_step_ms']:.2f} | |")
+    return "\n".join(lines) + "\n"
 
 
 class StepProfiler:
