@@ -109,3 +109,26 @@ def test_the_recipe_key_reaches_the_blocks(monkeypatch):
     _, plain = run("none")
     assert ops[torch.ops.aten.mm.default] - plain[torch.ops.aten.mm.default] == 3 * LAYERS
     assert not any(ops[op] for op in ATTENTION)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_blocks_under_each_mode_give_the_same_gradients_on_a_gpu():
+    """Compiled blocks (the family's compile units, as trainer.compile=true) under bf16 autocast: full and
+    selective recompute inside the compiled graphs and give the gradients of no checkpointing."""
+    grads = {}
+    ids = torch.randint(4, 256, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    for mode in ("none", "full", "selective"):
+        torch._dynamo.reset()
+        family, model = tiny()
+        model.cuda()
+        checkpoint_blocks(family.blocks(model), mode)
+        for unit in family.compile_units(model):
+            unit.compile()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy_sum(model.forward_hidden(ids), model.output_weight, ids)
+        loss.backward()
+        grads[mode] = {n: p.grad.float() for n, p in model.named_parameters()}
+    for mode in ("full", "selective"):
+        for name, grad in grads[mode].items():
+            torch.testing.assert_close(grad, grads["none"][name], rtol=2e-2, atol=1e-3, msg=f"{mode} {name}")

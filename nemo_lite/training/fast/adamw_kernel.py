@@ -42,8 +42,8 @@ NUM_WARPS = 8
 
 
 # torch.finfo(torch.float8_e4m3fn).max, and torchao's floor under an amax (float8_utils.EPS).
-E4M3_MAX = 448.0
-AMAX_EPS = 1e-12
+E4M3_MAX = tl.constexpr(448.0)
+AMAX_EPS = tl.constexpr(1e-12)
 ALIGN = 16  # bytes: the kernel tells Triton (literal 16 below) that every tensor is aligned, for vector loads
 
 
