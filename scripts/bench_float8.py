@@ -2,6 +2,7 @@
 
     python scripts/bench_float8.py throughput [--shapes 1b,3b] [--recipes bf16,tensorwise,rowwise] [--steps 25]
         [--out float8_throughput.json]
+    python scripts/bench_float8.py throughput --recipes bf16,tensorwise-own-cast,tensorwise --out float8_ab.json
     python scripts/bench_float8.py profile [--shapes 1b,3b] [--recipes bf16,tensorwise] [--out float8_profile.json]
     python scripts/bench_float8.py curves [--steps 300] [--workloads corpus,synthetic]
         [--runs bf16-a,bf16-b,tensorwise] [--out float8_curves.json]
@@ -12,6 +13,10 @@ config (flex attention, trainer.compile=true, the fast step), for the Llama-3.2-
 autocast against float8 tensorwise and rowwise. Per row: median tokens/s after 5 warm-up steps, MFU
 counted against the bf16 dense peak (989 TFLOP/s on H100/H200) and against the float8 dense peak (twice
 that), peak memory, and which linears were converted. Every row is written as it finishes.
+``tensorwise`` is the fast step's default, whose AdamW kernel writes the converted layers' float8 weights
+(nemo_lite.training.fast.float8_weights); ``tensorwise-own-cast`` is the same with
+float8.weights_from_optimizer=false, every layer casting its own weight in forward and backward (torchao's
+way): the second command above is their A/B against bf16, per shape, in one call.
 
 profile: a torch.profiler window (3 steps after the warm-up) of bf16 and float8 on the throughput workload,
 per shape: GPU time per step by kernel class, the matrix multiplications split into bf16 (aten::mm and
@@ -44,12 +49,17 @@ import torch._dynamo
 from bench_utils import gpu_recipe, median_after_warmup, medians, meta, run_all, synthetic_loader, train
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
-RECIPES = ("bf16", "tensorwise", "rowwise")
+RECIPES = ("bf16", "tensorwise", "tensorwise-own-cast", "rowwise")
 WARMUP = 5
 
 
 def config(name: str, preset: str, recipe: str, steps: int, *, seed: int = 0):
-    float8 = {"float8.enabled": recipe != "bf16", "float8.recipe": recipe if recipe != "bf16" else "tensorwise"}
+    scaling, own_cast = recipe.removesuffix("-own-cast"), recipe.endswith("-own-cast")
+    float8 = {
+        "float8.enabled": recipe != "bf16",
+        "float8.recipe": scaling if recipe != "bf16" else "tensorwise",
+        "float8.weights_from_optimizer": not own_cast,
+    }
     return gpu_recipe(f"/tmp/bench_float8/{name}", steps, preset=preset, **float8, **{"trainer.seed": seed})
 
 
@@ -89,16 +99,21 @@ def throughput(args) -> None:
 
     rows = run_all(list(runs), runs, write)
     print(f"\n{meta()}\n")
-    print("| shape-recipe | tokens/s | vs bf16 | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| shape-recipe | tokens/s | vs bf16 | vs own-cast | MFU (bf16 peak) | MFU (fp8 peak) | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+
+    def ratio(r: dict, recipe: str) -> str:
+        base = next((b for b in rows if b.get("shape") == r["shape"] and b.get("recipe") == recipe), None)
+        return f"{r['tokens_per_s'] / base['tokens_per_s']:.3f}x" if base and "tokens_per_s" in base else "-"
+
     for r in rows:
         if "error" in r:
-            print(f"| {r['config']} | {r['error']} | | | | |")
+            print(f"| {r['config']} | {r['error']} | | | | | |")
             continue
-        base = next((b for b in rows if b.get("shape") == r["shape"] and b.get("recipe") == "bf16"), None)
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        vs_own = ratio(r, f"{r['recipe']}-own-cast")
         mfu = (f"{100 * r['mfu_bf16_peak']:.1f}%", f"{100 * r['mfu_fp8_peak']:.1f}%") if r["mfu_bf16_peak"] else "--"
-        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu[0]} | {mfu[1]} | {r['peak_mem_gib']:.1f} |")
+        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio(r, 'bf16')} | {vs_own} | {mfu[0]} | {mfu[1]} | "
+              f"{r['peak_mem_gib']:.1f} |")  # fmt: skip
 
 
 PROFILED_STEPS = 3
@@ -245,7 +260,7 @@ def main() -> None:
         sys.exit("bench_float8.py needs a CUDA GPU")
     for name in getattr(args, "recipes", "").split(",") + getattr(args, "runs", "").split(","):
         if name and name not in (*RECIPES, "bf16-a", "bf16-b"):
-            sys.exit(f"unknown recipe or run {name!r}; choose from bf16, tensorwise, rowwise (runs: bf16-a, bf16-b)")
+            sys.exit(f"unknown recipe or run {name!r}; choose from {', '.join(RECIPES)} (runs: bf16-a, bf16-b)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # several models and recipes in one process
     {"throughput": throughput, "profile": profile, "curves": curves}[args.mode](args)

@@ -223,9 +223,9 @@ def test_the_trainer_converts_before_activation_checkpointing_and_compile(tmp_pa
     seen = []
     wrap = trainer_module.apply_activation_checkpointing
 
-    def checkpointing(blocks):
+    def checkpointing(blocks, *args):
         seen.append(("checkpointing", sum(isinstance(m, Float8Linear) for b in blocks for m in b.modules())))
-        wrap(blocks)
+        wrap(blocks, *args)
 
     monkeypatch.setattr(trainer_module, "apply_activation_checkpointing", checkpointing)
 

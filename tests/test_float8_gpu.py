@@ -5,7 +5,8 @@
 - a run stopped and resumed continues the straight curve, under the fast step;
 - trainer.compile=true follows the eager float8 curve;
 - a short run's loss falls, and its gap to bf16 stays within the gap between two bf16 seeds;
-- FSDP2 on 2 GPUs (float8 all-gather) gives one GPU's curve, where 2 GPUs are present.
+- FSDP2 on 2 GPUs (float8 all-gather) gives one GPU's curve, where 2 GPUs are present;
+- the fast step's AdamW-written float8 weights: torchao's cast bit for bit, the self-casting layers' curve.
 """
 
 from __future__ import annotations
@@ -203,3 +204,35 @@ def test_fsdp2_on_two_gpus_gives_one_gpus_float8_curve(tmp_path):
 
     with safe_open(str(tmp_path / "two" / "hf" / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype in (torch.float32, torch.bfloat16) for k in f.keys())  # noqa: SIM118
+
+
+def test_the_optimizers_float8_weights_give_the_self_casting_layers_curve(tmp_path):
+    """The fast step with its AdamW writing the float8 weights (the default) against the layers casting
+    their own (float8.weights_from_optimizer=false), compiled: the same casts of the same weights, so the
+    same curve up to the matmuls' accumulation order."""
+    runs = {}
+    for on in (True, False):
+        cfg = recipe_config(tmp_path, f"from_optimizer_{on}", compile=True)
+        cfg.float8.weights_from_optimizer = on
+        trainer = Trainer(cfg, train_loader=loader())
+        runs[on] = trainer.fit().losses
+        assert trainer.step_impl.on["float8 weights written by AdamW"] is on
+        assert bool(trainer.step_impl.float8) is on
+    print(f"from the optimizer {[round(x, 4) for x in runs[True]]}\nself-cast {[round(x, 4) for x in runs[False]]}")
+    assert abs(runs[True][0] - runs[False][0]) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(runs[True], runs[False], strict=True)) <= 0.02
+
+
+def test_the_optimizers_float8_weights_are_torchaos_cast_after_each_step(tmp_path):
+    """After a fast step on a GPU, every swapped layer's float8 weight is torchao's cast of its float32
+    weight, bit for bit."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+
+    trainer = Trainer(recipe_config(tmp_path, "cast", steps=3), train_loader=loader())
+    trainer.fit()
+    weights = trainer.step_impl.float8
+    assert weights
+    for param, f8 in weights.items():
+        ref = hp_tensor_to_float8_dynamic(param.detach(), torch.float8_e4m3fn, f8._linear_mm_config)
+        assert torch.equal(ref._scale, f8._scale)
+        assert torch.equal(ref._data.view(torch.uint8), f8._data.view(torch.uint8))

@@ -15,6 +15,7 @@ from typing import Any
 from nemo_lite.components.attention.config import AttentionConfig
 from nemo_lite.components.datasets.config import DataConfig
 from nemo_lite.errors import ConfigError
+from nemo_lite.training.activation_checkpointing import ac_mode
 from nemo_lite.training.converters.float8 import Float8Section
 from nemo_lite.training.converters.lora import PeftSection
 from nemo_lite.training.objectives import ObjectiveSection, check_objective
@@ -49,7 +50,9 @@ class TrainerSection:
     step_impl: str = "auto"
     # torch.compile each decoder block.
     compile: bool = False
-    activation_checkpointing: bool = False
+    # Recompute the decoder blocks' activations in backward: none | full (each block whole) | selective (all but
+    # attention's and every other matmul's outputs, as torchtitan's per-op policy). true/false mean full/none.
+    activation_checkpointing: str = "none"
     # Several GPUs (FSDP2): free each block's gathered parameters after its forward and gather them again
     # for backward (less memory), or keep them until backward (one all-gather fewer per block).
     reshard_after_forward: bool = True
@@ -177,6 +180,7 @@ def validate(cfg: RecipeConfig) -> None:
     _choice("trainer.autocast_dtype", cfg.trainer.autocast_dtype, ["bfloat16", "float32"])
     _choice("trainer.export_dtype", cfg.trainer.export_dtype, list(EXPORT_DTYPE_CHOICES))
     check_step_impl(cfg.trainer.step_impl)
+    ac_mode(cfg.trainer.activation_checkpointing)
     check_optim(cfg.optim)
     check_objective(cfg.objective)
     if cfg.data.shared_prompt and cfg.attention.attn_mask_type != "shared_prompt":

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from nemo_lite.components.models import family_of_checkpoint, family_of_preset, resolve_pretrained
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
 from nemo_lite.training import run_dir as rundir
+from nemo_lite.training.activation_checkpointing import ac_mode, checkpoint_blocks
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
 from nemo_lite.training.converters import build_converters, check_resume, converter_records
 from nemo_lite.training.distributed import DistInfo
@@ -121,15 +121,11 @@ def rank_batches(
     ]
 
 
-def apply_activation_checkpointing(blocks) -> None:
-    """Recompute each block in backward. Wraps ``forward`` in place so parameter names stay."""
-    for block in blocks:
-        inner = block.forward
-
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
+def apply_activation_checkpointing(blocks, mode: str = "full") -> None:
+    """Recompute each block in backward, whole (``full``) or all but what the selective policy keeps
+    (``selective``; :mod:`nemo_lite.training.activation_checkpointing`). Wraps ``forward`` in place so
+    parameter names stay."""
+    checkpoint_blocks(blocks, mode)
 
 
 class Trainer:
@@ -389,8 +385,8 @@ class Trainer:
     def _parallelize(self) -> None:
         """Activation checkpointing, torch.compile and FSDP2 (under torchrun), each unit chosen by the family."""
         cfg, family, model = self.cfg.trainer, self.family, self.raw_model
-        if cfg.activation_checkpointing:
-            apply_activation_checkpointing(family.blocks(model))
+        if ac_mode(cfg.activation_checkpointing) != "none":
+            apply_activation_checkpointing(family.blocks(model), ac_mode(cfg.activation_checkpointing))
         if cfg.compile:
             for module in [unit for m in (model, *self.objective.frozen_models) for unit in family.compile_units(m)]:
                 module.compile()

@@ -43,6 +43,9 @@ FLOAT8_RECIPES = tuple(_TOO_SMALL)
 INSTALL_HINT = "pip install 'nemo_lite[float8]'"
 # The first GPUs with float8 tensor cores: Ada (8.9) and Hopper (9.0).
 MIN_CAPABILITY = (8, 9)
+# Set on the converted layers with float8.weights_from_optimizer=false: the fast step leaves them as they are
+# (nemo_lite.training.fast.float8_weights).
+OWN_CAST = "nemo_lite_casts_own_weight"
 
 
 def float8_keep_reason(out_features: int, in_features: int, recipe: str) -> str | None:
@@ -69,6 +72,10 @@ class Float8Section:
     enabled: bool = False
     # torchao's scaling recipe: tensorwise | rowwise.
     recipe: str = "tensorwise"
+    # tensorwise under the fast step on one GPU: the AdamW kernel writes each converted weight's float8 copy
+    # and scale, and the layers multiply by it instead of casting their weights in forward and backward.
+    # false: every layer casts its own weight (torchao's way).
+    weights_from_optimizer: bool = True
 
 
 def float8_missing(device: torch.device) -> str | None:
@@ -123,6 +130,7 @@ class Float8Converter(ModelConverter):
     def __init__(self, section: Float8Section, *, emulate: bool = False) -> None:
         self.check_section(section)
         self.recipe = section.recipe
+        self.weights_from_optimizer = bool(getattr(section, "weights_from_optimizer", True))
         self.emulate = emulate
         self.description = f"float8 ({self.recipe}): not applied yet"
         # After convert(): the names inside a block of the converted linears (-> in how many blocks), and
@@ -194,6 +202,10 @@ class Float8Converter(ModelConverter):
                 self.kept[name] = "outside the decoder blocks"
         config = self._config()
         convert_to_float8_training(model, module_filter_fn=lambda m, fqn: id(m) in chosen, config=config)
+        if not self.weights_from_optimizer:  # the fast step leaves these layers to cast their own weights
+            for module in model.modules():
+                if type(module).__name__ == "Float8Linear":
+                    setattr(module, OWN_CAST, True)
         self.description = self._describe(len(blocks), config.enable_fsdp_float8_all_gather)
 
     def _describe(self, n_blocks: int, fsdp_float8: bool) -> str:

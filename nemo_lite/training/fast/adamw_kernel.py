@@ -20,6 +20,13 @@ per looked-up token, zero for the rest, read where the dense matrix would be. Wi
 ``copies`` the kernel also writes each updated parameter, rounded to bf16, into its copy. Reading a
 bf16 gradient and writing a bf16 copy moves no more bytes than reading a float32 gradient, and saves
 autocast's casts of weights and weight gradients, ~6 bytes per parameter per step.
+
+With ``float8s`` the launch also produces each updated parameter's float8 (e4m3) copy and its tensorwise
+scale, as torchao's dynamic cast of the float32 weight would (:mod:`nemo_lite.training.fast.float8_weights`):
+the update already holds every element, so it folds each block's absolute maximum into the tensor's amax
+(an atomic max on the bits), and a second launch over the same block table turns the amax into the scale
+and writes the float8 bytes. A converted linear then reads its weight in float8 in forward and backward
+instead of reducing and casting it twice per step.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ BLOCK = 1024  # scripts/bench_optimizer.py: 512-1024 elements were fastest on an
 NUM_WARPS = 8
 
 
+# torch.finfo(torch.float8_e4m3fn).max, and torchao's floor under an amax (float8_utils.EPS).
+E4M3_MAX = tl.constexpr(448.0)
+AMAX_EPS = tl.constexpr(1e-12)
 ALIGN = 16  # bytes: the kernel tells Triton (literal 16 below) that every tensor is aligned, for vector loads
 
 
@@ -87,11 +97,12 @@ def _row_limit(pointers_ptr, n_tensors, tensor, start, limit, ROWS: tl.constexpr
 
 @triton.jit
 def _adamw_kernel(
-    pointers_ptr,  # int64 [9, n_tensors]: param, grad, exp_avg, exp_avg_sq, step, copy, bf16 grad, row_slot
-    # addresses, and row lengths (the last two for ROWS)
+    pointers_ptr,  # int64 [11, n_tensors]: param, grad, exp_avg, exp_avg_sq, step, copy, bf16 grad, row_slot
+    # addresses, row lengths (the last two for ROWS), float8 copy and float8 scale addresses (FLOAT8)
     block_tensor_ptr,  # int32 [n_blocks]: the tensor each program updates
     block_start_ptr,  # int64 [n_blocks]: the program's first element in that tensor
     numel_ptr,  # int64 [n_tensors]
+    amax_ptr,  # int32 [n_tensors], zeroed: each tensor's amax as float32 bits (FLOAT8)
     scale_ptr,
     found_inf_ptr,  # 1.0: leave everything as it is (a non-finite step)
     n_tensors,
@@ -106,6 +117,7 @@ def _adamw_kernel(
     GRAD16: tl.constexpr,  # a bf16 gradient (added to the float32 one when both)
     COPY: tl.constexpr,  # write the parameter to a bf16 copy as well
     ROWS: tl.constexpr,  # the float32 gradient is a lookup's rows (_load_grad)
+    FLOAT8: tl.constexpr,  # fold the updated parameter's absolute maximum into its tensor's amax
     BLOCK: tl.constexpr,
 ):
     tensor = tl.load(block_tensor_ptr + tl.program_id(0))
@@ -147,6 +159,59 @@ def _adamw_kernel(
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(param != param, 0x7FC0, rounded)  # NaN stays NaN
         tl.store(copy_ptr + offsets, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    if FLOAT8:
+        # |x| as bits: non-negative floats order as their bit patterns do, so an integer max is the float
+        # max, exact and independent of the order the programs finish in (and a NaN's bits win, as in torch).
+        bits = tl.where(mask, param.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        # (tl.max is a jit function the interpreter cannot call; this combine it reduces with numpy)
+        tl.atomic_max(amax_ptr + tensor, tl.reduce(bits, 0, tl.standard._elementwise_max))
+
+
+@triton.jit
+def _float8_kernel(
+    pointers_ptr,  # the update's address table (rows 0, 9 and 10 are read)
+    block_tensor_ptr,
+    block_start_ptr,
+    numel_ptr,
+    amax_ptr,  # int32 [n_tensors]: the update's amaxes, as float32 bits
+    found_inf_ptr,
+    n_tensors,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Each updated parameter cast to float8 e4m3 with its tensorwise scale, the arithmetic of torchao's
+    dynamic cast (``amax_to_scale``, then ``to_fp8_saturated``) and of torch's float32 -> e4m3fn conversion
+    (round to nearest even, on the bits, so that the interpreter runs what the GPU runs)."""
+    tensor = tl.load(block_tensor_ptr + tl.program_id(0))
+    start = tl.load(block_start_ptr + tl.program_id(0))
+    offsets = start + tl.arange(0, BLOCK)
+    limit = tl.load(numel_ptr + tensor)
+    if HAS_FOUND_INF:  # a skipped step keeps the float8 copy and scale it had
+        limit = tl.where(tl.load(found_inf_ptr) == 1.0, 0, limit)
+    mask = offsets < limit
+    param_ptr = tl.multiple_of(tl.load(pointers_ptr + tensor).to(tl.pointer_type(tl.float32), bitcast=True), 16)
+    data_ptr = tl.load(pointers_ptr + 9 * n_tensors + tensor).to(tl.pointer_type(tl.uint8), bitcast=True)
+    scale_out = tl.load(pointers_ptr + 10 * n_tensors + tensor).to(tl.pointer_type(tl.float32), bitcast=True)
+    # scale = E4M3_MAX / max(amax, AMAX_EPS) in float64, then rounded to float32, as torchao computes it
+    amax = tl.load(amax_ptr + tensor).to(tl.float32, bitcast=True).to(tl.float64)
+    floor = tl.full((), AMAX_EPS, tl.float64)
+    scale = (tl.full((), E4M3_MAX, tl.float64) / tl.where(amax < floor, floor, amax)).to(tl.float32)
+    if start == 0 and limit > 0:
+        tl.store(scale_out, scale)
+    x = tl.load(param_ptr + offsets, mask=mask, other=0.0) * scale
+    nan = x != x
+    x = tl.where(x > E4M3_MAX, E4M3_MAX, tl.where(x < -E4M3_MAX, -E4M3_MAX, x))  # saturate
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    magnitude = bits & 0x7FFFFFFF
+    # Normal e4m3 (|x| >= 2^-6): drop 20 mantissa bits rounding to nearest even, rebias the exponent (127 -> 7).
+    normal = (magnitude - (120 << 23) + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20
+    # Subnormal (|x| < 2^-6, steps of 2^-9): adding 2^14, whose float32 spacing is 2^-9, rounds |x| to a
+    # multiple of 2^-9 (nearest even), and the sum's low mantissa bits count the steps.
+    steps = (magnitude.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
+    byte = tl.where(magnitude < (121 << 23), steps, normal) | sign
+    byte = tl.where(nan, 0x7F | sign, byte)
+    tl.store(data_ptr + offsets, byte.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -203,6 +268,13 @@ class BlockTable:
         self.block_start = torch.cat(starts).to(device)
         self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
         self.block = BLOCK
+        self._amax: torch.Tensor | None = None
+
+    def amax(self) -> torch.Tensor:
+        """The float8 launch's scratch: one int32 amax (float32 bits) per tensor, zeroed for the next update."""
+        if self._amax is None:
+            self._amax = torch.zeros(len(self.numels), dtype=torch.int32, device=self.numel.device)
+        return self._amax.zero_()
 
 
 def tensor_rows(
@@ -214,18 +286,29 @@ def tensor_rows(
     copies: list[torch.Tensor] | None,
     bf16_grads: list[torch.Tensor] | None,
     row_slots: list[torch.Tensor] | None = None,
+    float8s: list[torch.Tensor] | None = None,
+    float8_scales: list[torch.Tensor] | None = None,
 ) -> list[list[torch.Tensor]]:
-    """The address table's tensor rows; a row that is not read holds the parameters (any valid address)."""
+    """The address table's tensor rows; a row that is not read holds the parameters (any valid address).
+    (:func:`_addresses` puts the row lengths between the first eight and the float8 ones.)"""
     return [params, grads or params, exp_avgs, exp_avg_sqs, steps, copies or params, bf16_grads or params] + [
-        row_slots or params
+        row_slots or params,
+        float8s or params,
+        float8_scales or params,
     ]
 
 
 def check_tensors(
-    rows: list[list[torch.Tensor]], grad32: bool, grad16: bool, copy: bool, lookup_rows: bool = False
+    rows: list[list[torch.Tensor]],
+    grad32: bool,
+    grad16: bool,
+    copy: bool,
+    lookup_rows: bool = False,
+    float8: bool = False,
 ) -> None:
     """The kernel reads raw addresses: contiguous, aligned tensors of one size per parameter; float32,
-    but for the bf16 gradients and copies (and a lookup's rows, :func:`check_lookup_rows`)."""
+    but for the bf16 gradients and copies (and a lookup's rows, :func:`check_lookup_rows`), the float8
+    copies (e4m3) and their scales (one float32 each)."""
     kinds = [
         ("parameter", torch.float32, True),
         ("gradient", torch.float32, grad32 and not lookup_rows),
@@ -240,6 +323,11 @@ def check_tensors(
                 check_tensor(kind, row[i], param, dtype)
         if lookup_rows:
             check_lookup_rows(rows[1][i], rows[7][i], param)
+        if float8:
+            check_tensor("float8 copy", rows[8][i], param, torch.float8_e4m3fn)
+            scale = rows[9][i]
+            if scale.dtype != torch.float32 or scale.numel() != 1:
+                raise ValueError(f"a float8 scale must be one float32 value; got {scale.dtype} {tuple(scale.shape)}")
 
 
 def check_tensor(kind: str, tensor: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> None:
@@ -309,12 +397,13 @@ def _table(
 
 
 def _addresses(rows: list[list[torch.Tensor]], device: torch.device, row_lens: list[int]) -> tuple[torch.Tensor, bool]:
-    """The int64 table: the tensors' addresses, then the row lengths (row 8, read with ROWS)."""
+    """The int64 table: the tensors' addresses, the row lengths as row 8 (read with ROWS), then the float8
+    copies' and scales' addresses (rows 9 and 10, read with FLOAT8)."""
     addresses = [[t.data_ptr() for t in row] for row in rows]
-    aligned = not any(a % ALIGN for i, row in enumerate(addresses) if i not in (4, 7) for a in row)
+    aligned = not any(a % ALIGN for i, row in enumerate(addresses) if i not in (4, 7, 9) for a in row)
     # Non-blocking: a blocking copy would make the host wait for the stream. From pageable memory the
     # driver stages the bytes before it returns, so the CPU tensor may go away at once.
-    table = torch.tensor(addresses + [row_lens], dtype=torch.int64)
+    table = torch.tensor(addresses[:8] + [row_lens] + addresses[8:], dtype=torch.int64)
     return table.to(device, non_blocking=True), aligned
 
 
@@ -322,8 +411,8 @@ class Prepared(NamedTuple):
     """The host work of one update launch, done ahead of it (:func:`prepare`)."""
 
     table: BlockTable
-    pointers: torch.Tensor  # int64 [9, n_tensors] on the device
-    flags: tuple[bool, bool, bool, bool]  # float32 gradients, bf16 gradients, copies, lookup rows
+    pointers: torch.Tensor  # int64 [11, n_tensors] on the device
+    flags: tuple[bool, bool, bool, bool, bool]  # float32 gradients, bf16 gradients, copies, lookup rows, float8
 
 
 def _row_lens(params: list[torch.Tensor], row_slots: list[torch.Tensor] | None) -> list[int]:
@@ -340,19 +429,27 @@ def prepare(
     copies: list[torch.Tensor] | None = None,
     bf16_grads: list[torch.Tensor] | None = None,
     row_slots: list[torch.Tensor] | None = None,
+    float8s: list[torch.Tensor] | None = None,
+    float8_scales: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
 ) -> Prepared:
     """Checks, the block table (``table`` when it fits) and the address table, copied to the device
     without blocking: everything :func:`launch` needs but the hyperparameters. With ``row_slots`` each
-    of ``grads`` is a lookup's rows (:mod:`nemo_lite.training.fast.lookup_gradient`), not a dense gradient."""
+    of ``grads`` is a lookup's rows (:mod:`nemo_lite.training.fast.lookup_gradient`), not a dense gradient.
+    With ``float8s`` (e4m3 tensors shaped like the parameters) and ``float8_scales`` (float32 scalars) the
+    launch writes each updated parameter's tensorwise float8 cast and its scale there."""
     if grads is None and bf16_grads is None:
         raise ValueError("adamw_ needs float32 gradients, bf16 gradients, or both")
     if row_slots is not None and grads is None:
         raise ValueError("row_slots say where a lookup's rows go: they need the rows, as grads")
+    if (float8s is None) != (float8_scales is None):
+        raise ValueError("float8 copies and their scales go together: give both float8s and float8_scales")
     device = params[0].device
     numels = [p.numel() for p in params]
-    rows = tensor_rows(params, grads, exp_avgs, exp_avg_sqs, steps, copies, bf16_grads, row_slots)
-    flags = (grads is not None, bf16_grads is not None, copies is not None, row_slots is not None)
+    rows = tensor_rows(
+        params, grads, exp_avgs, exp_avg_sqs, steps, copies, bf16_grads, row_slots, float8s, float8_scales
+    )
+    flags = (grads is not None, bf16_grads is not None, copies is not None, row_slots is not None, float8s is not None)
     row_lens = _row_lens(params, row_slots)
     table, new = _table(table, numels, device, row_lens)
     if new:  # parameters, state and copies are checked once, with the table
@@ -381,11 +478,14 @@ def launch(
         torch._foreach_sub_(steps, [found_inf] * len(steps))
     scale = grad_scale if grad_scale is not None else steps[0]  # any valid pointer when unused
     table = prepared.table
+    float8 = prepared.flags[4]
+    amax = table.amax() if float8 else table.numel  # any valid pointer when unused
     _adamw_kernel[(table.block_tensor.numel(),)](
         prepared.pointers,
         table.block_tensor,
         table.block_start,
         table.numel,
+        amax,
         scale,
         found_inf if found_inf is not None else steps[0],
         len(steps),
@@ -400,9 +500,23 @@ def launch(
         GRAD16=prepared.flags[1],
         COPY=prepared.flags[2],
         ROWS=prepared.flags[3],
+        FLOAT8=float8,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
+    if float8:
+        _float8_kernel[(table.block_tensor.numel(),)](
+            prepared.pointers,
+            table.block_tensor,
+            table.block_start,
+            table.numel,
+            amax,
+            found_inf if found_inf is not None else steps[0],
+            len(steps),
+            HAS_FOUND_INF=found_inf is not None,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
 
 
 def adamw_(
@@ -415,6 +529,8 @@ def adamw_(
     copies: list[torch.Tensor] | None = None,
     bf16_grads: list[torch.Tensor] | None = None,
     row_slots: list[torch.Tensor] | None = None,
+    float8s: list[torch.Tensor] | None = None,
+    float8_scales: list[torch.Tensor] | None = None,
     table: BlockTable | None = None,
     **hyper,
 ) -> BlockTable:
@@ -423,7 +539,8 @@ def adamw_(
     betas, eps, weight decay, and the device tensors ``grad_scale`` and ``found_inf``; with ``found_inf``
     equal to 1 nothing changes, steps included, as in torch's fused AdamW). The gradient of a parameter
     is ``grads`` (float32; a lookup's rows with ``row_slots``), ``bf16_grads``, or their sum when both are
-    given; with ``copies`` each updated parameter is also written, rounded, into its bf16 copy. Returns
+    given; with ``copies`` each updated parameter is also written, rounded, into its bf16 copy, and with
+    ``float8s`` and ``float8_scales`` cast to float8 e4m3 with its tensorwise scale. Returns
     the block table, which the caller passes back on later steps (it depends only on the sizes).
     :func:`prepare` and :func:`launch` are its two halves, for callers that do the first earlier."""
     if not params:
@@ -437,6 +554,8 @@ def adamw_(
         copies=copies,
         bf16_grads=bf16_grads,
         row_slots=row_slots,
+        float8s=float8s,
+        float8_scales=float8_scales,
         table=table,
     )
     launch(prepared, steps, **hyper)
@@ -471,7 +590,7 @@ def sum_of_squares(
     table, _ = _table(table, numels, device, row_lens)
     rows = [shapes, grads or first, shapes, shapes, shapes, shapes, bf16_grads or first, row_slots or shapes]
     pointers, aligned = _addresses(rows, device, row_lens)
-    flags = (grads is not None, bf16_grads is not None, False, row_slots is not None)
+    flags = (grads is not None, bf16_grads is not None, False, row_slots is not None, False)
     if not (aligned and _gradients_ok(grads, bf16_grads, row_slots, shapes)):
         for i, shape in enumerate(shapes):  # names the offending gradient
             if row_slots is not None:

@@ -1,6 +1,6 @@
 """Fused AdamW for the fast step: on the local shards of FSDP2's parameters, with torch's kernel or one
 Triton launch over every tensor, clipping and skipping inside the kernel, optionally writing bf16 weight
-copies and reading an embedding's lookup gradient as rows."""
+copies or float8 weights and reading an embedding's lookup gradient as rows."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
     (``exp_avg``, ``exp_avg_sq``, ``step``) stays on the DTensors torch created, so state dicts and
     ``torch.distributed.checkpoint`` see the usual optimizer, whichever kernel wrote it.
 
-    With the Triton kernel the optimizer can also keep bf16 weight copies up to date
-    (:meth:`keep_weight_copies`) and compute the gradient norm over its
+    With the Triton kernel the optimizer can also keep bf16 weight copies and float8 weights up to date
+    (:meth:`keep_weight_copies`, :meth:`keep_float8_weights`) and compute the gradient norm over its
     launches' block tables (:meth:`grad_norm`).
     """
 
@@ -46,6 +46,7 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
         self.kernel = kernel
         self._kernel_tables: dict = {}  # per launch: the Triton kernel's block table (sizes only)
         self._copies: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> bf16 weight copy (keep_weight_copies)
+        self._float8: dict = {}  # parameter -> its float8 weight, a torchao Float8TrainingTensor (keep_float8_weights)
         self._lookups: dict[torch.Tensor, LookupGradient] = {}  # parameter -> its lookups' rows (keep_lookup_gradient)
         self._prepared: tuple | None = None  # prepare_step's work for the next step
         if kernel == "triton" and importlib.util.find_spec("triton") is None:
@@ -107,11 +108,41 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
         self._kernel_tables.clear()
         self.refresh_weight_copies()
 
+    def keep_float8_weights(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """From now on each ``(param, float8_weight)`` pair's gradient is read from the float8 weight's bf16
+        ``.grad`` (a torchao ``Float8TrainingTensor`` that the layer multiplies by,
+        :mod:`nemo_lite.training.fast.float8_weights`), and every step writes the updated parameter's
+        tensorwise float8 e4m3 cast and its scale into it. A parameter has a bf16 copy or a float8 weight,
+        not both."""
+        if self.kernel != "triton":
+            raise ValueError("float8 weights are written by the triton AdamW kernel: it needs kernel='triton'")
+        for param, f8 in pairs:
+            data = getattr(f8, "_data", None)
+            if data is None or data.dtype != torch.float8_e4m3fn or f8.shape != param.shape or not f8.is_leaf:
+                shape = tuple(param.shape)
+                raise ValueError(f"a float8 weight must be a leaf e4m3 Float8TrainingTensor shaped {shape}")
+            if param in self._copies:
+                raise ValueError(f"a {tuple(param.shape)} parameter has a bf16 copy already: it cannot have both")
+        self._float8 = dict(pairs)
+        self._kernel_tables.clear()
+        self.refresh_weight_copies()
+
     @torch.no_grad()
     def refresh_weight_copies(self) -> None:
-        """Round every parameter into its copy again (after anything but a step changed the parameters)."""
+        """Round every parameter into its copy, and cast it into its float8 weight, again (after anything
+        but a step changed the parameters)."""
         if self._copies:
             torch._foreach_copy_(list(self._copies.values()), list(self._copies))
+        if self._float8:
+            from nemo_lite.training.fast.float8_weights import cast_
+
+            cast_(self._float8)
+
+    def _grad_holder(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The tensor a layer multiplies by in place of ``param`` (a bf16 copy or a float8 weight), whose
+        ``.grad`` is bf16, or None."""
+        copy = self._copies.get(param)
+        return copy if copy is not None else self._float8.get(param)
 
     def keep_lookup_gradient(self, param: torch.Tensor, lookups: LookupGradient) -> None:
         """From now on ``param``'s float32 gradient is read from ``lookups``, the rows of its embedding
@@ -139,36 +170,38 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
 
     def gradients(self, param: torch.Tensor) -> list[torch.Tensor]:
         """The gradients this optimizer adds up for ``param``: its own (float32; its lookups' rows when it
-        has them) and its copy's (bf16)."""
-        copy = self._copies.get(param)
-        return [g for g in (self._grad32(param), None if copy is None else copy.grad) if g is not None]
+        has them) and its copy's or float8 weight's (bf16)."""
+        holder = self._grad_holder(param)
+        return [g for g in (self._grad32(param), None if holder is None else holder.grad) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._prepared = None
         for lookups in self._lookups.values():
             lookups.clear()
-        for copy in self._copies.values():
+        for copy in (*self._copies.values(), *self._float8.values()):
             if set_to_none:
                 copy.grad = None
             elif copy.grad is not None:
                 copy.grad.zero_()
 
     def _triton_lists(self, init_state: bool) -> dict[tuple, dict[str, list[torch.Tensor]]]:
-        """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy, or
-        both, as a tied embedding has) and whether there is a copy to write, the lists of tensors."""
-        copies, lookups = self._copies, self._lookups
+        """The kernel's launches: per param group and per kind of gradient (float32, bf16 from a copy or a
+        float8 weight, or both, as a tied embedding has) and whether there is a bf16 copy or a float8 weight
+        to write, the lists of tensors."""
+        copies, lookups, float8 = self._copies, self._lookups, self._float8
         out: dict[tuple, dict[str, list[torch.Tensor]]] = {}
-        kinds = ("params", "grads", "bf16_grads", "copies", "row_slots", "state")
+        kinds = ("params", "grads", "bf16_grads", "copies", "row_slots", "float8s", "float8_scales", "state")
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                copy = copies.get(param)
-                bf16_grad = None if copy is None else copy.grad
+                copy, f8 = copies.get(param), float8.get(param)
+                holder = copy if copy is not None else f8
+                bf16_grad = None if holder is None else holder.grad
                 grad = self._grad32(param)
                 if grad is None and bf16_grad is None:
                     continue
                 rows = param in lookups and bool(lookups[param])
-                key = (index, grad is not None, bf16_grad is not None, copy is not None, rows)
+                key = (index, grad is not None, bf16_grad is not None, copy is not None, rows, f8 is not None)
                 lists = out.setdefault(key, {k: [] for k in kinds})
                 lists["params"].append(local_shard(param))
                 if grad is not None:
@@ -177,6 +210,9 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
                     lists["row_slots"].append(lookups[param].rows()[0])
                 if copy is not None:
                     lists["copies"].append(copy)
+                if f8 is not None:
+                    lists["float8s"].append(f8._data)
+                    lists["float8_scales"].append(f8._scale)
                 if bf16_grad is not None:
                     lists["bf16_grads"].append(bf16_grad)
                 if init_state:
@@ -221,8 +257,7 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
         same tables. :meth:`step` redoes the work if any gradient tensor was replaced in between;
         :meth:`zero_grad` drops it."""
         if self.kernel == "triton":
-            copies = self._copies
-            holders = [(p, copies.get(p)) for g in self.param_groups for p in g["params"]]
+            holders = [(p, self._grad_holder(p)) for g in self.param_groups for p in g["params"]]
             self._prepared = (holders, self._holders_grads(holders), self._prepare())
 
     def _holders_grads(self, holders: list) -> list:
@@ -251,6 +286,8 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
                 copies=lists["copies"] or None,
                 bf16_grads=lists["bf16_grads"] or None,
                 row_slots=lists["row_slots"] or None,
+                float8s=lists["float8s"] or None,
+                float8_scales=lists["float8_scales"] or None,
                 table=self._kernel_tables.get(key),
             )
             self._kernel_tables[key] = prepared.table

@@ -14,12 +14,15 @@ and updates after the host sync, as the plain step does, and keeps the Triton he
 - bf16 weight copies (with the Triton kernel and bf16 autocast): the :class:`CopyLinear` swap, and a copy
   of the output projection that the head loss multiplies by;
 - the embedding's gradient as rows (with the weight copies): the :class:`RowsEmbedding` swap;
+- float8 weights written by AdamW (with the weight copies, for torchao's tensorwise ``Float8Linear`` layers
+  of ``float8.enabled=true``): the :class:`~nemo_lite.training.fast.float8_weights.Float8WeightLinear` swap;
 - the Triton head loss (one process, loss not chunked).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +51,16 @@ def fast_step_missing(device: torch.device) -> str | None:
     if device.type not in ("cuda", "cpu"):
         return f"a CUDA device or the CPU (this run is on {device.type})"
     return None
+
+
+def _float8_weight_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The weights of the float8 layers whose cast the AdamW kernel can do, and of those marked to keep their
+    own (none without torchao loaded: a model with torchao's layers has imported it)."""
+    if "torchao.float8" not in sys.modules:
+        return [], []
+    from nemo_lite.training.fast.float8_weights import float8_weight_params
+
+    return float8_weight_params(model)
 
 
 class FastStep:
@@ -81,6 +94,11 @@ class FastStep:
             "Triton loss": triton or one_process or unchunked,
         }
         needs["embedding gradient as rows"] = needs["bf16 weight copies"] and "bf16 weight copies"
+        float8_params, own_cast = _float8_weight_params(model)
+        if float8_params or own_cast:  # listed only for a model with float8 layers the kernel can write for
+            lacks = needs["bf16 weight copies"] and "bf16 weight copies"
+            switched_off = "" if float8_params else "float8.weights_from_optimizer=true"
+            needs["float8 weights written by AdamW"] = lacks or switched_off
         self.on = {part: not lacks for part, lacks in needs.items()}
 
         self.device = device
@@ -94,11 +112,19 @@ class FastStep:
         taken = swapped_weights(
             model, model.output_weight, copies=self.on["bf16 weight copies"], rows=self.on["embedding gradient as rows"]
         )
+        float8_on = self.on.get("float8 weights written by AdamW", False)
+        taken += float8_params if float8_on else []
         self._refuse_gradient_hooks(model, taken)  # before any module is swapped
         self.copies: dict[torch.Tensor, torch.Tensor] = {}
         if self.on["bf16 weight copies"]:
             self.copies = swap_in_weight_copies(model, model.output_weight)
             self.optimizer.keep_weight_copies(list(self.copies.items()))
+        self.float8: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its float8 weight
+        if float8_on:
+            from nemo_lite.training.fast.float8_weights import swap_in_float8_weights
+
+            self.float8 = swap_in_float8_weights(model)
+            self.optimizer.keep_float8_weights(list(self.float8.items()))
         self.rows = swap_in_lookup_rows(model) if self.on["embedding gradient as rows"] else {}
         for param, lookups in self.rows.items():
             self.optimizer.keep_lookup_gradient(param, lookups)
@@ -184,7 +210,7 @@ class FastStep:
         return self._host_values, ready
 
     def weights_changed(self) -> None:
-        if self.copies:
+        if self.copies or self.float8:
             self.optimizer.refresh_weight_copies()
         self._weights_bad = nonfinite_flag(self.params)
 
