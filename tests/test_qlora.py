@@ -251,8 +251,8 @@ def test_without_torchao_it_is_refused_with_the_install_line(base, tmp_path, mon
 
 
 def test_compiled_blocks_trace_the_nf4_linears_without_graph_breaks(trained, base, tmp_path, monkeypatch):
-    """trainer.compile=true over NF4 weights under PEFT's layers, fullgraph (any graph break fails), aot_eager (as
-    tests/test_lora.py: dynamo and AOT autograd without inductor's C++ build)."""
+    """trainer.compile=true over NF4 weights under PEFT's layers, with activation checkpointing, fullgraph (any graph
+    break fails), aot_eager (as tests/test_lora.py: dynamo and AOT autograd without inductor's C++ build)."""
     from nemo_lite.training import loss
 
     _, result = trained
@@ -264,7 +264,7 @@ def test_compiled_blocks_trace_the_nf4_linears_without_graph_breaks(trained, bas
         loss, "_compiled_head_loss", torch.compile(loss.head_cross_entropy_sum, backend="aot_eager", fullgraph=True)
     )
     cfg = qlora_config(tmp_path, base, steps=3)
-    cfg.trainer.compile, cfg.trainer.export_hf = True, False
+    cfg.trainer.compile, cfg.trainer.activation_checkpointing, cfg.trainer.export_hf = True, True, False
     trainer = Trainer(cfg)
     losses = trainer.fit().losses
     assert trainer.model.layers[0]._compiled_call_impl is not None
