@@ -90,6 +90,7 @@ class Run:
     trainer: Any
     records: list[dict]  # each step's metrics
     setup_gib: float  # GPU memory held before the first step: weights, optimizer state
+    setup_peak_gib: float = 0.0  # the most GPU memory allocated while the model was loaded and set up
 
 
 def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | None = None) -> Run:
@@ -102,11 +103,14 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
     run_dir.FREE_SPACE_FACTOR = 0  # no checkpoint is written: the free-space check is moot
     from nemo_lite.testing.hooks import after_each_step
 
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, train_loader=train_loader)
     trainer.setup()
     trainer.save = lambda: None
-    cuda = torch.cuda.is_available()
     setup_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    setup_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     records: list[dict] = []
@@ -120,16 +124,18 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
     trainer.fit()
     if not keep:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return Run(trainer, records, setup_gib)
+    return Run(trainer, records, setup_gib, setup_peak_gib)
 
 
-def hf_train(model, params: list[torch.nn.Parameter], steps: int, *, lr: float, weight_decay: float) -> list[dict]:
+def hf_train(
+    model, params: list[torch.nn.Parameter], steps: int, *, lr: float, weight_decay: float, loader=None
+) -> list[dict]:
     """The transformers baseline: ``model`` (a Hugging Face causal LM on the GPU) trained on the benchmarks'
-    batches as transformers users write it: bf16 autocast, documents told apart by ``position_ids``, the loss
-    in float32, clip 1.0, torch's fused AdamW over ``params``. Per step: tokens/s, step ms, loss, and the
-    document-mask pairs (for MFU)."""
+    batches (``loader``, None: :func:`synthetic_loader`) as transformers users write it: bf16 autocast, documents
+    told apart by ``position_ids``, the loss in float32, clip 1.0, torch's fused AdamW over ``params``. Per step:
+    tokens/s, step ms, loss, and the document-mask pairs (for MFU)."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
-    batches = iter(synthetic_loader())
+    batches = iter(synthetic_loader() if loader is None else loader)
     model.train()
     records = []
     for _ in range(steps):

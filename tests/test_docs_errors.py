@@ -647,6 +647,29 @@ def _peft(**changes):
     return lambda tmp: LoraConverter.check_section(PeftSection(method="lora", **changes))
 
 
+def _qlora_check(**changes):
+    def check(tmp):
+        from nemo_lite.training.config import RecipeConfig
+        from nemo_lite.training.converters.lora import LoraConverter
+
+        cfg = RecipeConfig()
+        cfg.model.pretrained_path = str(tmp)
+        cfg.peft.method, cfg.peft.quantize_base = "lora", "nf4"
+        for dotted, value in changes.items():
+            section, key = dotted.split(".")
+            setattr(getattr(cfg, section), key, value)
+        LoraConverter.check_config(cfg)
+
+    return check
+
+
+def _qlora_resume_unquantized(tmp):
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    record = {"r": 16, "targets": ["q_proj"], "parameters": [], "base": {"path": "/base", "sha256": "0"}}
+    LoraConverter.check_record(tmp / "step_000100", record | {"quantize_base": "nf4 from bfloat16"}, record)
+
+
 def _lora_without_a_checkpoint(tmp):
     from nemo_lite.training.config import RecipeConfig, validate
 
@@ -815,6 +838,11 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "must be an integer > 0 (the adapters' rank)": call_error(_peft(r=0)),
     "all-linear already names every linear": call_error(_peft(target_modules=["all-linear", "q_proj"])),
     "peft=lora adapts a pretrained model": call_error(_lora_without_a_checkpoint),
+    "peft.quantize_base='int4' is not valid": call_error(_peft(quantize_base="int4")),
+    "quantizes the frozen base under LoRA adapters": call_error(_qlora_check(**{"peft.method": "none"})),
+    "float8 casts high-precision weights": call_error(_qlora_check(**{"float8.enabled": True})),
+    "only linears are quantized": call_error(_qlora_check(**{"peft.target_parameters": ["down_proj"]})),
+    "has adapters trained on the base quantized as": call_error(_qlora_resume_unquantized),
     "match(es) no module of this model": call_error(_lora_target_matching_nothing),
     "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
     "match(es) no stacked weight of this model": call_error(_lora_on_a_tiny_moe(target_parameters=["w1"])),

@@ -271,11 +271,14 @@ def check_model_fits(
     device_index: int | None,
     world_size: int,
     step: StepShape | None = None,
+    training_bytes: int | None = None,
 ) -> None:
     """Refuse a run whose training state, batches and activations cannot fit in the device's memory, before
-    the model or the data are built. Every term is a floor, so a run that fits is never refused."""
+    the model or the data are built. Every term is a floor, so a run that fits is never refused.
+    ``training_bytes``: the training state's size where the converters change it (LoRA's frozen base; None:
+    16 bytes per parameter)."""
     n = estimate_parameters(config)
-    need = TRAINING_BYTES_PER_PARAM * n // max(world_size, 1)
+    need = (TRAINING_BYTES_PER_PARAM * n if training_bytes is None else training_bytes) // max(world_size, 1)
     have = available_memory(device_type, device_index)
     if have is None:
         return

@@ -33,7 +33,7 @@ from nemo_lite.training import distributed
 from nemo_lite.training import run_dir as rundir
 from nemo_lite.training.activation_checkpointing import ac_mode, checkpoint_blocks
 from nemo_lite.training.config import ConfigError, RecipeConfig, validate, validate_for_device
-from nemo_lite.training.converters import build_converters, check_resume, converter_records
+from nemo_lite.training.converters import build_converters, check_resume, converter_records, training_bytes
 from nemo_lite.training.distributed import DistInfo
 from nemo_lite.training.loss import IGNORE_INDEX
 from nemo_lite.training.metrics import DeviceTimer, MetricsWriter, peak_flops
@@ -239,6 +239,7 @@ class Trainer:
             device_index=self.device.index,
             world_size=self.world_size,
             step=step,
+            training_bytes=training_bytes(self.cfg, config, autocast_dtype=self._autocast_dtype()),
         )
 
     def _claim_run_dir(self, *, fresh: bool) -> None:
@@ -333,11 +334,18 @@ class Trainer:
         return rank_batches(rows[:want], rank=self.rank, world_size=self.world_size, batch_size=data_cfg.batch_size)
 
     def _build_model(self) -> None:
-        """The plain model on the device: model.pretrained_path loaded, or the preset built and initialized."""
+        """The plain model on the device: model.pretrained_path loaded (where the converters, built here, ask:
+        they move it to the device), or the preset built and initialized."""
         cfg, vocab = self.cfg, self.train_loader.vocab_size
+        self.converters = build_converters(
+            self.cfg, autocast_dtype=self._autocast_dtype(), pretrained_dir=self.pretrained_dir
+        )
         if self.pretrained_dir is not None:
             self.family = family_of_checkpoint(self.pretrained_dir)
-            model = self.family.load_pretrained(self.pretrained_dir, attention=cfg.attention, device=self.device)
+            load_on = self.device
+            for converter in self.converters:
+                load_on = converter.load_device(load_on)
+            model = self.family.load_pretrained(self.pretrained_dir, attention=cfg.attention, device=load_on)
             if model.config.vocab_size < vocab:
                 raise ConfigError(
                     f"the tokenizer has {vocab} ids but the checkpoint's vocabulary has {model.config.vocab_size}: "
@@ -366,9 +374,6 @@ class Trainer:
 
     def _apply_converters(self) -> None:
         """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
-        self.converters = build_converters(
-            self.cfg, autocast_dtype=self._autocast_dtype(), pretrained_dir=self.pretrained_dir
-        )
         for converter in self.converters:
             converter.convert(self.raw_model, self.family)
             self._log(converter.description)

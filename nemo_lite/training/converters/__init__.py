@@ -43,6 +43,17 @@ def build_converters(
     ]
 
 
+def training_bytes(cfg: Any, config: Any, *, autocast_dtype: torch.dtype | None = None) -> int | None:
+    """A floor under the training state's bytes of the model ``config`` as ``cfg``'s converters change it, in a run
+    that autocasts to ``autocast_dtype`` (None: no converter changes it): the first enabled converter's answer."""
+    for cls in registered_converters():
+        if cls.enabled(getattr(cfg, cls.section)):
+            found = cls.training_bytes(cfg, config, autocast_dtype=autocast_dtype)
+            if found is not None:
+                return found
+    return None
+
+
 def converter_records(converters: list[ModelConverter]) -> dict[str, Any]:
     """What a checkpoint's train state holds of this run's converters, by section."""
     return {c.section: c.checkpoint_record() for c in converters if c.writes_record}
@@ -67,5 +78,6 @@ __all__ = [
     "converter_records",
     "register_converter",
     "registered_converters",
+    "training_bytes",
     "unregister_converter",
 ]

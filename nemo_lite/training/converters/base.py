@@ -7,6 +7,9 @@ converts the model, and ``@register_converter("<section>")``. Besides :meth:`~Mo
 converter may change, through hooks whose defaults change nothing:
 
 - the FLOPs counted per token (:meth:`~ModelConverter.flops_per_token`; frozen weights get no weight gradient);
+- the memory check made before anything is built (:meth:`~ModelConverter.training_bytes`: frozen or quantized
+  weights need less than full training's) and where the pretrained model is loaded
+  (:meth:`~ModelConverter.load_device`: QLoRA loads it on the CPU and quantizes it one linear at a time);
 - what a checkpoint holds: only the trainable tensors (:attr:`~ModelConverter.saves_only_trainable`) and a
   record under its section's name that a resume checks (:meth:`~ModelConverter.check_record`), also in runs
   that do not use the converter;
@@ -65,7 +68,19 @@ class ModelConverter:
         built from a preset)."""
         raise NotImplementedError
 
+    @classmethod
+    def training_bytes(cls, cfg: Any, config: Any, *, autocast_dtype: torch.dtype | None) -> int | None:
+        """A floor under the device memory that the weights, gradients and optimizer state of the model ``config``
+        (a family's config) take once converted, in a run that autocasts to ``autocast_dtype``, for the memory check
+        before anything is built (None: the plain model's, 16 bytes per parameter)."""
+        return None
+
     # ---- what it does --------------------------------------------------------------------------------
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the trainer loads ``model.pretrained_path`` for a run on ``device``, before :meth:`convert`. A
+        converter that answers another device moves the model to ``device`` in :meth:`convert`."""
+        return device
 
     def convert(self, model: nn.Module, family: Any) -> None:
         """Change ``model`` in place (a family's :class:`~nemo_lite.components.models.CausalLM`)."""

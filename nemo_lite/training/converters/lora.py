@@ -37,6 +37,7 @@ from torch import nn
 from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.errors import ConfigError
 from nemo_lite.training import distributed
+from nemo_lite.training.converters import nf4
 from nemo_lite.training.converters.base import ModelConverter, register_converter
 
 ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of any exported key
@@ -59,6 +60,9 @@ class PeftSection:
     # Stacked expert weights of a mixture of experts (gate_up_proj, down_proj), adapted per expert through PEFT's
     # target_parameters; [] adapts none.
     target_parameters: list[str] = field(default_factory=list)
+    # QLoRA: "nf4" stores the decoder blocks' frozen linears in 4-bit NF4 through torchao (converters/nf4.py);
+    # "none" keeps them in the run's dtype.
+    quantize_base: str = "none"
 
 
 def block_stacked_weights(model: nn.Module, family: Any) -> dict[str, str]:
@@ -119,6 +123,10 @@ class LoraConverter(ModelConverter):
         self.family: Any = None  # the model's family entry, set by convert (the merge builds the model again)
         self._record: dict[str, Any] | None = None
         self._final_adapters: dict[str, torch.Tensor] = {}  # set by final_model, for export_extra
+        # QLoRA: the dtype the base is quantized from and dequantizes to, and the run's device where the base loaded
+        # on the CPU goes (set by load_device).
+        self.quantized_dtype = (frozen_dtype or torch.float32) if section.quantize_base != "none" else None
+        self.device: torch.device | None = None
 
     @classmethod
     def enabled(cls, section: PeftSection) -> bool:
@@ -129,7 +137,17 @@ class LoraConverter(ModelConverter):
         """The ``peft`` section's own values, in one line each."""
         if peft.method not in PEFT_METHODS:
             raise ConfigError(f"peft.method={peft.method!r} is not valid; choose one of: {', '.join(PEFT_METHODS)}")
+        quantize = peft.quantize_base
+        if quantize not in nf4.QUANTIZE_CHOICES:
+            raise ConfigError(
+                f"peft.quantize_base={quantize!r} is not valid; choose one of: {', '.join(nf4.QUANTIZE_CHOICES)}"
+            )
         if peft.method == "none":
+            if quantize != "none":
+                raise ConfigError(
+                    f"peft.quantize_base={quantize} quantizes the frozen base under LoRA adapters, but "
+                    "peft.method=none trains every weight: add peft=lora, or leave peft.quantize_base=none"
+                )
             return
         if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
             raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
@@ -150,6 +168,11 @@ class LoraConverter(ModelConverter):
             )
         if ALL_LINEAR in targets and len(targets) > 1:
             raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
+        if quantize != "none" and peft.target_parameters:
+            raise ConfigError(
+                f"peft.quantize_base={quantize} with peft.target_parameters={list(peft.target_parameters)}: only "
+                "linears are quantized and PEFT's per-expert LoRA needs the stacked weights unquantized; drop one"
+            )
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -165,10 +188,57 @@ class LoraConverter(ModelConverter):
             )
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("peft=lora needs the peft package: pip install 'nemo_lite[peft]'")
+        quantize = cfg.peft.quantize_base
+        if quantize != "none":
+            missing = nf4.nf4_missing()
+            if missing is not None:
+                raise ConfigError(f"peft.quantize_base={quantize} needs {missing}")
+            if cfg.float8.enabled:
+                raise ConfigError(
+                    f"peft.quantize_base={quantize} with float8.enabled=true: float8 casts high-precision weights and "
+                    "the quantized base has 4-bit ones; turn one of them off"
+                )
 
     @classmethod
     def from_config(cls, cfg: Any, *, autocast_dtype: torch.dtype | None, pretrained_dir: Path | None):
         return cls(cfg.peft, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=cfg.model.pretrained_path)
+
+    @classmethod
+    def training_bytes(cls, cfg: Any, config: Any, *, autocast_dtype: torch.dtype | None) -> int:
+        """A floor under the adapted model's training state: the frozen linears in ``autocast_dtype`` (as
+        :meth:`convert` stores them) or, quantized, in NF4, the other weights (embeddings, norms) in float32; the
+        adapters of the targeted linears in float32 with their gradient and two AdamW moments (the stacked weights'
+        adapters are left out: a floor)."""
+        from nemo_lite.components.models import family_of_config
+
+        family = family_of_config(config)
+        with torch.device("meta"):
+            model = family.build(config)
+        frozen_bytes = 4 if autocast_dtype is None else autocast_dtype.itemsize
+        linears = block_linears(model, family)
+        wanted = set(linears.values()) if ALL_LINEAR in cfg.peft.target_modules else set(cfg.peft.target_modules)
+        total, counted = 0, set()
+        for path, leaf in linears.items():
+            weight = model.get_submodule(path).weight
+            counted.add(id(weight))
+            quantized = cfg.peft.quantize_base != "none" and nf4.nf4_keep_reason(weight.shape) is None
+            total += nf4.nf4_bytes(weight.numel()) if quantized else frozen_bytes * weight.numel()
+            if leaf in wanted:
+                total += 16 * cfg.peft.r * sum(weight.shape)
+        for module in model.modules():  # the frozen linears outside the blocks (an untied output projection)
+            if isinstance(module, nn.Linear) and id(module.weight) not in counted:
+                counted.add(id(module.weight))
+                total += frozen_bytes * module.weight.numel()
+        return total + 4 * sum(p.numel() for p in model.parameters() if id(p) not in counted)
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Quantized, the float32 base is loaded on the CPU: each frozen linear goes to ``device`` alone, is
+        quantized there, and the rest of the model follows (:meth:`convert`), so the device never holds the whole
+        float32 base."""
+        if self.settings.quantize_base == "none":
+            return device
+        self.device = device
+        return torch.device("cpu")
 
     def convert(self, model: nn.Module, family: Any) -> None:
         import peft
@@ -224,6 +294,8 @@ class LoraConverter(ModelConverter):
             for param in model.parameters():  # stacked weights (a mixture's experts) are frozen matrices too
                 if param.dim() > 2 and not param.requires_grad:
                     param.data = param.data.to(self.frozen_dtype)
+        if self.quantized_dtype is not None:  # after the adapters are made: PEFT gives them their base's dtype
+            quantized = nf4.quantize_base(model, family, dtype=self.quantized_dtype, device=self.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         on = f"{', '.join(self.target_names)} ({len(self.module_paths)} linears)" if self.target_names else ""
@@ -233,6 +305,8 @@ class LoraConverter(ModelConverter):
         self.description += f", on {on}: {trainable / 1e6:.3g}M trainable of {total / 1e6:.4g}M parameters"
         if self.frozen_dtype is not None:
             self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
+        if self.quantized_dtype is not None:
+            self.description += f"; {quantized}"
 
     def flops_per_token(self, model: nn.Module, flops: int) -> int:
         # A frozen weight gets no weight gradient: 4 FLOPs per parameter, not 6.
@@ -251,6 +325,10 @@ class LoraConverter(ModelConverter):
                 "parameters": sorted(set(s.target_parameters)),
                 "base": base_fingerprint(self.base_dir),
             }
+            if self.quantized_dtype is not None:
+                self._record["quantize_base"] = (
+                    f"{s.quantize_base} from {str(self.quantized_dtype).removeprefix('torch.')}"
+                )
         return self._record
 
     @staticmethod
@@ -274,6 +352,12 @@ class LoraConverter(ModelConverter):
                     f"{path} has adapters with peft {key}={saved.get(key, [])} and this run asks for "
                     f"{current.get(key, [])}: resume with the checkpoint's peft settings"
                 )
+        quantized = saved.get("quantize_base", "none"), current.get("quantize_base", "none")
+        if quantized[0] != quantized[1]:  # another base: the adapters learned to correct this one's rounding
+            raise ConfigError(
+                f"{path} has adapters trained on the base quantized as {quantized[0]!r} and this run's is "
+                f"{quantized[1]!r}: resume with the checkpoint's peft.quantize_base and trainer.autocast_dtype"
+            )
         if saved["base"]["sha256"] != current["base"]["sha256"]:
             raise ConfigError(
                 f"{path} was trained on the base {saved['base']['path']} and this run's model.pretrained_path "
@@ -297,6 +381,8 @@ class LoraConverter(ModelConverter):
             section=self.settings,
             target_names=self.target_names,
             attention=attention,
+            quantized_dtype=self.quantized_dtype,
+            quantize_on=device,
         )
         return merged.to(device) if dist.enabled else merged
 
@@ -444,13 +530,21 @@ def merged_model(
     section: PeftSection,
     target_names: list[str],
     attention: AttentionConfig | None = None,
+    quantized_dtype: torch.dtype | None = None,
+    quantize_on: torch.device | str | None = None,
 ) -> nn.Module:
     """The base read from ``base_dir`` in float32 on the CPU, the adapters added and merged into its weights by
     PEFT (``W + alpha / r * B @ A``): a plain model of the family again, as full fine-tuning leaves it, attending
-    as ``attention`` says (None: sdpa, causal)."""
+    as ``attention`` says (None: sdpa, causal). QLoRA (``quantized_dtype``: the dtype its base was quantized from):
+    the blocks' linears are first replaced by their NF4 quantization dequantized (made on ``quantize_on``, None: the
+    CPU), the weights the adapters were trained on."""
     from peft.tuners.lora import LoraModel
 
     model = family.load_pretrained(base_dir, attention=attention, dtype=torch.float32, device="cpu")
+    if quantized_dtype is not None:
+        for path in block_linears(model, family):
+            weight = model.get_submodule(path).weight
+            weight.copy_(nf4.round_trip(weight, dtype=quantized_dtype, device=quantize_on))
     paths = [path for path, leaf in block_linears(model, family).items() if leaf in target_names]
     weights = [path for path, leaf in block_stacked_weights(model, family).items() if leaf in section.target_parameters]
     tuner = LoraModel(model, lora_config(section, paths, weights), ADAPTER_NAME)
