@@ -692,6 +692,14 @@ def _lora_on_a_tiny_moe(**changes):
     return convert
 
 
+def _lora_resume_with_another_alpha(tmp):
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    record = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": []}
+    record["base"] = {"path": "/base", "sha256": "0"}
+    LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", record, {**record, "alpha": 16.0})
+
+
 def _tokenizer_without_a_chat_template(tmp):
     from transformers import PreTrainedTokenizerFast
 
@@ -818,6 +826,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "match(es) no module of this model": call_error(_lora_target_matching_nothing),
     "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
     "match(es) no stacked weight of this model": call_error(_lora_on_a_tiny_moe(target_parameters=["w1"])),
+    "has adapters with peft alpha=8.0": call_error(_lora_resume_with_another_alpha),
     "PEFT's LoRA on stacked weights has no dropout": call_error(_peft(dropout=0.1, target_parameters=["down_proj"])),
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),

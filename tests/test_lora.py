@@ -293,3 +293,28 @@ def test_resume_against_another_base_or_without_lora_is_refused(trained, base, t
     cfg.peft.r, cfg.trainer.resume = 8, str(ckpt)
     with pytest.raises(ConfigError, match="peft r=4 and this run asks for 8"):
         Trainer(cfg).fit()
+
+
+def test_resume_with_another_alpha_is_refused_naming_saved_and_now(trained, base, tmp_path):
+    # alpha scales every adapter's update (W + alpha / r * B @ A): another alpha is another function.
+    trainer, *_ = trained
+    cfg = lora_config(tmp_path / "a", base)
+    cfg.peft.alpha, cfg.trainer.resume = 16.0, str(trainer.run_dir / "checkpoints" / "step_000003")
+    with pytest.raises(ConfigError, match=r"peft alpha=8\.0 and this run asks for 16\.0") as info:
+        Trainer(cfg).fit()
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "a").glob("checkpoints/step_*"))
+
+
+def test_every_key_of_the_adapter_record_is_compared_on_resume(tmp_path):
+    # What a later adapter setting puts into the record (e.g. a variant of the update) is refused when it differs,
+    # without check_record naming it; only the base is compared by its fingerprint, and dropout is not recorded
+    # (it does not change the function a checkpoint computes).
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    base = {"path": "/b", "sha256": "x"}
+    saved = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": [], "base": base}
+    LoraConverter.check_record(tmp_path, saved, dict(saved))
+    LoraConverter.check_record(tmp_path, {k: v for k, v in saved.items() if k != "parameters"}, saved)  # older
+    with pytest.raises(ConfigError, match=r"peft variant='plain' and this run asks for 'other'"):
+        LoraConverter.check_record(tmp_path, {**saved, "variant": "plain"}, {**saved, "variant": "other"})

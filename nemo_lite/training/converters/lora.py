@@ -43,6 +43,8 @@ ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of a
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = ("none", "lora")
+# The value of a checkpoint record's key for checkpoints written before the key existed.
+RECORD_DEFAULTS: dict[str, Any] = {"parameters": []}
 
 
 @dataclass
@@ -268,11 +270,14 @@ class LoraConverter(ModelConverter):
                 f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with "
                 "peft=lora and the same model.pretrained_path"
             )
-        for key in ("r", "targets", "parameters"):
-            if saved.get(key, []) != current.get(key, []):  # checkpoints from before target_parameters lack it
+        # Every recorded setting shapes the function the adapters compute (alpha scales B @ A), so each is compared;
+        # a setting that does not (dropout) is not recorded. A key older checkpoints lack reads as its default.
+        for key in sorted((set(saved) | set(current)) - {"base"}):
+            was, now = (r.get(key, RECORD_DEFAULTS.get(key)) for r in (saved, current))
+            if was != now:
                 raise ConfigError(
-                    f"{path} has adapters with peft {key}={saved.get(key, [])} and this run asks for "
-                    f"{current.get(key, [])}: resume with the checkpoint's peft settings"
+                    f"{path} has adapters with peft {key}={was!r} and this run asks for {now!r}: resume with the "
+                    "checkpoint's peft settings"
                 )
         if saved["base"]["sha256"] != current["base"]["sha256"]:
             raise ConfigError(
