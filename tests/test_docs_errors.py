@@ -696,8 +696,25 @@ def _lora_resume_with_another_alpha(tmp):
     from nemo_lite.training.converters.lora import LoraConverter
 
     record = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": []}
-    record["base"] = {"path": "/base", "sha256": "0"}
+    record["base"] = {"path": "/base", "sha256": "0", "covers": "every byte"}
     LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", record, {**record, "alpha": 16.0})
+
+
+def _lora_resume_on_a_changed_base(tmp):
+    from safetensors.torch import save_file
+
+    from nemo_lite.training.converters.lora import LoraConverter, base_fingerprint
+
+    (tmp / "base").mkdir()
+    (tmp / "base" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2**22, dtype=torch.uint8)}, tmp / "base" / "model.safetensors")
+    record = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": []}
+    saved = {**record, "base": base_fingerprint(tmp / "base")}
+    data = bytearray((tmp / "base" / "model.safetensors").read_bytes())
+    data[len(data) // 4] ^= 1  # one byte, a quarter into the file
+    (tmp / "base" / "model.safetensors").write_bytes(bytes(data))
+    current = {**record, "base": base_fingerprint(tmp / "base")}
+    LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", saved, current)
 
 
 def _tokenizer_without_a_chat_template(tmp):
@@ -827,6 +844,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
     "match(es) no stacked weight of this model": call_error(_lora_on_a_tiny_moe(target_parameters=["w1"])),
     "has adapters with peft alpha=8.0": call_error(_lora_resume_with_another_alpha),
+    "is a different checkpoint (fingerprint differs)": call_error(_lora_resume_on_a_changed_base),
     "PEFT's LoRA on stacked weights has no dropout": call_error(_peft(dropout=0.1, target_parameters=["down_proj"])),
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
