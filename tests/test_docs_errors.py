@@ -382,6 +382,17 @@ def _small_disk(tmp):
         _quick_trainer(tmp / "run").fit()
 
 
+def _small_disk_on_resume(tmp):
+    from unittest import mock
+
+    import nemo_lite.training.run_dir as rundir
+
+    _quick_trainer(tmp / "run").fit()
+    usage = rundir.shutil.disk_usage(tmp)._replace(free=1_000_000)
+    with mock.patch.object(rundir.shutil, "disk_usage", lambda path: usage):
+        _quick_trainer(tmp / "run", steps=6, resume="true").fit()
+
+
 def _poisoned_update(tmp):
     trainer = _quick_trainer(tmp / "run", steps=8)
     trainer.setup()
@@ -924,6 +935,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "for one step's batches and": fit_error({"data.seq_len": 1_000_000_000}),
     "is not writable (Read-only file system)": call_error(_read_only_run_dir),
     "the checkpoints need about": call_error(_small_disk),
+    "its checkpoints hold, and at least one checkpoint": call_error(_small_disk_on_resume),
     "whose training state needs about": fit_error({"model.overrides": {"num_hidden_layers": 5_000_000}}),
     "the model's vocabulary has 256": fit_error({"model.overrides": {"vocab_size": 256}}),
     "optim.lr=inf must be a finite number": call_error(_lr_inf),

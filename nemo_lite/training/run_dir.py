@@ -1,7 +1,8 @@
 """A run owns its run directory: a lock, and the checks made before any data or model is built.
 
     lock = RunLock(run_dir)          # refuses a second run on the same directory (names its pid)
-    check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params))
+    check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params),
+                   held_bytes=held_checkpoint_bytes(run_dir / "checkpoints"))  # a resume's own count as free
     refuse_fresh_run(run_dir, overwrite=False, has_checkpoints=...)   # refuses to bury older checkpoints
     moved = move_earlier_outputs(run_dir)    # after every other check: the earlier run's files, moved aside
 
@@ -123,8 +124,9 @@ def check_run_dir_path(run_dir: Path) -> None:
         raise RunDirError(f"run_dir {run_dir} is not writable ({existing} is read-only): choose another run_dir")
 
 
-def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free."""
+def check_writable(run_dir: Path, need_bytes: int, *, held_bytes: int = 0) -> None:
+    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free, counting the
+    ``held_bytes`` the run's own checkpoints hold there (see :func:`check_free_space`)."""
     check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,16 +135,33 @@ def check_writable(run_dir: Path, need_bytes: int) -> None:
         probe.unlink()
     except OSError as err:
         raise RunDirError(f"run_dir {run_dir} is not writable ({err.strerror}): choose another run_dir") from None
-    check_free_space(run_dir, need_bytes)
+    check_free_space(run_dir, need_bytes, held_bytes=held_bytes)
 
 
-def check_free_space(run_dir: Path, need_bytes: int) -> None:
+def check_free_space(run_dir: Path, need_bytes: int, *, held_bytes: int = 0) -> None:
+    """At least ``need_bytes`` (``FREE_SPACE_FACTOR`` checkpoints) for the checkpoints. A resumed run's own
+    checkpoints (``held_bytes``, :func:`held_checkpoint_bytes`) count toward it: the saves prune them as they
+    go. One checkpoint must be free whatever they hold, since a save writes before it prunes."""
     free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
+    need_free = max(need_bytes - held_bytes, need_bytes // FREE_SPACE_FACTOR)
+    if free >= need_free:
+        return
+    if held_bytes:
         raise RunDirError(
-            f"run_dir {run_dir} has {human_bytes(free)} free; the checkpoints need about {human_bytes(need_bytes)} "
-            f"({FREE_SPACE_FACTOR} x one checkpoint): free some space or choose another run_dir"
+            f"run_dir {run_dir} has {human_bytes(free)} free; resuming needs about {human_bytes(need_free)} free "
+            f"({FREE_SPACE_FACTOR} x one checkpoint less the {human_bytes(held_bytes)} its checkpoints hold, and at "
+            "least one checkpoint, written before an older one is pruned): free some space or choose another run_dir"
         )
+    raise RunDirError(
+        f"run_dir {run_dir} has {human_bytes(free)} free; the checkpoints need about {human_bytes(need_bytes)} "
+        f"({FREE_SPACE_FACTOR} x one checkpoint): free some space or choose another run_dir"
+    )
+
+
+def held_checkpoint_bytes(root: Path) -> int:
+    """Bytes of the files under a run's checkpoint directory ``root`` (its checkpoints, and what a crashed
+    save left, which the next save removes)."""
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def checkpoint_bytes(n_params: int) -> int:

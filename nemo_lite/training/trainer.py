@@ -248,7 +248,10 @@ class Trainer:
     def _claim_run_dir(self, *, fresh: bool) -> None:
         """The run directory is writable with room for the checkpoints; this run locks it, and a fresh run makes
         sure no earlier run's checkpoints are there (or, with trainer.overwrite, moves them aside)."""
-        rundir.check_writable(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self._params_estimate))
+        # A resume's saves prune its own checkpoints as they go: the space those hold counts as free.
+        self._held_bytes = 0 if fresh else rundir.held_checkpoint_bytes(self.run_dir / "checkpoints")
+        need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self._params_estimate)
+        rundir.check_writable(self.run_dir, need, held_bytes=self._held_bytes)
         self._lock = rundir.RunLock(self.run_dir)
         if fresh:
             has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
@@ -366,7 +369,8 @@ class Trainer:
         self.raw_model = self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.is_main and not self.dist.enabled:  # the free space again, now that the vocabulary is known
-            rundir.check_free_space(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params))
+            need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params)
+            rundir.check_free_space(self.run_dir, need, held_bytes=self._held_bytes)
 
     def _apply_converters(self) -> None:
         """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
