@@ -467,6 +467,13 @@ def _finished_run_without_its_export(tmp) -> list[str]:
     return _log_of(lambda: _exporting_trainer(tmp / "run", resume="true").fit())
 
 
+def _resume_with_another_lr(tmp) -> list[str]:
+    _quick_trainer(tmp / "run").fit()
+    trainer = _quick_trainer(tmp / "run", steps=6, resume="true")
+    trainer.cfg.optim.lr = 0.0005
+    return _log_of(trainer.fit)
+
+
 def _sigterm_during_the_export(tmp) -> list[str]:
     import signal
     from unittest import mock
@@ -950,6 +957,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),
     "which a fresh run there moves aside": call_error(_fresh_run_from_its_own_export),
     "its export is missing or incomplete: exporting it now": _finished_run_without_its_export,
+    "had other settings (optim.lr 0.003 -> 0.0005": _resume_with_another_lr,
     "during the export, which was stopped without leaving temporary files": _sigterm_during_the_export,
     "hf/model.safetensors failed": call_error(_disk_full_during_the_export),
     "resuming from the one before it": _damaged_newest_checkpoint,

@@ -186,6 +186,10 @@ RUN_OUTPUTS = (
 )
 
 
+# The configs of a run's earlier settings, kept by a resume with other settings (keep_earlier_config).
+KEPT_CONFIGS = "config-step_*.yaml"
+
+
 def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, reads: Path | None = None) -> None:
     """A fresh run (not a resume) in ``run_dir`` is refused if an earlier run left checkpoints there, unless
     ``overwrite``, and if it reads (``reads``: its pretrained checkpoint) from an earlier output that it would
@@ -209,9 +213,10 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, r
 
 
 def move_earlier_outputs(run_dir: Path) -> Path | None:
-    """Move what an earlier run wrote (``RUN_OUTPUTS``: checkpoints, metrics, config, exports, ...) into
+    """Move what an earlier run wrote (``RUN_OUTPUTS``: checkpoints, metrics, configs, exports, ...) into
     ``run_dir/replaced-<time>``, renamed, never deleted. Returns that directory (None: nothing was there)."""
     earlier = [run_dir / name for name in RUN_OUTPUTS if os.path.lexists(run_dir / name)]
+    earlier += sorted(run_dir.glob(KEPT_CONFIGS))
     if not earlier:
         return None
     aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
@@ -223,6 +228,49 @@ def move_earlier_outputs(run_dir: Path) -> Path | None:
     for path in earlier:
         os.rename(path, aside / path.name)
     return aside
+
+
+# Settings that say how a run was started, not what it runs: a resume differs from its first run in them.
+HOW_STARTED = ("trainer.resume", "trainer.overwrite")
+
+
+def keep_earlier_config(run_dir: Path, text: str, step: int) -> str | None:
+    """Before a resume from ``step`` writes its config (``text``) to ``run_dir/config.yaml``: if the config there
+    holds other settings (another lr, more steps), rename it ``config-step_N.yaml`` (``-1``, ... if taken), as a
+    step's checkpoint is named. Returns the line that says so (None: nothing to keep)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    changes = _config_changes(path.read_text(), text)
+    if not changes:
+        return None
+    kept, n = run_dir / f"config-step_{step:06d}.yaml", 1
+    while os.path.lexists(kept):
+        kept, n = run_dir / f"config-step_{step:06d}-{n}.yaml", n + 1
+    os.rename(path, kept)
+    return f"config.yaml of the run up to step {step} had other settings ({changes}): kept as {kept}"
+
+
+def _config_changes(earlier: str, now: str) -> str:
+    """The settings of two configs (YAML) that differ, as ``key old -> new`` (a few, then a count)."""
+    import yaml
+
+    try:
+        was = _flat(yaml.safe_load(earlier))
+    except yaml.YAMLError:
+        return "it is not readable YAML"
+    new = _flat(yaml.safe_load(now))
+    keys = [k for k in [*new, *(k for k in was if k not in new)] if k not in HOW_STARTED]
+    diffs = [f"{k} {was.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if was.get(k) != new.get(k)]
+    return ", ".join(diffs[:6]) + (f", and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in (tree if isinstance(tree, dict) else {}).items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool) -> Path | None:

@@ -450,6 +450,10 @@ class Trainer:
         from omegaconf import OmegaConf
 
         text = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        if self.resumed_from is not None:  # the settings the steps so far ran with are kept
+            kept = rundir.keep_earlier_config(self.run_dir, text, self.step)
+            if kept is not None:
+                self._log(kept)
         tmp = self.run_dir / ".config.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.run_dir / "config.yaml")
