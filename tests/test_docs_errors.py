@@ -906,6 +906,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         {"data.source": _jsonl("ids.jsonl", [{"id": i, "text": "x"} for i in range(5)]), "data.text_field": "id"}
     ),
     "has no EOS token and DataConfig.eos_id is not set": fit_error({"data.tokenizer": _no_eos_tokenizer}),
+    "model.pad_embedding_gradient=false needs a pad_token_id": fit_error(
+        {"model.pad_embedding_gradient": False, "model.overrides": {"pad_token_id": None}}
+    ),
     "eos_id=1000000 is outside the vocabulary": fit_error({"data.eos_id": 10**6}),
     "unknown record kind DataConfig.kind='pairs'": fit_error({"data.kind": "pairs"}),
     "data.tokenizer=model needs model.pretrained_path": call_error(_tokenizer_model_without_a_checkpoint),

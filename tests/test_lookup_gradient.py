@@ -210,7 +210,7 @@ def test_rows_are_refused_where_the_kernel_cannot_read_them():
     other = torch.nn.Parameter(torch.zeros(10, 4))
     with pytest.raises(ValueError, match=r"is not for a \(10, 4\) parameter of this optimizer"):
         opt.keep_lookup_gradient(other, LookupGradient(other))
-    for embedding in (torch.nn.Embedding(10, 4, padding_idx=0), torch.nn.Embedding(10, 4, max_norm=1.0)):
+    for embedding in (torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.Embedding(10, 4, scale_grad_by_freq=True)):
         with pytest.raises(ValueError, match="lookup rows support a plain embedding"):
             RowsEmbedding(embedding)
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nemo_lite.components.models import family_of_checkpoint, family_of_preset, resolve_pretrained
+from nemo_lite.components.models.decoder import set_embedding_padding
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
@@ -366,11 +367,27 @@ class Trainer:
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
+        set_embedding_padding(model, self._pad_without_gradient(model.config))
         self.raw_model = self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.is_main and not self.dist.enabled:  # the free space again, now that the vocabulary is known
             need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params)
             rundir.check_free_space(self.run_dir, need, held_bytes=self._held_bytes)
+
+    def _pad_without_gradient(self, config) -> int | None:
+        """The token whose embedding row gets no gradient from the lookup (model.pad_embedding_gradient)."""
+        trains = self.cfg.model.pad_embedding_gradient
+        pad = getattr(config, "pad_token_id", None)
+        if trains is False and pad is None:
+            raise ConfigError(
+                "model.pad_embedding_gradient=false needs a pad_token_id in the model's config and it names none: "
+                "set it in config.json (or model.overrides.pad_token_id), or leave model.pad_embedding_gradient unset"
+            )
+        if trains or (trains is None and self.pretrained_dir is None) or pad is None:
+            return None
+        if not 0 <= pad < config.vocab_size:
+            raise ConfigError(f"pad_token_id={pad} is outside the model's vocabulary [0, {config.vocab_size})")
+        return pad
 
     def _apply_converters(self) -> None:
         """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
