@@ -46,6 +46,7 @@ def write_checkpoint(path: Path, *, tied: bool, pad: int | None = PAD) -> Path:
 def finetune_config(run_dir: Path, checkpoint: Path):
     cfg = tiny_config(run_dir, "sdpa", steps=2)
     cfg.model.pretrained_path, cfg.data.tokenizer = str(checkpoint), "model"
+    cfg.trainer.device = "cpu"  # compared in float32 with transformers on the CPU
     return cfg
 
 
