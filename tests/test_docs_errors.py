@@ -909,6 +909,9 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "model.pad_embedding_gradient=false needs a pad_token_id": fit_error(
         {"model.pad_embedding_gradient": False, "model.overrides": {"pad_token_id": None}}
     ),
+    "so no row is the pad token's": fit_error(
+        {"model.pad_embedding_gradient": False, "model.overrides": {"pad_token_id": 100000}}
+    ),
     "eos_id=1000000 is outside the vocabulary": fit_error({"data.eos_id": 10**6}),
     "unknown record kind DataConfig.kind='pairs'": fit_error({"data.kind": "pairs"}),
     "data.tokenizer=model needs model.pretrained_path": call_error(_tokenizer_model_without_a_checkpoint),

@@ -134,3 +134,19 @@ def test_the_fast_steps_lookup_rows_skip_the_pad_row_as_nn_embedding_does():
     sink = LookupGradient(reference.weight, padding_idx=PAD)
     (lookup(reference.weight, ids, sink) * upstream).sum().backward()
     assert torch.equal(sink.dense(), reference.weight.grad)
+
+
+def test_a_pad_token_id_outside_the_vocabulary_holds_back_no_row_unless_asked(tmp_path):
+    import json
+
+    checkpoint = write_checkpoint(tmp_path / "ckpt", tied=False, pad=None)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "pad_token_id": 9000}))  # vocabulary 8192
+    trainer = Trainer(finetune_config(tmp_path / "run", checkpoint))
+    trainer.setup()
+    assert all(m.padding_idx is None for m in trainer.raw_model.modules() if isinstance(m, torch.nn.Embedding))
+    trainer.release_run_dir()
+    cfg = finetune_config(tmp_path / "run2", checkpoint)
+    cfg.model.pad_embedding_gradient = False
+    with pytest.raises(ConfigError, match=r"pad_token_id=9000 is outside the model's vocabulary \[0, 8192\)"):
+        Trainer(cfg).setup()

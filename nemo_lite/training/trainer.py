@@ -385,9 +385,14 @@ class Trainer:
             )
         if trains or (trains is None and self.pretrained_dir is None) or pad is None:
             return None
-        if not 0 <= pad < config.vocab_size:
-            raise ConfigError(f"pad_token_id={pad} is outside the model's vocabulary [0, {config.vocab_size})")
-        return pad
+        if 0 <= pad < config.vocab_size:
+            return pad
+        if trains is None:  # a config.json whose pad id names no row: there is no row to hold back
+            return None
+        raise ConfigError(
+            f"model.pad_embedding_gradient=false: pad_token_id={pad} is outside the model's vocabulary "
+            f"[0, {config.vocab_size}), so no row is the pad token's; leave model.pad_embedding_gradient unset"
+        )
 
     def _apply_converters(self) -> None:
         """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
