@@ -382,6 +382,17 @@ def _small_disk(tmp):
         _quick_trainer(tmp / "run").fit()
 
 
+def _small_disk_on_resume(tmp):
+    from unittest import mock
+
+    import nemo_lite.training.run_dir as rundir
+
+    _quick_trainer(tmp / "run").fit()
+    usage = rundir.shutil.disk_usage(tmp)._replace(free=1_000_000)
+    with mock.patch.object(rundir.shutil, "disk_usage", lambda path: usage):
+        _quick_trainer(tmp / "run", steps=6, resume="true").fit()
+
+
 def _poisoned_update(tmp):
     trainer = _quick_trainer(tmp / "run", steps=8)
     trainer.setup()
@@ -454,6 +465,13 @@ def _finished_run_without_its_export(tmp) -> list[str]:
     _exporting_trainer(tmp / "run").fit()
     (tmp / "run" / "export.json").unlink()  # as a run killed before its export finished leaves it
     return _log_of(lambda: _exporting_trainer(tmp / "run", resume="true").fit())
+
+
+def _resume_with_another_lr(tmp) -> list[str]:
+    _quick_trainer(tmp / "run").fit()
+    trainer = _quick_trainer(tmp / "run", steps=6, resume="true")
+    trainer.cfg.optim.lr = 0.0005
+    return _log_of(trainer.fit)
 
 
 def _sigterm_during_the_export(tmp) -> list[str]:
@@ -715,6 +733,31 @@ def _lora_on_a_tiny_moe(**changes):
     return convert
 
 
+def _lora_resume_with_another_alpha(tmp):
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    record = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": []}
+    record["base"] = {"path": "/base", "sha256": "0", "covers": "every byte"}
+    LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", record, {**record, "alpha": 16.0})
+
+
+def _lora_resume_on_a_changed_base(tmp):
+    from safetensors.torch import save_file
+
+    from nemo_lite.training.converters.lora import LoraConverter, base_fingerprint
+
+    (tmp / "base").mkdir()
+    (tmp / "base" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2**22, dtype=torch.uint8)}, tmp / "base" / "model.safetensors")
+    record = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": []}
+    saved = {**record, "base": base_fingerprint(tmp / "base")}
+    data = bytearray((tmp / "base" / "model.safetensors").read_bytes())
+    data[len(data) // 4] ^= 1  # one byte, a quarter into the file
+    (tmp / "base" / "model.safetensors").write_bytes(bytes(data))
+    current = {**record, "base": base_fingerprint(tmp / "base")}
+    LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", saved, current)
+
+
 def _tokenizer_without_a_chat_template(tmp):
     from transformers import PreTrainedTokenizerFast
 
@@ -846,6 +889,8 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "match(es) no module of this model": call_error(_lora_target_matching_nothing),
     "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
     "match(es) no stacked weight of this model": call_error(_lora_on_a_tiny_moe(target_parameters=["w1"])),
+    "has adapters with peft alpha=8.0": call_error(_lora_resume_with_another_alpha),
+    "is a different checkpoint (fingerprint differs)": call_error(_lora_resume_on_a_changed_base),
     "PEFT's LoRA on stacked weights has no dropout": call_error(_peft(dropout=0.1, target_parameters=["down_proj"])),
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
@@ -889,6 +934,12 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
         {"data.source": _jsonl("ids.jsonl", [{"id": i, "text": "x"} for i in range(5)]), "data.text_field": "id"}
     ),
     "has no EOS token and DataConfig.eos_id is not set": fit_error({"data.tokenizer": _no_eos_tokenizer}),
+    "model.pad_embedding_gradient=false needs a pad_token_id": fit_error(
+        {"model.pad_embedding_gradient": False, "model.overrides": {"pad_token_id": None}}
+    ),
+    "so no row is the pad token's": fit_error(
+        {"model.pad_embedding_gradient": False, "model.overrides": {"pad_token_id": 100000}}
+    ),
     "eos_id=1000000 is outside the vocabulary": fit_error({"data.eos_id": 10**6}),
     "unknown record kind DataConfig.kind='pairs'": fit_error({"data.kind": "pairs"}),
     "data.tokenizer=model needs model.pretrained_path": call_error(_tokenizer_model_without_a_checkpoint),
@@ -925,6 +976,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "for one step's batches and": fit_error({"data.seq_len": 1_000_000_000}),
     "is not writable (Read-only file system)": call_error(_read_only_run_dir),
     "the checkpoints need about": call_error(_small_disk),
+    "its checkpoints hold, and at least one checkpoint": call_error(_small_disk_on_resume),
     "whose training state needs about": fit_error({"model.overrides": {"num_hidden_layers": 5_000_000}}),
     "the model's vocabulary has 256": fit_error({"model.overrides": {"vocab_size": 256}}),
     "optim.lr=inf must be a finite number": call_error(_lr_inf),
@@ -939,6 +991,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "failed; free some space or choose another run_dir": call_error(_disk_full_elsewhere),
     "which a fresh run there moves aside": call_error(_fresh_run_from_its_own_export),
     "its export is missing or incomplete: exporting it now": _finished_run_without_its_export,
+    "had other settings (optim.lr 0.003 -> 0.0005": _resume_with_another_lr,
     "during the export, which was stopped without leaving temporary files": _sigterm_during_the_export,
     "hf/model.safetensors failed": call_error(_disk_full_during_the_export),
     "resuming from the one before it": _damaged_newest_checkpoint,

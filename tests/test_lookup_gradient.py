@@ -15,20 +15,21 @@ from nemo_lite.training.fast.swaps import RowsEmbedding, swap_in_lookup_rows, sw
 ADAMW_KERNEL = "nemo_lite.training.fast.adamw_kernel"
 
 
-def lookups_of(device: str, vocab: int = 37, hidden: int = 41, micro_batches: int = 2):
-    """Two micro-batches of ids with many repeats, through ``lookup`` and through ``F.embedding``."""
+def lookups_of(device: str, vocab: int = 37, hidden: int = 41, micro_batches: int = 2, padding_idx: int | None = None):
+    """Two micro-batches of ids with many repeats, through ``lookup`` and through ``F.embedding`` (with
+    ``padding_idx``: that token's lookups add no gradient)."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(vocab, hidden, generator=gen).to(device)
     batches = [
         (torch.randint(0, vocab // 2, (3, 50), generator=gen).to(device), torch.randn(3, 50, hidden, generator=gen))
         for _ in range(micro_batches)
     ]
-    sink = LookupGradient(weight)
+    sink = LookupGradient(weight, padding_idx)
     dense = weight.clone().requires_grad_()
     sparse = weight.clone().requires_grad_()
     for ids, upstream in batches:
         upstream = upstream.to(device)
-        (F.embedding(ids, dense) * upstream).sum().backward()
+        (F.embedding(ids, dense, padding_idx=padding_idx) * upstream).sum().backward()
         out = lookup(sparse, ids, sink)
         assert torch.equal(out, F.embedding(ids, weight))
         (out * upstream).sum().backward()
@@ -76,13 +77,14 @@ def test_the_norm_names_a_gradient_it_cannot_read():
         adamw_kernel.sum_of_squares(rows, params=params, row_slots=slots)
 
 
-def update_with_rows_and_dense(device: str, bf16: bool, hidden: int = 41):
+def update_with_rows_and_dense(device: str, bf16: bool, hidden: int = 41, padding_idx: int | None = None):
     """One clipped AdamW step over [a lookup's rows | the same gradient dense] (+ a bf16 gradient)."""
     from nemo_lite.training.fast import adamw_kernel
 
-    sink, _, _ = lookups_of(device, hidden=hidden)
+    sink, reference, _ = lookups_of(device, hidden=hidden, padding_idx=padding_idx)
     row_slot, rows = sink.rows()
     dense = sink.dense()
+    torch.testing.assert_close(dense, reference, rtol=1e-6, atol=1e-6)  # two micro-batches: sums grouped otherwise
     gen = torch.Generator().manual_seed(1)
     init = torch.randn(dense.shape, generator=gen).to(device)
     bf16_grad = torch.randn(dense.shape, generator=gen).to(device, torch.bfloat16) if bf16 else None
@@ -124,10 +126,20 @@ def test_the_kernel_reads_the_rows_as_the_dense_gradient(monkeypatch, bf16, hidd
     assert (v1 == 0).any() != bf16  # rows the step did not look up got no gradient (but the bf16 one)
 
 
+def test_the_kernel_reads_rows_without_the_pad_tokens_lookups_as_the_dense_gradient(monkeypatch):
+    # A pad token's lookups add nothing (nn.Embedding's padding_idx): its row is zero, as in the dense gradient.
+    interpreted(monkeypatch, ADAMW_KERNEL)
+    (p1, m1, v1, s1), (p2, m2, v2, s2) = update_with_rows_and_dense("cpu", False, padding_idx=3)
+    for a, b in ((p1, p2), (m1, m2), (v1, v2)):
+        assert torch.equal(a, b)
+    assert (v1[3] == 0).all()
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("padding_idx", [None, 3])
 @pytest.mark.parametrize("bf16", [False, True], ids=["rows", "rows+bf16"])
-def test_on_a_gpu_the_kernel_reads_the_rows_as_the_dense_gradient(bf16):
-    (p1, m1, v1, s1), (p2, m2, v2, s2) = update_with_rows_and_dense("cuda", bf16)
+def test_on_a_gpu_the_kernel_reads_the_rows_as_the_dense_gradient(bf16, padding_idx):
+    (p1, m1, v1, s1), (p2, m2, v2, s2) = update_with_rows_and_dense("cuda", bf16, padding_idx=padding_idx)
     for a, b in ((p1, p2), (m1, m2), (v1, v2)):
         assert torch.equal(a, b)
     torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
@@ -210,7 +222,7 @@ def test_rows_are_refused_where_the_kernel_cannot_read_them():
     other = torch.nn.Parameter(torch.zeros(10, 4))
     with pytest.raises(ValueError, match=r"is not for a \(10, 4\) parameter of this optimizer"):
         opt.keep_lookup_gradient(other, LookupGradient(other))
-    for embedding in (torch.nn.Embedding(10, 4, padding_idx=0), torch.nn.Embedding(10, 4, max_norm=1.0)):
+    for embedding in (torch.nn.Embedding(10, 4, max_norm=1.0), torch.nn.Embedding(10, 4, scale_grad_by_freq=True)):
         with pytest.raises(ValueError, match="lookup rows support a plain embedding"):
             RowsEmbedding(embedding)
 

@@ -293,3 +293,57 @@ def test_resume_against_another_base_or_without_lora_is_refused(trained, base, t
     cfg.peft.r, cfg.trainer.resume = 8, str(ckpt)
     with pytest.raises(ConfigError, match="peft r=4 and this run asks for 8"):
         Trainer(cfg).fit()
+
+
+def test_resume_with_another_alpha_is_refused_naming_saved_and_now(trained, base, tmp_path):
+    # alpha scales every adapter's update (W + alpha / r * B @ A): another alpha is another function.
+    trainer, *_ = trained
+    cfg = lora_config(tmp_path / "a", base)
+    cfg.peft.alpha, cfg.trainer.resume = 16.0, str(trainer.run_dir / "checkpoints" / "step_000003")
+    with pytest.raises(ConfigError, match=r"peft alpha=8\.0 and this run asks for 16\.0") as info:
+        Trainer(cfg).fit()
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "a").glob("checkpoints/step_*"))
+
+
+def test_every_key_of_the_adapter_record_is_compared_on_resume(tmp_path):
+    # What a later adapter setting puts into the record (e.g. a variant of the update) is refused when it differs,
+    # without check_record naming it; only the base is compared by its fingerprint, and dropout is not recorded
+    # (it does not change the function a checkpoint computes).
+    from nemo_lite.training.converters.lora import LoraConverter
+
+    base = {"path": "/b", "sha256": "x", "covers": "every byte"}
+    saved = {"method": "lora", "r": 4, "alpha": 8.0, "targets": ["q_proj"], "parameters": [], "base": base}
+    LoraConverter.check_record(tmp_path, saved, dict(saved))
+    LoraConverter.check_record(tmp_path, {k: v for k, v in saved.items() if k != "parameters"}, saved)  # older
+    with pytest.raises(ConfigError, match=r"peft variant='plain' and this run asks for 'other'"):
+        LoraConverter.check_record(tmp_path, {**saved, "variant": "plain"}, {**saved, "variant": "other"})
+
+
+@pytest.mark.parametrize("where", [0.25, 0.4, 0.9])
+def test_the_base_fingerprint_catches_one_byte_changed_anywhere(tmp_path, where):
+    from safetensors.torch import save_file
+
+    from nemo_lite.training.converters.lora import base_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(8 * 2**20, dtype=torch.int32).to(torch.uint8)}, weights)  # 8 MiB of data
+    before = base_fingerprint(tmp_path)["sha256"]
+    data = bytearray(weights.read_bytes())
+    data[int(len(data) * where)] ^= 1
+    weights.write_bytes(bytes(data))
+    assert base_fingerprint(tmp_path)["sha256"] != before
+    data[int(len(data) * where)] ^= 1
+    weights.write_bytes(bytes(data))
+    assert base_fingerprint(tmp_path)["sha256"] == before
+
+
+def test_a_checkpoint_recording_the_older_sampled_fingerprint_still_resumes_on_its_base(base, tmp_path):
+    from nemo_lite.training.converters.lora import _sampled_digest, base_fingerprint, same_base
+
+    current = base_fingerprint(base)
+    older = {"path": str(base), "sha256": _sampled_digest(base.resolve())}  # what checkpoints recorded before
+    assert same_base(older, current) and same_base(current, current)
+    other = base_fingerprint(write_base(tmp_path / "other", seed=1))
+    assert not same_base(older, other) and not same_base(current, other)

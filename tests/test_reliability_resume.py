@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from recipe_utils import tiny_config
 
 from nemo_lite.testing.data import SyntheticPackedLoader
@@ -151,3 +152,38 @@ def test_a_damaged_checkpoint_named_in_trainer_resume_is_not_replaced_by_another
     trainer = quick_trainer(cfg)
     trainer.setup()
     assert trainer.resumed_from == tmp_path / "checkpoints" / "step_000002"
+
+
+def test_a_resume_with_other_settings_keeps_the_earlier_config_yaml_beside_the_new(tmp_path, capsys):
+    quick_trainer(quick_config(tmp_path)).fit()
+    first = (tmp_path / "config.yaml").read_text()
+    cfg = quick_config(tmp_path, steps=4)
+    cfg.trainer.resume = "true"
+    quick_trainer(cfg).fit()  # the run is finished: same settings, nothing kept aside
+    assert (tmp_path / "config.yaml").read_text() != first  # trainer.resume=true is recorded ...
+    assert sorted(p.name for p in tmp_path.glob("config*.yaml")) == ["config.yaml"]  # ... but is no other setting
+    capsys.readouterr()
+    before = (tmp_path / "config.yaml").read_text()
+    cfg = quick_config(tmp_path, steps=6)
+    cfg.trainer.resume, cfg.optim.lr = "true", cfg.optim.lr / 2
+    quick_trainer(cfg).fit()
+    kept = tmp_path / "config-step_000004.yaml"
+    assert kept.read_text() == before  # byte for byte
+    assert OmegaConf.load(tmp_path / "config.yaml").optim.lr == cfg.optim.lr
+    line = next(line for line in capsys.readouterr().err.splitlines() if "config-step_000004.yaml" in line)
+    assert "trainer.max_steps 4 -> 6" in line and f"optim.lr {cfg.optim.lr * 2} -> {cfg.optim.lr}" in line
+    cfg.trainer.max_steps, cfg.optim.lr = 8, cfg.optim.lr / 2  # again from step 6: one more kept, none replaced
+    quick_trainer(cfg).fit()
+    kept_all = sorted(p.name for p in tmp_path.glob("config-*.yaml"))
+    assert kept_all == ["config-step_000004.yaml", "config-step_000006.yaml"]
+    assert kept.read_text() == before
+    cfg = quick_config(tmp_path, steps=2)
+    cfg.trainer.overwrite = True  # a fresh run moves them aside with the rest of the earlier run
+    quick_trainer(cfg).fit()
+    (aside,) = tmp_path.glob("replaced-*")
+    assert sorted(p.name for p in aside.glob("config*.yaml")) == [
+        "config-step_000004.yaml",
+        "config-step_000006.yaml",
+        "config.yaml",
+    ]
+    assert not list(tmp_path.glob("config-*.yaml"))

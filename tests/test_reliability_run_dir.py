@@ -147,3 +147,28 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
     cfg.model.overrides = {"vocab_size": 256}  # the default tokenizer has 8192 ids
     with pytest.raises(ConfigError, match="tokenizer has 8192 ids but the model's vocabulary has 256"):
         Trainer(cfg).fit()
+
+
+def test_a_resume_after_a_full_disk_counts_the_space_its_own_checkpoints_hold(tmp_path, monkeypatch):
+    # A save writes the new checkpoint before pruning an old one: resuming needs the 3 checkpoints' room less what
+    # the run's own checkpoints already hold, and never less than one checkpoint free.
+    cfg = tiny_config(tmp_path / "run", "sdpa", steps=4)
+    cfg.trainer.save_every, cfg.trainer.val_every = 2, 0
+    first = Trainer(cfg)
+    first.fit()
+    held = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints").rglob("*") if f.is_file())
+    one = rundir.checkpoint_bytes(max(first.n_params, first._params_estimate))
+    assert held > one  # two checkpoints
+    real_usage = rundir.shutil.disk_usage
+    free = {"bytes": max(rundir.FREE_SPACE_FACTOR * one - held, one) + 10_000}
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=free["bytes"]))
+    cfg.trainer.max_steps, cfg.trainer.resume = 6, "true"
+    assert free["bytes"] < rundir.FREE_SPACE_FACTOR * one  # a fresh run would be refused
+    result = Trainer(cfg).fit()
+    assert result.status == "completed" and result.steps == 6
+    free["bytes"] = 1_000_000  # less than one checkpoint: still refused, saying what its checkpoints hold
+    cfg.trainer.max_steps = 8
+    refused = r"has 1.0 MB free; resuming needs about .* its checkpoints hold"
+    with pytest.raises(rundir.RunDirError, match=refused) as info:
+        Trainer(cfg).fit()
+    assert "\n" not in str(info.value)

@@ -358,7 +358,22 @@ def test_rows_embedding_keeps_the_dense_embedding_gradient_as_rows():
         if name != "embed_tokens.weight":
             assert torch.equal(a.grad, b.grad), name
     with pytest.raises(ValueError, match="lookup rows support a plain embedding"):
-        RowsEmbedding(nn.Embedding(10, 4, padding_idx=0))
+        RowsEmbedding(nn.Embedding(10, 4, max_norm=1.0))
+
+
+def test_rows_embedding_keeps_the_pad_rows_gradient_out_as_the_dense_one_does():
+    from nemo_lite.components.models.decoder import set_embedding_padding
+
+    plain, model = twins(tie_word_embeddings=False)
+    batch = batches(model, 1)[0]
+    pad = int(batch["input_ids"][0, 0])
+    for m in (plain, model):
+        set_embedding_padding(m, pad)
+    rows = swap_in_lookup_rows(model)[model.embed_tokens.weight]
+    for m in (plain, model):
+        cross_entropy_sum(m.forward_hidden(batch["input_ids"]), m.output_weight, batch["labels"]).backward()
+    assert (plain.embed_tokens.weight.grad[pad] == 0).all()
+    assert torch.equal(rows.dense(), plain.embed_tokens.weight.grad)
 
 
 # ---- the fast step's update against torch's ------------------------------------------------------

@@ -32,6 +32,11 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     # From scratch: set vocab_size to the tokenizer's (rounded up to a multiple of 64) unless overridden.
     vocab_from_tokenizer: bool = True
+    # Whether the pad token's embedding row (config.json's pad_token_id) gets a gradient from the input lookup.
+    # null: as transformers for a checkpoint (model.pretrained_path: its nn.Embedding(padding_idx=pad_token_id)
+    # gives that row none; a tied output projection's gradient still reaches it), every row for a preset;
+    # true: every row; false: none for the pad row (needs a pad_token_id).
+    pad_embedding_gradient: bool | None = None
 
 
 @dataclass

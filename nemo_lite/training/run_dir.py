@@ -1,7 +1,8 @@
 """A run owns its run directory: a lock, and the checks made before any data or model is built.
 
     lock = RunLock(run_dir)          # refuses a second run on the same directory (names its pid)
-    check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params))
+    check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params),
+                   held_bytes=held_checkpoint_bytes(run_dir / "checkpoints"))  # a resume's own count as free
     refuse_fresh_run(run_dir, overwrite=False, has_checkpoints=...)   # refuses to bury older checkpoints
     moved = move_earlier_outputs(run_dir)    # after every other check: the earlier run's files, moved aside
 
@@ -123,8 +124,9 @@ def check_run_dir_path(run_dir: Path) -> None:
         raise RunDirError(f"run_dir {run_dir} is not writable ({existing} is read-only): choose another run_dir")
 
 
-def check_writable(run_dir: Path, need_bytes: int) -> None:
-    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free."""
+def check_writable(run_dir: Path, need_bytes: int, *, held_bytes: int = 0) -> None:
+    """``run_dir`` is (or can be made) a writable directory with at least ``need_bytes`` free, counting the
+    ``held_bytes`` the run's own checkpoints hold there (see :func:`check_free_space`)."""
     check_run_dir_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,16 +135,33 @@ def check_writable(run_dir: Path, need_bytes: int) -> None:
         probe.unlink()
     except OSError as err:
         raise RunDirError(f"run_dir {run_dir} is not writable ({err.strerror}): choose another run_dir") from None
-    check_free_space(run_dir, need_bytes)
+    check_free_space(run_dir, need_bytes, held_bytes=held_bytes)
 
 
-def check_free_space(run_dir: Path, need_bytes: int) -> None:
+def check_free_space(run_dir: Path, need_bytes: int, *, held_bytes: int = 0) -> None:
+    """At least ``need_bytes`` (``FREE_SPACE_FACTOR`` checkpoints) for the checkpoints. A resumed run's own
+    checkpoints (``held_bytes``, :func:`held_checkpoint_bytes`) count toward it: the saves prune them as they
+    go. One checkpoint must be free whatever they hold, since a save writes before it prunes."""
     free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
+    need_free = max(need_bytes - held_bytes, need_bytes // FREE_SPACE_FACTOR)
+    if free >= need_free:
+        return
+    if held_bytes:
         raise RunDirError(
-            f"run_dir {run_dir} has {human_bytes(free)} free; the checkpoints need about {human_bytes(need_bytes)} "
-            f"({FREE_SPACE_FACTOR} x one checkpoint): free some space or choose another run_dir"
+            f"run_dir {run_dir} has {human_bytes(free)} free; resuming needs about {human_bytes(need_free)} free "
+            f"({FREE_SPACE_FACTOR} x one checkpoint less the {human_bytes(held_bytes)} its checkpoints hold, and at "
+            "least one checkpoint, written before an older one is pruned): free some space or choose another run_dir"
         )
+    raise RunDirError(
+        f"run_dir {run_dir} has {human_bytes(free)} free; the checkpoints need about {human_bytes(need_bytes)} "
+        f"({FREE_SPACE_FACTOR} x one checkpoint): free some space or choose another run_dir"
+    )
+
+
+def held_checkpoint_bytes(root: Path) -> int:
+    """Bytes of the files under a run's checkpoint directory ``root`` (its checkpoints, and what a crashed
+    save left, which the next save removes)."""
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def checkpoint_bytes(n_params: int) -> int:
@@ -165,6 +184,10 @@ RUN_OUTPUTS = (
     "generations.jsonl",
     "wandb",
 )
+
+
+# The configs of a run's earlier settings, kept by a resume with other settings (keep_earlier_config).
+KEPT_CONFIGS = "config-step_*.yaml"
 
 
 def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, reads: Path | None = None) -> None:
@@ -190,9 +213,10 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, r
 
 
 def move_earlier_outputs(run_dir: Path) -> Path | None:
-    """Move what an earlier run wrote (``RUN_OUTPUTS``: checkpoints, metrics, config, exports, ...) into
+    """Move what an earlier run wrote (``RUN_OUTPUTS``: checkpoints, metrics, configs, exports, ...) into
     ``run_dir/replaced-<time>``, renamed, never deleted. Returns that directory (None: nothing was there)."""
     earlier = [run_dir / name for name in RUN_OUTPUTS if os.path.lexists(run_dir / name)]
+    earlier += sorted(run_dir.glob(KEPT_CONFIGS))
     if not earlier:
         return None
     aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
@@ -204,6 +228,49 @@ def move_earlier_outputs(run_dir: Path) -> Path | None:
     for path in earlier:
         os.rename(path, aside / path.name)
     return aside
+
+
+# Settings that say how a run was started, not what it runs: a resume differs from its first run in them.
+HOW_STARTED = ("trainer.resume", "trainer.overwrite")
+
+
+def keep_earlier_config(run_dir: Path, text: str, step: int) -> str | None:
+    """Before a resume from ``step`` writes its config (``text``) to ``run_dir/config.yaml``: if the config there
+    holds other settings (another lr, more steps), rename it ``config-step_N.yaml`` (``-1``, ... if taken), as a
+    step's checkpoint is named. Returns the line that says so (None: nothing to keep)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    changes = _config_changes(path.read_text(), text)
+    if not changes:
+        return None
+    kept, n = run_dir / f"config-step_{step:06d}.yaml", 1
+    while os.path.lexists(kept):
+        kept, n = run_dir / f"config-step_{step:06d}-{n}.yaml", n + 1
+    os.rename(path, kept)
+    return f"config.yaml of the run up to step {step} had other settings ({changes}): kept as {kept}"
+
+
+def _config_changes(earlier: str, now: str) -> str:
+    """The settings of two configs (YAML) that differ, as ``key old -> new`` (a few, then a count)."""
+    import yaml
+
+    try:
+        was = _flat(yaml.safe_load(earlier))
+    except yaml.YAMLError:
+        return "it is not readable YAML"
+    new = _flat(yaml.safe_load(now))
+    keys = [k for k in [*new, *(k for k in was if k not in new)] if k not in HOW_STARTED]
+    diffs = [f"{k} {was.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys if was.get(k) != new.get(k)]
+    return ", ".join(diffs[:6]) + (f", and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in (tree if isinstance(tree, dict) else {}).items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def claim_for_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool) -> Path | None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from nemo_lite.components.models import family_of_checkpoint, family_of_preset, resolve_pretrained
+from nemo_lite.components.models.decoder import set_embedding_padding
 from nemo_lite.errors import NemoLiteError
 from nemo_lite.training import checkpoint as ckpt
 from nemo_lite.training import distributed
@@ -245,7 +246,10 @@ class Trainer:
     def _claim_run_dir(self, *, fresh: bool) -> None:
         """The run directory is writable with room for the checkpoints; this run locks it, and a fresh run makes
         sure no earlier run's checkpoints are there (or, with trainer.overwrite, moves them aside)."""
-        rundir.check_writable(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self._params_estimate))
+        # A resume's saves prune its own checkpoints as they go: the space those hold counts as free.
+        self._held_bytes = 0 if fresh else rundir.held_checkpoint_bytes(self.run_dir / "checkpoints")
+        need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self._params_estimate)
+        rundir.check_writable(self.run_dir, need, held_bytes=self._held_bytes)
         self._lock = rundir.RunLock(self.run_dir)
         if fresh:
             has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
@@ -367,10 +371,32 @@ class Trainer:
             model.init_weights(seed=cfg.trainer.seed)
         if not 0 <= self.eos_id < model.config.vocab_size:
             raise ConfigError(f"eos_id={self.eos_id} is outside the model's vocabulary [0, {model.config.vocab_size})")
+        set_embedding_padding(model, self._pad_without_gradient(model.config))
         self.raw_model = self.model = model
         self.n_params = sum(p.numel() for p in model.parameters())
         if self.is_main and not self.dist.enabled:  # the free space again, now that the vocabulary is known
-            rundir.check_free_space(self.run_dir, rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params))
+            need = rundir.FREE_SPACE_FACTOR * rundir.checkpoint_bytes(self.n_params)
+            rundir.check_free_space(self.run_dir, need, held_bytes=self._held_bytes)
+
+    def _pad_without_gradient(self, config) -> int | None:
+        """The token whose embedding row gets no gradient from the lookup (model.pad_embedding_gradient)."""
+        trains = self.cfg.model.pad_embedding_gradient
+        pad = getattr(config, "pad_token_id", None)
+        if trains is False and pad is None:
+            raise ConfigError(
+                "model.pad_embedding_gradient=false needs a pad_token_id in the model's config and it names none: "
+                "set it in config.json (or model.overrides.pad_token_id), or leave model.pad_embedding_gradient unset"
+            )
+        if trains or (trains is None and self.pretrained_dir is None) or pad is None:
+            return None
+        if 0 <= pad < config.vocab_size:
+            return pad
+        if trains is None:  # a config.json whose pad id names no row: there is no row to hold back
+            return None
+        raise ConfigError(
+            f"model.pad_embedding_gradient=false: pad_token_id={pad} is outside the model's vocabulary "
+            f"[0, {config.vocab_size}), so no row is the pad token's; leave model.pad_embedding_gradient unset"
+        )
 
     def _apply_converters(self) -> None:
         """The configured converters change the plain model in place (before checkpointing, compile, FSDP2)."""
@@ -447,6 +473,10 @@ class Trainer:
         from omegaconf import OmegaConf
 
         text = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
+        if self.resumed_from is not None:  # the settings the steps so far ran with are kept
+            kept = rundir.keep_earlier_config(self.run_dir, text, self.step)
+            if kept is not None:
+                self._log(kept)
         tmp = self.run_dir / ".config.yaml.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.run_dir / "config.yaml")

@@ -472,6 +472,14 @@ def shard(model: DecoderForCausalLM, *, mp_policy=None, reshard_after_forward: b
     register_fsdp_forward_method(model, "forward_hidden")
 
 
+def set_embedding_padding(model: nn.Module, pad_id: int | None) -> None:
+    """Give every token embedding of ``model`` ``padding_idx=pad_id``, as transformers builds it from config.json's
+    pad_token_id: that row then gets no gradient from the lookup (None: every row does). The forward is unchanged."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.padding_idx = pad_id
+
+
 def num_parameters(config: DecoderConfig) -> int:
     """Parameters of the decoder ``config`` describes, counted without building it (the same number as
     ``sum(p.numel() for p in model.parameters())``)."""

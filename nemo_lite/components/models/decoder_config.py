@@ -125,7 +125,8 @@ class DecoderConfig:
     bos_token_id: int | None = None
     # End-of-sequence id; delimits packed documents (block_causal masks) when no other is given.
     eos_token_id: int | None = None
-    # Padding id of the tokenizer (recorded in config.json; nothing here depends on it).
+    # Padding id of the tokenizer (recorded in config.json; model.pad_embedding_gradient says whether its embedding
+    # row gets a gradient from the lookup: by default not for a checkpoint, as in transformers).
     pad_token_id: int | None = None
     # Standard deviation of the normal init of init_weights() (and of Hugging Face's init).
     initializer_range: float = 0.02

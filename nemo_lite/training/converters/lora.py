@@ -25,7 +25,9 @@ What this module also owns, because only it knows the adapters' names:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,11 @@ ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of a
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = ("none", "lora")
+# A base this big gets a line saying it is being read whole.
+FINGERPRINT_NOTICE_BYTES = 2 * 10**9
+FINGERPRINT_CHUNK = 2**24
+# The value of a checkpoint record's key for checkpoints written before the key existed.
+RECORD_DEFAULTS: dict[str, Any] = {"parameters": [], "quantize_base": "none"}
 
 
 @dataclass
@@ -315,7 +322,7 @@ class LoraConverter(ModelConverter):
 
     def checkpoint_record(self) -> dict[str, Any]:
         """What a checkpoint says about its adapters: the settings and the base they belong to."""
-        if self._record is None:  # the fingerprint reads a few MiB of the base: once a run
+        if self._record is None:  # the fingerprint reads all of the base: once a run
             s = self.settings
             self._record = {
                 "method": s.method,
@@ -346,19 +353,22 @@ class LoraConverter(ModelConverter):
                 f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with "
                 "peft=lora and the same model.pretrained_path"
             )
-        for key in ("r", "targets", "parameters"):
-            if saved.get(key, []) != current.get(key, []):  # checkpoints from before target_parameters lack it
-                raise ConfigError(
-                    f"{path} has adapters with peft {key}={saved.get(key, [])} and this run asks for "
-                    f"{current.get(key, [])}: resume with the checkpoint's peft settings"
-                )
         quantized = saved.get("quantize_base", "none"), current.get("quantize_base", "none")
         if quantized[0] != quantized[1]:  # another base: the adapters learned to correct this one's rounding
             raise ConfigError(
                 f"{path} has adapters trained on the base quantized as {quantized[0]!r} and this run's is "
                 f"{quantized[1]!r}: resume with the checkpoint's peft.quantize_base and trainer.autocast_dtype"
             )
-        if saved["base"]["sha256"] != current["base"]["sha256"]:
+        # Every recorded setting shapes the function the adapters compute (alpha scales B @ A), so each is compared;
+        # a setting that does not (dropout) is not recorded. A key older checkpoints lack reads as its default.
+        for key in sorted((set(saved) | set(current)) - {"base"}):
+            was, now = (r.get(key, RECORD_DEFAULTS.get(key)) for r in (saved, current))
+            if was != now:
+                raise ConfigError(
+                    f"{path} has adapters with peft {key}={was!r} and this run asks for {now!r}: resume with the "
+                    "checkpoint's peft settings"
+                )
+        if not same_base(saved["base"], current["base"]):
             raise ConfigError(
                 f"{path} was trained on the base {saved['base']['path']} and this run's model.pretrained_path "
                 f"{current['base']['path']} is a different checkpoint (fingerprint differs): resume with that base"
@@ -427,13 +437,38 @@ def is_adapter_name(name: str) -> bool:
 
 
 def base_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Where the base came from and a cheap fingerprint of it: sha256 of config.json, and of each
-    safetensors file's size, header and three 1 MiB samples of its data (a few MiB read whatever the
-    model's size). A different checkpoint, or the same one changed, gives a different digest."""
+    """Where the base came from and a fingerprint of it: sha256 over config.json and each safetensors file's
+    name, size and every byte (streamed). A different checkpoint, or the same one with any byte changed, gives
+    a different digest. It reads the whole base once a run, saying so for a big one."""
     path = Path(path).expanduser().resolve()
+    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    total = sum(file.stat().st_size for file in files)
+    if total >= FINGERPRINT_NOTICE_BYTES and os.environ.get("RANK", "0") == "0":
+        print(f"[nemo_lite] fingerprinting the base {path} ({total / 1e9:.1f} GB, every byte)", file=sys.stderr)
     digest = hashlib.sha256()
-    files = sorted(path.glob("*.safetensors"))
-    for file in [path / "config.json", *files]:
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            while chunk := f.read(FINGERPRINT_CHUNK):  # hashlib.file_digest is Python 3.11+
+                digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest(), "covers": "every byte"}
+
+
+def same_base(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's record of its base (``saved``) names the base fingerprinted as ``current``.
+    Records written before the fingerprint read every byte hold a digest of three 1 MiB samples per file:
+    those are compared with the same samples of the base, so such a checkpoint still resumes."""
+    if "covers" in saved:
+        return saved["sha256"] == current["sha256"]
+    return saved["sha256"] == _sampled_digest(Path(current["path"]))
+
+
+def _sampled_digest(path: Path) -> str:
+    """The fingerprint of checkpoints from before ``covers``: config.json whole, and each safetensors file's
+    size, header and 1 MiB at the start, middle and end of its data."""
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
         digest.update(file.name.encode())
         size = file.stat().st_size
         digest.update(size.to_bytes(8, "little"))
@@ -447,7 +482,7 @@ def base_fingerprint(path: str | Path) -> dict[str, Any]:
             for offset in (data_start, (data_start + size) // 2, size - sample):
                 f.seek(max(data_start, offset))
                 digest.update(f.read(sample))
-    return {"path": str(path), "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 # ---- export ----------------------------------------------------------------------------------------

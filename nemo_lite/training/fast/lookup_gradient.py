@@ -23,10 +23,11 @@ import torch.nn.functional as F
 class LookupGradient:
     """The float32 gradient of one embedding matrix's lookups since the last :meth:`clear`."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"a lookup gradient is for a 2-d embedding matrix; got shape {tuple(weight.shape)}")
         self.shape = tuple(weight.shape)
+        self.padding_idx = padding_idx  # as nn.Embedding's: this token's lookups add nothing
         self.device = weight.device
         self._ids: list[torch.Tensor] = []
         self._grads: list[torch.Tensor] = []
@@ -40,8 +41,11 @@ class LookupGradient:
         """One lookup's ids (any shape) and the gradient of its output (``ids.shape + (hidden,)``)."""
         if grad.shape != (*ids.shape, self.shape[1]):
             raise ValueError(f"a lookup of ids {tuple(ids.shape)} needs a gradient of {(*ids.shape, self.shape[1])}")
-        self._ids.append(ids.reshape(-1))
-        self._grads.append(grad.reshape(-1, self.shape[1]).float())
+        ids, grad = ids.reshape(-1), grad.reshape(-1, self.shape[1]).float()
+        if self.padding_idx is not None:
+            grad = grad.masked_fill((ids == self.padding_idx)[:, None], 0.0)
+        self._ids.append(ids)
+        self._grads.append(grad)
         self._rows = None
 
     def clear(self) -> None:

@@ -51,10 +51,10 @@ class RowsEmbedding(nn.Embedding):
         for name in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type"):
             setattr(self, name, getattr(embedding, name))
         self.scale_grad_by_freq, self.sparse = embedding.scale_grad_by_freq, embedding.sparse
-        if self.padding_idx is not None or self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
-            raise ValueError("lookup rows support a plain embedding (no padding_idx, max_norm, frequency scaling)")
+        if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+            raise ValueError("lookup rows support a plain embedding (no max_norm, frequency scaling, sparse gradient)")
         self.weight = embedding.weight
-        self.lookups = LookupGradient(embedding.weight)
+        self.lookups = LookupGradient(embedding.weight, self.padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return lookup(self.weight, ids, self.lookups)
