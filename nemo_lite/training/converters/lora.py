@@ -59,6 +59,13 @@ class PeftSection:
     # Stacked expert weights of a mixture of experts (gate_up_proj, down_proj), adapted per expert through PEFT's
     # target_parameters; [] adapts none.
     target_parameters: list[str] = field(default_factory=list)
+    # rsLoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r.
+    use_rslora: bool = False
+    # DoRA: each adapted weight becomes a trained magnitude per output row times the direction of W + B A.
+    use_dora: bool = False
+    # A PEFT LoRA adapter to train on from: a local directory (adapter_config.json + adapter_model.safetensors) or a
+    # hub id (org/name[@revision]). Its settings are the run's (docs/finetuning.md, "Bring your own adapter").
+    adapter_path: str | None = None
 
 
 def block_stacked_weights(model: nn.Module, family: Any) -> dict[str, str]:
@@ -92,7 +99,9 @@ class LoraConverter(ModelConverter):
     The merged export reads the float32 base from disk again, so nothing is lost.
 
     ``base_dir`` is the local directory of the base (``model.pretrained_path``, given as ``base_path``): the
-    checkpoints' record fingerprints it and the merged model reads it again.
+    checkpoints' record fingerprints it and the merged model reads it again. ``adapter`` (a
+    :class:`~nemo_lite.training.converters.peft_adapter.PeftAdapter`, ``peft.adapter_path``) is loaded into the
+    injected layers; ``section`` then holds its settings.
     """
 
     order = 10  # before float8: the adapters wrap the base linears that float8 may then convert
@@ -107,12 +116,15 @@ class LoraConverter(ModelConverter):
         frozen_dtype: torch.dtype | None = None,
         base_dir: Path | None = None,
         base_path: str | None = None,
+        adapter: Any = None,
     ) -> None:
         self.check_section(section)
         self.settings = section
         self.frozen_dtype = frozen_dtype
         self.base_dir, self.base_path = base_dir, base_path
         self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
+        self.description += ", rsLoRA" * section.use_rslora + ", DoRA" * section.use_dora
+        self.adapter = adapter  # a PeftAdapter to start from (peft.adapter_path, with section its settings)
         self.target_names: list[str] = []  # leaf names adapted (q_proj, ...), set by convert
         self.module_paths: list[str] = []
         self.parameter_paths: list[str] = []  # stacked weights adapted (layers.0.mlp.experts.gate_up_proj, ...)
@@ -130,6 +142,11 @@ class LoraConverter(ModelConverter):
         if peft.method not in PEFT_METHODS:
             raise ConfigError(f"peft.method={peft.method!r} is not valid; choose one of: {', '.join(PEFT_METHODS)}")
         if peft.method == "none":
+            if peft.adapter_path is not None:
+                raise ConfigError(
+                    f"peft.adapter_path={peft.adapter_path} trains a LoRA adapter on, but peft.method is none: add "
+                    "peft=lora (the group also sets LoRA's learning rate)"
+                )
             return
         if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
             raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
@@ -150,6 +167,14 @@ class LoraConverter(ModelConverter):
             )
         if ALL_LINEAR in targets and len(targets) > 1:
             raise ConfigError(f"peft.target_modules={targets}: all-linear already names every linear; give it alone")
+        for key in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(peft, key), bool):
+                raise ConfigError(f"peft.{key}={getattr(peft, key)!r} must be true or false")
+        if peft.use_dora and peft.target_parameters:
+            raise ConfigError(
+                "peft.use_dora=true with peft.target_parameters: PEFT has no DoRA for stacked expert weights; "
+                "adapt the experts with plain LoRA (peft.use_dora=false) or leave peft.target_parameters empty"
+            )
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -165,15 +190,30 @@ class LoraConverter(ModelConverter):
             )
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("peft=lora needs the peft package: pip install 'nemo_lite[peft]'")
+        if cfg.peft.adapter_path is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.check_adapter_config(cfg)
 
     @classmethod
     def from_config(cls, cfg: Any, *, autocast_dtype: torch.dtype | None, pretrained_dir: Path | None):
-        return cls(cfg.peft, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=cfg.model.pretrained_path)
+        section, adapter = cfg.peft, None
+        if section.adapter_path is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            adapter = peft_adapter.read_adapter(section.adapter_path)
+            section = peft_adapter.section_of(adapter, section)
+        base_path = cfg.model.pretrained_path
+        return cls(section, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=base_path, adapter=adapter)
 
     def convert(self, model: nn.Module, family: Any) -> None:
         import peft
 
         self.family = family
+        if self.adapter is not None:  # the adapter's targets, checked here so that a refusal names the adapter
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.check_base(self.adapter, model, family, section=self.settings, base=self.base_path)
         linears = block_linears(model, family)
         existing = sorted(set(linears.values()))
         wanted = list(self.settings.target_modules)
@@ -207,11 +247,20 @@ class LoraConverter(ModelConverter):
             param.requires_grad_(False)
         config = lora_config(self.settings, self.module_paths, target_parameters=self.parameter_paths)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        if self.adapter is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.load_into(model, self.adapter, base=self.base_path)
+            self.description += f", from the adapter {self.adapter.source}"
         for module in model.modules():
             if isinstance(module, peft.tuners.lora.ParamWrapper):
                 # PEFT registers a parametrization on the experts in every forward, a new class each time: dynamo
                 # would recompile the experts' frame each step until its limit and then run it eager anyway, so
                 # it runs eager from the start (recursive: the nested wrappers and the experts under them).
+                module.forward = torch.compiler.disable(module.forward)
+            if isinstance(module, peft.tuners.lora.dora.DoraLinearLayer):
+                # PEFT's DoRA asks the base weight's type for its module name (dequantize_module_weight), which
+                # dynamo cannot trace: under trainer.compile the magnitude's few ops run eager, the block compiled.
                 module.forward = torch.compiler.disable(module.forward)
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 # PEFT casts a layer's input to the adapters' dtype (float32) before A; under autocast the
@@ -231,6 +280,8 @@ class LoraConverter(ModelConverter):
             names = ", ".join(sorted(set(self.settings.target_parameters)))
             on += f"{' and ' if on else ''}experts' {names} ({len(self.parameter_paths)} stacked weights)"
         self.description += f", on {on}: {trainable / 1e6:.3g}M trainable of {total / 1e6:.4g}M parameters"
+        if self.settings.use_dora:
+            self.description += "; DoRA's magnitude runs outside torch.compile (PEFT's code there cannot be traced)"
         if self.frozen_dtype is not None:
             self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
 
@@ -249,6 +300,8 @@ class LoraConverter(ModelConverter):
                 "alpha": float(s.alpha),
                 "targets": list(self.target_names),
                 "parameters": sorted(set(s.target_parameters)),
+                "use_rslora": bool(s.use_rslora),
+                "use_dora": bool(s.use_dora),
                 "base": base_fingerprint(self.base_dir),
             }
         return self._record
@@ -268,11 +321,13 @@ class LoraConverter(ModelConverter):
                 f"{path} holds LoRA adapters only (peft=lora, base {saved['base']['path']}): resume it with "
                 "peft=lora and the same model.pretrained_path"
             )
-        for key in ("r", "targets", "parameters"):
-            if saved.get(key, []) != current.get(key, []):  # checkpoints from before target_parameters lack it
+        # Checkpoints from before target_parameters, rsLoRA and DoRA lack those keys: they had none of them.
+        absent_as = {"r": None, "targets": None, "parameters": [], "use_rslora": False, "use_dora": False}
+        for key, absent in absent_as.items():
+            if saved.get(key, absent) != current.get(key, absent):
                 raise ConfigError(
-                    f"{path} has adapters with peft {key}={saved.get(key, [])} and this run asks for "
-                    f"{current.get(key, [])}: resume with the checkpoint's peft settings"
+                    f"{path} has adapters with peft {key}={saved.get(key, absent)} and this run asks for "
+                    f"{current.get(key, absent)}: resume with the checkpoint's peft settings"
                 )
         if saved["base"]["sha256"] != current["base"]["sha256"]:
             raise ConfigError(
@@ -301,13 +356,18 @@ class LoraConverter(ModelConverter):
         return merged.to(device) if dist.enabled else merged
 
     def export_extra(self, run_dir: Path, hf_dir: Path) -> str:
+        from nemo_lite.training.converters.peft_adapter import base_reference
+
+        # What AutoPeftModelForCausalLM loads the base from: an absolute path or the hub id it came from.
+        base_name, revision = base_reference(self.base_path)
         path = save_adapter(
             self._final_adapters,
             run_dir / "adapter",
             section=self.settings,
             target_names=self.target_names,
             target_parameters=[hf_parameter_target(path) for path in self.parameter_paths],
-            base_model_name_or_path=str(self.base_path),
+            base_model_name_or_path=base_name,
+            revision=revision,
             tokenizer_dir=hf_dir,
         )
         return f"exported the LoRA adapters (PEFT) to {path}"
@@ -320,6 +380,8 @@ def lora_config(section: PeftSection, target_modules: list[str], target_paramete
         r=int(section.r),
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
+        use_rslora=bool(section.use_rslora),
+        use_dora=bool(section.use_dora),
         # [], not None, for experts-only adapters: PEFT fills None with its default modules for the model type
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,
@@ -337,7 +399,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def is_adapter_name(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
 
 
 def base_fingerprint(path: str | Path) -> dict[str, Any]:
@@ -391,7 +453,8 @@ def hf_adapter_key(name: str) -> str:
     """``layers.0.attention.q_proj.lora_A.default.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.
     lora_A.weight``: the key PEFT writes for a transformers model (adapter name dropped). Adapters on stacked
     weights keep PEFT's nesting (``mlp.experts.base_layer.lora_A``: a second weight of one module wraps the
-    first's wrapper)."""
+    first's wrapper). DoRA's magnitude (``...q_proj.lora_magnitude_vector.default.weight``) is
+    ``...q_proj.lora_magnitude_vector``, as PEFT saves it."""
     module, rest = name.split(".lora_", 1)
     which, adapter, tensor = rest.split(".")
     if adapter != ADAPTER_NAME:
@@ -399,6 +462,8 @@ def hf_adapter_key(name: str) -> str:
     wrappers = ""
     while module.endswith(".base_layer"):
         module, wrappers = module.removesuffix(".base_layer"), wrappers + ".base_layer"
+    if which == "magnitude_vector":
+        return f"base_model.model.{hf_module_path(module)}{wrappers}.lora_magnitude_vector"
     return f"base_model.model.{hf_module_path(module)}{wrappers}.lora_{which}.{tensor}"
 
 
@@ -411,12 +476,14 @@ def save_adapter(
     base_model_name_or_path: str | None,
     tokenizer_dir: str | Path | None = None,
     target_parameters: list[str] = (),
+    revision: str | None = None,
 ) -> Path:
     """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
     ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads, with the tokenizer files of
     ``tokenizer_dir`` (the export's: its chat template is the run's). ``target_parameters``: the adapted stacked
-    weights as PEFT names them on the transformers model (:func:`hf_parameter_target`). Atomic
-    (``atomic_directory``)."""
+    weights as PEFT names them on the transformers model (:func:`hf_parameter_target`). ``base_model_name_or_path``
+    and ``revision``: where ``AutoPeftModelForCausalLM`` finds the base (an absolute path, or a hub id and its
+    revision). Atomic (``atomic_directory``)."""
     from nemo_lite.components.models.hf import atomic_directory, save_safetensors, write_tokenizer
 
     tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
@@ -426,6 +493,7 @@ def save_adapter(
         sorted(set(target_parameters)),
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
     )
     config.inference_mode = True
     with atomic_directory(path) as tmp:
