@@ -10,6 +10,9 @@ adapters. ``peft.target_parameters`` (``gate_up_proj``, ``down_proj``) adapts th
 ``[E, ...]`` of a mixture of experts through PEFT's parameter targeting (``LoraConfig.target_parameters``:
 one rank-``r`` pair per expert, applied as a parametrization of the weight during the forward).
 
+``peft.use_rslora`` and ``peft.use_dora`` are PEFT's rsLoRA and DoRA; ``peft.adapter_path`` starts from an existing
+PEFT adapter, whose settings become the run's (:mod:`.peft_adapter` reads it and maps its keys back).
+
 What this module also owns, because only it knows the adapters' names:
 
 - what a training checkpoint holds: the adapters (the trainable parameters); the base comes from
@@ -18,8 +21,8 @@ What this module also owns, because only it knows the adapters' names:
 - :func:`save_adapter`: ``run_dir/adapter``, a PEFT adapter directory under the Hugging Face key names
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), as ``PeftModel.save_pretrained`` writes it
   for a transformers model;
-- :func:`merged_model`: the base read again from disk in float32 plus ``scaling * B @ A`` (PEFT's merge), for
-  ``run_dir/hf``. The base checkpoint on disk is only ever read.
+- :func:`merged_model`: the base read again from disk in float32 with the adapters merged by PEFT (``scaling * B @ A``;
+  DoRA's magnitudes too), for ``run_dir/hf``. The base checkpoint on disk is only ever read.
 """
 
 from __future__ import annotations

@@ -234,8 +234,8 @@ def check_adapter_config(cfg: Any) -> None:
         output = Path(os.path.realpath(run_dir / name))
         if os.path.lexists(run_dir / name) and (real == output or output in real.parents):
             raise ConfigError(
-                f"peft.adapter_path {real} is the earlier run's {name} in run_dir {run_dir}, which a fresh run there "
-                "moves aside (into replaced-<time>): start from it in another run_dir"
+                f"peft.adapter_path {real} is the earlier run's {name} in run_dir {run_dir}, which a fresh run "
+                "moves aside first (into replaced-<time>): start from it in another run_dir"
             )
 
 
