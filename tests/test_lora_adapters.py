@@ -362,3 +362,40 @@ def test_dora_trains_the_same_under_compile_and_the_fast_step(base, tmp_path, mo
     compiled = run("compiled", compile=True)
     assert max(abs(a - b) for a, b in zip(plain, fast, strict=True)) <= 1e-5
     assert max(abs(a - b) for a, b in zip(plain, compiled, strict=True)) <= 1e-5
+
+
+def test_a_bad_switch_a_pickle_only_adapter_and_a_hub_repo_without_an_adapter_are_refused(
+    base, their_adapter, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    from nemo_lite.testing.hub import cache_repo
+
+    cfg = adapter_config(tmp_path / "a", base, None)
+    cfg.peft.use_rslora = "yes"
+    with pytest.raises(ConfigError, match="peft.use_rslora='yes' must be true or false"):
+        Trainer(cfg)
+    pickle_only = tmp_path / "pickle-only"
+    shutil.copytree(their_adapter, pickle_only)
+    (pickle_only / "adapter_model.safetensors").rename(pickle_only / "adapter_model.bin")
+    with pytest.raises(ConfigError, match="has no adapter_model.safetensors .only safetensors are read"):
+        Trainer(adapter_config(tmp_path / "b", base, pickle_only)).fit()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "README.md").write_text("no adapter here")
+    cache_repo(tmp_path / "hub", "someone/readme-only", tmp_path / "files")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match="someone/readme-only has no adapter_config.json: it is not a PEFT adapter"):
+        Trainer(adapter_config(tmp_path / "c", base, "someone/readme-only")).fit()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before any work
+
+
+def test_the_exported_adapter_names_a_hub_base_by_its_id_and_revision(tmp_path, monkeypatch):
+    from nemo_lite.training.converters.peft_adapter import base_reference
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    assert base_reference("~/link/base") == (str((tmp_path / "models" / "base").resolve()), None)
+    assert base_reference("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
+    assert base_reference("HuggingFaceTB/SmolLM2-135M@v1.0") == ("HuggingFaceTB/SmolLM2-135M", "v1.0")

@@ -122,12 +122,12 @@ def read_adapter(source: str, *, with_tensors: bool = True) -> PeftAdapter:
         )
     adapter = PeftAdapter(str(source), path, config)
     check_supported(adapter)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(
+            f"peft.adapter_path={source} has no {ADAPTER_WEIGHTS} (only safetensors are read, never a pickle "
+            "adapter_model.bin): save the adapter with safe_serialization (PEFT's default)"
+        )
     if with_tensors:
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise ConfigError(
-                f"peft.adapter_path={source} has no {ADAPTER_WEIGHTS} (only safetensors are read, never a pickle "
-                "adapter_model.bin): save the adapter with safe_serialization (PEFT's default)"
-            )
         from nemo_lite.components.models.hf import _safetensors  # a damaged file: one line naming it
 
         with _safetensors(path / ADAPTER_WEIGHTS) as f:
