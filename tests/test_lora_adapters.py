@@ -399,3 +399,16 @@ def test_the_exported_adapter_names_a_hub_base_by_its_id_and_revision(tmp_path, 
     assert base_reference("~/link/base") == (str((tmp_path / "models" / "base").resolve()), None)
     assert base_reference("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", None)
     assert base_reference("HuggingFaceTB/SmolLM2-135M@v1.0") == ("HuggingFaceTB/SmolLM2-135M", "v1.0")
+
+
+def test_generate_loads_dora_and_rslora_adapters_with_peft_logits(base, tmp_path):
+    """load_for_inference (recipes/generate.py adapter=...) merges the adapter through the same reader."""
+    from nemo_lite.inference import load_for_inference
+
+    adapter = write_peft_adapter(base, tmp_path / "dora", use_dora=True, use_rslora=True)
+    model, _ = load_for_inference(base, adapter=adapter)
+    ids = random_ids(2, 24, VOCAB, seed=6)
+    with torch.no_grad():
+        assert max_diff(model(ids), peft_model(base, adapter)(input_ids=ids).logits) <= 1e-5
+    with pytest.raises(ConfigError, match=r"adapter=.* sets modules_to_save=\['lm_head'\]"):
+        load_for_inference(base, adapter=_edited(adapter, tmp_path, modules_to_save=["lm_head"]))

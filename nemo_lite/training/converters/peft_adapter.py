@@ -72,13 +72,14 @@ class PeftAdapter:
     path: Path
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    key: str = "peft.adapter_path"  # the setting that named it, for messages (recipes/generate.py: adapter)
 
     def trained_on(self) -> str:
         base = self.config.get("base_model_name_or_path")
         return f"its adapter_config.json names the base {base}" if base else "its adapter_config.json names no base"
 
 
-def resolve_adapter(source: str) -> Path:
+def resolve_adapter(source: str, *, key: str = "peft.adapter_path") -> Path:
     """The local directory of the adapter ``source``: a directory with adapter_config.json, or a hub id
     (``org/name[@revision]``) whose adapter_config.json and adapter_model.safetensors come from the Hugging Face cache
     (fetched first where the hub can be reached; ``HF_HUB_OFFLINE=1``: the cache only)."""
@@ -90,26 +91,26 @@ def resolve_adapter(source: str) -> Path:
     try:
         hub_id = None if local.exists() else split_hub_id(source)
     except PretrainedNotFoundError as err:
-        raise ConfigError(f"peft.adapter_path={source}: {err}") from None
+        raise ConfigError(f"{key}={source}: {err}") from None
     if hub_id is None:
         raise ConfigError(
-            f"peft.adapter_path={source!r} is not a PEFT adapter directory (no {ADAPTER_CONFIG}) and not a hub id "
+            f"{key}={source!r} is not a PEFT adapter directory (no {ADAPTER_CONFIG}) and not a hub id "
             "(org/name or org/name@revision): give the directory PeftModel.save_pretrained wrote (such as "
             "run_dir/adapter), or a hub id"
         )
     try:
         snapshot = fetch_snapshot(*hub_id, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     except PretrainedNotFoundError as err:
-        raise ConfigError(f"peft.adapter_path={source}: {err}") from None
+        raise ConfigError(f"{key}={source}: {err}") from None
     if not (snapshot / ADAPTER_CONFIG).is_file():
-        raise ConfigError(f"peft.adapter_path={source} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
+        raise ConfigError(f"{key}={source} has no {ADAPTER_CONFIG}: it is not a PEFT adapter")
     return snapshot
 
 
-def read_adapter(source: str, *, with_tensors: bool = True) -> PeftAdapter:
+def read_adapter(source: str, *, with_tensors: bool = True, key: str = "peft.adapter_path") -> PeftAdapter:
     """The adapter ``source`` names (:func:`resolve_adapter`): its config, checked to be one this LoRA trains, and
     its tensors (safetensors only)."""
-    path = resolve_adapter(str(source))
+    path = resolve_adapter(str(source), key=key)
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
         why = "" if isinstance(config, dict) and {"r", "lora_alpha"} <= set(config) else "it lacks r or lora_alpha"
@@ -117,14 +118,14 @@ def read_adapter(source: str, *, with_tensors: bool = True) -> PeftAdapter:
         config, why = {}, str(err).splitlines()[0]
     if why:
         raise ConfigError(
-            f"peft.adapter_path={source}: {ADAPTER_CONFIG} is not a LoRA config, a JSON object with r and lora_alpha "
+            f"{key}={source}: {ADAPTER_CONFIG} is not a LoRA config, a JSON object with r and lora_alpha "
             f"({why}): give the directory PeftModel.save_pretrained wrote"
         )
-    adapter = PeftAdapter(str(source), path, config)
+    adapter = PeftAdapter(str(source), path, config, key=key)
     check_supported(adapter)
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(
-            f"peft.adapter_path={source} has no {ADAPTER_WEIGHTS} (only safetensors are read, never a pickle "
+            f"{key}={source} has no {ADAPTER_WEIGHTS} (only safetensors are read, never a pickle "
             "adapter_model.bin): save the adapter with safe_serialization (PEFT's default)"
         )
     if with_tensors:
@@ -141,13 +142,13 @@ def check_supported(adapter: PeftAdapter) -> None:
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise ConfigError(
-            f"peft.adapter_path={adapter.source} is a {kind} adapter; only LoRA adapters (peft_type LORA) train here"
+            f"{adapter.key}={adapter.source} is a {kind} adapter; only LoRA adapters (peft_type LORA) train here"
         )
     for key in UNSUPPORTED_KEYS:
         value = config.get(key)
         if not (value is None or value is False or value in ([], {}, "none")):
             raise ConfigError(
-                f"peft.adapter_path={adapter.source} sets {key}={value!r}, which nemo_lite's LoRA does not train "
+                f"{adapter.key}={adapter.source} sets {key}={value!r}, which nemo_lite's LoRA does not train "
                 "(it takes r, lora_alpha, lora_dropout, target_modules, target_parameters, use_rslora and use_dora): "
                 "train this adapter with PEFT itself, or start a new one"
             )
@@ -248,7 +249,7 @@ def check_base(adapter: PeftAdapter, model: nn.Module, family: Any, *, section: 
     missing += [name for name in section.target_parameters if name not in stacked]
     if missing:
         raise ConfigError(
-            f"peft.adapter_path={adapter.source} adapts {missing}, which the base model.pretrained_path={base} does "
+            f"{adapter.key}={adapter.source} adapts {missing}, which the base model.pretrained_path={base} does "
             f"not have (its decoder linears: {', '.join(linears)}): {adapter.trained_on()}; train on that base"
         )
 
@@ -262,13 +263,13 @@ def load_into(model: nn.Module, adapter: PeftAdapter, *, base: Any) -> None:
     unexpected = sorted(set(got) - set(params))
     if unexpected:
         raise ConfigError(
-            f"peft.adapter_path={adapter.source} holds {len(unexpected)} tensor(s) this base has no place for, such "
+            f"{adapter.key}={adapter.source} holds {len(unexpected)} tensor(s) this base has no place for, such "
             f"as {unexpected[0]}: it was trained on another base ({other_base})"
         )
     missing = sorted(set(params) - set(got))
     if missing:
         raise ConfigError(
-            f"peft.adapter_path={adapter.source} lacks {len(missing)} tensor(s) that its settings put on this base, "
+            f"{adapter.key}={adapter.source} lacks {len(missing)} tensor(s) that its settings put on this base, "
             f"such as {missing[0]}: it was trained on another base ({other_base}), or adapts some layers only, "
             "which is not supported"
         )
@@ -276,7 +277,7 @@ def load_into(model: nn.Module, adapter: PeftAdapter, *, base: Any) -> None:
     if wrong:
         key = wrong[0]
         raise ConfigError(
-            f"peft.adapter_path={adapter.source}: {key} is {list(got[key].shape)} in the adapter and "
+            f"{adapter.key}={adapter.source}: {key} is {list(got[key].shape)} in the adapter and "
             f"{list(params[key].shape)} on this base ({len(wrong)} tensor(s) differ): it was trained on another base "
             f"({other_base})"
         )
