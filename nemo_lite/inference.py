@@ -9,7 +9,8 @@ and ``recipes/generate.py`` (:class:`GenerateConfig`, :func:`run_generate`): pro
 as jsonl, with tokens/s (docs/generation.md).
 
 A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, as ``run_dir/adapter`` or
-PEFT's ``save_pretrained`` writes it) is merged into the base (``W + alpha / r * B @ A``); a run_dir trained with
+PEFT's ``save_pretrained`` writes it) is merged into the base by PEFT (``W + alpha / r * B @ A``, rsLoRA and DoRA as
+PEFT merges them); a run_dir trained with
 LoRA already holds the merged model in ``hf/``. The model attends with sdpa and causal masks: generation and
 evaluation see each prompt whole.
 """
@@ -76,42 +77,22 @@ def load_for_inference(
 
 
 def _merged_with_adapter(family: Any, base_dir: str | Path, adapter: Path):
-    """The base with the PEFT LoRA adapter at ``adapter`` merged in."""
-    from safetensors.torch import load_file
+    """The base with the PEFT LoRA adapter at ``adapter`` merged in (rsLoRA, DoRA and expert adapters included)."""
+    from nemo_lite.components.models.hf import read_config
+    from nemo_lite.training.converters.lora import LoraConverter, PeftSection, hf_adapter_key, merged_model
+    from nemo_lite.training.converters.peft_adapter import read_adapter, section_of
 
-    from nemo_lite.components.models.hf import read_config, to_hf_key
-    from nemo_lite.training.converters.lora import (
-        ADAPTER_CONFIG,
-        ADAPTER_NAME,
-        ADAPTER_WEIGHTS,
-        PeftSection,
-        block_linears,
-        merged_model,
-    )
-
-    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise ConfigError(f"adapter={adapter} is not a PEFT adapter directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-    settings = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    if settings.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"adapter={adapter} is a {settings['peft_type']} adapter; only LoRA adapters are supported")
-    if settings.get("use_rslora") or settings.get("use_dora"):
-        raise ConfigError(f"adapter={adapter} uses rsLoRA or DoRA; only plain LoRA adapters are supported")
-    with torch.device("meta"):  # only the module names are needed here
-        base = family.model_cls(read_config(base_dir))
-    linears = block_linears(base, family)  # nemo_lite module path -> Hugging Face leaf name
-    by_hf = {f"base_model.model.{to_hf_key(f'{path}.weight').removesuffix('.weight')}": path for path in linears}
-    adapters = {}
-    for key, tensor in load_file(str(adapter / ADAPTER_WEIGHTS)).items():
-        module, _, rest = key.partition(".lora_")
-        if module not in by_hf:
-            raise ConfigError(f"adapter={adapter} holds {key!r}, which names no linear of the base {base_dir}")
-        which, _, tensor_name = rest.partition(".")
-        adapters[f"{by_hf[module]}.lora_{which}.{ADAPTER_NAME}.{tensor_name}"] = tensor
-    targets = sorted({linears[name.split(".lora_")[0]] for name in adapters})
-    section = PeftSection(
-        method="lora", r=int(settings["r"]), alpha=float(settings["lora_alpha"]), target_modules=targets
-    )
-    return merged_model(family, base_dir, adapters, section=section, target_names=targets)
+    found = read_adapter(str(adapter), key="adapter")
+    section = section_of(found, PeftSection(method="lora"))
+    # The adapter is checked against the base's modules and shapes on a model without data, whose adapter
+    # parameters give each PEFT key its nemo_lite name; the merge then reads the base once.
+    with torch.device("meta"):
+        skeleton = family.model_cls(read_config(base_dir))
+    converter = LoraConverter(section, base_path=str(base_dir), adapter=found)
+    converter.convert(skeleton, family)
+    names = {hf_adapter_key(name): name for name, p in skeleton.named_parameters() if p.requires_grad}
+    adapters = {names[key]: tensor for key, tensor in found.tensors.items()}
+    return merged_model(family, base_dir, adapters, section=section, target_names=converter.target_names)
 
 
 # ---- recipes/generate.py ----------------------------------------------------------------------------

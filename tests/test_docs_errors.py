@@ -688,6 +688,12 @@ def _qlora_resume_unquantized(tmp):
     LoraConverter.check_record(tmp / "step_000100", record | {"quantize_base": "nf4 from bfloat16"}, record)
 
 
+def _peft_none_with_an_adapter():
+    from nemo_lite.training.converters.lora import LoraConverter, PeftSection
+
+    LoraConverter.check_section(PeftSection(method="none", adapter_path="runs/finetune/adapter"))
+
+
 def _lora_without_a_checkpoint(tmp):
     from nemo_lite.training.config import RecipeConfig, validate
 
@@ -756,6 +762,114 @@ def _lora_resume_on_a_changed_base(tmp):
     (tmp / "base" / "model.safetensors").write_bytes(bytes(data))
     current = {**record, "base": base_fingerprint(tmp / "base")}
     LoraConverter.check_record(tmp / "run" / "checkpoints" / "step_000004", saved, current)
+
+
+def _tiny_hf_llama(path: Path, **changes) -> Path:
+    import transformers
+
+    settings = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **changes})).save_pretrained(path)
+    return path
+
+
+def _peft_adapter(tmp: Path) -> Path:
+    """A PEFT adapter (q_proj, v_proj, r=4) on a tiny transformers Llama saved in ``tmp/base``."""
+    import peft
+    import transformers
+
+    base = _tiny_hf_llama(tmp / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base), config).save_pretrained(tmp / "adapter")
+    return tmp / "adapter"
+
+
+def _edited_adapter(tmp: Path, edit) -> Path:
+    adapter = _peft_adapter(tmp)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    edit(config)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def _read_adapter(make):
+    from nemo_lite.training.converters.peft_adapter import read_adapter
+
+    return lambda tmp: read_adapter(str(make(tmp)))
+
+
+def _adapter_onto(changes: dict, *, base_changes: dict | None = None):
+    """Load the adapter into nemo_lite's model of another base (``base_changes``), or with other peft settings."""
+
+    def load(tmp):
+        from nemo_lite.components.attention import AttentionConfig
+        from nemo_lite.components.models import AutoModelForCausalLM, family_of_checkpoint
+        from nemo_lite.training.converters.lora import LoraConverter, PeftSection
+        from nemo_lite.training.converters.peft_adapter import read_adapter, section_of
+
+        adapter = read_adapter(str(_peft_adapter(tmp)))
+        if "target_modules" in changes:
+            adapter.config["target_modules"] = changes["target_modules"]
+        section = section_of(adapter, PeftSection(method="lora", **{k: v for k, v in changes.items() if k == "r"}))
+        base = _tiny_hf_llama(tmp / "other", **base_changes) if base_changes else tmp / "base"
+        model = AutoModelForCausalLM.from_pretrained(base, attention=AttentionConfig(backend="sdpa"))
+        LoraConverter(section, adapter=adapter, base_path=str(base)).convert(model, family_of_checkpoint(base))
+
+    return load
+
+
+def _uncached_hub_adapter(tmp):
+    from unittest import mock
+
+    import huggingface_hub
+
+    from nemo_lite.training.converters.peft_adapter import resolve_adapter
+
+    with mock.patch.multiple(huggingface_hub.constants, HF_HUB_OFFLINE=True, HF_HUB_CACHE=str(tmp)):
+        resolve_adapter("someone/lora")
+
+
+def _hub_repo_without_an_adapter(tmp):
+    from unittest import mock
+
+    import huggingface_hub
+
+    from nemo_lite.testing.hub import cache_repo
+    from nemo_lite.training.converters.peft_adapter import resolve_adapter
+
+    (tmp / "files").mkdir()
+    (tmp / "files" / "README.md").write_text("no adapter here")
+    cache_repo(tmp / "hub", "someone/readme-only", tmp / "files")
+    with mock.patch.multiple(huggingface_hub.constants, HF_HUB_OFFLINE=True, HF_HUB_CACHE=str(tmp / "hub")):
+        resolve_adapter("someone/readme-only")
+
+
+def _adapter_without_safetensors(tmp):
+    adapter = _peft_adapter(tmp)
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    return adapter
+
+
+def _fresh_run_from_its_own_adapter(tmp):
+    from nemo_lite.training.config import validate
+
+    adapter = _peft_adapter(tmp / "run")
+    cfg = tiny_config(tmp / "run")
+    cfg.model.pretrained_path, cfg.peft.method, cfg.peft.adapter_path = str(tmp / "run" / "base"), "lora", str(adapter)
+    validate(cfg)
+
+
+def _resume_beside_an_export(tmp):
+    import shutil
+
+    _quick_trainer(tmp / "run", steps=2).fit()
+    shutil.rmtree(tmp / "run" / "checkpoints")  # the exports kept, the checkpoints deleted
+    (tmp / "run" / "adapter").mkdir()
+    (tmp / "run" / "hf").mkdir()
+    _quick_trainer(tmp / "run", steps=2, resume=True).fit()
 
 
 def _tokenizer_without_a_chat_template(tmp):
@@ -885,6 +999,7 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "quantizes the frozen base under LoRA adapters": call_error(_qlora_check(**{"peft.method": "none"})),
     "float8 casts high-precision weights": call_error(_qlora_check(**{"float8.enabled": True})),
     "only linears are quantized": call_error(_qlora_check(**{"peft.target_parameters": ["down_proj"]})),
+    "PEFT's DoRA reads the base weight itself": call_error(_qlora_check(**{"peft.use_dora": True})),
     "has adapters trained on the base quantized as": call_error(_qlora_resume_unquantized),
     "match(es) no module of this model": call_error(_lora_target_matching_nothing),
     "are stacked weights, not linears: name them in": call_error(_lora_on_a_tiny_moe(target_modules=["gate_up_proj"])),
@@ -892,6 +1007,33 @@ CASES: dict[str, Callable[[Path], list[str]]] = {
     "has adapters with peft alpha=8.0": call_error(_lora_resume_with_another_alpha),
     "is a different checkpoint (fingerprint differs)": call_error(_lora_resume_on_a_changed_base),
     "PEFT's LoRA on stacked weights has no dropout": call_error(_peft(dropout=0.1, target_parameters=["down_proj"])),
+    "must be true or false": call_error(_peft(use_dora="yes")),
+    "PEFT has no DoRA for stacked expert weights": call_error(_peft(use_dora=True, target_parameters=["down_proj"])),
+    "trains a LoRA adapter on, but peft.method is none": call_error(lambda tmp: _peft_none_with_an_adapter()),
+    "is not a PEFT adapter directory (no adapter_config.json)": call_error(_read_adapter(lambda tmp: tmp / "nowhere")),
+    "someone/lora is not in the Hugging Face cache": call_error(_uncached_hub_adapter),
+    "has no adapter_config.json: it is not a PEFT adapter": call_error(_hub_repo_without_an_adapter),
+    "adapter_config.json is not a LoRA config": call_error(
+        _read_adapter(lambda tmp: _edited_adapter(tmp, lambda c: c.pop("r")))
+    ),
+    "only safetensors are read, never a pickle adapter_model.bin": call_error(
+        _read_adapter(_adapter_without_safetensors)
+    ),
+    "only LoRA adapters (peft_type LORA) train here": call_error(
+        _read_adapter(lambda tmp: _edited_adapter(tmp, lambda c: c.update(peft_type="IA3")))
+    ),
+    "which nemo_lite's LoRA does not train": call_error(
+        _read_adapter(lambda tmp: _edited_adapter(tmp, lambda c: c.update(modules_to_save=["lm_head"])))
+    ),
+    "peft.r=8 disagrees with the adapter": call_error(_adapter_onto({"r": 8})),
+    "which the base model.pretrained_path=": call_error(_adapter_onto({"target_modules": ["q_proj", "qkv_proj"]})),
+    "in the adapter and [4, 16] on this base": call_error(_adapter_onto({}, base_changes={"hidden_size": 16})),
+    "tensor(s) this base has no place for": call_error(_adapter_onto({}, base_changes={"num_hidden_layers": 1})),
+    "tensor(s) that its settings put on this base": call_error(
+        _adapter_onto({}, base_changes={"num_hidden_layers": 3})
+    ),
+    "is the earlier run's adapter in run_dir": call_error(_fresh_run_from_its_own_adapter),
+    "but no checkpoint, so trainer.resume=true has nothing to resume": call_error(_resume_beside_an_export),
     "has no chat template, so conversations": call_error(_tokenizer_without_a_chat_template),
     "each message needs a string 'role'": call_error(_message_without_role),
     "are two kinds of fine-tuning data": call_error(_messages_and_prompts),

@@ -3,7 +3,6 @@ lays it out, with HF_HUB_OFFLINE=1: no network, one-line errors, only safetensor
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,28 +17,10 @@ from model_utils import family_hf_model, random_ids, save_default_tokenizer
 from nemo_lite.components.attention import AttentionConfig
 from nemo_lite.components.models import AutoModelForCausalLM, PretrainedNotFoundError, resolve_pretrained
 from nemo_lite.components.models.hub import split_hub_id
+from nemo_lite.testing.hub import COMMIT, cache_repo
 
 hf_hub = pytest.importorskip("huggingface_hub")
 REPO = Path(__file__).resolve().parents[1]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache: Path, repo_id: str, files: Path, commit: str = COMMIT, refs: tuple[str, ...] = ("main",)) -> Path:
-    """Put the files of ``files`` into ``cache`` as huggingface_hub does: content-addressed blobs, a
-    snapshot directory per commit of links to them, and refs naming the commit. Returns the snapshot."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in sorted(files.iterdir()):
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture

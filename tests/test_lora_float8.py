@@ -223,3 +223,29 @@ def test_the_export_is_a_peft_adapter_and_a_plain_float32_merged_model(straight,
     assert all(type(m) is nn.Linear for m in alone.modules() if isinstance(m, nn.Linear))
     with torch.no_grad():
         assert (with_adapter(input_ids=ids).logits - alone(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_dora_trains_over_float8_base_linears_and_exports_peft_merge(base, tmp_path):
+    """DoRA (peft.use_dora=true) with float8: the base matmul of the converted linears runs in float8 and the
+    weight norm reads their float32 weight; the losses stay near DoRA's without float8 and hf/ equals PEFT's
+    merge_and_unload of the exported adapter."""
+    import peft
+    import transformers
+    from torchao.float8.float8_linear import Float8Linear
+
+    runs = {}
+    for float8 in (False, True):
+        cfg = config(tmp_path / f"float8-{float8}", base, steps=3, float8=float8)
+        cfg.peft.use_dora, cfg.trainer.save_every = True, 0
+        trainer = Trainer(cfg, train_loader=loader())
+        runs[float8] = trainer, trainer.fit()
+    trainer, result = runs[True]
+    assert any(isinstance(m, Float8Linear) for m in trainer.raw_model.modules())
+    assert max(abs(a - b) for a, b in zip(result.losses, runs[False][1].losses, strict=True)) <= 1e-2
+    reference = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base), trainer.run_dir / "adapter"
+    ).merge_and_unload()
+    expected = reference.state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir).state_dict()
+    assert sorted(merged) == sorted(expected)
+    assert max((merged[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5

@@ -147,6 +147,26 @@ def test_the_merged_export_equals_peft_merge_and_unload(trained, base):
     assert (merged[key] - before[key]).abs().max() > 1e-4  # the experts' adapters were merged in
 
 
+def test_the_exported_expert_adapter_loads_for_generation_and_to_train_on(trained, base, tmp_path):
+    """recipes/generate.py adapter=... merges the expert adapters as hf/ holds them, and peft.adapter_path starts
+    a run from them with the trained model's logits."""
+    from nemo_lite.inference import load_for_inference
+
+    trainer, result, _ = trained
+    ids = random_ids(2, 16, trainer.raw_model.config.vocab_size, seed=2)
+    merged, _ = load_for_inference(base, adapter=trainer.run_dir / "adapter")
+    cfg = lora_moe_config(tmp_path / "more", base, steps=1)
+    cfg.peft.adapter_path = str(trainer.run_dir / "adapter")
+    again = Trainer(cfg)
+    again.setup()
+    assert again.converters[0].settings.target_parameters == sorted(EXPERT_WEIGHTS)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(result.hf_dir, attention=AttentionConfig(backend="sdpa"))(ids)
+        assert (merged(ids) - want).abs().max().item() <= 1e-5
+        assert (again.raw_model.eval()(ids) - trainer.raw_model.eval()(ids)).abs().max().item() <= 1e-5
+    again.release_run_dir()
+
+
 def _convert_and_compare(path, theirs_cls, *, layers_with_experts):
     """Our model with random adapters on the experts (no training), exported as PEFT's adapter; PEFT loads it onto
     transformers' model: logits equal; our merge equals PEFT's merge_and_unload."""

@@ -5,6 +5,7 @@ during the export leaves nothing half-written behind, and a full disk during it 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -174,3 +175,25 @@ def test_a_fresh_run_from_an_export_it_would_move_aside_is_refused(tmp_path):
     with pytest.raises(rundir.RunDirError, match=r"model.pretrained_path .*/hf is the earlier run's hf in run_dir"):
         Trainer(cfg).fit()
     assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("export", ["adapter", "hf"])
+def test_resume_in_a_run_dir_with_an_export_but_no_checkpoint_says_there_is_nothing_to_resume(tmp_path, export):
+    """A run_dir whose checkpoints were removed to keep the export only (or an adapter copied in): trainer.resume=true
+    is refused in one line naming how to start from the export, and the export stays where it was."""
+    Trainer(_config(tmp_path)).fit()
+    shutil.rmtree(tmp_path / "checkpoints")
+    if export == "adapter":
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    before = _listing(tmp_path)
+    with pytest.raises(rundir.RunDirError) as info:
+        Trainer(_config(tmp_path, resume=True)).fit()
+    message = str(info.value)
+    assert "\n" not in message and "but no checkpoint, so trainer.resume=true has nothing to resume" in message
+    start = f"peft=lora peft.adapter_path={tmp_path / 'adapter'}" if export == "adapter" else "model.pretrained_path="
+    assert start in message
+    assert _listing(tmp_path) == before
+    assert Trainer(_config(tmp_path, resume=False)).fit().status == "completed"  # starting fresh is still one flag
+    (aside,) = tmp_path.glob("replaced-*")
+    assert (aside / "hf" / "model.safetensors").is_file()

@@ -220,6 +220,20 @@ def _disk_full(err: BaseException, where: Path) -> bool:
         return False
 
 
+def resumes(resume: bool | str | None) -> bool:
+    """Whether ``trainer.resume`` asks to resume at all (true, latest, or a path)."""
+    if resume is None or isinstance(resume, bool):
+        return bool(resume)
+    return str(resume).strip().lower() not in ("false", "no", "0", "none", "")
+
+
+def resumes_latest(resume: bool | str | None) -> bool:
+    """Whether ``trainer.resume`` asks for the latest checkpoint of the run_dir (true, latest)."""
+    if resume is None or isinstance(resume, bool):
+        return bool(resume)
+    return str(resume).strip().lower() in ("true", "yes", "1", "latest")
+
+
 def resolve_resume(resume: bool | str | None, run_dir: Path) -> Path | None:
     """``False`` -> None; ``True`` -> the latest checkpoint of run_dir (None if there is none yet);
     a path -> that checkpoint, or the latest inside that run/checkpoints directory (error if none)."""

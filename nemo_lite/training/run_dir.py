@@ -4,6 +4,7 @@
     check_writable(run_dir, need_bytes=3 * checkpoint_bytes(n_params),
                    held_bytes=held_checkpoint_bytes(run_dir / "checkpoints"))  # a resume's own count as free
     refuse_fresh_run(run_dir, overwrite=False, has_checkpoints=...)   # refuses to bury older checkpoints
+    refuse_empty_resume(run_dir)             # resume=true without a checkpoint, beside an export: refused
     moved = move_earlier_outputs(run_dir)    # after every other check: the earlier run's files, moved aside
 
 The lock is ``fcntl.flock`` on ``<run_dir>/.lock``: the kernel drops it when its process dies, however it
@@ -210,6 +211,23 @@ def refuse_fresh_run(run_dir: Path, *, overwrite: bool, has_checkpoints: bool, r
                 f"model.pretrained_path {reads} is the earlier run's {name} in run_dir {run_dir}, which a fresh run "
                 "there moves aside (into replaced-<time>): choose another run_dir, or copy the checkpoint elsewhere"
             )
+
+
+def refuse_empty_resume(run_dir: Path) -> None:
+    """``trainer.resume=true`` in ``run_dir`` without a checkpoint: refused where an earlier run left an export
+    (``hf/``, ``adapter/``) there, which a fresh run would move aside; it names how to train on from it instead."""
+    exports = [name for name in ("adapter", "hf") if (run_dir / name).is_dir()]
+    if not exports:
+        return
+    if "adapter" in exports:
+        start = f"peft=lora peft.adapter_path={run_dir / 'adapter'}"
+    else:
+        start = f"model.pretrained_path={run_dir / 'hf'}"
+    raise RunDirError(
+        f"run_dir {run_dir} holds an export ({', '.join(name + '/' for name in exports)}) but no checkpoint, so "
+        f"trainer.resume=true has nothing to resume: to train on from it, start a new run in another run_dir with "
+        f"{start}; or pass trainer.resume=false to start fresh here (the export moves into {run_dir}/replaced-<time>)"
+    )
 
 
 def move_earlier_outputs(run_dir: Path) -> Path | None:

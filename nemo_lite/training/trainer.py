@@ -252,6 +252,8 @@ class Trainer:
         rundir.check_writable(self.run_dir, need, held_bytes=self._held_bytes)
         self._lock = rundir.RunLock(self.run_dir)
         if fresh:
+            if ckpt.resumes_latest(self.cfg.trainer.resume):  # nothing to resume: an export here is not reused
+                rundir.refuse_empty_resume(self.run_dir)
             has_checkpoints = bool(ckpt.list_checkpoints(self.run_dir / "checkpoints"))
             rundir.refuse_fresh_run(
                 self.run_dir,

@@ -111,6 +111,30 @@ def resolve_pretrained(path_or_id: str | Path, *, revision: str | None = None) -
 
 def download_snapshot(repo_id: str, revision: str | None) -> Path:
     """The snapshot directory of ``repo_id`` at ``revision`` (default: main) holding what loading needs."""
+    shown = f"{repo_id}@{revision}" if revision else repo_id
+    patterns = [CONFIG_NAME, GENERATION_CONFIG, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES]
+    snapshot = fetch_snapshot(repo_id, revision, patterns)
+    if not (snapshot / CONFIG_NAME).is_file():
+        raise PretrainedNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
+    if (snapshot / INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((snapshot / INDEX_FILE).read_text())["weight_map"].values()))
+        if any(not (snapshot / shard).is_file() for shard in shards):
+            snapshot = fetch_snapshot(repo_id, revision, shards)  # an index naming shards off transformers' names
+        missing = [shard for shard in shards if not (snapshot / shard).is_file()]
+    else:
+        missing = [] if (snapshot / SINGLE_FILE).is_file() else [SINGLE_FILE]
+    if missing:
+        raise PretrainedNotFoundError(
+            f"{shown}: {snapshot} lacks {', '.join(missing)} (only safetensors are read; a repository with only "
+            "pytorch_model.bin is not loaded). Download it once online, or convert it to safetensors"
+        )
+    return snapshot
+
+
+def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """The snapshot directory of ``repo_id`` at ``revision`` (default: main) with the files matching ``patterns``
+    (from the cache, fetched first where the hub can be reached); every failure one
+    :class:`PretrainedNotFoundError` line."""
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import (
@@ -128,51 +152,32 @@ def download_snapshot(repo_id: str, revision: str | None) -> Path:
 
     shown = f"{repo_id}@{revision}" if revision else repo_id
     rev = revision or "main"
-
-    def fetch(patterns: list[str]) -> Path:
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        except RevisionNotFoundError:
-            raise PretrainedNotFoundError(
-                f"revision {rev!r} of {repo_id} does not exist on the hub: give an existing branch, tag or "
-                f"commit after '@' (e.g. {repo_id}@main)"
-            ) from None
-        except GatedRepoError:
-            raise PretrainedNotFoundError(
-                f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login), "
-                "or give a local directory"
-            ) from None
-        except RepositoryNotFoundError:
-            raise PretrainedNotFoundError(
-                f"{repo_id} is not a model on the hub (or is private: log in with hf auth login); "
-                "check the id, or give a local directory"
-            ) from None
-        except LocalEntryNotFoundError:
-            raise PretrainedNotFoundError(_not_cached_message(repo_id, revision, shown, constants)) from None
-        except HFValidationError as err:
-            raise PretrainedNotFoundError(f"{shown!r} is not a valid hub id: {err}") from None
-        except (HfHubHTTPError, OSError) as err:
-            raise PretrainedNotFoundError(
-                f"could not fetch {shown} from the hub ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "retry, or set HF_HUB_OFFLINE=1 to use the cache only"
-            ) from None
-
-    snapshot = fetch([CONFIG_NAME, GENERATION_CONFIG, SINGLE_FILE, INDEX_FILE, SHARD_PATTERN, *TOKENIZER_FILES])
-    if not (snapshot / CONFIG_NAME).is_file():
-        raise PretrainedNotFoundError(f"{shown} has no config.json: it is not a transformers checkpoint")
-    if (snapshot / INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((snapshot / INDEX_FILE).read_text())["weight_map"].values()))
-        if any(not (snapshot / shard).is_file() for shard in shards):
-            snapshot = fetch(shards)  # an index naming shards that do not follow transformers' names
-        missing = [shard for shard in shards if not (snapshot / shard).is_file()]
-    else:
-        missing = [] if (snapshot / SINGLE_FILE).is_file() else [SINGLE_FILE]
-    if missing:
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RevisionNotFoundError:
         raise PretrainedNotFoundError(
-            f"{shown}: {snapshot} lacks {', '.join(missing)} (only safetensors are read; a repository with only "
-            "pytorch_model.bin is not loaded). Download it once online, or convert it to safetensors"
-        )
-    return snapshot
+            f"revision {rev!r} of {repo_id} does not exist on the hub: give an existing branch, tag or "
+            f"commit after '@' (e.g. {repo_id}@main)"
+        ) from None
+    except GatedRepoError:
+        raise PretrainedNotFoundError(
+            f"{repo_id} is gated: accept its terms on huggingface.co and log in (hf auth login), "
+            "or give a local directory"
+        ) from None
+    except RepositoryNotFoundError:
+        raise PretrainedNotFoundError(
+            f"{repo_id} is not a model on the hub (or is private: log in with hf auth login); "
+            "check the id, or give a local directory"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise PretrainedNotFoundError(_not_cached_message(repo_id, revision, shown, constants)) from None
+    except HFValidationError as err:
+        raise PretrainedNotFoundError(f"{shown!r} is not a valid hub id: {err}") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise PretrainedNotFoundError(
+            f"could not fetch {shown} from the hub ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "retry, or set HF_HUB_OFFLINE=1 to use the cache only"
+        ) from None
 
 
 def _not_cached_message(repo_id: str, revision: str | None, shown: str, constants) -> str:

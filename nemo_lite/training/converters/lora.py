@@ -10,6 +10,9 @@ adapters. ``peft.target_parameters`` (``gate_up_proj``, ``down_proj``) adapts th
 ``[E, ...]`` of a mixture of experts through PEFT's parameter targeting (``LoraConfig.target_parameters``:
 one rank-``r`` pair per expert, applied as a parametrization of the weight during the forward).
 
+``peft.use_rslora`` and ``peft.use_dora`` are PEFT's rsLoRA and DoRA; ``peft.adapter_path`` starts from an existing
+PEFT adapter, whose settings become the run's (:mod:`.peft_adapter` reads it and maps its keys back).
+
 What this module also owns, because only it knows the adapters' names:
 
 - what a training checkpoint holds: the adapters (the trainable parameters); the base comes from
@@ -18,18 +21,16 @@ What this module also owns, because only it knows the adapters' names:
 - :func:`save_adapter`: ``run_dir/adapter``, a PEFT adapter directory under the Hugging Face key names
   (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), as ``PeftModel.save_pretrained`` writes it
   for a transformers model;
-- :func:`merged_model`: the base read again from disk in float32 plus ``scaling * B @ A`` (PEFT's merge), for
-  ``run_dir/hf``. The base checkpoint on disk is only ever read.
+- :func:`merged_model`: the base read again from disk in float32 with the adapters merged by PEFT (``scaling * B @ A``;
+  DoRA's magnitudes too), for ``run_dir/hf``. The base checkpoint on disk is only ever read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,56 +42,24 @@ from nemo_lite.errors import ConfigError
 from nemo_lite.training import distributed
 from nemo_lite.training.converters import nf4
 from nemo_lite.training.converters.base import ModelConverter, register_converter
+from nemo_lite.training.converters.peft_keys import (
+    ADAPTER_CONFIG,
+    ADAPTER_NAME,
+    ADAPTER_WEIGHTS,
+    ALL_LINEAR,
+    PeftSection,
+    block_linears,
+    block_stacked_weights,
+    hf_adapter_key,
+    hf_parameter_target,
+)
 
-ADAPTER_NAME = "default"  # PEFT's adapter name inside the layers; not part of any exported key
-ALL_LINEAR = "all-linear"
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_METHODS = ("none", "lora")
 # A base this big gets a line saying it is being read whole.
 FINGERPRINT_NOTICE_BYTES = 2 * 10**9
 FINGERPRINT_CHUNK = 2**24
 # The value of a checkpoint record's key for checkpoints written before the key existed.
-RECORD_DEFAULTS: dict[str, Any] = {"parameters": [], "quantize_base": "none"}
-
-
-@dataclass
-class PeftSection:
-    """The ``peft:`` config section (configs/peft/*.yaml)."""
-
-    # "none" (every weight trains) or "lora" (adapters through PEFT; configs/peft/lora.yaml, docs/finetuning.md).
-    method: str = "none"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    # Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear.
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    # Stacked expert weights of a mixture of experts (gate_up_proj, down_proj), adapted per expert through PEFT's
-    # target_parameters; [] adapts none.
-    target_parameters: list[str] = field(default_factory=list)
-    # QLoRA: "nf4" stores the decoder blocks' frozen linears in 4-bit NF4 through torchao (converters/nf4.py);
-    # "none" keeps them in the run's dtype.
-    quantize_base: str = "none"
-
-
-def block_stacked_weights(model: nn.Module, family: Any) -> dict[str, str]:
-    """Every parameter stacked over experts (``[E, ...]``, three dimensions) inside the family's decoder blocks:
-    full parameter path -> leaf name (``gate_up_proj``)."""
-    in_blocks = {id(p) for block in family.blocks(model) for p in block.parameters()}
-    return {
-        name: name.rsplit(".", 1)[-1]
-        for name, param in model.named_parameters()
-        if param.dim() == 3 and id(param) in in_blocks
-    }
-
-
-def block_linears(model: nn.Module, family: Any) -> dict[str, str]:
-    """Every ``nn.Linear`` inside the family's decoder blocks: full module path -> leaf name (``q_proj``)."""
-    in_blocks = {id(m) for block in family.blocks(model) for m in block.modules()}
-    return {
-        name: name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and id(module) in in_blocks
-    }
+RECORD_DEFAULTS: dict[str, Any] = {"parameters": [], "quantize_base": "none", "use_rslora": False, "use_dora": False}
 
 
 @register_converter("peft")
@@ -103,7 +72,9 @@ class LoraConverter(ModelConverter):
     The merged export reads the float32 base from disk again, so nothing is lost.
 
     ``base_dir`` is the local directory of the base (``model.pretrained_path``, given as ``base_path``): the
-    checkpoints' record fingerprints it and the merged model reads it again.
+    checkpoints' record fingerprints it and the merged model reads it again. ``adapter`` (a
+    :class:`~nemo_lite.training.converters.peft_adapter.PeftAdapter`, ``peft.adapter_path``) is loaded into the
+    injected layers; ``section`` then holds its settings.
     """
 
     order = 10  # before float8: the adapters wrap the base linears that float8 may then convert
@@ -118,12 +89,15 @@ class LoraConverter(ModelConverter):
         frozen_dtype: torch.dtype | None = None,
         base_dir: Path | None = None,
         base_path: str | None = None,
+        adapter: Any = None,
     ) -> None:
         self.check_section(section)
         self.settings = section
         self.frozen_dtype = frozen_dtype
         self.base_dir, self.base_path = base_dir, base_path
         self.description = f"LoRA (PEFT): r={section.r}, alpha={section.alpha:g}, dropout={section.dropout:g}"
+        self.description += ", rsLoRA" * section.use_rslora + ", DoRA" * section.use_dora
+        self.adapter = adapter  # a PeftAdapter to start from (peft.adapter_path, with section its settings)
         self.target_names: list[str] = []  # leaf names adapted (q_proj, ...), set by convert
         self.module_paths: list[str] = []
         self.parameter_paths: list[str] = []  # stacked weights adapted (layers.0.mlp.experts.gate_up_proj, ...)
@@ -155,6 +129,11 @@ class LoraConverter(ModelConverter):
                     f"peft.quantize_base={quantize} quantizes the frozen base under LoRA adapters, but "
                     "peft.method=none trains every weight: add peft=lora, or leave peft.quantize_base=none"
                 )
+            if peft.adapter_path is not None:
+                raise ConfigError(
+                    f"peft.adapter_path={peft.adapter_path} trains a LoRA adapter on, but peft.method is none: add "
+                    "peft=lora (the group also sets LoRA's learning rate)"
+                )
             return
         if isinstance(peft.r, bool) or not isinstance(peft.r, int) or peft.r <= 0:
             raise ConfigError(f"peft.r={peft.r!r} must be an integer > 0 (the adapters' rank)")
@@ -179,6 +158,19 @@ class LoraConverter(ModelConverter):
             raise ConfigError(
                 f"peft.quantize_base={quantize} with peft.target_parameters={list(peft.target_parameters)}: only "
                 "linears are quantized and PEFT's per-expert LoRA needs the stacked weights unquantized; drop one"
+            )
+        if quantize != "none" and peft.use_dora:
+            raise ConfigError(
+                f"peft.quantize_base={quantize} with peft.use_dora=true: PEFT's DoRA reads the base weight itself, "
+                "which is 4-bit here; use plain LoRA on the quantized base, or DoRA with peft.quantize_base=none"
+            )
+        for key in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(peft, key), bool):
+                raise ConfigError(f"peft.{key}={getattr(peft, key)!r} must be true or false")
+        if peft.use_dora and peft.target_parameters:
+            raise ConfigError(
+                "peft.use_dora=true with peft.target_parameters: PEFT has no DoRA for stacked expert weights; "
+                "adapt the experts with plain LoRA (peft.use_dora=false) or leave peft.target_parameters empty"
             )
 
     @classmethod
@@ -205,10 +197,22 @@ class LoraConverter(ModelConverter):
                     f"peft.quantize_base={quantize} with float8.enabled=true: float8 casts high-precision weights and "
                     "the quantized base has 4-bit ones; turn one of them off"
                 )
+        if cfg.peft.adapter_path is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.check_adapter_config(cfg)
 
     @classmethod
     def from_config(cls, cfg: Any, *, autocast_dtype: torch.dtype | None, pretrained_dir: Path | None):
-        return cls(cfg.peft, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=cfg.model.pretrained_path)
+        section, adapter = cfg.peft, None
+        if section.adapter_path is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            adapter = peft_adapter.read_adapter(section.adapter_path)
+            section = peft_adapter.section_of(adapter, section)
+            cls.check_section(section)  # the adapter's settings beside this run's others (quantize_base, ...)
+        base_path = cfg.model.pretrained_path
+        return cls(section, frozen_dtype=autocast_dtype, base_dir=pretrained_dir, base_path=base_path, adapter=adapter)
 
     @classmethod
     def training_bytes(cls, cfg: Any, config: Any, *, autocast_dtype: torch.dtype | None) -> int:
@@ -251,6 +255,10 @@ class LoraConverter(ModelConverter):
         import peft
 
         self.family = family
+        if self.adapter is not None:  # the adapter's targets, checked here so that a refusal names the adapter
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.check_base(self.adapter, model, family, section=self.settings, base=self.base_path)
         linears = block_linears(model, family)
         existing = sorted(set(linears.values()))
         wanted = list(self.settings.target_modules)
@@ -284,11 +292,20 @@ class LoraConverter(ModelConverter):
             param.requires_grad_(False)
         config = lora_config(self.settings, self.module_paths, target_parameters=self.parameter_paths)
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        if self.adapter is not None:
+            from nemo_lite.training.converters import peft_adapter
+
+            peft_adapter.load_into(model, self.adapter, base=self.base_path)
+            self.description += f", from the adapter {self.adapter.source}"
         for module in model.modules():
             if isinstance(module, peft.tuners.lora.ParamWrapper):
                 # PEFT registers a parametrization on the experts in every forward, a new class each time: dynamo
                 # would recompile the experts' frame each step until its limit and then run it eager anyway, so
                 # it runs eager from the start (recursive: the nested wrappers and the experts under them).
+                module.forward = torch.compiler.disable(module.forward)
+            if isinstance(module, peft.tuners.lora.dora.DoraLinearLayer):
+                # PEFT's DoRA asks the base weight's type for its module name (dequantize_module_weight), which
+                # dynamo cannot trace: under trainer.compile the magnitude's few ops run eager, the block compiled.
                 module.forward = torch.compiler.disable(module.forward)
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 # PEFT casts a layer's input to the adapters' dtype (float32) before A; under autocast the
@@ -310,6 +327,8 @@ class LoraConverter(ModelConverter):
             names = ", ".join(sorted(set(self.settings.target_parameters)))
             on += f"{' and ' if on else ''}experts' {names} ({len(self.parameter_paths)} stacked weights)"
         self.description += f", on {on}: {trainable / 1e6:.3g}M trainable of {total / 1e6:.4g}M parameters"
+        if self.settings.use_dora:
+            self.description += "; DoRA's magnitude runs outside torch.compile (PEFT's code there cannot be traced)"
         if self.frozen_dtype is not None:
             self.description += f"; frozen linears stored in {str(self.frozen_dtype).removeprefix('torch.')}"
         if self.quantized_dtype is not None:
@@ -330,6 +349,8 @@ class LoraConverter(ModelConverter):
                 "alpha": float(s.alpha),
                 "targets": list(self.target_names),
                 "parameters": sorted(set(s.target_parameters)),
+                "use_rslora": bool(s.use_rslora),
+                "use_dora": bool(s.use_dora),
                 "base": base_fingerprint(self.base_dir),
             }
             if self.quantized_dtype is not None:
@@ -397,13 +418,18 @@ class LoraConverter(ModelConverter):
         return merged.to(device) if dist.enabled else merged
 
     def export_extra(self, run_dir: Path, hf_dir: Path) -> str:
+        from nemo_lite.training.converters.peft_adapter import base_reference
+
+        # What AutoPeftModelForCausalLM loads the base from: an absolute path or the hub id it came from.
+        base_name, revision = base_reference(self.base_path)
         path = save_adapter(
             self._final_adapters,
             run_dir / "adapter",
             section=self.settings,
             target_names=self.target_names,
             target_parameters=[hf_parameter_target(path) for path in self.parameter_paths],
-            base_model_name_or_path=str(self.base_path),
+            base_model_name_or_path=base_name,
+            revision=revision,
             tokenizer_dir=hf_dir,
         )
         return f"exported the LoRA adapters (PEFT) to {path}"
@@ -416,6 +442,8 @@ def lora_config(section: PeftSection, target_modules: list[str], target_paramete
         r=int(section.r),
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
+        use_rslora=bool(section.use_rslora),
+        use_dora=bool(section.use_dora),
         # [], not None, for experts-only adapters: PEFT fills None with its default modules for the model type
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,
@@ -433,7 +461,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def is_adapter_name(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude_vector." in name
 
 
 def base_fingerprint(path: str | Path) -> dict[str, Any]:
@@ -488,41 +516,6 @@ def _sampled_digest(path: Path) -> str:
 # ---- export ----------------------------------------------------------------------------------------
 
 
-def hf_module_path(module: str) -> str:
-    """``layers.0.attention.q_proj`` -> ``model.layers.0.self_attn.q_proj``: the Hugging Face path of one of our
-    modules, through the parameter-name table (any parameter under it gives the module's prefix)."""
-    from nemo_lite.components.models.hf import HF_KEY_MAP, to_hf_key
-
-    template = re.sub(r"^layers\.\d+\.", "layers.{i}.", module) + "."
-    for key in HF_KEY_MAP:
-        if key.startswith(template) and "." not in key[len(template) :]:
-            leaf = key[len(template) :]
-            return to_hf_key(f"{module}.{leaf}").removesuffix(f".{leaf}")
-    raise KeyError(f"module {module!r} has no parameter in HF_KEY_MAP")
-
-
-def hf_parameter_target(path: str) -> str:
-    """``layers.0.mlp.experts.gate_up_proj`` -> ``mlp.experts.gate_up_proj``: how PEFT's ``target_parameters``
-    names a stacked weight of a transformers model (the path inside a decoder layer, as PEFT matches suffixes)."""
-    module, leaf = path.rsplit(".", 1)
-    return re.sub(r"^model\.layers\.\d+\.", "", hf_module_path(module)) + f".{leaf}"
-
-
-def hf_adapter_key(name: str) -> str:
-    """``layers.0.attention.q_proj.lora_A.default.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.
-    lora_A.weight``: the key PEFT writes for a transformers model (adapter name dropped). Adapters on stacked
-    weights keep PEFT's nesting (``mlp.experts.base_layer.lora_A``: a second weight of one module wraps the
-    first's wrapper)."""
-    module, rest = name.split(".lora_", 1)
-    which, adapter, tensor = rest.split(".")
-    if adapter != ADAPTER_NAME:
-        raise KeyError(f"{name!r} belongs to adapter {adapter!r}, not {ADAPTER_NAME!r}")
-    wrappers = ""
-    while module.endswith(".base_layer"):
-        module, wrappers = module.removesuffix(".base_layer"), wrappers + ".base_layer"
-    return f"base_model.model.{hf_module_path(module)}{wrappers}.lora_{which}.{tensor}"
-
-
 def save_adapter(
     adapters: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -532,12 +525,14 @@ def save_adapter(
     base_model_name_or_path: str | None,
     tokenizer_dir: str | Path | None = None,
     target_parameters: list[str] = (),
+    revision: str | None = None,
 ) -> Path:
     """Write ``adapters`` (nemo_lite names, :func:`adapter_tensors`) as a PEFT adapter directory that
     ``peft.PeftModel.from_pretrained(transformers_model, path)`` loads, with the tokenizer files of
     ``tokenizer_dir`` (the export's: its chat template is the run's). ``target_parameters``: the adapted stacked
-    weights as PEFT names them on the transformers model (:func:`hf_parameter_target`). Atomic
-    (``atomic_directory``)."""
+    weights as PEFT names them on the transformers model (:func:`hf_parameter_target`). ``base_model_name_or_path``
+    and ``revision``: where ``AutoPeftModelForCausalLM`` finds the base (an absolute path, or a hub id and its
+    revision). Atomic (``atomic_directory``)."""
     from nemo_lite.components.models.hf import atomic_directory, save_safetensors, write_tokenizer
 
     tensors = {hf_adapter_key(name): t.detach().float().cpu().contiguous() for name, t in adapters.items()}
@@ -547,6 +542,7 @@ def save_adapter(
         sorted(set(target_parameters)),
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
     )
     config.inference_mode = True
     with atomic_directory(path) as tmp:
