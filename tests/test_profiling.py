@@ -163,9 +163,9 @@ def _step_trace() -> dict:
         {"cat": "gpu_user_annotation", "name": "ProfilerStep#5", "ts": 10_000, "dur": 300_000},  # not a host step
     ]
 
-    def kernel(name, start, stop, launch=None, correlation=None):
+    def kernel(name, start, stop, launch=None, correlation=None, api="cuda_runtime"):
         if correlation is not None:
-            events.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1000 * launch, "dur": 1,
+            events.append({"cat": api, "name": "cudaLaunchKernel", "ts": 1000 * launch, "dur": 1,
                            "args": {"correlation": correlation}})  # fmt: skip
         args = {} if correlation is None else {"correlation": correlation}
         events.append({**_kernel(name, start, stop), "args": args})
@@ -173,11 +173,12 @@ def _step_trace() -> dict:
     # step 1: GPU span 10-110: busy 10-40, 45-60, 100-110 -> idle 5 + 40 = 45
     kernel("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", 10, 40, 5, 1)
     kernel("triton_tem_fused__unsafe_view_flex_attention_transpose_view_3", 45, 60, 20, 2)
-    kernel("_adamw_kernel", 100, 110, 90, 3)  # launched in step 1, runs after it
-    # step 2: GPU span 120-170: busy 120-150 (the NCCL kernel under the matmul), 160-170 -> idle 10
+    kernel("_adamw_kernel", 100, 110, 90, 3, api="cuda_driver")  # Triton's launch in step 1; runs after it
+    # step 2: GPU span 120-205: busy 120-150 (the NCCL kernel under the matmul), 160-170, 200-205 -> idle 40
     kernel("nvjet_sm90_tst_128x64_64x8_1x2_h_bz_NTT", 120, 150, 115, 4)
     kernel("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 125, 140, 116, 5)
     kernel("_cross_entropy_kernel", 160, 170)  # no launch record: its start time places it in step 2
+    kernel("_sum_squares_kernel", 200, 205, 195, 6, api="cuda_driver")  # launched in step 2, runs after the last step
     return {"traceEvents": events}
 
 
@@ -185,20 +186,20 @@ def test_step_breakdown_adds_up_classes_and_idle_gaps_per_step():
     breakdown = step_breakdown(_step_trace())
     assert breakdown["device"] == "cuda" and breakdown["steps"] == 2
     assert breakdown["host_step_ms"] == 100
-    assert breakdown["gpu_span_ms"] == 75  # (100 + 50) / 2
-    assert breakdown["idle_gaps_per_step"] == 1.5  # two gaps in step 1, one in step 2
+    assert breakdown["gpu_span_ms"] == 92.5  # (100 + 85) / 2
+    assert breakdown["idle_gaps_per_step"] == 2  # two gaps in each step
     ms = {cls: ms for cls, ms in breakdown["ms_per_step"].items() if ms}
     assert ms == {
         "matmul": 30,  # (30 + 30) / 2
         "attention forward": 7.5,
-        "optimizer": 5,
+        "optimizer": 7.5,  # (10 + 5) / 2, both launched through the driver API
         "communication": 7.5,  # counted in full although the matmul ran beside it
         "loss": 5,
-        "idle gaps": 27.5,  # (45 + 10) / 2
+        "idle gaps": 42.5,  # (45 + 40) / 2
     }
     assert list(breakdown["ms_per_step"]) == STEP_CLASS_ORDER
     table = breakdown_markdown(breakdown)
-    assert "| idle gaps | 27.50 | 36.7% |" in table and "| matmul | 30.00 | 40.0% |" in table
+    assert "| idle gaps | 42.50 | 45.9% |" in table and "| matmul | 30.00 | 32.4% |" in table
 
 
 def test_step_breakdown_needs_profiler_steps_and_reports_host_time_without_kernels():

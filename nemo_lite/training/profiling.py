@@ -153,6 +153,9 @@ STEP_CLASSES = [  # (class, substrings of the lower-cased kernel name); the firs
     ("other (eager kernels, copies, indexing)", ("",)),
 ]
 IDLE = "idle gaps"
+# Launch calls in a trace: the runtime API's (cudaLaunchKernel, eager torch) and the driver API's
+# (cuLaunchKernel, which Triton's kernels go through: compiled blocks, flex, the fast step's own kernels).
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 STEP_CLASS_ORDER = [*dict.fromkeys(cls for cls, _ in STEP_CLASSES), IDLE]
 
 
@@ -193,7 +196,7 @@ def step_breakdown(trace: dict[str, Any]) -> dict[str, Any]:
     launched = {
         e["args"]["correlation"]: e["ts"]
         for e in events
-        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+        if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})
     }
 
     def step_of(kernel: dict) -> int | None:
