@@ -172,3 +172,15 @@ def test_a_resume_after_a_full_disk_counts_the_space_its_own_checkpoints_hold(tm
     with pytest.raises(rundir.RunDirError, match=refused) as info:
         Trainer(cfg).fit()
     assert "\n" not in str(info.value)
+
+
+def test_a_free_space_factor_of_zero_turns_the_check_off(tmp_path, monkeypatch):
+    # The benchmarks write no checkpoint and set the factor to 0: no space is needed, and nothing divides by it.
+    monkeypatch.setattr(rundir, "FREE_SPACE_FACTOR", 0)
+    real_usage = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+    rundir.check_free_space(tmp_path, 0)
+    rundir.check_free_space(tmp_path, 0, held_bytes=10)
+    monkeypatch.setattr(rundir, "FREE_SPACE_FACTOR", 3)
+    with pytest.raises(rundir.RunDirError, match="has 0 B free"):
+        rundir.check_free_space(tmp_path, 3_000)
