@@ -168,3 +168,26 @@ def save_default_tokenizer(path) -> int:
     tokenizer = build_tokenizer("default")
     tokenizer.save_pretrained(str(path))
     return tokenizer.eos_token_id
+
+
+def packed_documents_diff(theirs, path, backend: str, vocab: int) -> float:
+    """Five documents packed into two EOS-delimited rows (one row ending inside a document, one holding a lone
+    EOS), through nemo_lite's model from ``path`` with block-causal masks on ``backend``, against the
+    transformers model ``theirs`` on each document alone: the largest |logit| difference."""
+    from nemo_lite.components.models import AutoModelForCausalLM
+
+    eos = torch.tensor([EOS])
+    d = [random_ids(1, n, vocab, seed=n)[0] for n in (7, 12, 3, 9, 13)]
+    ids, positions, slices = pack(
+        [[torch.cat([d[0], eos]), torch.cat([d[1], eos]), d[2]], [torch.cat([d[3], eos]), eos, d[4]]]
+    )
+    ours = AutoModelForCausalLM.from_pretrained(
+        path, attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
+    )
+    with torch.no_grad():
+        out = ours(ids, position_ids=positions, attention_mask=ours.build_attention_mask(ids))
+        return max(
+            (out[row : row + 1, sl] - theirs(ids[row : row + 1, sl]).logits).abs().max().item()
+            for row, row_slices in enumerate(slices)
+            for sl in row_slices
+        )

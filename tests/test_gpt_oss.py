@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from model_utils import EOS, pack, random_ids, randomize_, save_default_tokenizer
+from model_utils import EOS, packed_documents_diff, random_ids, randomize_, save_default_tokenizer
 from safetensors.torch import load_file, save_file
 
 from nemo_lite.components.attention import AttentionConfig, AttentionConfigError, get_attention_backend
@@ -92,21 +92,7 @@ def test_a_backend_without_sinks_is_refused_in_one_line(checkpoint):
 def test_gpt_oss_packed_documents_equal_each_document_alone(backend, checkpoint):
     """Sinks, windows and block_causal together: each document's logits are transformers' on it alone."""
     theirs, path = checkpoint
-    eos = torch.tensor([EOS])
-    d = [random_ids(1, n, TINY["vocab_size"], seed=n)[0] for n in (7, 12, 3, 9, 13)]
-    ids, positions, slices = pack(
-        [[torch.cat([d[0], eos]), torch.cat([d[1], eos]), d[2]], [torch.cat([d[3], eos]), eos, d[4]]]
-    )
-    ours = AutoModelForCausalLM.from_pretrained(
-        path, attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
-    )
-    with torch.no_grad():
-        out = ours(ids, position_ids=positions, attention_mask=ours.build_attention_mask(ids))
-        diff = max(
-            (out[row : row + 1, sl] - theirs(ids[row : row + 1, sl]).logits).abs().max().item()
-            for row, row_slices in enumerate(slices)
-            for sl in row_slices
-        )
+    diff = packed_documents_diff(theirs, path, backend, TINY["vocab_size"])
     print(f"\n[parity] gpt_oss {backend} packed vs alone: max |dlogit| = {diff:.2e}")
     assert diff <= 1e-4
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from model_utils import EOS, pack, random_ids, randomize_, save_default_tokenizer
+from model_utils import EOS, packed_documents_diff, random_ids, randomize_, save_default_tokenizer
 from safetensors.torch import load_file
 
 from nemo_lite.components.attention import AttentionConfig, list_attention_backends
@@ -210,21 +210,7 @@ def test_qwen3_moe_logits_equal_transformers(backend, checkpoint):
 @pytest.mark.parametrize("backend", list_attention_backends())
 def test_qwen3_moe_packed_documents_equal_each_document_alone(backend, checkpoint):
     theirs, path = checkpoint
-    eos = torch.tensor([EOS])
-    d = [random_ids(1, n, TINY["vocab_size"], seed=n)[0] for n in (7, 12, 3, 9, 13)]
-    ids, positions, slices = pack(
-        [[torch.cat([d[0], eos]), torch.cat([d[1], eos]), d[2]], [torch.cat([d[3], eos]), eos, d[4]]]
-    )
-    ours = AutoModelForCausalLM.from_pretrained(
-        path, attention=AttentionConfig(backend=backend, attn_mask_type="block_causal")
-    )
-    with torch.no_grad():
-        out = ours(ids, position_ids=positions, attention_mask=ours.build_attention_mask(ids))
-        diff = max(
-            (out[row : row + 1, sl] - theirs(ids[row : row + 1, sl]).logits).abs().max().item()
-            for row, row_slices in enumerate(slices)
-            for sl in row_slices
-        )
+    diff = packed_documents_diff(theirs, path, backend, TINY["vocab_size"])
     print(f"\n[parity] qwen3_moe {backend} packed vs alone: max |dlogit| = {diff:.2e}")
     assert diff <= 1e-4
 
