@@ -23,21 +23,25 @@ from nemo_lite.training.trainer import Trainer  # noqa: E402
 HF_NAMES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-def write_base(path: Path, seed: int = 0) -> Path:
-    """A random transformers Llama (vocabulary of the default tokenizer) saved as a Hugging Face directory."""
+def write_base(path: Path, seed: int = 0, **changes) -> Path:
+    """A random transformers Llama (vocabulary of the default tokenizer) saved as a Hugging Face directory;
+    ``changes`` override its config fields."""
     import transformers
 
     eos = save_default_tokenizer(path)
     config = transformers.LlamaConfig(
-        vocab_size=8192,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=eos,
+        **{
+            "vocab_size": 8192,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+            "eos_token_id": eos,
+            **changes,
+        }
     )
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(path)

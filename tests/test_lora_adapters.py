@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("peft")
 
-from model_utils import random_ids, save_default_tokenizer  # noqa: E402
+from model_utils import random_ids  # noqa: E402
 from recipe_utils import tiny_config  # noqa: E402
+from test_lora import write_base as write_llama  # noqa: E402
 
 from nemo_lite.errors import ConfigError  # noqa: E402
 from nemo_lite.training.trainer import Trainer  # noqa: E402
@@ -24,23 +25,7 @@ VOCAB = 8192
 
 def write_base(path: Path, *, seed: int = 0, **changes) -> Path:
     """A random transformers Llama (the default tokenizer's vocabulary) saved with save_pretrained."""
-    import transformers
-
-    eos = save_default_tokenizer(path)
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=eos,
-    )
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **changes})).save_pretrained(path)
-    return path
+    return write_llama(path, seed, **changes)
 
 
 def write_peft_adapter(base: Path, path: Path, *, seed: int = 1, **settings) -> Path:

@@ -15,8 +15,9 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("torchao")
 
-from model_utils import random_ids, save_default_tokenizer  # noqa: E402
+from model_utils import random_ids  # noqa: E402
 from recipe_utils import tiny_config  # noqa: E402
+from test_lora import write_base as write_llama  # noqa: E402
 
 from nemo_lite.training.config import ConfigError  # noqa: E402
 from nemo_lite.training.converters import nf4  # noqa: E402
@@ -28,23 +29,7 @@ HF_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def write_base(path: Path) -> Path:
     """A random transformers Llama whose q, o and MLP weights are whole NF4 groups (64 x 256 values) and whose
     k and v (GQA: 64 x 128) are not, so both kinds of frozen linear are exercised."""
-    import transformers
-
-    eos = save_default_tokenizer(path)
-    config = transformers.LlamaConfig(
-        vocab_size=8192,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=eos,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return write_llama(path, hidden_size=128, intermediate_size=256)
 
 
 def qlora_config(run_dir: Path, base: Path, *, steps: int = 6):

@@ -7,34 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("peft")
 pytest.importorskip("torchao")
 
-from model_utils import save_default_tokenizer  # noqa: E402
+from test_lora import write_base as write_llama  # noqa: E402
 from test_lora_distributed import launch, losses  # noqa: E402
 
 
 def write_base(path: Path) -> Path:
     """A random transformers Llama whose every block linear splits into two row shards of whole NF4 groups."""
-    import transformers
-
-    eos = save_default_tokenizer(path)
-    config = transformers.LlamaConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=eos,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return write_llama(path, hidden_size=256, intermediate_size=512, num_key_value_heads=4)
 
 
 @pytest.mark.slow
