@@ -192,18 +192,19 @@ def test_logger_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, monke
 
 
 def poison_weights_after_update(trainer: Trainer, step: int) -> None:
-    """The optimizer's update of (1-based) ``step`` leaves an Inf in a weight, as an overflowing update would."""
+    """The optimizer's update of (1-based) ``step`` writes NaN into a weight: one tensor's second moment is
+    made negative first, so the update's square root is NaN (the fast step's Triton AdamW flags what it writes;
+    the other steps check the weights after the update)."""
     optimizer = trainer.step_impl.optimizer
     real_step = optimizer.step
 
-    def step_then_poison(*args, **kwargs):
-        out = real_step(*args, **kwargs)
+    def poisoned_step(*args, **kwargs):
         if trainer.step + 1 == step:
-            with torch.no_grad():
-                next(trainer.raw_model.parameters()).view(-1)[0] = float("inf")
-        return out
+            state = next(s for g in optimizer.param_groups for p in g["params"] if (s := optimizer.state.get(p)))
+            state["exp_avg_sq"].fill_(-1.0)
+        return real_step(*args, **kwargs)
 
-    optimizer.step = step_then_poison
+    optimizer.step = poisoned_step
 
 
 # step 5: found by the weight check that rides with step 6's values; step 4: found by the check before the save
