@@ -32,17 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch._dynamo
+from bench_utils import PEAK_FLOPS, gpu_recipe, hf_train, median_after_warmup, medians, meta, run_all, train
 
-PEAK_FLOPS = 989e12  # H100 and H200, bf16 dense
 WARMUP = 5
 EOS = 151645
 
@@ -99,49 +95,55 @@ def graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+class GraphCount:
+    """The graphs compiled after the second step: an ``on_step`` callback of the loops, then :meth:`after_2`."""
+
+    def __init__(self) -> None:
+        self.at_2: int | None = None
+
+    def __call__(self, step) -> None:
+        if getattr(step, "step", step) == 2:  # the trainer (nemo_lite) or the step number (transformers)
+            self.at_2 = graphs()
+
+    def after_2(self) -> int | None:
+        return None if self.at_2 is None else graphs() - self.at_2
+
+
+def summary(records: list[dict], mfu: list[float] | None, count: GraphCount) -> dict:
+    """Medians after warm-up, first and last loss, MFU (GPU only), peak memory and recompilations."""
+    out = medians(records, WARMUP if len(records) > WARMUP else 0)
+    out["mfu"] = median_after_warmup(mfu, WARMUP) if mfu and torch.cuda.is_available() else None
+    out["recompiles_after_step_2"] = count.after_2()
+    if torch.cuda.is_available():
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def run_nemo(size: str, steps: int, *, compile: bool, impl: str = "auto") -> dict:
     from nemo_lite.components.models.moe import experts_implementation
-    from nemo_lite.testing.hooks import after_each_step
-    from nemo_lite.training import run_dir
-    from nemo_lite.training.config import RecipeConfig
-    from nemo_lite.training.trainer import Trainer
 
     cuda = torch.cuda.is_available()
-    cfg = RecipeConfig(recipe="pretrain")
-    cfg.run_dir = f"/tmp/bench_moe/nemo-{compile}-{impl}"
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    cfg.model.preset, cfg.model.vocab_from_tokenizer = "qwen3-30b-a3b", False
-    cfg.model.overrides = {**SHAPES[size], "eos_token_id": EOS}
-    cfg.attention.backend = "flex" if cuda else "sdpa"
-    cfg.data.batch_size, cfg.data.seq_len = ROWS[size]
-    t = cfg.trainer
-    t.max_steps, t.compile = steps, compile and cuda
-    t.val_every = t.save_every = t.sample_tokens = 0
-    t.export_hf = t.progress_bar = False
-    cfg.optim.warmup_steps = 5
-    run_dir.FREE_SPACE_FACTOR = 0  # nothing is written
-    trainer = Trainer(cfg, train_loader=loader(size))
-    trainer.setup()
-    trainer.save = lambda: None
-    experts_implementation(trainer.raw_model, impl)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    records, after_2 = [], []
-
-    def after_step(tr, metrics: dict) -> None:
-        records.append(metrics)
-        if tr.step == 2:
-            after_2.append(graphs())
-
-    after_each_step(trainer, after_step)
-    trainer.fit()
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    rows, seq_len = ROWS[size]
+    cfg = gpu_recipe(
+        f"/tmp/bench_moe/nemo-{compile}-{impl}",
+        steps,
+        preset="qwen3-30b-a3b",
+        **{
+            "model.vocab_from_tokenizer": False,
+            "model.overrides": {**SHAPES[size], "eos_token_id": EOS},
+            "attention.backend": "flex" if cuda else "sdpa",
+            "data.batch_size": rows,
+            "data.seq_len": seq_len,
+            "trainer.compile": compile and cuda,
+        },
+    )
+    count = GraphCount()
+    run = train(cfg, loader(size), on_step=count, before_fit=lambda tr: experts_implementation(tr.raw_model, impl))
+    records = run.records
     return {
-        **medians(records),
-        "mfu": statistics.median(r["mfu"] for r in records[WARMUP:]) if records[0]["mfu"] is not None else None,
-        "recompiles_after_step_2": graphs() - after_2[0] if after_2 else None,
+        **summary(records, [r["mfu"] for r in records] if records[0]["mfu"] is not None else None, count),
         "expert_load_imbalance": records[-1]["expert_load_imbalance"],
-        "step": trainer.step_impl.description,
+        "step": run.trainer.step_impl.description,
     }
 
 
@@ -157,49 +159,18 @@ def run_hf(size: str, steps: int, *, experts: str, compile: bool) -> dict:
     hf_config._attn_implementation = "sdpa"
     hf_config._experts_implementation = experts
     model = transformers.Qwen3MoeForCausalLM(hf_config).to(device)
-    params = list(model.parameters())
-    fused = device == "cuda"
-    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-    forward = torch.compile(model) if compile else model
     active = num_parameters(config, active=True) - config.vocab_size * config.hidden_size  # not the lookup
     per_pair = 12 * config.head_dim * config.num_attention_heads * config.num_hidden_layers
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    records, after_2 = [], []
-    batches = iter(loader(size))
-    model.train()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        dt = time.perf_counter() - t0
-        tokens, pairs = batch["input_ids"].numel(), int((batch["position_ids"] + 1).sum())
-        flops = 6 * active * tokens + per_pair * pairs
-        mfu = flops / dt / PEAK_FLOPS
-        records.append({"tokens_per_s": tokens / dt, "step_ms": 1000 * dt, "loss": value, "mfu": mfu})
-        if step == 2:
-            after_2.append(graphs())
-    return {
-        **medians(records),
-        "mfu": statistics.median(r["mfu"] for r in records[WARMUP:]) if device == "cuda" else None,
-        "recompiles_after_step_2": graphs() - after_2[0] if after_2 else None,
-    }
-
-
-def medians(records: list[dict]) -> dict:
-    kept = records[WARMUP:] or records
-    out = {key: statistics.median(r[key] for r in kept) for key in ("tokens_per_s", "step_ms")}
-    out |= {"first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
-    if torch.cuda.is_available():
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    count = GraphCount()
+    params = list(model.parameters())
+    records = hf_train(
+        torch.compile(model) if compile else model, params, steps, lr=3e-4, weight_decay=0.1, loader=loader(size),
+        on_step=count,
+    )  # fmt: skip
+    mfu = [(6 * active * r["tokens"] + per_pair * r["pairs"]) / (r["step_ms"] / 1000) / PEAK_FLOPS for r in records]
+    return summary(records, mfu, count)
 
 
 # ---- LoRA on the gpt-oss-20b shape (random bf16 weights): nemo_lite + PEFT's layers vs transformers + PEFT ----
@@ -231,34 +202,14 @@ def lora_loader(size: str):
 
 def lora_loop(model, forward, params, size: str, steps: int, flops_per_token: int) -> dict:
     """The same loop for both: bf16 autocast (GPU), summed token loss over the labels, clip 1.0, AdamW."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=device == "cuda")
-    batches = iter(lora_loader(size))
-    if device == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    records, after_2 = [], []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        dt = time.perf_counter() - t0
-        tokens = batch["input_ids"].numel()
-        mfu = flops_per_token * tokens / dt / PEAK_FLOPS
-        records.append({"tokens_per_s": tokens / dt, "step_ms": 1000 * dt, "loss": value, "mfu": mfu})
-        if step == 2:
-            after_2.append(graphs())
-    return {
-        **medians(records),
-        "mfu": statistics.median(r["mfu"] for r in records[WARMUP:]) if device == "cuda" else None,
-        "recompiles_after_step_2": graphs() - after_2[0] if after_2 else None,
-        "trainable": sum(p.numel() for p in params),
-    }
+    count = GraphCount()
+    records = hf_train(
+        model, params, steps, lr=1e-4, weight_decay=0.0, loader=lora_loader(size), forward=forward, on_step=count
+    )
+    mfu = [flops_per_token * r["tokens"] / (r["step_ms"] / 1000) / PEAK_FLOPS for r in records]
+    return {**summary(records, mfu, count), "trainable": sum(p.numel() for p in params)}
 
 
 def lora_flops(config) -> int:
@@ -339,18 +290,11 @@ CONFIGS = {
 }
 
 
-def meta(size: str) -> dict:
-    import transformers
-
+def moe_meta(size: str) -> dict:
     from nemo_lite.components.models.moe import num_parameters
 
     config = moe_config(size)
-    return {
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv),
+    return meta() | {
         "shape": SHAPES[size],
         "rows_x_seq": ROWS[size],
         "parameters": num_parameters(config),
@@ -358,42 +302,34 @@ def meta(size: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SHAPES), default="gpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--configs", default="hf-grouped_mm,hf-grouped_mm-compile,flex,flex-compile")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.size == "gpu" and not torch.cuda.is_available():
         sys.exit("--size gpu needs a CUDA GPU; --size toy runs on the CPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # several models in one process
-    rows = []
-    for name in args.configs.split(","):
-        if name not in CONFIGS:
-            sys.exit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-        run, kw = CONFIGS[name]
-        t0 = time.perf_counter()
-        try:
-            row = {"config": name, **run(args.size, args.steps, **kw)}
-        except torch.OutOfMemoryError:
-            row = {"config": name, "error": "OOM"}
-        except Exception as err:  # record it and go on with the other configs
-            row = {"config": name, "error": f"{type(err).__name__}: {str(err)[:400]}"}
-        row["seconds"] = time.perf_counter() - t0
-        print(json.dumps(row, default=str), file=sys.stderr, flush=True)
-        rows.append(row)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    info = moe_meta(args.size)
+    runs = {
+        name: (lambda run=run, kw=kw, name=name: {"config": name, **run(args.size, args.steps, **kw)})
+        for name, (run, kw) in CONFIGS.items()
+    }
+
+    def write(rows: list[dict]) -> None:
         if args.out:
-            Path(args.out).write_text(json.dumps({"meta": meta(args.size), "rows": rows}, indent=1, default=str))
+            Path(args.out).write_text(json.dumps({"meta": info, "rows": rows}, indent=1, default=str))
+
+    rows = run_all(args.configs.split(","), runs, write)
 
     def baseline(name: str) -> float | None:  # the best transformers row of the same workload
         same = [r for r in rows if r["config"].startswith("hf-") and ("gpt-oss" in r["config"]) == ("gpt-oss" in name)]
         return max((r["tokens_per_s"] for r in same if "error" not in r), default=None)
 
-    print(f"\n{json.dumps(meta(args.size))}\n")
+    print(f"\n{json.dumps(info)}\n")
     print("| config | tokens/s | vs best transformers | MFU (active) | peak GiB | recompiles after step 2 |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -406,6 +342,7 @@ def main() -> None:
         peak = f"{r['peak_mem_gib']:.1f}" if "peak_mem_gib" in r else "-"
         recompiles = r["recompiles_after_step_2"]
         print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | {peak} | {recompiles} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -93,9 +93,12 @@ class Run:
     setup_peak_gib: float = 0.0  # the most GPU memory allocated while the model was loaded and set up
 
 
-def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | None = None) -> Run:
-    """Train ``cfg`` (``on_step(trainer)`` is called after each step). No checkpoint is written (a 1B one is 15
-    GB, a 3B one 38 GB); the run directory is removed afterwards unless ``keep``."""
+def train(
+    cfg, train_loader=None, *, keep: bool = False, on_step: Callable | None = None, before_fit: Callable | None = None
+) -> Run:
+    """Train ``cfg`` (``before_fit(trainer)`` is called after set-up, ``on_step(trainer)`` after each step). No
+    checkpoint is written (a 1B one is 15 GB, a 3B one 38 GB); the run directory is removed afterwards unless
+    ``keep``."""
     from nemo_lite.training import run_dir
     from nemo_lite.training.trainer import Trainer
 
@@ -109,6 +112,8 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
     trainer = Trainer(cfg, train_loader=train_loader)
     trainer.setup()
     trainer.save = lambda: None
+    if before_fit is not None:
+        before_fit(trainer)
     setup_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     setup_peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     if cuda:
@@ -128,22 +133,38 @@ def train(cfg, train_loader=None, *, keep: bool = False, on_step: Callable | Non
 
 
 def hf_train(
-    model, params: list[torch.nn.Parameter], steps: int, *, lr: float, weight_decay: float, loader=None
+    model,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    loader=None,
+    forward: Callable[[dict], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """The transformers baseline: ``model`` (a Hugging Face causal LM on the GPU) trained on the benchmarks'
-    batches (``loader``, None: :func:`synthetic_loader`) as transformers users write it: bf16 autocast, documents
-    told apart by ``position_ids``, the loss in float32, clip 1.0, torch's fused AdamW over ``params``. Per step:
-    tokens/s, step ms, loss, and the document-mask pairs (for MFU)."""
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+    """The transformers baseline: ``model`` (a Hugging Face causal LM) trained on the benchmarks' batches
+    (``loader``, None: :func:`synthetic_loader`) as transformers users write it: bf16 autocast (on a GPU),
+    documents told apart by ``position_ids``, the loss in float32 (``forward(batch)``, None: the mean
+    cross-entropy of the model's logits), clip 1.0, torch's AdamW over ``params`` (fused on a GPU).
+    ``on_step(step)`` is called after each (1-based) step. Per step: tokens/s, step ms, loss, and the
+    document-mask pairs (for MFU)."""
+    device = params[0].device
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=cuda)
     batches = iter(synthetic_loader() if loader is None else loader)
+
+    def mean_loss(batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
     model.train()
     records = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        batch = {k: v.cuda(non_blocking=True) for k, v in next(batches).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = (forward or mean_loss)(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -152,8 +173,11 @@ def hf_train(
         dt = time.perf_counter() - t0
         tokens = batch["input_ids"].numel()
         pairs = int((batch["position_ids"] + 1).sum())  # each query sees its document's prefix
-        records.append({"tokens": tokens, "tokens_per_s": tokens / dt, "step_ms": 1000 * dt, "loss": loss_value})
-        records[-1]["pairs"] = pairs
+        records.append(
+            {"tokens": tokens, "tokens_per_s": tokens / dt, "step_ms": 1000 * dt, "loss": loss_value, "pairs": pairs}
+        )
+        if on_step is not None:
+            on_step(step)
     del opt
     return records
 
