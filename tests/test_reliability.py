@@ -192,9 +192,8 @@ def test_logger_wandb_without_wandb_installed_says_how_to_get_it(tmp_path, monke
 
 
 def poison_weights_after_update(trainer: Trainer, step: int) -> None:
-    """The optimizer's update of (1-based) ``step`` writes NaN into a weight: one tensor's second moment is
-    made negative first, so the update's square root is NaN (the fast step's Triton AdamW flags what it writes;
-    the other steps check the weights after the update)."""
+    """The optimizer's update of (1-based) ``step`` writes NaN into a weight, as a broken update would: one
+    tensor's second moment is made negative first, so the update's square root is NaN."""
     optimizer = trainer.step_impl.optimizer
     real_step = optimizer.step
 

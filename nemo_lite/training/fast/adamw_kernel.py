@@ -27,11 +27,6 @@ the update already holds every element, so it folds each block's absolute maximu
 (an atomic max on the bits), and a second launch over the same block table turns the amax into the scale
 and writes the float8 bytes. A converted linear then reads its weight in float8 in forward and backward
 instead of reducing and casting it twice per step.
-
-With ``nonfinite`` (a float32 scalar) the update also sets it to 1.0 where an updated parameter holds a NaN or
-an Inf, so the check that no update broke the weights costs no pass of its own over them (it is the only
-reader of those elements at that moment: the update has them in registers). The flag is only ever raised:
-a skipped step touches no element and leaves it as it was.
 """
 
 from __future__ import annotations
@@ -110,7 +105,6 @@ def _adamw_kernel(
     amax_ptr,  # int32 [n_tensors], zeroed: each tensor's amax as float32 bits (FLOAT8)
     scale_ptr,
     found_inf_ptr,  # 1.0: leave everything as it is (a non-finite step)
-    nonfinite_ptr,  # float32 scalar: set to 1.0 where an updated parameter is NaN or Inf (NONFINITE)
     n_tensors,
     lr,
     beta1,
@@ -124,7 +118,6 @@ def _adamw_kernel(
     COPY: tl.constexpr,  # write the parameter to a bf16 copy as well
     ROWS: tl.constexpr,  # the float32 gradient is a lookup's rows (_load_grad)
     FLOAT8: tl.constexpr,  # fold the updated parameter's absolute maximum into its tensor's amax
-    NONFINITE: tl.constexpr,  # raise the flag at nonfinite_ptr for a NaN or an Inf in the updated parameter
     BLOCK: tl.constexpr,
 ):
     tensor = tl.load(block_tensor_ptr + tl.program_id(0))
@@ -172,12 +165,6 @@ def _adamw_kernel(
         bits = tl.where(mask, param.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
         # (tl.max is a jit function the interpreter cannot call; this combine it reduces with numpy)
         tl.atomic_max(amax_ptr + tensor, tl.reduce(bits, 0, tl.standard._elementwise_max))
-    if NONFINITE:
-        # NaN and Inf are the floats whose exponent bits are all ones. One store per block that has one, so
-        # the usual step (none) adds no memory traffic and no atomics on the flag.
-        exponent = param.to(tl.int32, bitcast=True) & 0x7F800000
-        bad = tl.where(mask & (exponent == 0x7F800000), 1, 0)
-        tl.store(nonfinite_ptr, 1.0, mask=tl.reduce(bad, 0, tl.standard._elementwise_max) > 0)
 
 
 @triton.jit
@@ -484,12 +471,8 @@ def launch(
     weight_decay: float,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
-    nonfinite: torch.Tensor | None = None,
 ) -> None:
-    """The step counts incremented (not with ``found_inf`` equal to 1), then the one kernel launch; with
-    ``nonfinite`` (a float32 device scalar) the launch sets it to 1.0 if an updated parameter is NaN or Inf."""
-    if nonfinite is not None and (nonfinite.dtype != torch.float32 or nonfinite.numel() != 1):
-        raise ValueError(f"nonfinite must be one float32 value; got {nonfinite.dtype} {tuple(nonfinite.shape)}")
+    """The step counts incremented (not with ``found_inf`` equal to 1), then the one kernel launch."""
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
@@ -505,7 +488,6 @@ def launch(
         amax,
         scale,
         found_inf if found_inf is not None else steps[0],
-        nonfinite if nonfinite is not None else steps[0],
         len(steps),
         lr,
         beta1,
@@ -519,7 +501,6 @@ def launch(
         COPY=prepared.flags[2],
         ROWS=prepared.flags[3],
         FLOAT8=float8,
-        NONFINITE=nonfinite is not None,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
@@ -559,8 +540,7 @@ def adamw_(
     equal to 1 nothing changes, steps included, as in torch's fused AdamW). The gradient of a parameter
     is ``grads`` (float32; a lookup's rows with ``row_slots``), ``bf16_grads``, or their sum when both are
     given; with ``copies`` each updated parameter is also written, rounded, into its bf16 copy, and with
-    ``float8s`` and ``float8_scales`` cast to float8 e4m3 with its tensorwise scale; with ``nonfinite`` the
-    flag is raised for a NaN or an Inf in an updated parameter. Returns
+    ``float8s`` and ``float8_scales`` cast to float8 e4m3 with its tensorwise scale. Returns
     the block table, which the caller passes back on later steps (it depends only on the sizes).
     :func:`prepare` and :func:`launch` are its two halves, for callers that do the first earlier."""
     if not params:

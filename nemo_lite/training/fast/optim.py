@@ -49,7 +49,6 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
         self._float8: dict = {}  # parameter -> its float8 weight, a torchao Float8TrainingTensor (keep_float8_weights)
         self._lookups: dict[torch.Tensor, LookupGradient] = {}  # parameter -> its lookups' rows (keep_lookup_gradient)
         self._prepared: tuple | None = None  # prepare_step's work for the next step
-        self._nonfinite: torch.Tensor | None = None  # the flag the Triton launches raise (watch_weights)
         if kernel == "triton" and importlib.util.find_spec("triton") is None:
             raise ValueError("the triton AdamW kernel needs the triton package (CUDA builds of torch ship it)")
 
@@ -92,16 +91,6 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
             )
         return None
-
-    def watch_weights(self, flag: torch.Tensor) -> None:
-        """From now on every step of the Triton kernel sets ``flag`` (a float32 device scalar) to 1.0 if it
-        leaves a NaN or an Inf in a parameter, from the elements it writes anyway: no pass of its own. The flag
-        is only raised, never lowered: the caller sets it again when the weights change otherwise."""
-        if self.kernel != "triton":
-            raise ValueError("the weight check inside the update needs the triton AdamW kernel (kernel='triton')")
-        if flag.dtype != torch.float32 or flag.numel() != 1:
-            raise ValueError(f"the weight flag must be one float32 value; got {flag.dtype} {tuple(flag.shape)}")
-        self._nonfinite = flag
 
     # ---- bf16 weight copies  ------------------------------------------------
 
@@ -330,5 +319,4 @@ class FusedAdamW(OwnKernelFlags, torch.optim.AdamW):
             weight_decay=group["weight_decay"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            nonfinite=self._nonfinite,
         )

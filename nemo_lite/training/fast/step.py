@@ -10,8 +10,7 @@ and updates after the host sync, as the plain step does, and keeps the Triton he
   the step's values; those travel through a pinned buffer on an event recorded before the update, and the
   host goes on to the next batch while the GPU updates;
 - the Triton AdamW kernel, one launch for every tensor (one process, triton installed), whose block tables
-  also give the gradient norm, and which flags a NaN or an Inf it writes into a weight (the check of the
-  weights after an update, without a pass of its own);
+  also give the gradient norm;
 - bf16 weight copies (with the Triton kernel and bf16 autocast): the :class:`CopyLinear` swap, and a copy
   of the output projection that the head loss multiplies by;
 - the embedding's gradient as rows (with the weight copies): the :class:`RowsEmbedding` swap;
@@ -191,11 +190,8 @@ class FastStep:
         # only for them and goes on to the next batch, its mask and its forward while the GPU updates.
         found_inf = (~(torch.isfinite(report[0]) & torch.isfinite(report[1]))).float()
         values, ready = self._to_host(report)
-        if self.on["Triton AdamW"]:  # the update raises the flag itself (watch_weights)
-            self.nonfinite_weights()
         self.optimizer.step(grad_scale=clip_factor(grad_norm, clip) if clip > 0 else None, found_inf=found_inf)
-        if not self.on["Triton AdamW"]:
-            self._weights_bad = nonfinite_flag(self.params)  # queued behind the update; read with the next step
+        self._weights_bad = nonfinite_flag(self.params)  # queued behind the update; read with the next step
         if ready is not None:
             ready.synchronize()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,15 +212,9 @@ class FastStep:
     def weights_changed(self) -> None:
         if self.copies or self.float8:
             self.optimizer.refresh_weight_copies()
-        self._weights_bad = None
-        self.nonfinite_weights()
+        self._weights_bad = nonfinite_flag(self.params)
 
     def nonfinite_weights(self) -> torch.Tensor:
-        """With the Triton AdamW kernel one flag lives as long as the weights do: a pass over them sets it
-        when they are first checked or changed outside a step, and every update raises it where it writes a NaN
-        or an Inf. Otherwise a pass after each update."""
         if self._weights_bad is None:
             self._weights_bad = nonfinite_flag(self.params)
-            if self.on["Triton AdamW"]:
-                self.optimizer.watch_weights(self._weights_bad)
         return self._weights_bad
