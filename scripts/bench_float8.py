@@ -80,6 +80,7 @@ def measure(shape: str, recipe: str, steps: int, peak: float | None) -> dict:
         "params": run.trainer.n_params,
         "converted": float8_description(run.trainer),
         "step": run.trainer.step_impl.description,
+        "losses": [r["loss"] for r in run.records],  # every step's: where two recipes' curves part
     }
 
 
