@@ -27,7 +27,6 @@ where activations no longer dominate the peak.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -35,7 +34,19 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import EOS, gpu_recipe, hf_train, medians, meta, nemo_model, run_all, synthetic_loader, train
+from bench_utils import (
+    EOS,
+    gpu_recipe,
+    hf_attention,
+    hf_train,
+    medians,
+    meta,
+    nemo_model,
+    run_all,
+    run_facts,
+    synthetic_loader,
+    train,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LORA_LR, FULL_LR = 16, 32.0, 2e-4, 3e-5
@@ -63,22 +74,8 @@ def run_nemo(name: str, steps: int, ckpt: Path, *, lora: bool, ac: bool = False)
     run = train(
         gpu_recipe(f"/tmp/bench_lora/{name}", steps, preset=None, recipe="finetune", **keys), synthetic_loader()
     )
-    model = run.trainer.raw_model
     result = {"config": name, **medians(run.records, WARMUP), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return result | {
-        "model_mem_gib": run.setup_gib,
-        "activation_checkpointing": ac,
-        "params": run.trainer.n_params,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "step": run.trainer.step_impl.description,
-        "converters": [c.description for c in run.trainer.converters],
-    }
-
-
-def hf_attention(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    return result | {"activation_checkpointing": ac, **run_facts(run)}
 
 
 def run_hf_peft(name: str, steps: int, ckpt: Path, *, attn: str, base_dtype: torch.dtype) -> dict:

@@ -34,7 +34,20 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import EOS, MEAN_DOC, VOCAB, gpu_recipe, hf_train, medians, meta, nemo_model, run_all, train
+from bench_utils import (
+    EOS,
+    MEAN_DOC,
+    VOCAB,
+    gpu_recipe,
+    hf_attention,
+    hf_train,
+    medians,
+    meta,
+    nemo_model,
+    run_all,
+    run_facts,
+    train,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR = 16, 32.0, 2e-4
@@ -113,25 +126,14 @@ def run_nemo(steps: int, ckpt: Path, *, shape: str, cpu: bool) -> dict:
         keys |= {"trainer.device": "cpu", "attention.backend": "sdpa", "trainer.compile": False}
     cfg = gpu_recipe("/tmp/bench_qlora/nemo-qlora", steps, preset=None, recipe="finetune", **keys)
     run = train(cfg, loader(seq_len, overrides.get("vocab_size", VOCAB), eos))
-    model = run.trainer.raw_model
     steps_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     return {
         "config": "nemo-qlora",
         **medians(run.records, min(WARMUP, steps - 1)),
         **peaks(steps_gib, run.setup_peak_gib),
-        "model_mem_gib": run.setup_gib,
         "tokens_per_step": ROWS * seq_len,
-        "params": run.trainer.n_params,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "step": run.trainer.step_impl.description,
-        "converters": [c.description for c in run.trainer.converters],
+        **run_facts(run),
     }
-
-
-def hf_attention(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
 
 
 def run_hf_bnb(steps: int, ckpt: Path, *, shape: str, attn: str) -> dict:

@@ -6,6 +6,7 @@ record of where a figure was measured (card, versions, date, command)."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import shutil
 import statistics
@@ -180,6 +181,26 @@ def hf_train(
             on_step(step)
     del opt
     return records
+
+
+def run_facts(run: Run) -> dict:
+    """What a nemo_lite row records besides its timings: memory held before step 1, parameters (all and
+    trainable), the step's and the converters' one-line descriptions."""
+    trainer = run.trainer
+    return {
+        "model_mem_gib": run.setup_gib,
+        "params": trainer.n_params,
+        "trainable_params": sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad),
+        "step": trainer.step_impl.description,
+        "converters": [c.description for c in trainer.converters],
+    }
+
+
+def hf_attention(choice: str) -> str:
+    """transformers' attention for a baseline: ``choice``, or with ``auto`` its best installed one."""
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
 
 
 def medians(records: list[dict], skip: int, keys: Iterable[str] = ("tokens_per_s", "step_ms")) -> dict:
