@@ -89,6 +89,24 @@ def test_a_damaged_shard_is_named_on_every_rank_and_the_one_before_is_used(pool,
         assert state[key].equal(value), key
 
 
+@pytest.mark.parametrize("record", [{"b9tes": 1273, "crc32": 1}, {"bytes": "1273", "crc32": 1}, 7])
+def test_a_damaged_manifest_record_is_refused_on_every_rank_not_a_hang(pool, tmp_path, record):
+    """A bit flipped in meta.json's record of a file ("bytes" -> "b9tes", found by the property test below): rank 0,
+    which checks the manifest, refuses it in one line that reaches every rank, and the resume uses the one before,
+    where rank 0 used to raise a KeyError alone and leave rank 1 waiting for its verdict."""
+    states = ok(pool.run(sharded.train, str(tmp_path), 2, 2))[0]
+    newest = tmp_path / "step_000002"
+    meta = json.loads((newest / ckpt.META_FILE).read_text())
+    meta["files"]["rank00000.pt"] = record
+    (newest / ckpt.META_FILE).write_text(json.dumps(meta))
+    kind, line = refused(pool.run(sharded.load, str(newest)))
+    assert kind == "CheckpointDamagedError" and line.startswith("meta.json's record of rank00000.pt is not a size")
+    (step, state, notes), _ = ok(pool.run(sharded.resume, str(tmp_path)))
+    assert step == 1 and notes[0].startswith("step_000002: meta.json's record of rank00000.pt")
+    for key, value in states[1].items():
+        assert state[key].equal(value), key
+
+
 def test_another_layout_is_refused_with_what_differs(pool, tmp_path):
     ok(pool.run(sharded.train, str(tmp_path), 1, 2))
     other = {**sharded.LAYOUT, "data.seq_len": 4}

@@ -282,6 +282,18 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def check_file(path: Path, name: str, want: Any) -> None:
+    """``path / name`` against its manifest record ``want`` (``{"bytes": int, "crc32": int}``); a record of
+    another shape is a damaged manifest, refused as such (never a KeyError that one rank alone would raise)."""
+    if not isinstance(want, dict) or not all(isinstance(want.get(key), int) for key in ("bytes", "crc32")):
+        raise CheckpointDamagedError(f"{META_FILE}'s record of {name} is not a size and a checksum: {want!r}")
+    size = (path / name).stat().st_size
+    if size != want["bytes"]:
+        raise CheckpointDamagedError(f"{name} has {size} bytes, {want['bytes']} were written")
+    if file_record(path / name)["crc32"] != want["crc32"]:
+        raise CheckpointDamagedError(f"{name} does not match its checksum")
+
+
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Check every file against meta.json (size and CRC-32); return the meta. Raises CheckpointDamagedError
     with what is wrong. A checkpoint written before meta.json had checksums is checked for its files only."""
@@ -292,13 +304,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if not (path / name).is_file():
             raise CheckpointDamagedError(f"{name} is missing")
         want = records.get(name)
-        if not want:
-            continue
-        size = (path / name).stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointDamagedError(f"{name} has {size} bytes, {want['bytes']} were written")
-        if file_record(path / name)["crc32"] != want["crc32"]:
-            raise CheckpointDamagedError(f"{name} does not match its checksum")
+        if want is not None:  # None: a checkpoint from before the checksums
+            check_file(path, name, want)
     return meta
 
 

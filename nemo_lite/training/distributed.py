@@ -244,12 +244,15 @@ def verify_any(path: Path, info: DistInfo, layout: dict[str, Any] | None = None)
             check_layout(path, meta, layout, info.world_size)
         except (ckpt.CheckpointDamagedError, ckpt.ResumeError) as err:
             verdict = (type(err).__name__, str(err))
+        except Exception as err:  # noqa: BLE001 - still sent: the other ranks wait in the broadcast
+            verdict = ("RuntimeError", f"checking {path} failed: {type(err).__name__}: {err}")
     if info.enabled:
         box = [(verdict, meta)]
         dist.broadcast_object_list(box, src=0)
         verdict, meta = box[0]
     if verdict is not None:
-        raise getattr(ckpt, verdict[0])(verdict[1])
+        kind = RuntimeError if verdict[0] == "RuntimeError" else getattr(ckpt, verdict[0])
+        raise kind(verdict[1])
     return meta
 
 

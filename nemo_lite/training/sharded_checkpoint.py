@@ -148,11 +148,7 @@ def verify_sharded(path: Path) -> dict[str, Any]:
     for name, want in sorted(files.items()):
         if ".." in Path(name).parts:
             raise ckpt.CheckpointDamagedError(f"{ckpt.META_FILE} names {name}, outside the checkpoint")
-        size = (path / name).stat().st_size
-        if size != want["bytes"]:
-            raise ckpt.CheckpointDamagedError(f"{name} has {size} bytes, {want['bytes']} were written")
-        if ckpt.file_record(path / name)["crc32"] != want["crc32"]:
-            raise ckpt.CheckpointDamagedError(f"{name} does not match its checksum")
+        ckpt.check_file(path, name, want)
     return meta
 
 
