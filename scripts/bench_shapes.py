@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from bench_utils import MEAN_DOC, gpu_recipe, median_after_warmup, medians, meta, run_all, train
+from bench_utils import MEAN_DOC, gpu_recipe, median_after_warmup, medians, meta, parse_tokens, run_all, train
 
 PRESETS = "llama-3.2-3b,llama-3.1-8b"
 AC_MODES = ("none", "full", "selective")
@@ -80,18 +80,6 @@ class Row:
     def name(self) -> str:
         loss = f"chunk{self.chunk}" if self.chunk else "nochunk"
         return f"{self.preset}-{self.batch_size}x{self.seq_len}-{self.ac}-{loss}"
-
-
-def parse_tokens(spec: str) -> tuple[int, int]:
-    """``N`` -> (1, N); ``BxS`` -> (B, S)."""
-    parts = spec.lower().split("x")
-    try:
-        shape = (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
-    except ValueError:
-        shape = (0, 0)
-    if len(parts) > 2 or min(shape) < 1:
-        raise SystemExit(f"--tokens takes N or BxS (positive integers), e.g. 4096 or 2x4096; got {spec!r}")
-    return shape
 
 
 def plan(presets: list[str], shapes: list[tuple[int, int]], acs: list[str], chunks: list[int]) -> list[Row]:

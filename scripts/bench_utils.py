@@ -25,14 +25,29 @@ MEAN_DOC = 600.0
 PEAK_FLOPS = 989e12  # H100 and H200, bf16 dense
 
 
-def synthetic_loader(seed: int = 0, *, vocab_size: int = VOCAB, eos_id: int = EOS, learnable: bool = False):
-    """EOS-delimited random documents with fixed-seed log-normal lengths, a new layout every step."""
+def synthetic_loader(
+    seed: int = 0, *, vocab_size: int = VOCAB, eos_id: int = EOS, learnable: bool = False, shape=(ROWS, SEQ_LEN)
+):
+    """EOS-delimited random documents with fixed-seed log-normal lengths, a new layout every step; ``shape``
+    is (rows, tokens a row)."""
     from nemo_lite.testing.data import SyntheticPackedLoader
 
     return SyntheticPackedLoader(
-        ROWS, SEQ_LEN, vocab_size=vocab_size, eos_id=eos_id, mean_doc=MEAN_DOC, seed=seed, pin_memory=True,
+        *shape, vocab_size=vocab_size, eos_id=eos_id, mean_doc=MEAN_DOC, seed=seed, pin_memory=True,
         learnable=learnable,
     )  # fmt: skip
+
+
+def parse_tokens(spec: str) -> tuple[int, int]:
+    """``N`` -> (1, N); ``BxS`` -> (B, S)."""
+    parts = spec.lower().split("x")
+    try:
+        shape = (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        shape = (0, 0)
+    if len(parts) > 2 or min(shape) < 1:
+        raise SystemExit(f"--tokens takes N or BxS (positive integers), e.g. 4096 or 2x4096; got {spec!r}")
+    return shape
 
 
 def nemo_model(preset: str = "llama-3.2-1b", *, device: str = "cuda", **overrides):

@@ -220,9 +220,10 @@ def test_the_profile_script_runs_at_toy_size(tmp_path, monkeypatch):
     from nemo_lite.training import run_dir
 
     monkeypatch.setattr(run_dir, "FREE_SPACE_FACTOR", run_dir.FREE_SPACE_FACTOR)  # the script turns it off
-    result = profile_step.profile(tmp_path, preset="tiny", start=1, steps=1, toy=True)
+    result = profile_step.profile(tmp_path, preset="tiny", start=1, steps=1, toy=True, ac="selective")
     saved = json.loads((tmp_path / "profile_step.json").read_text())
     assert saved["breakdown"] == result["breakdown"] and saved["profiled_steps"] == "2-2"
+    assert saved["activation_checkpointing"] == "selective" and saved["tokens"] == "2x256"
     assert saved["tokens_per_s"] > 0 and "mfu" not in saved  # the steps after the window; no peak on a CPU
     assert result["breakdown"]["device"] == "cpu" and result["breakdown"]["host_step_ms"] > 0
     assert (tmp_path / "profile_step.md").read_text() == breakdown_markdown(result["breakdown"])
