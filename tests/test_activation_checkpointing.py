@@ -32,10 +32,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiny():
+def tiny(backend: str = "sdpa"):
     family = family_of_preset("tiny")
     config = family.preset("tiny", num_hidden_layers=LAYERS, vocab_size=256, eos_token_id=3)
-    model = family.build(config, attention=AttentionConfig(backend="sdpa"))
+    model = family.build(config, attention=AttentionConfig(backend=backend))
     model.init_weights(seed=0)
     return family, model
 
@@ -113,14 +113,19 @@ def test_the_recipe_key_reaches_the_blocks(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_compiled_blocks_under_each_mode_give_the_same_gradients_on_a_gpu():
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_compiled_blocks_under_each_mode_give_the_same_gradients_on_a_gpu(backend):
     """Compiled blocks (the family's compile units, as trainer.compile=true) under bf16 autocast: full and
-    selective recompute inside the compiled graphs and give the gradients of no checkpointing."""
+    selective recompute inside the compiled graphs, with no graph break (a break inside a checkpointed block
+    runs that whole block uncompiled), and give the gradients of no checkpointing."""
+    from torch._dynamo.utils import counters
+
     grads = {}
     ids = torch.randint(4, 256, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
     for mode in ("none", "full", "selective"):
         torch._dynamo.reset()
-        family, model = tiny()
+        counters.clear()
+        family, model = tiny(backend)
         model.cuda()
         checkpoint_blocks(family.blocks(model), mode)
         for unit in family.compile_units(model):
@@ -128,6 +133,7 @@ def test_compiled_blocks_under_each_mode_give_the_same_gradients_on_a_gpu():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = cross_entropy_sum(model.forward_hidden(ids), model.output_weight, ids)
         loss.backward()
+        assert not counters["graph_break"], f"{mode}: {dict(counters['graph_break'])}"
         grads[mode] = {n: p.grad.float() for n, p in model.named_parameters()}
     for mode in ("full", "selective"):
         for name, grad in grads[mode].items():

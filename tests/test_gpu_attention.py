@@ -101,9 +101,12 @@ def test_flex_kernel_options_keep_the_result():
             assert rel(a, b) <= 1e-2
 
 
-def test_flex_auto_kernel_options_resolve_per_instance_inside_a_compiled_model():
-    """kernel_options="auto" is resolved from q's card and head_dim at the first forward, also when that
-    forward is being compiled (one graph, no break), and kept on the instance."""
+def test_flex_auto_kernel_options_resolve_inside_a_compiled_and_a_checkpointed_model():
+    """kernel_options="auto" is resolved from q's card and head_dim inside a compiled forward with no graph
+    break (fullgraph), also inside activation checkpointing, where a forward that wrote to the module would
+    break the graph and run the checkpointed block uncompiled; the results are the eager forward's."""
+    from torch.utils.checkpoint import checkpoint
+
     flex = get_attention_backend("flex")
     batch, seq_len, heads = 2, 256, 4
     ids = packed_ids(batch, seq_len, mean_doc=60)
@@ -111,12 +114,23 @@ def test_flex_auto_kernel_options_resolve_per_instance_inside_a_compiled_model()
         backend = flex(attn_mask_type="block_causal")
         mask = backend.build_mask(ids, EOS)
         q = torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        layer = torch.compile(lambda t, m=mask, b=backend: b(t, t, t, attention_mask=m), fullgraph=True)
-        out = layer(q)
-        out.sum().backward()
         expected = TUNED_KERNEL_OPTIONS.get((torch.cuda.get_device_capability()[0], head_dim))
-        assert backend._resolved_kernel_options == {(q.device, head_dim): expected}
+        assert backend._kernel_options_for(q) == expected
         with torch.no_grad():
-            assert rel(out, backend(q, q, q, attention_mask=mask)) <= 1e-2  # eager, the options already resolved
+            eager = backend(q, q, q, attention_mask=mask)
+        grads = []
+        for wrap in (None, checkpoint):
+            if wrap is None:
+                layer = torch.compile(lambda t, m=mask, b=backend: b(t, t, t, attention_mask=m), fullgraph=True)
+            else:
+                layer = torch.compile(
+                    lambda t, m=mask, b=backend: checkpoint(b, t, t, t, attention_mask=m, use_reentrant=False),
+                    fullgraph=True,
+                )
+            out = layer(q)
+            (grad,) = torch.autograd.grad(out.float().square().sum(), q)
+            grads.append(grad)
+            assert rel(out, eager) <= 1e-2
+        assert rel(grads[1], grads[0]) <= 1e-2
     other = flex(attn_mask_type="block_causal", kernel_options="torch")
-    assert other._resolved_kernel_options == {}  # nothing shared between instances
+    assert other._kernel_options_for(q) is None

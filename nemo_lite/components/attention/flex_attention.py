@@ -85,7 +85,7 @@ class FlexAttention(AttentionBackend):
             query attends only to keys in its own block.
         kernel_options: the Triton tiles of the GPU kernels (a speed choice; the result is the same).
             "auto": nemo_lite's measured ones where ``TUNED_KERNEL_OPTIONS`` has the card and head_dim,
-            resolved at the first CUDA forward, else torch's; "torch": torch's defaults; a dict: passed
+            looked up at each CUDA forward, else torch's; "torch": torch's defaults; a dict: passed
             to ``flex_attention(kernel_options=...)`` as it is.
     """
 
@@ -104,8 +104,6 @@ class FlexAttention(AttentionBackend):
     ) -> None:
         super().__init__(attn_mask_type, fixed_block_size)
         self.kernel_options = _checked_kernel_options(kernel_options)
-        # "auto" resolved per (device, head_dim) at the first CUDA forward that needs it.
-        self._resolved_kernel_options: dict[tuple[torch.device, int], dict[str, Any] | None] = {}
         FlexAttention.used_attn_mask_types.add((attn_mask_type, fixed_block_size))
 
     def extra_repr(self) -> str:
@@ -260,15 +258,15 @@ class FlexAttention(AttentionBackend):
         return _flex(kernel, q, k, v, block_mask, scale, sink_weights, groups > 1, kernel_options)
 
     def _kernel_options_for(self, q: torch.Tensor) -> dict[str, Any] | None:
-        """This instance's Triton options for q's device and head_dim (None: torch's defaults)."""
+        """This instance's Triton options for q's device and head_dim (None: torch's defaults). Looked up on
+        every call rather than cached on the instance: a forward that writes to the module is a side effect
+        that dynamo cannot keep inside activation checkpointing, and it would run the whole checkpointed block
+        uncompiled (the lookup itself folds to a constant when compiled)."""
         if isinstance(self.kernel_options, dict):
             return self.kernel_options
         if self.kernel_options == "torch":
             return None
-        key = (q.device, q.shape[-1])
-        if key not in self._resolved_kernel_options:
-            self._resolved_kernel_options[key] = tuned_kernel_options(q.device, q.shape[-1])
-        return self._resolved_kernel_options[key]
+        return tuned_kernel_options(q.device, q.shape[-1])
 
     def _dense(self, attention_mask: AttentionMask | None, block_mask: BlockMask, window: int, q) -> torch.Tensor:
         """The step's BlockMask evaluated densely (its own mask_mod), kept for the step."""
