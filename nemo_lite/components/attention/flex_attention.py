@@ -268,20 +268,37 @@ class FlexAttention(AttentionBackend):
             return None
         return tuned_kernel_options(q.device, q.shape[-1])
 
+    def build_mask(
+        self,
+        input_ids_BS: torch.Tensor,
+        eos_id: int | None = None,
+        sliding_windows: Iterable[int] = (0,),
+        position_ids_BS: torch.Tensor | None = None,
+    ) -> AttentionMask:
+        """As the base class; on a CPU with autograd on (training), each window's mask is also evaluated densely
+        for the sdpa path that trains there, now rather than in the first layer's forward: a forward that
+        writes into the step's masks cannot be compiled inside activation checkpointing."""
+        mask = super().build_mask(input_ids_BS, eos_id, sliding_windows, position_ids_BS)
+        if mask.device.type == "cpu" and torch.is_grad_enabled():
+            for key in [mask.key(window) for window in set(sliding_windows)]:
+                mask.masks[("dense", key)] = _evaluate(mask.masks[key], mask.batch_size, mask.seq_len, mask.device)
+        return mask
+
     def _dense(self, attention_mask: AttentionMask | None, block_mask: BlockMask, window: int, q) -> torch.Tensor:
-        """The step's BlockMask evaluated densely (its own mask_mod), kept for the step."""
-        b, _, s, _ = q.shape
-
-        def build():
-            batch = b if block_mask.shape[0] != 1 else 1
-            return create_mask(block_mask.mask_mod, batch, 1, s, s, device=q.device)
-
+        """The step's BlockMask evaluated densely (its own mask_mod): the one build_mask kept, else built now
+        (and kept for the step)."""
         if attention_mask is None:  # causal without a step mask: nothing to keep it in
-            return build()
+            return _evaluate(block_mask, q.shape[0], q.shape[-2], q.device)
         key = ("dense", attention_mask.key(window))
         if key not in attention_mask.masks:
-            attention_mask.masks[key] = build()
+            attention_mask.masks[key] = _evaluate(block_mask, q.shape[0], q.shape[-2], q.device)
         return attention_mask.masks[key]
+
+
+def _evaluate(block_mask: BlockMask, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``block_mask``'s mask_mod evaluated at every (query, key) pair: a [B or 1, 1, S, S] boolean mask."""
+    rows = batch if block_mask.shape[0] != 1 else 1
+    return create_mask(block_mask.mask_mod, rows, 1, seq_len, seq_len, device=device)
 
 
 def _check_stored_mask_fits(mask: AttentionMask, q: torch.Tensor) -> None:
