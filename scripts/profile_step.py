@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from bench_utils import ROWS, SEQ_LEN, gpu_recipe, medians, meta, parse_tokens, synthetic_loader, train
 
+from nemo_lite.training.activation_checkpointing import AC_MODES
 from nemo_lite.training.profiling import breakdown_markdown, step_breakdown
 
 AFTER = 5  # steps run after the profiled ones, for the step time without the profiler
@@ -43,17 +44,16 @@ def profile(
     shape: tuple[int, int] = (ROWS, SEQ_LEN),
     ac: str = "none",
 ) -> dict:
+    from nemo_lite.components.models import get_preset
+
     keys: dict = {"model.vocab_from_tokenizer": False, "trainer.activation_checkpointing": ac}
     if toy:
-        from nemo_lite.components.models import get_preset
         from nemo_lite.testing.data import SyntheticPackedLoader
 
         preset, config = "tiny", get_preset("tiny")
         keys |= {"data.seq_len": 256, "data.batch_size": 2, "trainer.compile": False}
         loader = SyntheticPackedLoader(2, 256, vocab_size=config.vocab_size, eos_id=config.eos_token_id, mean_doc=60)
     else:
-        from nemo_lite.components.models import get_preset
-
         config = get_preset(preset)
         keys |= {"data.batch_size": shape[0], "data.seq_len": shape[1]}
         loader = synthetic_loader(vocab_size=config.vocab_size, eos_id=config.eos_token_id, shape=shape)
@@ -67,7 +67,7 @@ def profile(
     result = {
         "meta": meta(),
         "preset": preset,
-        "tokens": f"{keys.get('data.batch_size', ROWS)}x{keys.get('data.seq_len', SEQ_LEN)}",
+        "tokens": f"{keys['data.batch_size']}x{keys['data.seq_len']}",
         "activation_checkpointing": ac,
         "step": run.trainer.step_impl.description,
         "profiled_steps": f"{start + 1}-{start + steps}",
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--out", default="profile_step", help="directory of profile_step.json/.md")
     parser.add_argument("--preset", default="llama-3.2-1b")
     parser.add_argument("--tokens", default=f"{ROWS}x{SEQ_LEN}", help="tokens a step: N (one row) or BxS")
-    parser.add_argument("--ac", default="none", choices=("none", "full", "selective"))
+    parser.add_argument("--ac", default="none", choices=AC_MODES, help="trainer.activation_checkpointing")
     parser.add_argument("--start", type=int, default=6, help="steps run before the profiled ones (compilation)")
     parser.add_argument("--steps", type=int, default=3, help="steps profiled")
     parser.add_argument("--toy", action="store_true", help="the tiny preset, 2 x 256 tokens, uncompiled")
