@@ -134,8 +134,12 @@ class AttentionBackend(nn.Module):
         )
         for window in sorted(set(sliding_windows)):
             validate_window(window)
-            mask.masks[mask.key(window)] = self._build_one(mask, window)
+            self._add_window(mask, window)
         return mask
+
+    def _add_window(self, mask: AttentionMask, sliding_window: int) -> None:
+        """Store what this backend needs of one window in the step's masks (default: :meth:`_build_one`)."""
+        mask.masks[mask.key(sliding_window)] = self._build_one(mask, sliding_window)
 
     def _build_one(self, mask: AttentionMask, sliding_window: int) -> Any:
         """The backend's object for one key of the step (default: a dense boolean mask)."""
@@ -177,7 +181,7 @@ class AttentionBackend(nn.Module):
         validate_window(sliding_window)
         key = attention_mask.key(sliding_window)
         if key not in attention_mask.masks:
-            attention_mask.masks[key] = self._build_one(attention_mask, sliding_window)
+            self._add_window(attention_mask, sliding_window)
         return attention_mask.masks[key]
 
     def forward(

@@ -268,21 +268,14 @@ class FlexAttention(AttentionBackend):
             return None
         return tuned_kernel_options(q.device, q.shape[-1])
 
-    def build_mask(
-        self,
-        input_ids_BS: torch.Tensor,
-        eos_id: int | None = None,
-        sliding_windows: Iterable[int] = (0,),
-        position_ids_BS: torch.Tensor | None = None,
-    ) -> AttentionMask:
-        """As the base class; on a CPU with autograd on (training), each window's mask is also evaluated densely
-        for the sdpa path that trains there, now rather than in the first layer's forward: a forward that
-        writes into the step's masks cannot be compiled inside activation checkpointing."""
-        mask = super().build_mask(input_ids_BS, eos_id, sliding_windows, position_ids_BS)
+    def _add_window(self, mask: AttentionMask, sliding_window: int) -> None:
+        """As the base class; on a CPU with autograd on (training), the window's mask is also evaluated densely
+        for the sdpa path that trains there, with the step's masks rather than in the first layer's forward: a
+        forward that writes into the step's masks cannot be compiled inside activation checkpointing."""
+        super()._add_window(mask, sliding_window)
         if mask.device.type == "cpu" and torch.is_grad_enabled():
-            for key in [mask.key(window) for window in set(sliding_windows)]:
-                mask.masks[("dense", key)] = _evaluate(mask.masks[key], mask.batch_size, mask.seq_len, mask.device)
-        return mask
+            key = mask.key(sliding_window)
+            mask.masks[("dense", key)] = _evaluate(mask.masks[key], mask.batch_size, mask.seq_len, mask.device)
 
     def _dense(self, attention_mask: AttentionMask | None, block_mask: BlockMask, window: int, q) -> torch.Tensor:
         """The step's BlockMask evaluated densely (its own mask_mod): the one build_mask kept, else built now
