@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -192,6 +193,7 @@ def run_trl(args, *, precompute: bool) -> dict:
         trainer.train()
     finally:
         DPOTrainer._prepare_dataset = prepare
+        shutil.rmtree(out, ignore_errors=True)  # TRL writes nothing we keep (save_strategy="no")
     step_s = median_after_warmup(times, min(WARMUP, len(times) - 1))
     return {
         "config": "trl-precompute" if precompute else "trl",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-def test_every_config_of_the_dpo_benchmark_runs_at_toy_size(monkeypatch):
+def test_every_config_of_the_dpo_benchmark_runs_at_toy_size(monkeypatch, tmp_path):
     pytest.importorskip("trl")
     import bench_dpo
 
@@ -26,5 +27,7 @@ def test_every_config_of_the_dpo_benchmark_runs_at_toy_size(monkeypatch):
     for row in (shared, separate):
         assert row["pairs_per_s"] > 0 and row["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert shared["tokens_per_pair"] < separate["tokens_per_pair"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     trl = bench_dpo.run_trl(args, precompute=False)
     assert trl["pairs_per_s"] > 0 and trl["padding_free_ran"] in (True, False)
+    assert list(tmp_path.iterdir()) == []  # TRL's output directory is removed, not left in the temp folder
