@@ -29,12 +29,12 @@ def synthetic_loader(
     seed: int = 0, *, vocab_size: int = VOCAB, eos_id: int = EOS, learnable: bool = False, shape=(ROWS, SEQ_LEN)
 ):
     """EOS-delimited random documents with fixed-seed log-normal lengths, a new layout every step; ``shape``
-    is (rows, tokens a row)."""
+    is (rows, tokens a row). Pinned where there is a GPU to copy to."""
     from nemo_lite.testing.data import SyntheticPackedLoader
 
     return SyntheticPackedLoader(
-        *shape, vocab_size=vocab_size, eos_id=eos_id, mean_doc=MEAN_DOC, seed=seed, pin_memory=True,
-        learnable=learnable,
+        *shape, vocab_size=vocab_size, eos_id=eos_id, mean_doc=MEAN_DOC, seed=seed,
+        pin_memory=torch.cuda.is_available(), learnable=learnable,
     )  # fmt: skip
 
 
