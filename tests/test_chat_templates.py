@@ -17,6 +17,7 @@ from nemo_lite.components.datasets.chat import (
     chat_template_of,
     shipped_template,
     shipped_variant_of,
+    uses_generation_blocks,
 )
 from nemo_lite.testing.chat_templates import QWEN3_STOCK_TEMPLATE
 from nemo_lite.testing.chat_templates import qwen_style_tokenizer as make_qwen_style_tokenizer
@@ -165,5 +166,19 @@ def test_data_chat_template_selects_a_shipped_template_by_name(tmp_path, qwen_st
     batch = next(iter(build_dataloader(cfg)))
     assert int((batch["labels"] != -100).sum()) > 0
     assert set(SHIPPED_TEMPLATES) == {p.stem for p in TEMPLATES_DIR.glob("*.jinja")}
+    for name, stock in SHIPPED_TEMPLATES.items():  # each marks assistant tokens and stands for stock templates
+        assert uses_generation_blocks(shipped_template(name)) and stock
+        assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest in stock)
     with pytest.raises(FileNotFoundError, match=r"is not a file \(a Jinja chat template\) nor a template nemo_lite "):
         chat_template_of(qwen_style_tokenizer, "qwen9")
+
+
+def test_a_shipped_template_is_found_by_its_file_and_needs_its_sidecar(tmp_path, monkeypatch):
+    from nemo_lite.components.datasets import chat
+
+    monkeypatch.setattr(chat, "TEMPLATES_DIR", tmp_path)
+    (tmp_path / "mine.jinja").write_text("{% generation %}{{ messages }}{% endgeneration %}")
+    with pytest.raises(FileNotFoundError, match=r"^shipped chat template mine.jinja has no mine.json beside it$"):
+        chat._shipped_templates()
+    (tmp_path / "mine.json").write_text(json.dumps({"stock_of": "me", "stock_sha256": ["ab" * 32]}))
+    assert chat._shipped_templates() == {"mine": ("ab" * 32,)}

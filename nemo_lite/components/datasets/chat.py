@@ -14,8 +14,8 @@ tokenized once. Which tokens the loss sees (docs/finetuning.md has a picture):
   assistant header. Whitespace the template writes after the turn's closing special token
   (ChatML's ``"\\n"`` after ``<|im_end|>``) is layout, not trained. A template whose prefix renderings
   are not prefixes of the whole conversation (one that rewrites earlier turns) is refused; where nemo_lite
-  ships a generation-marked copy of that template (:data:`SHIPPED_TEMPLATES`, e.g. Qwen3's, which drops the
-  thinking of earlier assistant turns), the refusal names the ``data.chat_template`` value that selects it.
+  ships a generation-marked copy of that template (:data:`SHIPPED_TEMPLATES`: one that drops the thinking of
+  earlier assistant turns, say), the refusal names the ``data.chat_template`` value that selects it.
 
 Each conversation is one document of the packed rows. The rows delimit documents by one token id
 (the masks' EOS); a chat template usually ends every turn with the tokenizer's EOS (``<|im_end|>``),
@@ -39,12 +39,23 @@ from nemo_lite.components.datasets.kinds import register_record_kind
 
 CHAT_TOKENIZED_VERSION = "nemo_lite-chat-v2"  # v2: JSON-typed columns parsed back
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "assets" / "chat_templates"
-# data.chat_template=<name> -> a template shipped in TEMPLATES_DIR/<name>.jinja: a stock template that rewrites
-# earlier turns, the same text with {% generation %} blocks; with the sha256 of each stock template (stripped)
-# it stands for, so that refusing one of those names the value that selects its copy.
-SHIPPED_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "qwen3": ("a55ee1b1660128b7098723e0abcd92caa0788061051c62d51cbe87d9cf1974d8",),  # Qwen/Qwen3-0.6B ... 32B
-}
+
+
+def _shipped_templates() -> dict[str, tuple[str, ...]]:
+    """data.chat_template=<name> -> TEMPLATES_DIR/<name>.jinja, a stock template that rewrites earlier turns, the
+    same text with {% generation %} blocks. Beside it <name>.json lists the sha256 of each stock template (stripped)
+    it stands for ("stock_sha256", and "stock_of": whose they are), so that refusing one of those names the value
+    that selects its copy. Shipping another is dropping in the two files."""
+    out = {}
+    for template in sorted(TEMPLATES_DIR.glob("*.jinja")):
+        sidecar = template.with_suffix(".json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"shipped chat template {template.name} has no {sidecar.name} beside it")
+        out[template.stem] = tuple(json.loads(sidecar.read_text(encoding="utf-8"))["stock_sha256"])
+    return out
+
+
+SHIPPED_TEMPLATES: dict[str, tuple[str, ...]] = _shipped_templates()
 ASSISTANT = "assistant"
 _JSON_EXTENSION = "arrow.json"  # how datasets stores a column of mixed types (datasets.Json)
 # How HF templates mark assistant tokens (transformers looks for the same tag).

@@ -63,7 +63,8 @@ class DataConfig:
     # (needs attention.attn_mask_type=shared_prompt); false: prompt + chosen, then prompt + rejected.
     shared_prompt: bool = False
     # With messages_field or kind preference: a Jinja chat template file that replaces the tokenizer's own, or
-    # the name of one nemo_lite ships ("qwen3": Qwen3's with {% generation %} blocks); None = the tokenizer's.
+    # the name of one nemo_lite ships (nemo_lite/assets/chat_templates/<name>.jinja: a stock template with
+    # {% generation %} blocks); None = the tokenizer's.
     chat_template: str | None = None
     # Text files: one document per "line", per "paragraph" (blank-line separated) or per file
     # ("document").
